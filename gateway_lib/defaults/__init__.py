@@ -1,0 +1,1 @@
+"""Embedded default configuration (model catalogue, tiers). Overridden by app settings."""

@@ -1,0 +1,1 @@
+"""Provider adapters behind the protocol in ``base``."""

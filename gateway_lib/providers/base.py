@@ -1,0 +1,76 @@
+"""The narrow protocol every provider adapter implements.
+
+An adapter turns a validated ``ChatRequest`` plus one ``Target`` into an
+OpenAI-shaped completion, or into a stream of OpenAI ``chat.completion.chunk``
+dicts. Adapters never touch quotas, storage, auth or settings; every upstream
+failure leaves them as a ``ProviderError`` that says whether a fallback may follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..catalog import Target
+from ..schema import ChatRequest
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_openai(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Per-call facts an adapter may forward upstream (never caller identity)."""
+
+    request_id: str
+    traceparent: str | None = None
+    max_tokens: int | None = None  # the effective cap after guardrails (may be clamped)
+
+
+@dataclass
+class Completion:
+    """A whole (non-streamed) answer in OpenAI ``chat.completion`` shape."""
+
+    body: dict[str, Any]
+    usage: Usage
+
+
+@dataclass
+class StreamEvent:
+    """One OpenAI ``chat.completion.chunk`` dict.
+
+    The adapter always asks its upstream for usage. The final event carries it in
+    ``usage`` (and in ``chunk["usage"]`` with empty ``choices``); the pipeline decides
+    whether the caller asked to see that chunk.
+    """
+
+    chunk: dict[str, Any]
+    usage: Usage | None = None
+    text: str = field(default="")  # the content delta, for counting tokens of a cut stream
+
+
+class Provider(Protocol):
+    """What the pipeline needs from a provider: one call, and one stream."""
+
+    name: str
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion: ...
+
+    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        """Open the upstream stream. Connection and status errors must surface on the first
+        ``__anext__`` (before any chunk), so the router can still fall back."""
+        ...
+
+    async def aclose(self) -> None: ...

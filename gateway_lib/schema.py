@@ -1,0 +1,152 @@
+"""Request models at the JSON edge: OpenAI Chat Completions and the task API.
+
+Unknown top-level fields are **rejected** with 400 ``unknown_parameter`` (as OpenAI
+does), so a typo such as ``max_token`` never silently changes behaviour. Unknown keys
+inside a message are ignored: SDKs echo assistant messages back with extra keys
+(``refusal``, ``audio``) and rejecting them would break multi-turn chats.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequest
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ProviderHint = Literal["azure_openai", "bedrock"]
+Priority = Literal["low_cost", "low_latency", "quality"]
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined); used for size checks and token estimates."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI Chat Completions request, plus the gateway's routing hints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    # Gateway extensions (ignored by OpenAI clients that do not send them).
+    provider_hint: ProviderHint | None = None
+    priority: Priority | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+    @model_validator(mode="after")
+    def _one_token_cap(self) -> ChatRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("send max_tokens or max_completion_tokens, not both")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class GenerateRequest(BaseModel):
+    """The task API: a prompt plus a named task template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    task: Literal["chat", "summarise", "extract", "classify", "rewrite"] = "chat"
+    model: str = "chat-default"
+    priority: Priority | None = None
+    provider_hint: ProviderHint | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    labels: list[str] | None = None  # classify: the allowed labels
+    fields: list[str] | None = None  # extract: the fields to pull out
+    style: str | None = Field(default=None, max_length=200)  # rewrite: the target style
+
+
+def parse_model(model: type[BaseModel], payload: Any) -> Any:
+    """Validate ``payload``; the first problem becomes a 400 naming the offending parameter."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise _to_invalid_request(exc) from None
+
+
+def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    param = loc or None
+    if first["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {loc}", code="unknown_parameter", param=param)
+    if first["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{loc}'.", code="missing_required_parameter", param=param)
+    message = str(first["msg"]).removeprefix("Value error, ")
+    where = f"'{loc}'" if loc else "the request"
+    return InvalidRequest(f"Invalid value for {where}: {message}.", code="invalid_value", param=param)

@@ -1,0 +1,1 @@
+"""Table storage protocol and its Azure / in-memory implementations."""

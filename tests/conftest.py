@@ -1,0 +1,14 @@
+"""Suite-wide guard: no test may open a connection to anything but loopback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools import netguard  # noqa: E402
+
+netguard.install()
