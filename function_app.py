@@ -1,0 +1,59 @@
+"""Azure Functions entry point (Python v2 programming model).
+
+Declarations only: routes, methods, auth levels and the rollup schedule. Every
+handler delegates to ``gateway_lib.api``. Nothing here does I/O at import time, and
+heavy SDKs are imported where first used, so the host indexes the functions fast.
+
+HTTP streams are enabled for the whole app (``azurefunctions-extensions-http-fastapi``):
+handlers take and return FastAPI/Starlette types, which lets chat completions stream
+Server-Sent Events through the Functions host.
+"""
+
+import azure.functions as func
+from azurefunctions.extensions.http.fastapi import Request, Response
+
+from gateway_lib import api
+
+# Function keys guard the function endpoint (APIM holds one as a named value);
+# callers are still authenticated by their Entra token inside every handler.
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+@app.route(route="v1/chat/completions", methods=["POST"])
+async def chat_completions(req: Request) -> Response:
+    return await api.chat_completions(req)
+
+
+@app.route(route="v1/models", methods=["GET"])
+async def list_models(req: Request) -> Response:
+    return await api.list_models(req)
+
+
+@app.route(route="generate", methods=["POST"])
+async def generate(req: Request) -> Response:
+    return await api.generate(req)
+
+
+@app.route(route="v1/usage", methods=["GET"])
+async def usage(req: Request) -> Response:
+    return await api.usage(req)
+
+
+@app.route(route="admin/limits", methods=["GET", "PUT"])
+async def admin_limits(req: Request) -> Response:
+    return await api.admin_limits(req)
+
+
+@app.route(route="admin/alerts", methods=["GET"])
+async def admin_alerts(req: Request) -> Response:
+    return await api.admin_alerts(req)
+
+
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def health(req: Request) -> Response:
+    return await api.health(req)
+
+
+@app.timer_trigger(schedule="%BUDGET_ROLLUP_SCHEDULE%", arg_name="timer", run_on_startup=False)
+async def budget_rollup(timer: func.TimerRequest) -> None:
+    await api.budget_rollup(past_due=timer.past_due)

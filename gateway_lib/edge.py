@@ -1,0 +1,121 @@
+"""The HTTP edge: request scope, body reading under a cap, and rendering.
+
+Everything here speaks Starlette types, which are exactly what the Functions
+``azurefunctions-extensions-http-fastapi`` extension hands to and takes from our
+functions, so the same code runs under the Functions host and the local host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+log = logging.getLogger("gateway.edge")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+@dataclass
+class Scope:
+    """Per-request facts every step may read: ids, timing, the route."""
+
+    request_id: str
+    trace_id: str
+    traceparent: str  # the W3C header we send upstream: the caller's trace, our span
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    upstream_ms: float = 0.0
+    label: str | None = None  # APIM subscription name: a label, never identity
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def overhead_ms(self) -> float:
+        return max(0.0, self.elapsed_ms() - self.upstream_ms)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-request-id": self.request_id, "x-gateway-overhead-ms": f"{self.overhead_ms():.2f}"}
+
+
+def begin(request: Request, route: str) -> Scope:
+    """Open the scope: accept a well-formed caller x-request-id / traceparent, otherwise mint new ones."""
+    caller_id = request.headers.get("x-request-id", "")
+    request_id = caller_id if _REQUEST_ID.match(caller_id) else str(uuid.uuid4())
+    parent = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
+    trace_id = parent.group(1) if parent and parent.group(1) != _ZERO_TRACE and parent.group(2) != _ZERO_SPAN else None
+    trace_id = trace_id or uuid.uuid4().hex
+    flags = parent.group(3) if parent else "01"
+    label = request.headers.get("x-apim-subscription") or None
+    return Scope(request_id=request_id, trace_id=trace_id, traceparent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{flags}",
+                 route=route, label=label[:128] if label else None)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """Read a JSON body: 415 for the wrong type, 413 past the cap (before parsing), 400 when unreadable."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json.", param="content-type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:  # chunked uploads carry no Content-Length: count as we read
+            raise _too_large(max_bytes)
+    if not body.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_body")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InvalidRequest(f"The request body is not valid JSON{where}.", code="invalid_json") from None
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body exceeds the {max_bytes}-byte limit.")
+
+
+def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=scope.headers() | (headers or {}))
+
+
+def error_response(error: GatewayError, scope: Scope) -> Response:
+    headers = scope.headers() | error.headers
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]]) -> Response:
+    """Run a handler; our errors render as themselves, anything else as a generic 500 (logged, not shown)."""
+    try:
+        return await handler()
+    except GatewayError as error:
+        return error_response(error, scope)
+    except Exception:
+        log.exception("unhandled error", extra={"custom_dimensions": {"request_id": scope.request_id,
+                                                                      "route": scope.route}})
+        return error_response(InternalError(), scope)
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -1,0 +1,198 @@
+"""Azure OpenAI adapter on the official ``openai`` SDK (async client).
+
+Auth is an Entra token provider (managed identity in Azure) or, for local
+development only, an api-key. SDK retries are off (``max_retries=0``): the gateway's
+own fallback decides what happens after a 429 or 5xx, and hidden retries would
+both delay that decision and hide the throttling from it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ..catalog import Target
+from ..errors import ProviderError
+from ..schema import ChatRequest
+from ..settings import ProviderSettings
+from .base import CallContext, Completion, StreamEvent, Usage
+
+NAME = "azure_openai"
+TokenProvider = Callable[[], Awaitable[str]]
+
+# Caller fields forwarded verbatim when set; everything else is gateway-only.
+_PASSTHROUGH = ("temperature", "top_p", "stop", "user", "response_format", "tools", "tool_choice",
+                "parallel_tool_calls", "presence_penalty", "frequency_penalty", "seed")
+
+
+class AzureOpenAIProvider:
+    name = NAME
+
+    def __init__(self, settings: ProviderSettings, token_provider: TokenProvider | None = None) -> None:
+        self._settings = settings
+        self._token_provider = token_provider
+        self._clients: dict[str, Any] = {}  # endpoint -> AsyncAzureOpenAI, reused across invocations
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        client = self._client(target)
+        try:
+            result = await client.chat.completions.create(**_body(request, target, ctx), extra_headers=_headers(ctx))
+        except Exception as exc:
+            raise _translate(exc) from exc
+        body = result.model_dump(mode="json", exclude_unset=True)
+        usage = body.get("usage") or {}
+        return Completion(body=body, usage=Usage(int(usage.get("prompt_tokens", 0)),
+                                                 int(usage.get("completion_tokens", 0))))
+
+    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        client = self._client(target)
+        body = _body(request, target, ctx) | {"stream": True, "stream_options": {"include_usage": True}}
+        try:
+            upstream = await client.chat.completions.create(**body, extra_headers=_headers(ctx))
+        except Exception as exc:
+            raise _translate(exc) from exc
+        try:
+            async for chunk in upstream:
+                event = _event(chunk.model_dump(mode="json", exclude_unset=True))
+                if event is not None:
+                    yield event
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, mid_stream=True) from exc
+        finally:
+            await upstream.close()
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    def _client(self, target: Target) -> Any:
+        endpoint = target.endpoint or self._settings.azure_openai_endpoint
+        if endpoint is None:  # settings validation makes this unreachable; keep the message clear anyway
+            raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error", retryable=False)
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = self._clients[endpoint] = self._new_client(endpoint)
+        return client
+
+    def _new_client(self, endpoint: str) -> Any:
+        import openai  # heavy: imported on first use to keep cold start short
+
+        s = self._settings
+        auth: dict[str, Any]
+        if s.azure_openai_auth == "api_key":
+            auth = {"api_key": s.azure_openai_api_key}
+        else:
+            auth = {"azure_ad_token_provider": self._token_provider or _managed_identity_provider(s)}
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=endpoint, api_version=s.azure_openai_api_version, max_retries=0,
+            timeout=openai.Timeout(s.upstream_timeout_seconds, connect=s.connect_timeout_seconds), **auth,
+        )
+
+
+def _managed_identity_provider(s: ProviderSettings) -> TokenProvider:
+    """Entra token provider: the Function's user-assigned identity in Azure, the default chain elsewhere."""
+    from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential, get_bearer_token_provider
+
+    credential = ManagedIdentityCredential(client_id=s.azure_client_id) if s.azure_client_id else DefaultAzureCredential()
+    return get_bearer_token_provider(credential, s.azure_openai_token_scope)
+
+
+def _body(request: ChatRequest, target: Target, ctx: CallContext) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": target.deployment,
+        "messages": [m.model_dump(mode="json", exclude_none=True) for m in request.messages],
+    }
+    for field in _PASSTHROUGH:
+        value = getattr(request, field)
+        if value is not None:
+            body[field] = value
+    cap = ctx.max_tokens or request.requested_max_tokens
+    if cap is not None:
+        body["max_completion_tokens" if request.max_completion_tokens else "max_tokens"] = cap
+    return body
+
+
+def _headers(ctx: CallContext) -> dict[str, str]:
+    headers = {"x-ms-client-request-id": ctx.request_id}
+    if ctx.traceparent:
+        headers["traceparent"] = ctx.traceparent
+    return headers
+
+
+def _event(chunk: dict[str, Any]) -> StreamEvent | None:
+    usage = chunk.get("usage")
+    choices = chunk.get("choices") or []
+    if not choices and not usage:
+        return None  # Azure's prompt_filter_results preamble: OpenAI clients expect choices[0]
+    text = "".join(str((c.get("delta") or {}).get("content") or "") for c in choices)
+    text += "".join(str(((tc.get("function") or {}).get("arguments")) or "")
+                    for c in choices for tc in (c.get("delta") or {}).get("tool_calls") or [])
+    parsed = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))) if usage else None
+    return StreamEvent(chunk=chunk, usage=parsed, text=text)
+
+
+def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
+    """Map SDK exceptions onto the one provider error type (the only place that knows them)."""
+    import openai
+
+    where = " mid-stream" if mid_stream else ""
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(f"Azure OpenAI timed out{where}", provider=NAME, kind="timeout", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(f"Azure OpenAI connection failed{where}", provider=NAME, kind="connection", retryable=True)
+    if isinstance(exc, openai.APIStatusError):
+        return _status_error(exc.status_code, exc.response.headers, _upstream_message(exc))
+    return ProviderError(f"Azure OpenAI returned an unreadable response{where}", provider=NAME, kind="malformed",
+                         retryable=True)
+
+
+def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
+    retry_after = _retry_after(headers)
+    if status == 429:
+        return ProviderError(f"Azure OpenAI is throttling ({detail})", provider=NAME, kind="rate_limited",
+                             retryable=True, upstream_status=status, retry_after=retry_after)
+    if status >= 500 or status == 408:
+        return ProviderError(f"Azure OpenAI failed with {status} ({detail})", provider=NAME, kind="server_error",
+                             retryable=True, upstream_status=status, retry_after=retry_after)
+    if status in (401, 403):
+        return ProviderError("the gateway's credentials were refused by Azure OpenAI", provider=NAME, kind="auth",
+                             retryable=True, upstream_status=status)
+    if status == 400 and "content_filter" in detail:
+        return ProviderError("the provider's content filter rejected the request", provider=NAME,
+                             kind="content_filter", retryable=False, upstream_status=status)
+    return ProviderError(f"Azure OpenAI rejected the request: {detail}", provider=NAME, kind="bad_request",
+                         retryable=False, upstream_status=status)
+
+
+def _upstream_message(exc: Any) -> str:
+    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    code = error.get("code") if isinstance(error, dict) else None
+    message = str(error.get("message", "")) if isinstance(error, dict) else ""
+    # Upstream messages can quote the prompt (e.g. validation errors): keep them short.
+    return f"{code or exc.status_code}: {message[:200]}" if message else str(code or exc.status_code)
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name in ("retry-after-ms", "retry-after"):
+        raw = headers.get(name) if headers is not None else None
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            return value / 1000 if name == "retry-after-ms" else value
+    return None
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def now_epoch() -> int:
+    return int(time.time())

@@ -1,0 +1,154 @@
+"""Local stand-in for ``func start``: serves exactly the functions function_app.py registers.
+
+Azure Functions Core Tools cannot be installed here, so this host reads the
+``FunctionApp`` object itself (``app.get_functions()``), never a second route list.
+For every HTTP trigger it mounts ``/{routePrefix}/{route}`` (routePrefix from host.json,
+``api`` by default) with the declared methods, and calls the user function with the
+Starlette request exactly as the HTTP-streams worker does. Like ``func start``,
+non-HTTP functions run on demand through ``POST /admin/functions/{name}``, and
+function keys are not enforced locally.
+
+    python -m tools.local_host [--host 127.0.0.1] [--port 7071]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("local_host")
+
+
+class _TimerRequest:
+    """What the Functions host passes a timer function (``past_due``)."""
+
+    def __init__(self, past_due: bool = False) -> None:
+        self.past_due = past_due
+
+
+def route_prefix(root: Path = ROOT) -> str:
+    try:
+        host = json.loads((root / "host.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "api"
+    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    return str(prefix).strip("/")
+
+
+def http_functions(function_app: Any) -> list[tuple[str, str, list[str], Callable[..., Awaitable[Any]]]]:
+    """(name, route, methods, user function) for each HTTP trigger the app registers."""
+    found = []
+    for fn in function_app.get_functions():
+        trigger = fn.get_trigger()
+        if getattr(trigger, "type", None) != "httpTrigger":
+            continue
+        methods = [getattr(m, "value", str(m)).upper() for m in (trigger.methods or ["GET", "POST"])]
+        found.append((fn.get_function_name(), trigger.route or fn.get_function_name(), methods,
+                      fn.get_user_function()))
+    return found
+
+
+def other_functions(function_app: Any) -> dict[str, tuple[str, Callable[..., Any]]]:
+    """Non-HTTP functions by name: (binding argument name, user function)."""
+    found = {}
+    for fn in function_app.get_functions():
+        trigger = fn.get_trigger()
+        if getattr(trigger, "type", None) != "httpTrigger":
+            found[fn.get_function_name()] = (trigger.name, fn.get_user_function())
+    return found
+
+
+def _endpoint(user_function: Callable[..., Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+    arg_name = next(iter(inspect.signature(user_function).parameters))
+
+    async def endpoint(request: Request) -> Response:
+        return await user_function(**{arg_name: request})
+
+    return endpoint
+
+
+def _admin_endpoint(functions: dict[str, tuple[str, Callable[..., Any]]]) -> Callable[[Request], Awaitable[Response]]:
+    async def invoke(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in functions:
+            return _error(404, f"no non-HTTP function named '{name}'")
+        arg_name, user_function = functions[name]
+        result = user_function(**{arg_name: _TimerRequest()})
+        if inspect.isawaitable(result):
+            await result
+        return Response(status_code=202)
+
+    return invoke
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
+                        status_code=status)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, f"No route for {request.method} {request.url.path}")
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(405, f"Method {request.method} is not allowed on {request.url.path}")
+
+
+def build_app(function_app: Any, prefix: str | None = None) -> Starlette:
+    prefix = route_prefix() if prefix is None else prefix
+    base = f"/{prefix}" if prefix else ""
+    routes = [Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name)
+              for name, route, methods, fn in http_functions(function_app)]
+    routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(function_app)), methods=["POST"]))
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed})
+
+
+def load_local_settings(path: Path) -> None:
+    """Export local.settings.json Values like ``func start`` does (the real environment wins)."""
+    if not path.exists():
+        return
+    values = json.loads(path.read_text()).get("Values", {})
+    for key, value in values.items():
+        os.environ.setdefault(key, str(value))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--settings", type=Path, default=ROOT / "local.settings.json")
+    parser.add_argument("--app", default="function_app", help="module holding the FunctionApp named 'app'")
+    parser.add_argument("--allow-network", action="store_true", help="do not install the loopback-only guard")
+    args = parser.parse_args(argv)
+    if not args.allow_network:
+        from tools import netguard
+
+        netguard.install()
+    load_local_settings(args.settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    function_app = importlib.import_module(args.app).app
+
+    import uvicorn
+
+    app = build_app(function_app)
+    print(f"local host serving {len(http_functions(function_app))} HTTP functions on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Deterministic text, token counts and tool arguments for the provider simulator.
+
+Token rule (the whole simulator uses it, so tests can predict usage exactly): a token
+is a run of word characters or one punctuation character, ``count_tokens(text) ==
+len(re.findall(r"\\w+|[^\\w\\s]", text))``. A prompt costs ``MESSAGE_OVERHEAD``
+tokens per message plus the tokens of every text it carries (content, tool call names
+and arguments, tool results) plus the tokens of the JSON tool definitions, if any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+# A piece is one token plus the whitespace before it, so the pieces of a text join back to it.
+PIECE_RE = re.compile(r"\s*(?:\w+|[^\w\s])")
+MESSAGE_OVERHEAD = 3
+ECHO_WORDS = 12
+MAX_REPLY_WORDS = 100_000
+# Put "SIM_REPLY_WORDS=500" in the last user message to get a long reply (benchmarks).
+REPLY_WORDS_RE = re.compile(r"SIM_REPLY_WORDS=(\d+)")
+TOOL_TRIGGER = "CALL_TOOL"
+FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+
+Finish = Literal["end", "length", "stop"]
+
+
+def count_tokens(text: str) -> int:
+    """The simulator's token count of ``text`` (see the module docstring)."""
+    return len(TOKEN_RE.findall(text))
+
+
+def tool_definition_tokens(tools: Any) -> int:
+    """Tokens charged for tool definitions: those of their canonical JSON."""
+    return count_tokens(json.dumps(tools, sort_keys=True)) if tools else 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Generated text split into stream pieces, and why generation stopped."""
+
+    pieces: tuple[str, ...]
+    finish: Finish  # end: natural end; length: max tokens hit; stop: a stop sequence hit
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.pieces)
+
+
+def make_reply(prefix: str, prompt: str, max_tokens: int | None, stops: list[str]) -> Reply:
+    """The deterministic reply: ``prefix`` + an echo of the prompt, cut by stop sequences then max_tokens."""
+    text = _full_reply(prefix, prompt)
+    finish: Finish = "end"
+    cut = _first_stop(text, stops)
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    pieces = tuple(PIECE_RE.findall(text))
+    if max_tokens is not None and len(pieces) > max_tokens:
+        pieces, finish = pieces[:max_tokens], "length"
+    return Reply(pieces=pieces, finish=finish)
+
+
+def _full_reply(prefix: str, prompt: str) -> str:
+    echo = " ".join(prompt.split()[:ECHO_WORDS])
+    text = f"{prefix}{echo}"
+    extra = REPLY_WORDS_RE.search(prompt)
+    if extra:
+        count = min(int(extra.group(1)), MAX_REPLY_WORDS)
+        text += " " + " ".join(FILLER[i % len(FILLER)] for i in range(count))
+    return text
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def wants_tool(prompt: str, tool_count: int) -> bool:
+    return tool_count > 0 and TOOL_TRIGGER in prompt
+
+
+def tool_arguments(schema: Any, prompt: str) -> dict[str, Any]:
+    """Deterministic arguments for a JSON-schema ``object``: one value per declared property."""
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    echo = " ".join(prompt.replace(TOOL_TRIGGER, "").split()[:4]) or "simulated"
+    samples: dict[str, Any] = {"string": echo, "integer": 1, "number": 1.5, "boolean": True,
+                               "array": [], "object": {}}
+    return {name: samples.get(spec.get("type", "string") if isinstance(spec, dict) else "string")
+            for name, spec in properties.items()}
+
+
+def chunk_text(text: str, size: int = 8) -> list[str]:
+    """Split ``text`` (tool-call JSON) into fixed-size pieces, as providers stream arguments."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
