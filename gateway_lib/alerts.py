@@ -44,7 +44,7 @@ def alerts_table(prefix: str) -> str:
 
 
 def key_part(value: str) -> str:
-    """Escape a free-form value for use inside a RowKey ('/', '\\', '#', '?' and controls are forbidden; '|' is ours)."""
+    """Escape a value for use inside a key: Azure forbids / \\ # ? and controls; '|' is our separator."""
     return quote(value, safe=":@-_.~ ")
 
 

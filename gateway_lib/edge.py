@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import re
+import sys
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .identity import Caller
 from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 log = logging.getLogger("gateway.edge")
@@ -40,6 +43,8 @@ class Scope:
     started: float = field(default_factory=time.perf_counter)
     upstream_ms: float = 0.0
     label: str | None = None  # APIM subscription name: a label, never identity
+    caller: Caller | None = None  # set once authenticated
+    recorded: bool = False  # the request's telemetry record was emitted
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -108,8 +113,11 @@ async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]]) -> R
     except GatewayError as error:
         return error_response(error, scope)
     except Exception:
-        log.exception("unhandled error", extra={"custom_dimensions": {"request_id": scope.request_id,
-                                                                      "route": scope.route}})
+        # Only the exception type and the code locations: messages can quote request content.
+        exc_type, _, tb = sys.exc_info()
+        log.error("unhandled %s", exc_type.__name__ if exc_type else "error", extra={"custom_dimensions": {
+            "request_id": scope.request_id, "route": scope.route,
+            "stack": "".join(traceback.format_tb(tb)[-8:])}})
         return error_response(InternalError(), scope)
 
 

@@ -95,7 +95,9 @@ class JwksCache:
         self.fetch_count = 0  # attempts, for tests and telemetry
 
     @classmethod
-    def from_settings(cls, auth: AuthSettings, fetcher: Fetcher | None = None, clock: Clock = time.monotonic) -> JwksCache:
+    def from_settings(
+        cls, auth: AuthSettings, fetcher: Fetcher | None = None, clock: Clock = time.monotonic
+    ) -> JwksCache:
         return cls(
             jwks_url=auth.jwks_url, openid_config_url=auth.openid_config_url,
             ttl_seconds=auth.jwks_cache_ttl_seconds, min_refresh_seconds=auth.jwks_min_refresh_seconds,

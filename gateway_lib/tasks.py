@@ -7,8 +7,13 @@ ledger): there is no side door.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import InvalidRequest
 from .schema import ChatRequest, GenerateRequest, Message
+
+if TYPE_CHECKING:
+    from .pipeline import Served
 
 TEMPLATES: dict[str, str] = {
     "chat": "You are a helpful assistant for enterprise users. Answer clearly and concisely.",
@@ -54,3 +59,18 @@ def to_chat(req: GenerateRequest) -> ChatRequest:
         priority=req.priority,
         response_format={"type": "json_object"} if req.task == "extract" else None,
     )
+
+
+def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, Any]:
+    """The task API's answer: the output plus who served it, usage, estimated cost and the request id."""
+    message = (served.body.get("choices") or [{}])[0].get("message") or {}
+    return {
+        "request_id": request_id,
+        "task": job.task,
+        "output": message.get("content") or "",
+        "provider": served.target.provider,
+        "model": served.body.get("model") or served.target.model,
+        "usage": served.usage.as_openai(),
+        "estimated_cost_usd": str(served.cost_usd),
+        "finish_reason": (served.body.get("choices") or [{}])[0].get("finish_reason"),
+    }

@@ -12,3 +12,5 @@ if str(ROOT) not in sys.path:
 from tools import netguard  # noqa: E402
 
 netguard.install()
+
+pytest_plugins = ["tests.stack_fixture"]

@@ -6,6 +6,7 @@ state from their own thread, so every structure here guards itself with a lock.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import os
@@ -191,3 +192,15 @@ class SimState:
     config: SimConfig = field(default_factory=SimConfig)
     faults: FaultBook = field(default_factory=FaultBook)
     stats: Stats = field(default_factory=Stats)
+
+
+async def take_fault(state: SimState, provider: str, target: str) -> Fault | None:
+    """Wait the configured latency, then return the fault that still shapes the answer, if any.
+
+    A ``slow`` fault is served here (its delay) and is not returned.
+    """
+    fault = state.faults.take(provider, target)
+    delay_ms = state.config.latency_ms + (fault.delay_ms if fault and fault.mode == "slow" else 0)
+    if delay_ms:
+        await asyncio.sleep(min(delay_ms, MAX_DELAY_MS) / 1000)
+    return None if fault is None or fault.mode == "slow" else fault

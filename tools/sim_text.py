@@ -61,10 +61,18 @@ def make_reply(prefix: str, prompt: str, max_tokens: int | None, stops: list[str
     cut = _first_stop(text, stops)
     if cut is not None:
         text, finish = text[:cut], "stop"
-    pieces = tuple(PIECE_RE.findall(text))
+    pieces = _pieces(text)
     if max_tokens is not None and len(pieces) > max_tokens:
         pieces, finish = pieces[:max_tokens], "length"
     return Reply(pieces=pieces, finish=finish)
+
+
+def _pieces(text: str) -> tuple[str, ...]:
+    pieces = PIECE_RE.findall(text)
+    trailing = text[len(text.rstrip()):]
+    if pieces and trailing:  # e.g. the space before a stop sequence: providers return it
+        pieces[-1] += trailing
+    return tuple(pieces)
 
 
 def _full_reply(prefix: str, prompt: str) -> str:

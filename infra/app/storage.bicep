@@ -7,8 +7,10 @@ param tags object = {}
 param deploymentContainerName string
 @description('Table names; the prefix must match GATEWAY_TABLE_PREFIX.')
 param tableNames array
+// Geo-zone-redundant by default: the cost ledger is billing data and should survive a regional outage.
+// Dev may choose LRS.
 @allowed(['Standard_LRS', 'Standard_ZRS', 'Standard_GRS', 'Standard_GZRS'])
-param skuName string = 'Standard_LRS'
+param skuName string = 'Standard_GZRS'
 
 resource account 'Microsoft.Storage/storageAccounts@2025-01-01' = {
   name: name

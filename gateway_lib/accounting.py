@@ -1,0 +1,140 @@
+"""Reserve → settle for one request, exactly once, and the record it leaves behind.
+
+``Accounting`` owns a request's reservation. ``finish`` / ``finish_error`` settle or
+release it, write the request's single cost row (same transaction as the counters)
+and emit the request's one telemetry record. A second call is a no-op, so the
+streaming path can call it from a ``finally`` without double counting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from . import pricing, tokens
+from .catalog import Target
+from .edge import Scope
+from .errors import GatewayError, ProviderError
+from .identity import Caller
+from .ledger import CostRow
+from .providers.base import Usage
+from .schema import ChatRequest
+from .storage.base import StorageError
+from .telemetry import RequestRecord
+
+if TYPE_CHECKING:
+    from .fallback import Attempt
+    from .guardrails import Screened
+    from .routing import RoutePlan
+    from .runtime import Runtime
+
+log = logging.getLogger("gateway.accounting")
+
+
+@dataclass
+class Accounting:
+    rt: Runtime
+    scope: Scope
+    caller: Caller
+    chat: ChatRequest
+    alias: str
+    task: str | None
+    plan: RoutePlan
+    screened: Screened
+    attempts: list[Attempt] = field(default_factory=list)
+    served_by: Target | None = None
+    reservation: Any = None
+    estimated_usd: Decimal = Decimal(0)
+    _finished: bool = False
+
+    async def reserve(self) -> None:
+        """Reserve the worst case: the prompt estimate plus max_tokens, priced at the dearest candidate target
+        (fallback may land on any of them)."""
+        s = self.screened
+        self.estimated_usd = max(pricing.cost(t.price, s.prompt_tokens, s.max_tokens) for t in self.plan.targets)
+        self.reservation = await self.rt.admission.reserve(
+            self.caller, tokens=s.prompt_tokens + s.max_tokens, usd=self.estimated_usd,
+            request_id=self.scope.request_id,
+        )
+
+    def response_headers(self, target: Target) -> dict[str, str]:
+        self.served_by = target
+        headers = {"x-gateway-provider": target.provider, "x-gateway-model": target.model,
+                   "x-gateway-target": target.id}
+        if self.screened.clamped:
+            headers["x-gateway-max-tokens-clamped"] = str(self.screened.max_tokens)
+        return headers | dict(getattr(self.reservation, "headers", {}) or {})
+
+    def estimate_streamed_usage(self, target: Target | None, text: str) -> Usage:
+        """Usage of a stream that ended without a usage event: the prompt estimate plus what was streamed."""
+        tokenizer = target.tokenizer if target else "o200k_base"
+        return Usage(self.screened.prompt_tokens, tokens.count_text(text, tokenizer))
+
+    async def finish(self, target: Target | None, usage: Usage, *, status: str,
+                     error: GatewayError | None = None) -> Decimal:
+        """Settle to the actual usage; returns the request's cost."""
+        if self._finished:
+            return Decimal(0)
+        self._finished = True
+        cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
+        row = self._row(target, usage, cost, status, error)
+        try:
+            await self.rt.admission.settle(self.reservation, row)
+        except StorageError:
+            # The reservation (an over-estimate) stays on the counters: conservative, never lost spend.
+            log.error("settle failed; reservation left in place",
+                      extra={"custom_dimensions": {"request_id": self.scope.request_id, "status": status}})
+        self._record(target, usage, cost, status, error)
+        return cost
+
+    async def finish_error(self, error: GatewayError) -> None:
+        """Release the reservation of a request that produced nothing; its cost row says why."""
+        if self._finished:
+            return
+        self._finished = True
+        self.attempts = list(getattr(error, "attempts", self.attempts))
+        row = self._row(None, Usage(0, 0), Decimal(0), "error", error)
+        try:
+            await self.rt.admission.release(self.reservation, row)
+        except StorageError:
+            log.error("release failed; reservation left in place",
+                      extra={"custom_dimensions": {"request_id": self.scope.request_id}})
+        self._record(None, Usage(0, 0), Decimal(0), "error", error)
+
+    def _row(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
+             error: GatewayError | None) -> CostRow:
+        c, s = self.caller, self.screened
+        return CostRow(
+            request_id=self.scope.request_id, time=datetime.now(UTC), caller_key=c.key, app_id=c.app_id,
+            user_id=c.user_id, tenant_id=c.tenant_id, team=c.team, label=self.scope.label, route=self.scope.route,
+            task=self.task, alias=self.alias, provider=target.provider if target else None,
+            model=target.model if target else None, deployment=target.deployment if target else None,
+            region=target.region if target else None, prompt_tokens_estimated=s.prompt_tokens,
+            completion_tokens_estimated=s.max_tokens, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, cost_usd=cost,
+            price_version=self.rt.settings.catalogue.version, latency_ms=round(self.scope.elapsed_ms(), 1),
+            status=status, http_status=error.status if error else 200, attempts=len(self.attempts),
+            error_code=error.code if error else None,
+        )
+
+    def _record(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
+                error: GatewayError | None) -> None:
+        c = self.caller
+        record = RequestRecord(
+            request_id=self.scope.request_id, caller_app=c.app_id, caller_user=c.user_id, tenant=c.tenant_id,
+            team=c.team, tier=c.tier.name, route=self.scope.route, task=self.task, model=self.alias,
+            provider=target.provider if target else None, target_model=target.model if target else None,
+            deployment=target.deployment if target else None, region=target.region if target else None,
+            attempts=[a.as_dict() for a in self.attempts], status=error.status if error else 200,
+            outcome=status, error_code=error.code if error else None,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost_usd=str(cost),
+            latency_ms=round(self.scope.elapsed_ms(), 2), upstream_ms=round(self.scope.upstream_ms, 2),
+            overhead_ms=round(self.scope.overhead_ms(), 2), stream=self.chat.stream,
+            fallbacks=max(0, len(self.attempts) - 1),
+            upstream_error=isinstance(error, ProviderError),
+        )
+        self.scope.recorded = True
+        self.rt.telemetry.request(record)

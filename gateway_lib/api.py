@@ -1,0 +1,161 @@
+"""Route handlers behind function_app.py: parse the edge, authenticate, delegate, render.
+
+Each handler is the same four lines of shape: open the scope, get the runtime,
+authenticate, hand over. Errors render in the OpenAI shape through ``edge``; a
+request rejected before reaching the pipeline still leaves one telemetry record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import edge, pipeline, tasks
+from .edge import Scope
+from .errors import GatewayError, InvalidRequest, PermissionDenied
+from .identity import Caller
+from .runtime import Runtime, get_runtime, try_runtime
+from .schema import ChatRequest, GenerateRequest, parse_model
+
+log = logging.getLogger("gateway.api")
+Handler = Callable[[Runtime, Scope], Awaitable[Response]]
+
+
+async def _serve(request: Request, route: str, handler: Handler) -> Response:
+    scope = edge.begin(request, route)
+    rt: Runtime | None = None
+
+    async def run() -> Response:
+        nonlocal rt
+        rt = get_runtime()
+        return await handler(rt, scope)
+
+    response = await edge.guarded(scope, run)
+    if response.status_code >= 400 and rt is not None and not scope.recorded:
+        rt.telemetry.rejection(scope, response.status_code)
+    return response
+
+
+async def _caller(rt: Runtime, request: Request, scope: Scope) -> Caller:
+    caller = await rt.authenticator.authenticate(request.headers, request.query_params, label=scope.label)
+    scope.caller = caller
+    return caller
+
+
+async def chat_completions(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        chat = parse_model(ChatRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
+        return await pipeline.run_chat(rt, scope, caller, chat)
+
+    return await _serve(request, "chat", handle)
+
+
+async def generate(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        job = parse_model(GenerateRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
+        served = await pipeline.complete(rt, scope, caller, tasks.to_chat(job), task=job.task)
+        return edge.json_response(tasks.render(job, served, scope.request_id), scope, headers=served.headers)
+
+    return await _serve(request, "generate", handle)
+
+
+async def list_models(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        data = [{"id": alias.name, "object": "model", "created": 0, "owned_by": "ai-gateway",
+                 "description": alias.description}
+                for alias in rt.settings.catalogue.aliases.values() if caller.tier.allows(alias.name)]
+        return edge.json_response({"object": "list", "data": data}, scope)
+
+    return await _serve(request, "models", handle)
+
+
+async def usage(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        subject = request.query_params.get("caller")
+        if subject and subject != caller.key and not caller.is_admin:
+            raise PermissionDenied("Only gateway admins may read another caller's usage.")
+        view = await rt.admission.usage_view(caller if not subject else subject, caller.tier)
+        return edge.json_response(view, scope)
+
+    return await _serve(request, "usage", handle)
+
+
+async def admin_limits(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        admin = await _caller(rt, request, scope)
+        _require_admin(admin)
+        subject = request.query_params.get("caller")
+        if not subject:
+            raise InvalidRequest("Query parameter 'caller' (a caller key from /api/v1/usage) is required.",
+                                 param="caller")
+        if request.method == "PUT":
+            body = await edge.read_json(request, rt.settings.limits.max_body_bytes)
+            saved = await rt.admission.put_overrides(subject, body, changed_by=admin.key)
+            return edge.json_response(saved, scope)
+        return edge.json_response(await rt.admission.get_overrides(subject), scope)
+
+    return await _serve(request, "admin_limits", handle)
+
+
+async def admin_alerts(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        _require_admin(await _caller(rt, request, scope))
+        from . import alerts
+
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        rows = await alerts.list_alerts(rt.store, rt.settings.storage.table_prefix, limit=limit)
+        return edge.json_response({"object": "list", "data": [a.as_dict() for a in rows]}, scope)
+
+    return await _serve(request, "admin_alerts", handle)
+
+
+async def health(request: Request) -> Response:
+    """Liveness plus readiness: configuration valid, storage reachable. Never shows secrets."""
+    scope = edge.begin(request, "health")
+    rt, problems = try_runtime()
+    checks: dict[str, dict[str, object]] = {
+        "configuration": {"status": "ok"} if rt else {"status": "error", "problems": problems},
+    }
+    if rt is not None:
+        try:
+            await asyncio.wait_for(rt.store.ping(), timeout=3)
+            checks["storage"] = {"status": "ok", "mode": rt.settings.storage.mode}
+        except Exception as exc:  # readiness reports any failure; the type name is safe to show
+            checks["storage"] = {"status": "error", "error": type(exc).__name__}
+    ready = all(c["status"] == "ok" for c in checks.values())
+    body = {"status": "ok" if ready else "degraded", "checks": checks,
+            "catalogue_version": rt.settings.catalogue.version if rt else None}
+    return edge.json_response(body, scope, status=200 if ready else 503)
+
+
+async def budget_rollup(past_due: bool) -> None:
+    from . import budget
+
+    report = await budget.rollup_timer_entry(past_due)
+    log.info("budget rollup finished", extra={"custom_dimensions": report.as_dict()})
+
+
+def _require_admin(caller: Caller) -> None:
+    if not caller.is_admin:
+        raise PermissionDenied("This route needs the gateway admin app role.")
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidRequest(f"Query parameter '{name}' must be an integer in {lo}..{hi}.", param=name)
+    return int(raw)
+
+
+__all__ = ["GatewayError", "admin_alerts", "admin_limits", "budget_rollup", "chat_completions", "generate",
+           "health", "list_models", "usage"]

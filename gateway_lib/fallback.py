@@ -1,0 +1,175 @@
+"""Call a route plan's targets in order until one answers.
+
+Fallback moves on at once (no sleep) after a *retryable* ``ProviderError``; never
+after a non-retryable one (the caller's own mistake would fail everywhere) and never
+once a stream has produced its first event (bytes may be on the wire).
+
+Targets whose circuit is cooling down are skipped. One exception: when *every*
+target is cooling down, the one closest to recovery is tried once, unless its
+cooldown is the upstream's own Retry-After (honoured: calling early only earns
+another 429). The breaker opens on a single failure, so without this a one-target
+alias would refuse all callers for seconds after a single blip.
+
+When nothing answers: 429 if every failure was a rate limit (the right client reaction
+is the same back-off, and SDKs honour Retry-After on 429), else 503 "all N targets ...
+are unavailable"; either carries Retry-After = the shortest cooldown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .catalog import Target
+from .errors import ProviderError, RateLimited, ServiceUnavailable
+from .providers.base import CallContext, Completion, Provider, StreamEvent
+from .routing import RoutePlan, RouteStep
+from .schema import ChatRequest
+from .target_health import TargetHealth
+
+Clock = Callable[[], float]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    target_id: str
+    provider: str
+    outcome: str  # ok | <ProviderError.kind> | circuit_open | unconfigured
+    upstream_status: int | None = None
+    latency_ms: float = 0.0
+    retry_after: float | None = None
+
+
+async def complete_with_fallback(plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest,
+                                 ctx: CallContext, health: TargetHealth,
+                                 clock: Clock) -> tuple[Completion, Target, list[Attempt]]:
+    """The first completion any target of the plan gives."""
+    async def call(provider: Provider, target: Target) -> Completion:
+        return await provider.complete(request, target, ctx)
+
+    completion, target, attempts = await _first_success(plan, providers, health, clock, call)
+    return completion, target, attempts
+
+
+async def open_stream_with_fallback(
+    plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest, ctx: CallContext,
+    health: TargetHealth, clock: Clock,
+) -> tuple[Target, StreamEvent, AsyncIterator[StreamEvent], list[Attempt]]:
+    """Open the first stream that yields an event; returns that event and the rest of the stream."""
+    async def call(provider: Provider, target: Target) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
+        stream = provider.stream(request, target, ctx)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise ProviderError("The upstream stream ended before any event.", provider=provider.name,
+                                kind="malformed", retryable=True) from None
+        except BaseException:
+            await _aclose(stream)
+            raise
+        return first, stream
+
+    (first, stream), target, attempts = await _first_success(plan, providers, health, clock, call)
+    return target, first, _watch(stream, target, health), attempts
+
+
+async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth, clock: Clock,
+                         call: Callable[[Provider, Target], Awaitable[T]]) -> tuple[T, Target, list[Attempt]]:
+    attempts: list[Attempt] = []
+    last: ProviderError | None = None
+    for step in _admitted(plan, providers, health, attempts):
+        started = clock()
+        try:
+            result = await _attempt(providers[step.target.provider], step.target, health, call)
+        except ProviderError as error:
+            attempts.append(_failed(step.target, error, clock() - started))
+            if not error.retryable:
+                raise
+            last = error
+            continue
+        latency_ms = (clock() - started) * 1000
+        health.record_success(step.target.id, latency_ms)
+        attempts.append(Attempt(step.target.id, step.target.provider, "ok", 200, latency_ms))
+        return result, step.target, attempts
+    raise _exhausted(plan, attempts, last, health, clock())
+
+
+def _admitted(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth,
+              attempts: list[Attempt]) -> Iterator[RouteStep]:
+    """The steps to call, lazily: admitting a half-open target takes its one probe slot,
+    so a target is admitted only when the previous ones have failed."""
+    configured = [s for s in plan.steps if s.target.provider in providers]
+    attempts.extend(Attempt(s.target.id, s.target.provider, "unconfigured") for s in plan.steps
+                    if s not in configured)
+    admitted_any = False
+    for step in configured:
+        if health.admit(step.target.id):
+            admitted_any = True
+            yield step
+        else:
+            attempts.append(Attempt(step.target.id, step.target.provider, "circuit_open"))
+    if admitted_any:
+        return
+    # Everything is cooling down: cooling steps are listed soonest-recovery first.
+    last_resort = next((s for s in configured if not s.upstream_hold), None)
+    if last_resort is not None and health.admit(last_resort.target.id, force=True):
+        yield last_resort
+
+
+async def _attempt(provider: Provider, target: Target, health: TargetHealth,
+                   call: Callable[[Provider, Target], Awaitable[T]]) -> T:
+    try:
+        return await call(provider, target)
+    except ProviderError as error:
+        if error.retryable:
+            health.record_failure(target.id, error.retry_after)
+        else:
+            health.release(target.id)  # the caller's mistake says nothing about the target
+        raise
+    except BaseException:
+        health.release(target.id)  # cancelled, or a bug: give the probe slot back
+        raise
+
+
+def _failed(target: Target, error: ProviderError, elapsed: float) -> Attempt:
+    return Attempt(target.id, target.provider, error.kind, error.upstream_status, elapsed * 1000, error.retry_after)
+
+
+def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | None, health: TargetHealth,
+               now: float) -> ServiceUnavailable | RateLimited:
+    view = health.view()
+    waits = [view.status(t.id).retry_in(now) for t in plan.targets]
+    retry_after = float(max(1, math.ceil(min(waits, default=1.0))))
+    n, alias = len(plan.steps), plan.alias
+    failures = [a for a in attempts if a.outcome not in ("ok", "circuit_open", "unconfigured")]
+    if last is None:
+        reason = "cooling down after recent failures" if attempts else "not configured"
+        return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable ({reason}).",
+                                  retry_after=retry_after)
+    detail = f"(last error: {last.kind} from {last.provider}: {last.message})"
+    if all(a.outcome == "rate_limited" for a in failures):
+        return RateLimited(f"all {n} targets for model {alias} are rate limited {detail}",
+                           code="upstream_rate_limited", retry_after=retry_after)
+    return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable {detail}", retry_after=retry_after)
+
+
+async def _watch(stream: AsyncIterator[StreamEvent], target: Target,
+                 health: TargetHealth) -> AsyncIterator[StreamEvent]:
+    """The rest of a stream; a mid-stream upstream failure still counts against the target."""
+    try:
+        async for event in stream:
+            yield event
+    except ProviderError as error:
+        if error.retryable:
+            health.record_failure(target.id, error.retry_after)
+        raise
+    finally:
+        await _aclose(stream)
+
+
+async def _aclose(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

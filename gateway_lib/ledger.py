@@ -1,0 +1,179 @@
+"""The cost ledger: exactly one ``CostRow`` per request, never any prompt or completion text.
+
+Cost rows live in the caller's partition of ``{prefix}usage``, next to the caller's
+counters, so that settling a request (counters + cost row) is one entity-group
+transaction. Row keys sort by settle time: ``led|{settled_at}|{request_id}``. The
+``{prefix}callers`` directory lists every caller partition, so the budget rollup reads
+partitions by key and never scans the table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import suppress
+from dataclasses import MISSING, asdict, dataclass, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from .identity import Caller
+from .storage.base import Entity, EntityExists, TableStore
+
+LEDGER_PREFIX = "led|"
+_LEDGER_END = "led}"  # "}" sorts right after "|": the end of the ledger key range
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width (27 chars), so keys sort by time
+_KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
+_PAGE = 1000
+CALLERS_PARTITION = "callers"
+
+
+def usage_table(prefix: str) -> str:
+    return f"{prefix}usage"
+
+
+def callers_table(prefix: str) -> str:
+    return f"{prefix}callers"
+
+
+def table_key(value: str) -> str:
+    """A PartitionKey/RowKey-safe form of ``value``: percent-encodes / \\ # ? % and control characters.
+
+    Injective (``%`` itself is encoded), so two callers never share a partition.
+    """
+    return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
+
+
+def ledger_row_key(settled_at: datetime, request_id: str) -> str:
+    return f"{LEDGER_PREFIX}{settled_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{table_key(request_id)}"
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """What one request cost and how it went. Token counts and money only: no content."""
+
+    request_id: str
+    time: datetime  # settled_at, UTC; part of the row key
+    caller_key: str
+    app_id: str
+    tenant_id: str
+    user_id: str | None
+    team: str | None
+    label: str | None
+    route: str  # e.g. chat.completions
+    task: str | None
+    provider: str | None  # None when no provider was reached
+    model: str | None
+    deployment: str | None
+    region: str | None
+    prompt_tokens_estimated: int
+    completion_tokens_estimated: int  # the max_tokens reserved
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    catalogue_version: str
+    latency_ms: int
+    status: str  # ok | error | cancelled
+    http_status: int
+    fallback_attempts: int = 0
+    error_code: str | None = None
+    accounted: bool = True  # False: admitted fail-open while quota storage was down (not in the counters)
+
+    @classmethod
+    def for_caller(cls, caller: Caller, **values: Any) -> CostRow:
+        """A row with the caller's identity fields filled in."""
+        return cls(caller_key=caller.key, app_id=caller.app_id, tenant_id=caller.tenant_id,
+                   user_id=caller.user_id, team=caller.team, label=caller.label, **values)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def total_tokens_estimated(self) -> int:
+        return self.prompt_tokens_estimated + self.completion_tokens_estimated
+
+    @property
+    def partition_key(self) -> str:
+        return table_key(self.caller_key)
+
+    @property
+    def row_key(self) -> str:
+        return ledger_row_key(self.time, self.request_id)
+
+    def to_entity(self) -> Entity:
+        props = asdict(self)
+        props["time"] = self.time.astimezone(UTC).strftime(_TIME_FORMAT)
+        props["cost_usd"] = format(self.cost_usd, "f")
+        props["total_tokens"] = self.total_tokens  # denormalised for ad-hoc queries in Storage Explorer
+        return Entity(self.partition_key, self.row_key, props)
+
+    @classmethod
+    def from_entity(cls, entity: Entity) -> CostRow:
+        props: Mapping[str, Any] = entity.properties
+        # Azure does not store None: an absent optional column reads back as None or its default.
+        values: dict[str, Any] = {f.name: props.get(f.name) for f in fields(cls)
+                                  if f.name in props or f.default is MISSING}
+        values["time"] = datetime.strptime(str(props["time"]), _TIME_FORMAT).replace(tzinfo=UTC)
+        values["cost_usd"] = Decimal(str(props["cost_usd"]))
+        return cls(**values)
+
+
+async def iter_cost_rows(
+    store: TableStore, prefix: str, caller_key: str, after_row_key: str | None = None, limit: int = _PAGE,
+) -> AsyncIterator[CostRow]:
+    """Cost rows of one caller in settle order, strictly after ``after_row_key``, at most ``limit``.
+
+    A rollup checkpoints the last ``row_key`` it processed and passes it back next run.
+    """
+    start = f"{after_row_key} " if after_row_key else LEDGER_PREFIX  # keys cannot hold control chars: " " is next
+    remaining = limit
+    while remaining > 0:
+        page = await store.query(usage_table(prefix), table_key(caller_key), row_key_from=start,
+                                 row_key_to=_LEDGER_END, limit=min(remaining, _PAGE))
+        for entity in page:
+            yield CostRow.from_entity(entity)
+        if len(page) < min(remaining, _PAGE):
+            return
+        remaining -= len(page)
+        start = f"{page[-1].row_key} "
+
+
+@dataclass(frozen=True)
+class CallerEntry:
+    partition_key: str
+    caller_key: str
+    team: str | None
+    first_seen: str
+
+
+async def list_callers(
+    store: TableStore, prefix: str, after: str | None = None, limit: int = _PAGE,
+) -> list[CallerEntry]:
+    """Caller partitions that have (or may have) cost rows, by partition key, strictly after ``after``."""
+    rows = await store.query(callers_table(prefix), CALLERS_PARTITION,
+                             row_key_from=f"{after} " if after else None, limit=limit)
+    return [CallerEntry(e.row_key, str(e.properties.get("caller_key", e.row_key)),
+                        e.properties.get("team"), str(e.properties.get("first_seen", ""))) for e in rows]
+
+
+class CallerDirectory:
+    """Insert-if-missing into ``{prefix}callers``, remembered per process (~1 write per caller per process)."""
+
+    def __init__(self, store: TableStore, prefix: str, max_remembered: int = 100_000) -> None:
+        self._store, self._table = store, callers_table(prefix)
+        self._seen: set[str] = set()
+        self._max = max_remembered
+
+    async def register(self, caller_key: str, team: str | None, now: datetime) -> int:
+        """Make sure the caller is listed; returns the storage round trips spent (0 when remembered)."""
+        if caller_key in self._seen:
+            return 0
+        entity = Entity(CALLERS_PARTITION, table_key(caller_key),
+                        {"caller_key": caller_key, "team": team, "first_seen": now.astimezone(UTC).isoformat()})
+        with suppress(EntityExists):  # another instance listed it first: the row only needs to exist
+            await self._store.insert(self._table, entity)
+        if len(self._seen) >= self._max:
+            self._seen.clear()  # bounded memory; the cost is one more idempotent insert per caller
+        self._seen.add(caller_key)
+        return 1

@@ -1,0 +1,169 @@
+"""The chat pipeline, top to bottom.
+
+    plan route → screen input → reserve quota → call provider with fallback
+    → settle and record cost → render
+
+Each step is a plain call that returns one value or raises one of our errors. Once
+quota is reserved, exactly one ``Accounting.finish`` settles it, whatever happens:
+success, provider failure, a stream cut mid-way or a caller that hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response, StreamingResponse
+
+from . import fallback, guardrails, routing
+from .accounting import Accounting
+from .catalog import Target
+from .edge import SSE_DONE, SSE_HEADERS, Scope, json_response, sse
+from .errors import GatewayError, ProviderError
+from .identity import Caller
+from .providers.base import CallContext, StreamEvent, Usage
+from .schema import ChatRequest
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("gateway.pipeline")
+
+
+@dataclass
+class Served:
+    """A whole answer: the OpenAI body plus what the edge needs to render it."""
+
+    body: dict[str, Any]
+    target: Target
+    usage: Usage
+    cost_usd: Decimal
+    headers: dict[str, str]
+
+
+async def run_chat(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest) -> Response:
+    """Serve one chat completion request (streamed or not) for an authenticated caller."""
+    if chat.stream:
+        acct, ctx = await _admit(rt, scope, caller, chat, task=None)
+        return await _stream(rt, acct, chat, ctx)
+    served = await complete(rt, scope, caller, chat)
+    return json_response(served.body, scope, headers=served.headers)
+
+
+async def complete(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest, task: str | None = None) -> Served:
+    """The non-streamed path, shared by chat completions and the task API."""
+    acct, ctx = await _admit(rt, scope, caller, chat, task)
+    try:
+        result = await fallback.complete_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
+    except GatewayError as error:
+        await acct.finish_error(error)
+        raise
+    acct.attempts = result.attempts
+    scope.upstream_ms = result.upstream_ms
+    headers = acct.response_headers(result.target)
+    cost = await acct.finish(result.target, result.completion.usage, status="ok")
+    return Served(result.completion.body, result.target, result.completion.usage, cost, headers)
+
+
+async def _admit(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
+                 task: str | None) -> tuple[Accounting, CallContext]:
+    """Plan the route, screen the input and reserve quota: everything before the first upstream byte."""
+    alias = await rt.admission.effective_alias(caller, chat.model)
+    plan = routing.plan_route(
+        alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=chat.provider_hint,
+        priority=chat.priority, health=rt.health.view(), request=chat,
+    )
+    screened = guardrails.screen(chat, caller.tier, plan.targets, rt.settings.limits)
+    acct = Accounting(rt, scope, caller, chat, alias, task, plan, screened)
+    await acct.reserve()
+    return acct, CallContext(request_id=scope.request_id, traceparent=scope.traceparent,
+                             max_tokens=screened.max_tokens)
+
+
+async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallContext) -> Response:
+    # The first event is pulled before any byte goes out: until then a failed target can
+    # still be replaced by the next one. After it, a failure ends the stream with an error event.
+    try:
+        opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
+    except GatewayError as error:
+        await acct.finish_error(error)
+        raise
+    acct.attempts = opened.attempts
+    acct.scope.upstream_ms = opened.upstream_ms
+    body = _sse_body(acct, chat, opened.first, opened.events)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers=acct.scope.headers() | SSE_HEADERS | acct.response_headers(opened.target))
+
+
+async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
+                    events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    target = acct.served_by
+    usage: Usage | None = None
+    streamed: list[str] = []
+    status = "client_disconnected"  # what it stays if the caller hangs up (the generator is closed)
+    error: ProviderError | None = None
+    try:
+        async for event in _prepend(first, events, acct):
+            streamed.append(event.text)
+            if event.usage is not None:
+                usage = event.usage
+            frame = _visible_chunk(event, chat.include_usage)
+            if frame is not None:
+                yield sse(frame)
+        yield SSE_DONE
+        status = "ok"
+    except ProviderError as exc:
+        # Bytes already went out, so no fallback: tell the caller plainly instead of truncating silently.
+        status, error = "upstream_cut", exc
+        yield sse(exc.body())
+    finally:
+        if usage is None:  # cut or abandoned: count what was streamed so the spend is not lost
+            usage = acct.estimate_streamed_usage(target, "".join(streamed))
+        settle = asyncio.ensure_future(acct.finish(target, usage, status=status, error=error))
+        await _shielded(settle)
+
+
+async def _prepend(first: StreamEvent, rest: AsyncIterator[StreamEvent], acct: Accounting) -> AsyncIterator[StreamEvent]:
+    yield first
+    try:
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                event = await rest.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                acct.scope.upstream_ms += (asyncio.get_running_loop().time() - started) * 1000
+            yield event
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _visible_chunk(event: StreamEvent, include_usage: bool) -> dict | None:
+    """The chunk as the caller should see it: the gateway always asks for usage, the caller may not have."""
+    chunk = event.chunk
+    if event.usage is None or include_usage:
+        return chunk
+    if not chunk.get("choices"):
+        return None  # the usage-only final chunk the caller did not ask for
+    return {k: v for k, v in chunk.items() if k != "usage"}
+
+
+_pending: set[asyncio.Future] = set()
+
+
+async def _shielded(task: asyncio.Future) -> None:
+    """Await a settlement even if the request is being cancelled (the caller hung up)."""
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        log.info("stream cancelled; settlement continues in the background")
+        raise

@@ -1,0 +1,132 @@
+"""The process-wide runtime: settings plus the long-lived clients built from them.
+
+Built lazily on the first request (never at import, so a bad setting cannot stop the
+host from indexing the functions) and reused across invocations, which keeps
+connection pools warm. A runtime belongs to the event loop it was built on; tests
+that run several loops get a fresh one per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import Authenticator
+from .errors import ServiceUnavailable
+from .providers.base import Provider
+from .quota import Admission
+from .settings import ConfigError, Settings, get_settings
+from .storage.base import TableStore
+from .target_health import TargetHealth
+from .telemetry import Telemetry
+
+log = logging.getLogger("gateway.runtime")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    authenticator: Authenticator
+    providers: Mapping[str, Provider]
+    health: TargetHealth
+    store: TableStore
+    admission: Admission
+    telemetry: Telemetry
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.store.aclose()
+        self.telemetry.close()
+
+
+def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table_credential: Any = None,
+                  store: TableStore | None = None, aws_web_identity_token: Any = None) -> Runtime:
+    """Wire the components. Credentials are injectable: tests and the local stack never build
+    a managed-identity credential (it would call the instance metadata endpoint)."""
+    from .providers.azure_openai import AzureOpenAIProvider
+    from .providers.bedrock import BedrockProvider
+
+    store = store or _store(settings, table_credential)
+    telemetry = Telemetry.from_settings(settings)
+    return Runtime(
+        settings=settings,
+        authenticator=Authenticator(settings.auth, settings.tiers),
+        providers={
+            "azure_openai": AzureOpenAIProvider(settings.providers, token_provider=azure_token_provider),
+            "bedrock": BedrockProvider(settings.providers, web_identity_token=aws_web_identity_token),
+        },
+        health=TargetHealth(),
+        store=store,
+        admission=Admission(store, settings),
+        telemetry=telemetry,
+    )
+
+
+def _store(settings: Settings, credential: Any) -> TableStore:
+    s = settings.storage
+    if s.mode == "memory":
+        from .storage.memory import MemoryTableStore
+
+        return MemoryTableStore()
+    from .storage.azure_tables import AzureTableStore
+
+    if s.connection_string:
+        return AzureTableStore.from_connection_string(s.connection_string)
+    if credential is None:
+        from azure.identity.aio import ManagedIdentityCredential
+
+        credential = ManagedIdentityCredential(client_id=settings.providers.azure_client_id)
+    assert s.table_endpoint is not None  # settings validation guarantees one of the two
+    return AzureTableStore.from_endpoint(s.table_endpoint, credential)
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The runtime for the running loop; a configuration problem becomes a clear 503."""
+    global _runtime
+    loop = _running_loop()
+    if _runtime is None or (_runtime.loop is not None and _runtime.loop is not loop):
+        try:
+            settings = get_settings()
+        except ConfigError:
+            log.error("gateway configuration is invalid; see /api/health for the problems")
+            raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
+                                     code="configuration_error") from None
+        rt = build_runtime(settings)
+        rt.loop = loop
+        _runtime = rt
+    return _runtime
+
+
+def try_runtime() -> tuple[Runtime | None, list[str]]:
+    """For /api/health: the runtime, or the configuration problems that prevent building it."""
+    try:
+        return get_runtime(), []
+    except ServiceUnavailable:
+        try:
+            get_settings()
+        except ConfigError as exc:
+            return None, exc.problems
+        return None, ["runtime could not be built"]
+
+
+def set_runtime(rt: Runtime | None) -> None:
+    """Install a runtime built by a test (or clear it)."""
+    global _runtime
+    if rt is not None and rt.loop is None:
+        rt.loop = _running_loop()
+    _runtime = rt
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

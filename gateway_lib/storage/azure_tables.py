@@ -1,0 +1,236 @@
+"""``AzureTableStore``: ``TableStore`` on Azure Table Storage (or Azurite) via ``azure.data.tables.aio``.
+
+One ``TableServiceClient`` per process and one ``TableClient`` per table, all sharing one
+aiohttp transport, so warm invocations reuse pooled connections. Timeouts are short and
+SDK retries few: quota admission sits on every request's hot path, and when storage is
+down the gateway must answer 503 (or fail open) in seconds, not hang.
+
+Azure errors become storage errors here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import EdmType, EntityProperty, TableTransactionError, UpdateMode
+from azure.data.tables.aio import TableClient, TableServiceClient
+
+from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TransactionFailed
+from .memory import check_key, check_transaction, normalise_properties
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
+# connection_timeout / read_timeout go to the aiohttp transport; one SDK retry absorbs a
+# dropped pooled connection, more would only stretch the time to a 503.
+CLIENT_OPTIONS: dict[str, Any] = {
+    "connection_timeout": 2.0,
+    "read_timeout": 5.0,
+    "retry_total": 1,
+    "retry_backoff_factor": 0.2,
+    "retry_backoff_max": 1.0,
+}
+_PAGE = 1000  # the service's own page size limit
+_REASONS: dict[str, Literal["exists", "precondition", "not_found"]] = {
+    "EntityAlreadyExists": "exists",
+    "UpdateConditionNotSatisfied": "precondition",
+    "ConditionNotMet": "precondition",
+    "EntityNotFound": "not_found",
+    "ResourceNotFound": "not_found",
+}
+
+
+class AzureTableStore:
+    """``TableStore`` backed by Azure Table Storage / Azurite."""
+
+    def __init__(self, service: TableServiceClient) -> None:
+        self._service = service
+        self._tables: dict[str, TableClient] = {}
+        self.round_trips = 0
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, **options: Any) -> AzureTableStore:
+        """Local development and tests (Azurite)."""
+        return cls(TableServiceClient.from_connection_string(connection_string, **{**CLIENT_OPTIONS, **options}))
+
+    @classmethod
+    def from_endpoint(cls, endpoint: str, credential: AsyncTokenCredential, **options: Any) -> AzureTableStore:
+        """Azure: ``https://<account>.table.core.windows.net`` reached with a managed identity credential."""
+        return cls(TableServiceClient(endpoint, credential=credential, **{**CLIENT_OPTIONS, **options}))
+
+    async def get(self, table: str, partition_key: str, row_key: str) -> Entity | None:
+        try:
+            with _translated():
+                found = await self._client(table).get_entity(partition_key, row_key)
+        except EntityNotFound:
+            return None
+        return _entity(found)
+
+    async def insert(self, table: str, entity: Entity) -> Entity:
+        with _translated():
+            meta = await self._client(table).create_entity(_to_azure(entity))
+        return _stored(entity, meta)
+
+    async def update(self, table: str, entity: Entity, etag: str) -> Entity:
+        with _translated():
+            meta = await self._client(table).update_entity(
+                _to_azure(entity), mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified)
+        return _stored(entity, meta)
+
+    async def upsert(self, table: str, entity: Entity) -> Entity:
+        with _translated():
+            meta = await self._client(table).upsert_entity(_to_azure(entity), mode=UpdateMode.REPLACE)
+        return _stored(entity, meta)
+
+    async def delete(self, table: str, partition_key: str, row_key: str, etag: str | None = None) -> None:
+        """Deleting a missing row is a no-op (the SDK swallows the 404); a stale ETag still fails with 412."""
+        with _translated():
+            await self._client(table).delete_entity(partition_key, row_key, **_condition(etag))
+
+    async def query(
+        self, table: str, partition_key: str | None = None, *, row_key_from: str | None = None,
+        row_key_to: str | None = None, limit: int | None = None,
+    ) -> list[Entity]:
+        clauses, params = _filter(partition_key, row_key_from, row_key_to)
+        client = self._client(table)
+        out: list[Entity] = []
+        with _translated():
+            pages = (client.query_entities(" and ".join(clauses), parameters=params, results_per_page=_PAGE)
+                     if clauses else client.list_entities(results_per_page=_PAGE))
+            async for found in pages:
+                if out and len(out) % _PAGE == 0:
+                    self.round_trips += 1  # the next page is another request
+                out.append(_entity(found))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    async def transact(self, table: str, ops: Sequence[Op]) -> list[Entity]:
+        check_transaction(ops)
+        try:
+            with _translated():
+                metas = await self._client(table).submit_transaction([_batch_op(op) for op in ops])
+        except TableTransactionError as exc:
+            raw = getattr(exc, "error_code", None)
+            code = str(getattr(raw, "value", raw))  # TableErrorCode enum or a plain string
+            reason: Literal["exists", "precondition", "not_found", "other"] = _REASONS.get(code, "other")
+            raise TransactionFailed(f"{exc.index}: {code}", index=exc.index, reason=reason) from exc
+        return [_stored(op.entity, meta) for op, meta in zip(ops, metas, strict=True)]
+
+    async def ensure_tables(self, tables: Sequence[str]) -> None:
+        for name in tables:
+            try:
+                with _translated():
+                    self.round_trips += 1
+                    await self._service.create_table(name)  # raises ResourceExistsError when present
+            except EntityExists:
+                pass
+
+    async def ping(self) -> None:
+        with _translated():
+            self.round_trips += 1
+            await self._service.get_service_properties()
+
+    async def aclose(self) -> None:
+        clients, self._tables = list(self._tables.values()), {}
+        for client in clients:
+            await client.close()
+        await self._service.close()  # owns the shared transport: closes the aiohttp session
+
+    def _client(self, table: str) -> TableClient:
+        """The table's client (created once, reused: it shares the service's connection pool).
+
+        Each call site makes exactly one request with it, so this is where round trips are counted.
+        """
+        self.round_trips += 1
+        client = self._tables.get(table)
+        if client is None:
+            client = self._tables[table] = self._service.get_table_client(table)
+        return client
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """The one place Azure SDK errors become storage errors."""
+    try:
+        yield
+    except TableTransactionError:
+        raise
+    except ResourceModifiedError as exc:
+        raise PreconditionFailed(_first_line(exc)) from exc
+    except ResourceExistsError as exc:
+        raise EntityExists(_first_line(exc)) from exc
+    except ResourceNotFoundError as exc:
+        if str(getattr(exc, "error_code", "")).endswith("TableNotFound"):
+            raise StorageError(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
+        raise EntityNotFound(_first_line(exc)) from exc
+    except AzureError as exc:
+        if getattr(exc, "status_code", None) == 412:
+            raise PreconditionFailed(_first_line(exc)) from exc
+        raise StorageError(f"table storage failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise StorageError(f"table storage unreachable: {type(exc).__name__}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _to_azure(entity: Entity) -> dict[str, Any]:
+    check_key(entity.partition_key, "PartitionKey")
+    check_key(entity.row_key, "RowKey")
+    out: dict[str, Any] = {"PartitionKey": entity.partition_key, "RowKey": entity.row_key}
+    for name, value in normalise_properties(entity.properties).items():
+        # Every int is Edm.Int64: a counter that starts small must keep one type as it grows past 2**31.
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        out[name] = EntityProperty(value, EdmType.INT64) if is_int else value
+    return out
+
+
+def _entity(found: Mapping[str, Any]) -> Entity:
+    props = {k: (v.value if isinstance(v, EntityProperty) else v)
+             for k, v in found.items() if k not in ("PartitionKey", "RowKey")}
+    metadata = getattr(found, "metadata", {})
+    return Entity(found["PartitionKey"], found["RowKey"], props, etag=metadata.get("etag"))
+
+
+def _stored(entity: Entity, meta: Mapping[str, Any]) -> Entity:
+    return Entity(entity.partition_key, entity.row_key, normalise_properties(entity.properties), etag=meta.get("etag"))
+
+
+def _condition(etag: str | None) -> dict[str, Any]:
+    if etag is None or etag == "*":
+        return {}
+    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+
+
+def _batch_op(op: Op) -> tuple[Any, ...]:
+    entity = _to_azure(op.entity)
+    if op.kind == "insert":
+        return ("create", entity)
+    if op.kind == "upsert":
+        return ("upsert", entity, {"mode": UpdateMode.REPLACE})
+    if op.kind == "update":
+        # Always conditional in a batch: an update with no ETag would be an upsert in disguise.
+        return ("update", entity, {"mode": UpdateMode.REPLACE, "etag": op.etag or "*",
+                                   "match_condition": MatchConditions.IfNotModified})
+    return ("delete", entity, {"etag": op.etag or "*", "match_condition": MatchConditions.IfNotModified})
+
+
+def _filter(pk: str | None, rk_from: str | None, rk_to: str | None) -> tuple[list[str], dict[str, str]]:
+    clauses, params = [], {}
+    for clause, name, value in (("PartitionKey eq @pk", "pk", pk), ("RowKey ge @rkf", "rkf", rk_from),
+                                ("RowKey lt @rkt", "rkt", rk_to)):
+        if value is not None:
+            clauses.append(clause)
+            params[name] = value
+    return clauses, params

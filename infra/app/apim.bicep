@@ -1,0 +1,210 @@
+// API Management in front of the gateway: Entra token check, coarse per-subscription limits, the
+// function key, correlation ids. The function stays the authority on identity, quotas and cost.
+param name string
+param location string
+param tags object = {}
+@allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'PremiumV2', 'Premium'])
+param skuName string = 'StandardV2'
+param skuCapacity int = 1
+param publisherEmail string
+param publisherName string
+param identityId string
+param identityClientId string
+param functionAppName string
+param appInsightsId string
+param appInsightsConnectionString string
+
+param tenantId string
+@description('The gateway app ID URI (v1 tokens carry it as aud).')
+param audience string
+@description('The gateway app registration client id (v2 tokens carry it as aud).')
+param audienceClientId string
+@description('"*" or a comma-separated list of client application ids allowed to call.')
+param allowedClientAppIds string = '*'
+param rateLimitCalls int = 600
+param rateLimitPeriodSeconds int = 60
+param quotaCalls int = 200000
+param quotaPeriodSeconds int = 86400
+
+resource functionApp 'Microsoft.Web/sites@2024-11-01' existing = {
+  name: functionAppName
+}
+
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
+  name: name
+  location: location
+  tags: tags
+  sku: {
+    name: skuName
+    capacity: skuCapacity
+  }
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    publisherEmail: publisherEmail
+    publisherName: publisherName
+    publicNetworkAccess: 'Enabled'
+    virtualNetworkType: 'None'
+    customProperties: {
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
+    }
+  }
+}
+
+var plainNamedValues = {
+  'gw-tenant-id': tenantId
+  'gw-audience': audience
+  'gw-audience-client-id': audienceClientId
+  'gw-allowed-client-app-ids': allowedClientAppIds
+  'gw-rate-limit-calls': string(rateLimitCalls)
+  'gw-rate-limit-period': string(rateLimitPeriodSeconds)
+  'gw-quota-calls': string(quotaCalls)
+  'gw-quota-period': string(quotaPeriodSeconds)
+}
+
+resource namedValues 'Microsoft.ApiManagement/service/namedValues@2024-05-01' = [for item in items(plainNamedValues): {
+  parent: apim
+  name: item.key
+  properties: {
+    displayName: item.key
+    value: item.value
+    secret: false
+  }
+}]
+
+// The default host key, read at deployment time and stored only as a secret named value (never an
+// output). Rotation: regenerate the key, then redeploy (docs/runbook.md). The function app must already
+// run code for the host key API to answer, which is why deploy.sh publishes before deploying APIM.
+resource functionKey 'Microsoft.ApiManagement/service/namedValues@2024-05-01' = {
+  parent: apim
+  name: 'gw-function-key'
+  properties: {
+    displayName: 'gw-function-key'
+    secret: true
+    value: listKeys('${functionApp.id}/host/default', '2024-11-01').functionKeys.default
+  }
+}
+
+resource logger 'Microsoft.ApiManagement/service/loggers@2024-05-01' = {
+  parent: apim
+  name: 'appinsights'
+  properties: {
+    loggerType: 'applicationInsights'
+    resourceId: appInsightsId
+    // Entra (managed identity) ingestion: App Insights has local auth disabled.
+    credentials: {
+      connectionString: appInsightsConnectionString
+      identityClientId: identityClientId
+    }
+  }
+}
+
+resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
+  parent: apim
+  name: 'ai-gateway'
+  properties: {
+    displayName: 'AI Gateway (OpenAI-compatible)'
+    path: 'ai'
+    protocols: ['https']
+    serviceUrl: 'https://${functionApp.properties.defaultHostName}/api'
+    subscriptionRequired: true
+    apiType: 'http'
+  }
+  dependsOn: [namedValues, functionKey]
+}
+
+var operations = [
+  { name: 'chat-completions', method: 'POST', urlTemplate: '/v1/chat/completions', displayName: 'Create chat completion' }
+  { name: 'list-models', method: 'GET', urlTemplate: '/v1/models', displayName: 'List models' }
+  { name: 'generate', method: 'POST', urlTemplate: '/generate', displayName: 'Generate (task-routed)' }
+  { name: 'usage', method: 'GET', urlTemplate: '/v1/usage', displayName: 'Usage and remaining budget' }
+  { name: 'health', method: 'GET', urlTemplate: '/health', displayName: 'Health' }
+]
+
+resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for op in operations: {
+  parent: api
+  name: op.name
+  properties: {
+    displayName: op.displayName
+    method: op.method
+    urlTemplate: op.urlTemplate
+  }
+}]
+
+resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
+  parent: api
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: loadTextContent('../apim/policies/api.xml')
+  }
+}
+
+resource chatOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
+  parent: api
+  name: 'chat-completions'
+}
+
+resource healthOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
+  parent: api
+  name: 'health'
+}
+
+resource chatPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
+  parent: chatOperation
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: loadTextContent('../apim/policies/chat-stream.xml')
+  }
+  dependsOn: [ops]
+}
+
+resource healthPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
+  parent: healthOperation
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: loadTextContent('../apim/policies/health.xml')
+  }
+  dependsOn: [ops]
+}
+
+// Request logging without bodies: 0 body bytes everywhere. Logging a response body makes APIM buffer it,
+// which would break SSE streaming of chat completions; and prompts/completions never belong in logs.
+resource diagnostics 'Microsoft.ApiManagement/service/apis/diagnostics@2024-05-01' = {
+  parent: api
+  name: 'applicationinsights'
+  properties: {
+    loggerId: logger.id
+    alwaysLog: 'allErrors'
+    httpCorrelationProtocol: 'W3C'
+    verbosity: 'information'
+    logClientIp: false
+    sampling: {
+      samplingType: 'fixed'
+      percentage: 100
+    }
+    frontend: {
+      request: { headers: ['x-request-id'], body: { bytes: 0 } }
+      response: { headers: ['x-request-id'], body: { bytes: 0 } }
+    }
+    backend: {
+      request: { headers: ['x-request-id'], body: { bytes: 0 } }
+      response: { headers: ['x-request-id'], body: { bytes: 0 } }
+    }
+  }
+}
+
+output name string = apim.name
+output gatewayUrl string = apim.properties.gatewayUrl
+output apiBaseUrl string = '${apim.properties.gatewayUrl}/ai'

@@ -1,0 +1,263 @@
+"""The fallback executor, driven by plain fake providers (no mocks, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway_lib.catalog import Price, Target
+from gateway_lib.errors import ProviderError, RateLimited, ServiceUnavailable
+from gateway_lib.fallback import complete_with_fallback, open_stream_with_fallback
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.routing import RoutePlan, RouteStep
+from gateway_lib.schema import ChatRequest
+from gateway_lib.target_health import TargetHealth
+
+REQUEST = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+CTX = CallContext(request_id="r")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def target(tid: str, provider: str = "fake") -> Target:
+    return Target(id=tid, provider=provider, deployment=tid, model="m", region="r", endpoint=None,
+                  price=Price(Decimal(0), Decimal(0)), quality=1, context_window=1000, max_output_tokens=100,
+                  tokenizer="o200k_base")
+
+
+def rate_limited(retry_after: float | None = None) -> ProviderError:
+    return ProviderError("slow down", provider="fake", kind="rate_limited", retryable=True, upstream_status=429,
+                         retry_after=retry_after)
+
+
+def server_error() -> ProviderError:
+    return ProviderError("boom", provider="fake", kind="server_error", retryable=True, upstream_status=500)
+
+
+class FakeProvider:
+    """Answers per target id from a script: an exception to raise, or text to return/stream."""
+
+    name = "fake"
+
+    def __init__(self, script: dict[str, Any], clock: FakeClock | None = None, cost_s: float = 0.0) -> None:
+        self.script = script
+        self.calls: list[str] = []
+        self.closed: list[str] = []
+        self.clock, self.cost_s = clock, cost_s
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        self.calls.append(target.id)
+        if self.clock:
+            self.clock.now += self.cost_s
+        outcome = self.script[target.id]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return Completion(body={"text": outcome}, usage=Usage(1, 1))
+
+    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        self.calls.append(target.id)
+        try:
+            outcome = self.script[target.id]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            for item in outcome:
+                if isinstance(item, BaseException):
+                    raise item
+                yield StreamEvent({"delta": item}, text=item)
+        finally:
+            self.closed.append(target.id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_plan(*tids: str, unavailable: tuple[str, ...] = ()) -> RoutePlan:
+    return RoutePlan("chat", None, tuple(RouteStep(target(t), "test", available=t not in unavailable) for t in tids))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def complete(plan: RoutePlan, provider: FakeProvider, health: TargetHealth, clock: FakeClock) -> Any:
+    return run(complete_with_fallback(plan, {"fake": provider}, REQUEST, CTX, health, clock))
+
+
+def test_first_healthy_target_answers_and_latency_is_recorded() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    provider = FakeProvider({"a": "hello"}, clock, cost_s=0.25)
+    completion, chosen, attempts = complete(make_plan("a", "b"), provider, health, clock)
+    assert completion.body == {"text": "hello"} and chosen.id == "a" and provider.calls == ["a"]
+    assert [(a.target_id, a.outcome, a.latency_ms) for a in attempts] == [("a", "ok", 250.0)]
+    assert health.view().status("a").latency_ms == 250.0
+
+
+def test_retryable_error_moves_on_at_once_and_opens_the_circuit() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    provider = FakeProvider({"a": rate_limited(9), "b": "from b"})
+    _, chosen, attempts = complete(make_plan("a", "b"), provider, health, clock)
+    assert chosen.id == "b" and clock.now == 100.0  # no sleeping between targets
+    assert [(a.outcome, a.upstream_status, a.retry_after) for a in attempts] == [
+        ("rate_limited", 429, 9), ("ok", 200, None)]
+    assert health.view().status("a").circuit == "open"
+
+
+def test_non_retryable_error_is_raised_without_fallback() -> None:
+    clock = FakeClock()
+    bad = ProviderError("bad", provider="fake", kind="bad_request", retryable=False, upstream_status=400)
+    provider = FakeProvider({"a": bad, "b": "never"})
+    with pytest.raises(ProviderError) as info:
+        complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+    assert info.value is bad and provider.calls == ["a"]
+
+
+def test_all_targets_failing_is_503_naming_the_count_and_last_error() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": server_error(), "b": rate_limited()})
+    with pytest.raises(ServiceUnavailable) as info:
+        complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+    assert "all 2 targets for model chat are unavailable" in info.value.message
+    assert "last error: rate_limited" in info.value.message
+    assert info.value.retry_after == 2  # the shortest cooldown (a: 2s backoff, b: 2s backoff)
+
+
+def test_all_targets_rate_limited_is_429_with_the_shortest_retry_after() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": rate_limited(30), "b": rate_limited(12)})
+    with pytest.raises(RateLimited) as info:
+        complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+    assert info.value.status == 429 and info.value.retry_after == 12
+    assert info.value.code == "upstream_rate_limited"
+
+
+def test_cooling_targets_are_skipped() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a")
+    provider = FakeProvider({"a": "never", "b": "from b"})
+    _, chosen, attempts = complete(make_plan("a", "b"), provider, health, clock)
+    assert chosen.id == "b" and provider.calls == ["b"]
+    assert attempts[0].outcome == "circuit_open"
+
+
+def test_when_everything_cools_down_the_closest_to_recovery_is_tried_once() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a")
+    health.record_failure("b")
+    provider = FakeProvider({"a": "recovered", "b": "never"})
+    _, chosen, _ = complete(make_plan("a", "b", unavailable=("a", "b")), provider, health, clock)
+    assert chosen.id == "a" and provider.calls == ["a"]
+
+
+def test_an_upstream_retry_after_is_honoured_even_as_last_resort() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a", retry_after=20)
+    provider = FakeProvider({"a": "never"})
+    with pytest.raises(ServiceUnavailable) as info:
+        complete(RoutePlan("chat", None, (RouteStep(target("a"), "t", False, 20, True),)), provider, health, clock)
+    assert provider.calls == [] and info.value.retry_after == 20
+    assert "cooling down" in info.value.message
+
+
+def test_half_open_probe_success_closes_the_circuit() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a")
+    clock.now += 2
+    complete(make_plan("a"), FakeProvider({"a": "ok"}), health, clock)
+    assert health.view().status("a").circuit == "closed"
+
+
+def test_unconfigured_provider_is_skipped() -> None:
+    clock = FakeClock()
+    plan = RoutePlan("chat", None, (RouteStep(target("x", "other"), "t"), RouteStep(target("a"), "t")))
+    _, chosen, attempts = complete(plan, FakeProvider({"a": "ok"}), TargetHealth(clock), clock)
+    assert chosen.id == "a" and attempts[0].outcome == "unconfigured"
+
+
+def test_cancellation_gives_the_probe_slot_back() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a")
+    clock.now += 2
+    with pytest.raises(asyncio.CancelledError):
+        complete(make_plan("a"), FakeProvider({"a": asyncio.CancelledError()}), health, clock)
+    assert health.admit("a")
+
+
+# ---------------------------------------------------------------- streams
+
+
+async def collect(rest: AsyncIterator[StreamEvent]) -> list[str]:
+    return [e.text async for e in rest]
+
+
+def open_stream(plan: RoutePlan, provider: FakeProvider, health: TargetHealth, clock: FakeClock) -> Any:
+    return open_stream_with_fallback(plan, {"fake": provider}, REQUEST, CTX, health, clock)
+
+
+def test_stream_error_before_the_first_event_falls_back() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": server_error(), "b": ["x", "y"]})
+
+    async def scenario() -> tuple[Any, ...]:
+        chosen, first, rest, attempts = await open_stream(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+        return chosen.id, first.text, await collect(rest), [a.outcome for a in attempts]
+
+    assert run(scenario()) == ("b", "x", ["y"], ["server_error", "ok"])
+    assert provider.closed == ["a", "b"]
+
+
+def test_stream_error_after_the_first_event_is_not_retried() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    provider = FakeProvider({"a": ["x", server_error()], "b": ["never"]})
+
+    async def scenario() -> None:
+        _, first, rest, _ = await open_stream(make_plan("a", "b"), provider, health, clock)
+        assert first.text == "x"
+        await collect(rest)
+
+    with pytest.raises(ProviderError):
+        run(scenario())
+    assert provider.calls == ["a"]
+    assert health.view().status("a").circuit == "open"  # the cut still counts against the target
+
+
+def test_an_empty_stream_counts_as_a_retryable_failure() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": [], "b": ["x"]})
+
+    async def scenario() -> str:
+        chosen, _, rest, _ = await open_stream(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+        await collect(rest)
+        return chosen.id
+
+    assert run(scenario()) == "b"
+
+
+def test_consumer_stopping_early_closes_the_upstream_stream() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": ["x", "y", "z"]})
+
+    async def scenario() -> None:
+        _, _, rest, _ = await open_stream(make_plan("a"), provider, TargetHealth(clock), clock)
+        await anext(rest)
+        await rest.aclose()  # type: ignore[attr-defined]
+
+    run(scenario())
+    assert provider.closed == ["a"]

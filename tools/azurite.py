@@ -1,0 +1,133 @@
+"""Run the Azurite Table service locally (development and integration tests).
+
+``python -m tools.azurite [--port 10002] [--location DIR]`` runs it in the foreground
+(data under ``.local/azurite/`` by default, git-ignored). Tests use ``Azurite`` directly:
+a free port, a temp directory, and ``stop()`` / ``restart()`` to simulate an outage.
+Azurite is a pinned devDependency in ``package.json``; it is installed on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = ROOT / "node_modules" / ".bin" / "azurite-table"
+DEFAULT_LOCATION = ROOT / ".local" / "azurite"
+HOST = "127.0.0.1"
+# Azurite's well-known development account key (public, documented by Microsoft; not a secret).
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+STARTUP_TIMEOUT = 30.0
+
+
+def ensure_installed() -> Path:
+    """Install the pinned Azurite from package.json if ``node_modules`` lacks it."""
+    if not BINARY.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is required to install Azurite (Node 18+)")
+        subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=ROOT, check=True, timeout=600)
+    return BINARY
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def connection_string(port: int) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};"
+            f"TableEndpoint=http://{HOST}:{port}/devstoreaccount1;")
+
+
+class Azurite:
+    """One Azurite Table process: ``start()``, ``stop()``, ``restart()`` (data survives a restart)."""
+
+    def __init__(self, port: int = 10002, location: Path | None = None) -> None:
+        self.port = port
+        self.location = location or DEFAULT_LOCATION
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def connection_string(self) -> str:
+        return connection_string(self.port)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> Azurite:
+        binary = ensure_installed()
+        self.location.mkdir(parents=True, exist_ok=True)
+        args = [str(binary), "--tableHost", HOST, "--tablePort", str(self.port), "--location", str(self.location),
+                "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
+        with open(self.location / "azurite.log", "ab") as log:
+            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.location)
+        self._wait_until_listening(timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT (the signal on which Azurite saves its database and closes), then SIGKILL if it lingers."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Azurite:
+        return self if self.running else self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _wait_until_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                log = self.location / "azurite.log"
+                raise RuntimeError(f"Azurite exited with {self._process.returncode}; see {log}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"Azurite did not listen on {HOST}:{self.port} within {timeout:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.azurite", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("AZURITE_TABLE_PORT", "10002")))
+    parser.add_argument("--location", type=Path, default=DEFAULT_LOCATION)
+    args = parser.parse_args(argv)
+    server = Azurite(args.port, args.location).start()
+    print(f"Azurite Table on http://{HOST}:{args.port} (data in {args.location}); Ctrl+C to stop")
+    print(f"GATEWAY_STORAGE_CONNECTION_STRING={server.connection_string}")
+    try:
+        while server.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
