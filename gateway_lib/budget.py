@@ -240,10 +240,13 @@ async def run_rollup(
 
 
 async def _list_callers(store: TableStore, prefix: str) -> list[CallerInfo]:
-    """Every caller partition, from the ledger's directory (a ``tier`` column is used when present)."""
-    rows = await _query_all(store, ledger.callers_table(prefix), ledger.CALLERS_PARTITION)
-    return [CallerInfo(str(e.properties.get("caller_key", e.row_key)), e.properties.get("tier"),
-                       e.properties.get("team")) for e in rows]
+    """Every caller partition, from the ledger's directory."""
+    found: list[CallerInfo] = []
+    after: str | None = None
+    while page := await ledger.list_callers(store, prefix, after=after):
+        found.extend(CallerInfo(e.caller_key, e.tier, e.team) for e in page)
+        after = page[-1].partition_key
+    return found
 
 
 async def _query_all(store: TableStore, table: str, partition: str, page: int = 1000) -> list[Entity]:

@@ -18,9 +18,10 @@ are unavailable"; either carries Retry-After = the shortest cooldown.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, TypeVar
 
 from .catalog import Target
 from .errors import ProviderError, RateLimited, ServiceUnavailable
@@ -42,22 +43,54 @@ class Attempt:
     latency_ms: float = 0.0
     retry_after: float | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The telemetry shape (``target``, ``status``: the names the request record uses)."""
+        values = asdict(self)
+        values["target"], values["status"] = values.pop("target_id"), values.pop("upstream_status")
+        return values
+
+
+class Served(NamedTuple):
+    """``completion, target, attempts = await complete_with_fallback(...)``, or by name."""
+
+    completion: Completion
+    target: Target
+    attempts: list[Attempt]
+
+    @property
+    def upstream_ms(self) -> float:
+        return sum(a.latency_ms for a in self.attempts)
+
+
+class OpenedStream(NamedTuple):
+    """``target, first, events, attempts = await open_stream_with_fallback(...)``, or by name."""
+
+    target: Target
+    first: StreamEvent
+    events: AsyncIterator[StreamEvent]
+    attempts: list[Attempt]
+
+    @property
+    def upstream_ms(self) -> float:
+        """Until the first event; the pipeline adds the rest of the stream itself."""
+        return sum(a.latency_ms for a in self.attempts)
+
 
 async def complete_with_fallback(plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest,
                                  ctx: CallContext, health: TargetHealth,
-                                 clock: Clock) -> tuple[Completion, Target, list[Attempt]]:
+                                 clock: Clock = time.monotonic) -> Served:
     """The first completion any target of the plan gives."""
     async def call(provider: Provider, target: Target) -> Completion:
         return await provider.complete(request, target, ctx)
 
     completion, target, attempts = await _first_success(plan, providers, health, clock, call)
-    return completion, target, attempts
+    return Served(completion, target, attempts)
 
 
 async def open_stream_with_fallback(
     plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest, ctx: CallContext,
-    health: TargetHealth, clock: Clock,
-) -> tuple[Target, StreamEvent, AsyncIterator[StreamEvent], list[Attempt]]:
+    health: TargetHealth, clock: Clock = time.monotonic,
+) -> OpenedStream:
     """Open the first stream that yields an event; returns that event and the rest of the stream."""
     async def call(provider: Provider, target: Target) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
         stream = provider.stream(request, target, ctx)
@@ -72,7 +105,7 @@ async def open_stream_with_fallback(
         return first, stream
 
     (first, stream), target, attempts = await _first_success(plan, providers, health, clock, call)
-    return target, first, _watch(stream, target, health), attempts
+    return OpenedStream(target, first, _watch(stream, target, health), attempts)
 
 
 async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth, clock: Clock,
@@ -86,6 +119,7 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         except ProviderError as error:
             attempts.append(_failed(step.target, error, clock() - started))
             if not error.retryable:
+                error.attempts = attempts  # type: ignore[attr-defined]  # accounting records them
                 raise
             last = error
             continue
@@ -93,7 +127,9 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         health.record_success(step.target.id, latency_ms)
         attempts.append(Attempt(step.target.id, step.target.provider, "ok", 200, latency_ms))
         return result, step.target, attempts
-    raise _exhausted(plan, attempts, last, health, clock())
+    exhausted = _exhausted(plan, attempts, last, health, clock())
+    exhausted.attempts = attempts  # type: ignore[union-attr]  # accounting records them
+    raise exhausted
 
 
 def _admitted(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth,

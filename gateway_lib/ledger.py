@@ -62,6 +62,7 @@ class CostRow:
     label: str | None
     route: str  # e.g. chat.completions
     task: str | None
+    alias: str | None  # the model alias served (after any budget downgrade)
     provider: str | None  # None when no provider was reached
     model: str | None
     deployment: str | None
@@ -71,11 +72,11 @@ class CostRow:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: Decimal
-    catalogue_version: str
-    latency_ms: int
+    price_version: str  # the catalogue version whose prices were applied
+    latency_ms: float
     status: str  # ok | error | cancelled
     http_status: int
-    fallback_attempts: int = 0
+    attempts: int = 0  # provider attempts, fallbacks included
     error_code: str | None = None
     accounted: bool = True  # False: admitted fail-open while quota storage was down (not in the counters)
 
@@ -144,6 +145,7 @@ class CallerEntry:
     partition_key: str
     caller_key: str
     team: str | None
+    tier: str | None  # the tier seen first; the rollup uses it for default budgets
     first_seen: str
 
 
@@ -153,8 +155,8 @@ async def list_callers(
     """Caller partitions that have (or may have) cost rows, by partition key, strictly after ``after``."""
     rows = await store.query(callers_table(prefix), CALLERS_PARTITION,
                              row_key_from=f"{after} " if after else None, limit=limit)
-    return [CallerEntry(e.row_key, str(e.properties.get("caller_key", e.row_key)),
-                        e.properties.get("team"), str(e.properties.get("first_seen", ""))) for e in rows]
+    return [CallerEntry(e.row_key, str(e.properties.get("caller_key", e.row_key)), e.properties.get("team"),
+                        e.properties.get("tier"), str(e.properties.get("first_seen", ""))) for e in rows]
 
 
 class CallerDirectory:
@@ -165,12 +167,12 @@ class CallerDirectory:
         self._seen: set[str] = set()
         self._max = max_remembered
 
-    async def register(self, caller_key: str, team: str | None, now: datetime) -> int:
+    async def register(self, caller_key: str, team: str | None, tier: str, now: datetime) -> int:
         """Make sure the caller is listed; returns the storage round trips spent (0 when remembered)."""
         if caller_key in self._seen:
             return 0
-        entity = Entity(CALLERS_PARTITION, table_key(caller_key),
-                        {"caller_key": caller_key, "team": team, "first_seen": now.astimezone(UTC).isoformat()})
+        entity = Entity(CALLERS_PARTITION, table_key(caller_key), {
+            "caller_key": caller_key, "team": team, "tier": tier, "first_seen": now.astimezone(UTC).isoformat()})
         with suppress(EntityExists):  # another instance listed it first: the row only needs to exist
             await self._store.insert(self._table, entity)
         if len(self._seen) >= self._max:

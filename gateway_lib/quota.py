@@ -21,17 +21,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 
-from .catalog import Price
-from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
+from .errors import GatewayError, InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
-from .ledger import CallerDirectory, CostRow, callers_table, table_key, usage_table
-from .pricing import estimate
-from .providers.base import Usage
+from .ledger import CALLERS_PARTITION, CallerDirectory, CostRow, callers_table, table_key, usage_table
 from .storage.base import Entity, EntityExists, Op, PreconditionFailed, StorageError, TableStore, TransactionFailed
 from .tiers import Tier
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Override:
     reason: str | None = None
     updated_at: str | None = None
     etag: str | None = None
+    updated_by: str | None = None  # caller key of the admin (or "budget" for enforcement)
 
     def __post_init__(self) -> None:
         unknown = set(self.limits) - set(LIMIT_NAMES)
@@ -79,14 +80,14 @@ class Override:
 
     def properties(self) -> dict[str, Any]:
         return {**self.limits, "status": self.status, "alias": self.alias, "reason": self.reason,
-                "updated_at": self.updated_at}
+                "updated_at": self.updated_at, "updated_by": self.updated_by}
 
     @classmethod
     def from_entity(cls, entity: Entity) -> Override:
         p = entity.properties
         limits = {n: (Decimal(str(p[n])) if n.startswith("usd") else int(p[n])) for n in LIMIT_NAMES if n in p}
         return cls(limits, str(p.get("status", "active")), p.get("alias"), p.get("reason"), p.get("updated_at"),
-                   entity.etag)
+                   entity.etag, p.get("updated_by"))
 
 
 def _override_key(subject: str, kind: str) -> tuple[str, str]:
@@ -287,9 +288,10 @@ class Reservation:
 
     caller_key: str
     request_id: str
+    tier: str
     team: str | None
     tokens: int  # estimated prompt + max_tokens
-    usd: Decimal  # priced at the reservation's (worst) price
+    usd: Decimal  # priced at the dearest target the request may fall back to
     minute: str
     epoch: int
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
@@ -305,36 +307,41 @@ class Settlement:
     round_trips: int  # total for the request (reserve + settle)
 
 
-class Quota:
+class Admission:
     """Reserve/settle against shared counters. One per process; safe for concurrent requests."""
 
     def __init__(
-        self, store: TableStore, prefix: str, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        self, store: TableStore, settings: Settings, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None, override_ttl: float = OVERRIDE_TTL_SECONDS,
     ) -> None:
-        self._store, self._prefix, self._table = store, prefix, usage_table(prefix)
+        self._store, self._settings = store, settings
+        self._prefix = settings.storage.table_prefix
+        self._table = usage_table(self._prefix)
         self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
         self._rng = rng or random.Random()
         self._ttl = override_ttl
         self._overrides: dict[tuple[str, str], tuple[float, Override | None]] = {}
-        self._directory = CallerDirectory(store, prefix)
+        self._directory = CallerDirectory(store, self._prefix)
+        self._tables_ready = False
 
-    async def override_for(self, caller: Caller) -> Override | None:
-        """The caller's override through the per-process TTL cache (the router reads status/alias)."""
-        return await self._cached_override(caller.key, "caller", None)
+    async def effective_alias(self, caller: Caller, alias: str) -> str:
+        """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
+        try:
+            override = await self._cached_override(caller.key, "caller", None)
+        except StorageError as exc:
+            if caller.tier.fail_open:
+                return alias
+            raise _unavailable() from exc
+        return override.alias if override and override.status == "downgraded" and override.alias else alias
 
-    def forget_override(self, subject: str, kind: str = "caller") -> None:
-        """Drop a cached override (after this instance changed it)."""
-        self._overrides.pop((kind, subject), None)
-
-    async def reserve(self, caller: Caller, *, request_id: str, prompt_tokens: int, max_tokens: int,
-                      price: Price) -> Reservation:
+    async def reserve(self, caller: Caller, *, tokens: int, usd: Decimal, request_id: str) -> Reservation:
         """Admit the request's worst case or raise RateLimited / QuotaExceeded / ServiceUnavailable."""
         now = self._clock()
-        res = Reservation(caller.key, request_id, caller.team, prompt_tokens + max_tokens,
-                          estimate(price, prompt_tokens, max_tokens), minute_key(now), epoch_of(now))
+        res = Reservation(caller.key, request_id, caller.tier.name, caller.team, tokens, usd, minute_key(now),
+                          epoch_of(now))
         try:
+            res.round_trips += await self._ensure_tables()
             override = await self._cached_override(caller.key, "caller", res)
             if override is not None and override.status == "blocked":
                 why = override.reason or "budget spent"
@@ -348,24 +355,70 @@ class Quota:
             return self._storage_down(caller, res, exc)
         return res
 
-    async def settle(self, res: Reservation, usage: Usage, cost: Decimal, row: CostRow) -> Settlement:
-        """Swap the reservation for actual usage and insert the cost row: one transaction, idempotent."""
-        return await self._finish(res, usage, cost, row)
+    async def settle(self, res: Reservation, row: CostRow) -> Settlement:
+        """Swap the reservation for the row's actual usage and insert the row: one transaction, idempotent."""
+        return await self._finish(res, row)
 
-    async def release(self, res: Reservation, row: CostRow, usage: Usage | None = None,
-                      cost: Decimal = ZERO) -> Settlement:
-        """A failed request: drop the reservation, count whatever was consumed, still write its cost row."""
-        return await self._finish(res, usage or Usage(0, 0), cost, row)
+    async def release(self, res: Reservation, row: CostRow) -> Settlement:
+        """A failed request: drop the reservation, count whatever the row says was consumed, write the row."""
+        return await self._finish(res, row)
 
-    async def usage_view(self, caller: Caller, now: datetime | None = None) -> dict[str, Any]:
-        """Current minute/day/month usage with limits and what remains (the body of GET /api/v1/usage)."""
+    async def usage_view(self, subject: Caller | str, tier: Tier | None = None,
+                         now: datetime | None = None) -> dict[str, Any]:
+        """Current minute/day/month usage with limits and what remains (GET /api/v1/usage).
+
+        ``subject`` is a caller, or (for admins) a caller key whose tier comes from the callers directory.
+        """
         now = now or self._clock()
-        override = await self._cached_override(caller.key, "caller", None)
-        entity = await self._store.get(self._table, table_key(caller.key), COUNTERS_ROW)
-        return usage_document(caller, Counters.from_entity(entity).rolled(now), Limits.of(caller.tier, override),
-                              override, now)
+        await self._ensure_tables()
+        key = subject.key if isinstance(subject, Caller) else subject
+        tier = subject.tier if isinstance(subject, Caller) else await self._directory_tier(key) or tier
+        override = await self._cached_override(key, "caller", None)
+        entity = await self._store.get(self._table, table_key(key), COUNTERS_ROW)
+        counters = Counters.from_entity(entity).rolled(now)
+        return usage_document(key, tier, counters, Limits.of(tier, override), override, now)
+
+    async def get_overrides(self, subject: str) -> dict[str, Any]:
+        """The caller's override as JSON (admin route)."""
+        await self._ensure_tables()
+        return override_json(subject, await get_override(self._store, self._prefix, subject))
+
+    async def put_overrides(self, subject: str, body: Mapping[str, Any], changed_by: str) -> dict[str, Any]:
+        """Merge ``body`` into the caller's override (admin route); ETag-conditional, retried on a race."""
+        await self._ensure_tables()
+        for attempt in range(SETTLE_ATTEMPTS):
+            current = await get_override(self._store, self._prefix, subject)
+            merged = merge_override(current, body, changed_by, self._clock())
+            try:
+                # Conditional (or insert): budget enforcement may set status at the same moment.
+                saved = await (put_override(self._store, self._prefix, subject, merged) if current
+                               else self._insert_override(subject, merged))
+            except (PreconditionFailed, EntityExists):
+                await self._backoff(attempt)
+                continue
+            self._overrides.pop(("caller", subject), None)  # this instance sees the change at once
+            return override_json(subject, saved)
+        raise ServiceUnavailable("The override kept changing underneath; retry.", retry_after=1)
 
     # -- internals --
+
+    async def _ensure_tables(self) -> int:
+        """Create our tables once per process (3 round trips per process lifetime, 0 after)."""
+        if self._tables_ready:
+            return 0
+        await self._store.ensure_tables(tables(self._prefix))
+        self._tables_ready = True
+        return len(tables(self._prefix))
+
+    async def _insert_override(self, subject: str, override: Override) -> Override:
+        pk, rk = _override_key(subject, "caller")
+        written = await self._store.insert(overrides_table(self._prefix), Entity(pk, rk, override.properties()))
+        return replace(override, etag=written.etag)
+
+    async def _directory_tier(self, caller_key: str) -> Tier | None:
+        row = await self._store.get(callers_table(self._prefix), CALLERS_PARTITION, table_key(caller_key))
+        name = row.properties.get("tier") if row else None
+        return self._settings.tiers.tiers.get(str(name)) if name else None
 
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
         for attempt in range(RESERVE_ATTEMPTS):
@@ -407,14 +460,14 @@ class Quota:
                 entity = None
                 await self._backoff(attempt)
 
-    async def _finish(self, res: Reservation, usage: Usage, cost: Decimal, row: CostRow) -> Settlement:
+    async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
-        res.round_trips += await self._directory.register(res.caller_key, res.team, row.time)
+        res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
         pk, entity = table_key(res.caller_key), res.snapshot
         for attempt in range(SETTLE_ATTEMPTS):
             entity = entity or await self._get(pk, res)
-            settled = Counters.from_entity(entity).rolled(row.time).settle(res, usage.total_tokens, cost)
+            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             try:
                 # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
                 ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
@@ -431,14 +484,14 @@ class Quota:
         else:
             raise StorageError(f"settle of {res.request_id} lost the ETag race {SETTLE_ATTEMPTS} times")
         if res.team:
-            await self._settle_team(res, usage, cost, row.time)
+            await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
 
-    async def _settle_team(self, res: Reservation, usage: Usage, cost: Decimal, when: datetime) -> None:
+    async def _settle_team(self, res: Reservation, row: CostRow) -> None:
         pk, entity = team_partition(res.team or ""), res.team_snapshot
         for attempt in range(SETTLE_ATTEMPTS):
             entity = entity or await self._get(pk, res)
-            settled = Counters.from_entity(entity).rolled(when).settle(res, usage.total_tokens, cost)
+            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             try:
                 await self._write_counters(entity, settled.to_entity(pk), res)
                 return
@@ -450,7 +503,7 @@ class Quota:
     async def _record_unaccounted(self, res: Reservation, row: CostRow) -> Settlement:
         """Fail-open admission: no counters to touch, but try to keep the one-cost-row-per-request rule."""
         try:
-            res.round_trips += 1
+            res.round_trips += await self._ensure_tables() + 1
             await self._store.insert(self._table, replace(row, accounted=False).to_entity())
         except EntityExists:
             return Settlement(True, res.round_trips)
@@ -461,8 +514,7 @@ class Quota:
 
     def _storage_down(self, caller: Caller, res: Reservation, exc: StorageError) -> Reservation:
         if not caller.tier.fail_open:
-            raise ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)",
-                                     retry_after=5) from exc
+            raise _unavailable() from exc
         log.warning("quota storage unreachable: admitting fail-open without counters",
                     extra={"request_id": res.request_id, "caller": caller.key, "tier": caller.tier.name,
                            "error": str(exc)})
@@ -493,23 +545,31 @@ class Quota:
         await self._sleep(self._rng.uniform(0, min(0.2, 0.01 * 2**attempt)))
 
 
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)", retry_after=5)
+
+
 def _counters_op(read: Entity | None, new: Entity) -> Op:
     return Op("insert", new) if read is None or read.etag is None else Op("update", new, etag=read.etag)
 
 
-def usage_document(caller: Caller, c: Counters, limits: Limits, override: Override | None,
+# ---- JSON edge: usage view and admin overrides -------------------------------------------------------
+
+def _money(value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def usage_document(caller_key: str, tier: Tier | None, c: Counters, limits: Limits, override: Override | None,
                    now: datetime) -> dict[str, Any]:
-    """JSON for GET /api/v1/usage (money as strings, like every other USD amount we emit)."""
+    """JSON for GET /api/v1/usage (money as strings, like every USD amount the gateway emits)."""
 
     def period(used: Mapping[str, Any], limit: Mapping[str, Any], end: datetime) -> dict[str, Any]:
-        return {"used": {k: str(v) if isinstance(v, Decimal) else v for k, v in used.items()},
-                "limit": {k: None if v is None else str(v) if isinstance(v, Decimal) else v for k, v in limit.items()},
-                "remaining": {k: None if v is None else str(max(v - used[k], 0)) if isinstance(v, Decimal)
-                              else max(v - used[k], 0) for k, v in limit.items()},
-                "resets_at": end.isoformat()}
+        remaining = {k: None if v is None else max(v - used[k], 0 * v) for k, v in limit.items()}
+        return {"used": {k: _money(v) for k, v in used.items()}, "limit": {k: _money(v) for k, v in limit.items()},
+                "remaining": {k: _money(v) for k, v in remaining.items()}, "resets_at": end.isoformat()}
 
     return {
-        "caller": caller.display, "tier": caller.tier.name,
+        "caller": caller_key, "tier": tier.name if tier else None,
         "status": override.status if override else "active", "alias": override.alias if override else None,
         "minute": period({"requests": c.minute_requests, "tokens": c.minute_tokens},
                          {"requests": limits.requests_per_minute, "tokens": limits.tokens_per_minute},
@@ -520,3 +580,46 @@ def usage_document(caller: Caller, c: Counters, limits: Limits, override: Overri
                         {"tokens": limits.tokens_per_month, "usd": limits.usd_per_month}, _next_month(now)),
         "in_flight": {"tokens": c.in_flight_tokens, "usd": str(c.in_flight_usd)},
     }
+
+
+def override_json(subject: str, override: Override | None) -> dict[str, Any]:
+    o = override or Override()
+    return {"caller": subject, "limits": {k: _money(v) for k, v in o.limits.items()}, "status": o.status,
+            "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by}
+
+
+def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime) -> Override:
+    """Apply an admin PUT: limits present are set (null removes one), absent fields are kept.
+
+    Keeping absent fields means an admin changing a limit never lifts a budget block by accident.
+    """
+    if not isinstance(body, Mapping) or set(body) - {"limits", "status", "alias", "reason"}:
+        raise InvalidRequest("Body must be an object with 'limits', 'status', 'alias' and/or 'reason'.")
+    base = current or Override()
+    limits = dict(base.limits)
+    for name, value in (body.get("limits") or {}).items():
+        if value is None:
+            limits.pop(name, None)
+        else:
+            limits[name] = _limit_value(name, value)
+    status = body.get("status", base.status)
+    alias = body.get("alias", base.alias if status == "downgraded" else None)
+    try:
+        return Override(limits, status, alias, body.get("reason", base.reason), now.isoformat(), base.etag,
+                        changed_by)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid override: status must be one of {', '.join(STATUSES)} "
+                             "('downgraded' needs an 'alias').", param="status") from exc
+
+
+def _limit_value(name: str, value: Any) -> int | Decimal:
+    if name not in LIMIT_NAMES:
+        raise InvalidRequest(f"Unknown limit '{name}'; known: {', '.join(LIMIT_NAMES)}.", param=f"limits.{name}")
+    try:
+        parsed = Decimal(str(value)) if name.startswith("usd") else int(value)
+    except (InvalidOperation, ValueError, TypeError):
+        parsed = -1
+    if isinstance(value, bool) or not parsed > 0 or (isinstance(parsed, Decimal) and not parsed.is_finite()):
+        kind = "decimal string" if name.startswith("usd") else "integer"
+        raise InvalidRequest(f"Limit '{name}' must be a positive {kind}.", param=f"limits.{name}")
+    return parsed

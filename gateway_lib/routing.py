@@ -20,12 +20,14 @@ Decisions (each is pinned by a test in tests/unit/test_routing.py):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 from .catalog import Catalogue, Target
 from .errors import InvalidRequest, ModelNotFound, PermissionDenied
+from .schema import ChatRequest
 from .target_health import HealthView
 from .tiers import Tier
 
@@ -53,17 +55,34 @@ class RoutePlan:
 
 
 def plan_route(alias: str, catalogue: Catalogue, tier: Tier, provider_hint: str | None, priority: str | None,
-               health_view: HealthView, estimate_prompt_tokens: int, max_tokens: int | None,
-               now: float) -> RoutePlan:
-    """Order the alias's targets for this request (``now`` is the health clock's time)."""
+               health_view: HealthView | None = None, estimate_prompt_tokens: int | None = None,
+               max_tokens: int | None = None, now: float | None = None, *, health: HealthView | None = None,
+               request: ChatRequest | None = None) -> RoutePlan:
+    """Order the alias's targets for this request.
+
+    ``now`` is the health clock's time (default: ``time.monotonic()``, TargetHealth's
+    default clock). Callers that only have the ``request`` may pass it instead of the
+    estimates: the prompt is then estimated at 4 characters a token, enough to rank
+    by price; the exact per-tokenizer fit is guardrails' job.
+    """
+    view = health_view or health or HealthView({})
+    if estimate_prompt_tokens is None:
+        estimate_prompt_tokens = _rough_prompt_tokens(request)
+    if max_tokens is None and request is not None:
+        max_tokens = request.requested_max_tokens
+    now = time.monotonic() if now is None else now
     if alias not in catalogue.aliases:
         raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.", param="model")
     if not tier.allows(alias):
         raise PermissionDenied(f"Your tier '{tier.name}' is not allowed to use model '{alias}'.",
                                code="model_not_allowed", param="model")
     targets = _filter(alias, catalogue.targets_for(alias), provider_hint, estimate_prompt_tokens)
-    ranked = _rank(targets, priority, health_view, estimate_prompt_tokens, max_tokens)
-    return RoutePlan(alias, priority, _apply_health(ranked, health_view, now))
+    ranked = _rank(targets, priority, view, estimate_prompt_tokens, max_tokens)
+    return RoutePlan(alias, priority, _apply_health(ranked, view, now))
+
+
+def _rough_prompt_tokens(request: ChatRequest | None) -> int:
+    return 0 if request is None else sum(len(m.text()) for m in request.messages) // 4
 
 
 def _filter(alias: str, targets: Sequence[Target], provider_hint: str | None, prompt_tokens: int) -> list[Target]:

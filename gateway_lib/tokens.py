@@ -53,7 +53,8 @@ _O200K_PAT = "|".join([
     r"""\s+""",
 ])
 _CL100K_PAT = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 
 # Pinned digests of the decompressed rank files. They are the hashes OpenAI publishes
@@ -179,7 +180,8 @@ def _build(name: str, spec: _Spec) -> tiktoken.Encoding:
     import tiktoken
 
     ranks = read_rank_file(rank_file_path(name), spec.sha256)
-    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens))
+    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
+                             special_tokens=dict(spec.special_tokens))
 
 
 def rank_file_path(name: str) -> Path:

@@ -118,7 +118,7 @@ def default_sts_factory(settings: ProviderSettings) -> StsClientFactory:
         from botocore.config import Config
 
         # AssumeRoleWithWebIdentity is unsigned: the web identity token is the credential.
-        config = Config(signature_version=UNSIGNED, retries={"max_attempts": 3, "mode": "standard"},
+        config = Config(signature_version=UNSIGNED, retries={"total_max_attempts": 3, "mode": "standard"},
                         connect_timeout=settings.connect_timeout_seconds, read_timeout=30)
         return botocore.session.get_session().create_client(
             "sts", region_name=settings.bedrock_region, endpoint_url=settings.aws_sts_endpoint_url, config=config)

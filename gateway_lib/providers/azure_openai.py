@@ -8,8 +8,6 @@ both delay that decision and hide the throttling from it.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -73,7 +71,8 @@ class AzureOpenAIProvider:
     def _client(self, target: Target) -> Any:
         endpoint = target.endpoint or self._settings.azure_openai_endpoint
         if endpoint is None:  # settings validation makes this unreachable; keep the message clear anyway
-            raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error", retryable=False)
+            raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error",
+                                retryable=False)
         client = self._clients.get(endpoint)
         if client is None:
             client = self._clients[endpoint] = self._new_client(endpoint)
@@ -98,7 +97,8 @@ def _managed_identity_provider(s: ProviderSettings) -> TokenProvider:
     """Entra token provider: the Function's user-assigned identity in Azure, the default chain elsewhere."""
     from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential, get_bearer_token_provider
 
-    credential = ManagedIdentityCredential(client_id=s.azure_client_id) if s.azure_client_id else DefaultAzureCredential()
+    credential = (ManagedIdentityCredential(client_id=s.azure_client_id) if s.azure_client_id
+                  else DefaultAzureCredential())
     return get_bearer_token_provider(credential, s.azure_openai_token_scope)
 
 
@@ -147,6 +147,9 @@ def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
         return ProviderError(f"Azure OpenAI connection failed{where}", provider=NAME, kind="connection", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         return _status_error(exc.status_code, exc.response.headers, _upstream_message(exc))
+    if isinstance(exc, openai.APIError):  # an error event inside an SSE stream
+        return ProviderError(f"Azure OpenAI reported an error{where}", provider=NAME, kind="server_error",
+                             retryable=True)
     return ProviderError(f"Azure OpenAI returned an unreadable response{where}", provider=NAME, kind="malformed",
                          retryable=True)
 
@@ -189,10 +192,3 @@ def _retry_after(headers: Any) -> float | None:
             return value / 1000 if name == "retry-after-ms" else value
     return None
 
-
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def now_epoch() -> int:
-    return int(time.time())

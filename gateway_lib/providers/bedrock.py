@@ -6,8 +6,10 @@ A stream is read **one event per pool job** rather than by a thread pinned to th
 stream: backpressure comes for free (nothing is read before the caller is ready), and
 a slow reader never holds a thread, so many streams cannot starve plain calls.
 
-botocore's own retries are off (``max_attempts=1``): a throttle must reach the
-gateway's router at once so it can fall back, not be retried here with sleeps.
+botocore's own retries are off: a throttle must reach the gateway's router at once so
+it can fall back, not be retried here with sleeps. Note ``total_max_attempts=1``, not
+``max_attempts=1``: botocore's ``max_attempts`` counts *retries*, so 1 still means two
+requests (pinned by the simulator test that counts upstream calls).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..catalog import Target
 from ..errors import ProviderError
 from ..schema import ChatRequest
 from ..settings import ProviderSettings
-from .aws_credentials import FederationError, botocore_session
+from .aws_credentials import FederationError, TokenProvider, botocore_session, build_credentials
 from .base import CallContext, Completion, StreamEvent
 from .bedrock_transform import PROVIDER, StreamTranslator, error_from_aws, from_converse_response, to_converse_request
 
@@ -42,9 +44,13 @@ class BedrockProvider:
     name = PROVIDER
 
     def __init__(self, settings: ProviderSettings, *, credentials: Credentials | None = None,
-                 max_workers: int = 32, clock: Callable[[], float] = time.time) -> None:
+                 web_identity_token: TokenProvider | None = None, max_workers: int = 32,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``credentials`` wins; else federation per settings (``web_identity_token`` replaces
+        the managed identity, for tests and the local stack); else the standard AWS chain."""
         self._settings = settings
         self._credentials = credentials
+        self._web_identity_token = web_identity_token
         self._max_workers = max_workers
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bedrock")
@@ -107,9 +113,11 @@ class BedrockProvider:
         from botocore.config import Config
 
         if self._session is None:
-            self._session = botocore_session(self._credentials)
+            credentials = self._credentials or build_credentials(self._settings,
+                                                                 token_provider=self._web_identity_token)
+            self._session = botocore_session(credentials)
         config = Config(
-            region_name=region, retries={"max_attempts": 1, "mode": "standard"},
+            region_name=region, retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=self._settings.connect_timeout_seconds,
             read_timeout=self._settings.upstream_timeout_seconds,
             max_pool_connections=self._max_workers, user_agent_extra="ai-gateway")

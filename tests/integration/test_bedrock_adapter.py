@@ -221,3 +221,39 @@ def test_web_identity_credentials_through_the_sts_stand_in_refresh_after_expiry(
 def _access_key(stats: dict[str, Any]) -> str:
     auth = stats["targets"][HAIKU]["last"]["headers"]["authorization"]
     return auth.split("Credential=", 1)[1].split("/", 1)[0]
+
+
+def test_read_timeout_is_a_retryable_timeout_without_a_botocore_retry(sim: RunningSimulator) -> None:
+    control(sim, "POST", "/_sim/faults", {"provider": "bedrock", "mode": "slow", "delay_ms": 1500, "count": 1})
+    bedrock = BedrockProvider(settings(sim, upstream_timeout_seconds=0.3), credentials=Credentials("a", "b"))
+    try:
+        with pytest.raises(ProviderError) as info:
+            asyncio.run(bedrock.complete(request(), target(), CTX))
+    finally:
+        asyncio.run(bedrock.aclose())
+    assert info.value.kind == "timeout" and info.value.retryable and calls(sim) == 1
+
+
+def test_a_consumer_stopping_early_closes_the_stream(sim: RunningSimulator, provider: BedrockProvider) -> None:
+    control(sim, "POST", "/_sim/config", {"chunk_delay_ms": 20})
+
+    async def first_then_close() -> None:
+        stream = provider.stream(request("a long answer please " * 20), target(), CTX)
+        await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+        completion = await provider.complete(request(), target(), CTX)  # the pool is still usable
+        assert completion.body["choices"]
+
+    asyncio.run(first_then_close())
+
+
+def test_provider_federates_from_settings_with_an_injected_entra_token(sim: RunningSimulator) -> None:
+    issuer = DevIssuer(audience=AUDIENCE)
+    config = settings(sim, aws_role_arn=ROLE_ARN, aws_web_identity_audience=AUDIENCE, aws_sts_endpoint_url=sim.url)
+    bedrock = BedrockProvider(config, web_identity_token=lambda: issuer.token(roles=()), max_workers=2)
+    try:
+        asyncio.run(bedrock.complete(request(), target(), CTX))
+    finally:
+        asyncio.run(bedrock.aclose())
+    sts = control(sim, "GET", "/_sim/stats")["sts"]
+    assert sts["count"] == 1 and sts["last_claims"]["aud"] == AUDIENCE

@@ -84,7 +84,7 @@ def test_tool_round_trip_maps_to_tool_use_and_tool_result_blocks() -> None:
         {"toolResult": {"toolUseId": "call_2", "content": [{"text": "20C"}]}}]}
     assert kwargs["toolConfig"]["tools"][0] == {"toolSpec": {
         "name": "get_weather", "description": "Weather for a city",
-        "inputSchema": {"json": WEATHER_TOOL["function"]["parameters"]}}}
+        "inputSchema": {"json": CITY_SCHEMA}}}
 
 
 def test_inference_config_uses_the_clamped_cap_and_maps_stop() -> None:

@@ -261,3 +261,20 @@ def test_consumer_stopping_early_closes_the_upstream_stream() -> None:
 
     run(scenario())
     assert provider.closed == ["a"]
+
+
+def test_results_unpack_as_tuples_and_read_by_name() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": rate_limited(), "b": "ok"}, clock, cost_s=0.1)
+    served = complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+    assert served.target.id == "b" and served.completion.body == {"text": "ok"}
+    assert round(served.upstream_ms) == 200
+    assert served.attempts[0].as_dict() == {"target": "a", "provider": "fake", "outcome": "rate_limited",
+                                            "status": 429, "latency_ms": pytest.approx(100.0), "retry_after": None}
+
+
+def test_errors_carry_the_attempts_for_accounting() -> None:
+    clock = FakeClock()
+    with pytest.raises(ServiceUnavailable) as info:
+        complete(make_plan("a"), FakeProvider({"a": server_error()}), TargetHealth(clock), clock)
+    assert [a.outcome for a in info.value.attempts] == ["server_error"]  # type: ignore[attr-defined]

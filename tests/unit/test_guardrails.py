@@ -30,7 +30,8 @@ CLAUDE = Target(id="bedrock-haiku", provider="bedrock", deployment="anthropic.cl
 
 
 def chat(text: str = "hello", **extra: Any) -> ChatRequest:
-    return ChatRequest.model_validate({"model": "chat-default", "messages": [{"role": "user", "content": text}]} | extra)
+    body = {"model": "chat-default", "messages": [{"role": "user", "content": text}]}
+    return ChatRequest.model_validate(body | extra)
 
 
 def limits(**changes: Any) -> LimitSettings:
@@ -128,7 +129,8 @@ def test_default_max_tokens_shrinks_to_the_room_left() -> None:
 def test_prompt_tokens_is_the_highest_estimate_among_eligible_targets() -> None:
     wide = replace(GPT, context_window=128_000)
     screened = guardrails.screen(chat("word " * 100), TIER, [wide, CLAUDE], LIMITS)
-    estimates = {t: guardrails.tokens.count_chat_prompt(chat("word " * 100).messages, t) for t in ("o200k_base", "claude")}
+    messages = chat("word " * 100).messages
+    estimates = {t: guardrails.tokens.count_chat_prompt(messages, t) for t in ("o200k_base", "claude")}
     assert screened.prompt_tokens == max(estimates.values()) == estimates["claude"]
     assert screened.eligible == ("aoai-mini", "bedrock-haiku")
 
@@ -154,7 +156,8 @@ def test_tool_call_arguments_are_screened() -> None:
         {"role": "user", "content": "hi"},
         {"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": '{"to":"a@b.io"}'}}]}]})
     rules = guardrails.content_rules((), ("email",))
-    assert guardrails.find_violation(list(guardrails._texts(request.messages)), rules) == guardrails.Violation("pii.email", 1)
+    texts = list(guardrails._texts(request.messages))
+    assert guardrails.find_violation(texts, rules) == guardrails.Violation("pii.email", 1)
 
 
 PII_CASES = [

@@ -9,6 +9,7 @@ import pytest
 from gateway_lib.catalog import Catalogue, default_catalogue_json, parse_catalogue
 from gateway_lib.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from gateway_lib.routing import RoutePlan, plan_route
+from gateway_lib.schema import ChatRequest
 from gateway_lib.target_health import HealthView, TargetHealth, TargetStatus
 from gateway_lib.tiers import Tier
 
@@ -123,3 +124,10 @@ def test_targets_too_small_for_the_prompt_are_dropped() -> None:
     with pytest.raises(InvalidRequest) as info:
         plan(prompt=300_000)
     assert info.value.code == "context_length_exceeded"
+
+
+def test_a_request_can_stand_in_for_the_estimates() -> None:
+    chat = ChatRequest.model_validate({"model": "chat-quality", "max_tokens": 100,
+                                       "messages": [{"role": "user", "content": "x" * 4000}]})
+    p = plan_route("chat-quality", catalogue(), tier(), None, "low_cost", health=HealthView({}), request=chat)
+    assert p.steps[0].reason.endswith("for 1000+100 tokens")

@@ -16,6 +16,7 @@ from gateway_lib import tokens
 from gateway_lib.schema import Message
 
 ROOT = Path(__file__).resolve().parents[2]
+FOX = "The quick brown fox jumps over the lazy dog."
 
 # (encoding, text, ids). "hello world" in both encodings and "tiktoken is great!" come from
 # tiktoken's README / OpenAI's cookbook; the o200k multilingual and "<|endoftext|>"-as-text
@@ -29,11 +30,12 @@ KNOWN = [
     ("o200k_base", "a\n\n", [64, 279]),
     ("o200k_base", "<|endoftext|>", [27, 91, 419, 1440, 919, 91, 29]),
     ("cl100k_base", "<|endoftext|>", [27, 91, 8862, 728, 428, 91, 29]),
-    ("cl100k_base", "The quick brown fox jumps over the lazy dog.", [791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13]),
-    ("o200k_base", "The quick brown fox jumps over the lazy dog.", [976, 4853, 19705, 68347, 65613, 1072, 290, 29082, 6446, 13]),
+    ("cl100k_base", FOX, [791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13]),
+    ("o200k_base", FOX, [976, 4853, 19705, 68347, 65613, 1072, 290, 29082, 6446, 13]),
     ("cl100k_base", "I'm here; they've gone. It's 12345678 o'clock",
      [40, 2846, 1618, 26, 814, 3077, 8208, 13, 1102, 596, 220, 4513, 10961, 2495, 297, 63510]),
-    ("o200k_base", "def f(x):\n    return x**2  # comment\n", [1314, 285, 4061, 1883, 271, 622, 1215, 410, 17, 220, 1069, 5375, 198]),
+    ("o200k_base", "def f(x):\n    return x**2  # comment\n",
+     [1314, 285, 4061, 1883, 271, 622, 1215, 410, 17, 220, 1069, 5375, 198]),
 ]
 
 CROSS_CHECK = [
@@ -44,15 +46,16 @@ CROSS_CHECK = [
 
 # OpenAI cookbook "How to count tokens with tiktoken": the API reported 129 prompt tokens
 # for these messages on gpt-4-0613 / gpt-3.5-turbo (cl100k_base) and 124 on gpt-4o (o200k_base).
-COOKBOOK = [
-    Message(role="system", content="You are a helpful, pattern-following assistant that translates corporate jargon into plain English."),
-    Message(role="system", name="example_user", content="New synergies will help drive top-line growth."),
-    Message(role="system", name="example_assistant", content="Things working well together will increase revenue."),
-    Message(role="system", name="example_user",
-            content="Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."),
-    Message(role="system", name="example_assistant", content="Let's talk later when we're less busy about how to do better."),
-    Message(role="user", content="This late pivot means we don't have time to boil the ocean for the client deliverable."),
-]
+COOKBOOK = [Message(role=role, name=name, content=content) for role, name, content in [  # type: ignore[arg-type]
+    ("system", None,
+     "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."),
+    ("system", "example_user", "New synergies will help drive top-line growth."),
+    ("system", "example_assistant", "Things working well together will increase revenue."),
+    ("system", "example_user",
+     "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."),
+    ("system", "example_assistant", "Let's talk later when we're less busy about how to do better."),
+    ("user", None, "This late pivot means we don't have time to boil the ocean for the client deliverable."),
+]]
 
 
 @pytest.mark.parametrize(("name", "text", "ids"), KNOWN)

@@ -1,0 +1,546 @@
+"""Budget rollup on the memory store: exactly-once aggregation, alerts, forecast, enforcement, fairness.
+
+The scenarios (``scenario_*``) take any ``TableStore``; tests/integration/test_budget_azurite.py
+runs the same ones against Azurite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway_lib import alerts, budget, ledger, quota
+from gateway_lib.alerts import Alert
+from gateway_lib.budget import Budget, OverrideBudgets, OverrideEnforcer, RollupReport, run_rollup
+from gateway_lib.settings import BudgetSettings
+from gateway_lib.storage.base import Entity, Op, TableStore
+from gateway_lib.storage.memory import MemoryTableStore
+from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
+
+T0 = datetime(2026, 3, 10, tzinfo=UTC)
+TENANT = "00000000-0000-4000-8000-000000000de0"
+
+
+# --- fakes and helpers ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: datetime, step: timedelta = timedelta(0)) -> None:
+        self.now, self.step = now, step
+
+    def __call__(self) -> datetime:
+        now = self.now
+        self.now += self.step
+        return now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+class FakeSink:
+    def __init__(self, name: str = "webhook") -> None:
+        self.name, self.sent, self.failing = name, [], False
+
+    async def send(self, alert: Alert) -> None:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise ConnectionError("sink down")
+        self.sent.append(alert)
+
+
+def caller_key(app: str) -> str:
+    return f"{TENANT}:{app}:-"
+
+
+def policy() -> TierPolicy:
+    parsed = parse_tiers(default_tiers_json(), [])
+    assert parsed is not None
+    return parsed
+
+
+def settings(**changes: Any) -> BudgetSettings:
+    base = BudgetSettings(rollup_schedule="0 */5 * * * *", alert_thresholds=(50, 80, 100), enforcement="none",
+                          downgrade_alias=None, rollup_max_rows=5000, alert_webhook_url=None)
+    return dataclasses.replace(base, **changes)
+
+
+async def prepare(store: TableStore, prefix: str) -> None:
+    await store.ensure_tables([*quota.tables(prefix), budget.rollup_table(prefix), alerts.alerts_table(prefix)])
+
+
+async def write_cost(store: TableStore, prefix: str, app: str, at: datetime, usd: str, *, team: str | None = None,
+                     provider: str = "azure_openai", model: str = "gpt-4o-mini", tier: str = "untiered",
+                     ) -> ledger.CostRow:
+    """A cost row in the agreed layout, plus the caller directory entry, as settling a request leaves them."""
+    values: dict[str, Any] = dict(
+        request_id=str(uuid.uuid4()), time=at, caller_key=caller_key(app), app_id=app, tenant_id=TENANT,
+        user_id=None, team=team, label=None, route="chat.completions", task=None, alias=model, provider=provider,
+        model=model, deployment=None, region="eastus", prompt_tokens_estimated=10, completion_tokens_estimated=10,
+        prompt_tokens=7, completion_tokens=3, cost_usd=Decimal(usd), price_version="t", catalogue_version="t",
+        latency_ms=5, status="ok", http_status=200,
+    )
+    names = {f.name for f in dataclasses.fields(ledger.CostRow)}  # the ledger's columns, as it defines them
+    row = ledger.CostRow(**{k: v for k, v in values.items() if k in names})
+    await store.insert(ledger.usage_table(prefix), row.to_entity())
+    # "untiered" is no tier of the policy: budgets come from overrides only, unless a test says otherwise.
+    await ledger.CallerDirectory(store, prefix).register(row.caller_key, team, tier, at)
+    return row
+
+
+async def set_budget(store: TableStore, prefix: str, subject: str, *, day: str | None = None,
+                     month: str | None = None, kind: str = "caller") -> None:
+    limits = {k: Decimal(v) for k, v in (("usd_per_day", day), ("usd_per_month", month)) if v is not None}
+    await quota.put_override(store, prefix, subject, quota.Override(limits), kind)
+
+
+async def rollup(store: TableStore, prefix: str, clock: FakeClock, sinks: Sequence[Any] = (), *,
+                 cfg: BudgetSettings | None = None, deadline: datetime | None = None) -> RollupReport:
+    cfg = cfg or settings()
+    enforcer = OverrideEnforcer(store, prefix, cfg.enforcement, cfg.downgrade_alias)
+    return await run_rollup(store, cfg, OverrideBudgets(store, prefix, policy()), clock, sinks, prefix=prefix,
+                            enforcer=enforcer, deadline=deadline)
+
+
+async def aggregate(store: TableStore, prefix: str, pk: str, rk: str) -> budget.Aggregate:
+    return budget.Aggregate.of(await store.get(budget.rollup_table(prefix), pk, rk))
+
+
+async def caller_month_spend(store: TableStore, prefix: str, app: str, month: str = "month|202603") -> Decimal:
+    return (await aggregate(store, prefix, budget.caller_pk(caller_key(app)), month)).spend
+
+
+async def stored_alerts(store: TableStore, prefix: str, kind: str | None = None) -> list[Alert]:
+    found = await alerts.list_alerts(store, prefix, T0 - timedelta(days=40), 1000, now=T0 + timedelta(days=40))
+    return [a for a in found if kind is None or a.kind == kind]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# --- scenarios (shared with the Azurite tests) ---------------------------------------------------
+
+
+async def scenario_thresholds_once(store: TableStore, prefix: str) -> None:
+    await prepare(store, prefix)
+    await set_budget(store, prefix, caller_key("a"), month="100", day="1000")
+    sink, clock = FakeSink(), FakeClock(T0 + timedelta(hours=12))
+    for usd in ("55", "0", "30", "0", "20", "0"):
+        if usd != "0":
+            await write_cost(store, prefix, "a", clock.now - timedelta(minutes=10), usd)
+        await rollup(store, prefix, clock, [sink])
+        clock.advance(minutes=5)
+    thresholds = sorted(a.threshold or 0 for a in sink.sent if a.kind == "threshold")
+    assert thresholds == [50, 80, 100]
+    assert await caller_month_spend(store, prefix, "a") == Decimal("105")
+
+
+async def scenario_concurrent_runs(store: TableStore, prefix: str) -> None:
+    await prepare(store, prefix)
+    for app in ("a", "b", "c"):
+        await set_budget(store, prefix, caller_key(app), month="10")
+        for minute in range(12):
+            await write_cost(store, prefix, app, T0 + timedelta(minutes=minute), "1.25", team="search")
+    await set_budget(store, prefix, "search", month="40", kind="team")
+    sinks = [FakeSink(), FakeSink()]
+    clock = FakeClock(T0 + timedelta(hours=1))
+    await asyncio.gather(*(rollup(store, prefix, clock, [sink]) for sink in sinks))
+    await asyncio.gather(*(rollup(store, prefix, clock, [sink]) for sink in sinks))
+    for app in ("a", "b", "c"):
+        assert await caller_month_spend(store, prefix, app) == Decimal("15.00")
+    team = await aggregate(store, prefix, budget.team_pk("search"), "month|202603")
+    assert (team.spend, team.requests) == (Decimal("45.00"), 36)
+    raised = await stored_alerts(store, prefix)
+    delivered = [a.row_key for sink in sinks for a in sink.sent]
+    assert len(delivered) == len(set(delivered)) == len(raised)  # each alert raised and posted once
+    assert {a.subject for a in raised if a.scope == "team"} == {"search"}
+
+
+async def scenario_failing_sink_retried(store: TableStore, prefix: str, sink: Any, fail: Callable[[bool], None],
+                                        sent: Callable[[], int]) -> None:
+    await prepare(store, prefix)
+    await set_budget(store, prefix, caller_key("a"), month="100000", day="10")
+    await write_cost(store, prefix, "a", T0 + timedelta(hours=20), "6")
+    clock = FakeClock(T0 + timedelta(hours=21))
+    fail(True)
+    first = await rollup(store, prefix, clock, [sink])
+    assert (len(first.alerts_raised), first.alerts_delivered, first.alerts_pending) == (1, 0, 1)
+    [pending] = await stored_alerts(store, prefix)
+    assert pending.pending_sinks == [sink.name] and pending.attempts == 1 and pending.last_error
+    fail(False)
+    clock.advance(minutes=5)
+    second = await rollup(store, prefix, clock, [sink])
+    assert (second.alerts_raised, second.alerts_delivered, second.alerts_pending) == ([], 1, 0)
+    [done] = await stored_alerts(store, prefix)
+    assert done.delivery[sink.name] and done.attempts == 2 and sent() == 1
+    clock.advance(minutes=5)
+    assert (await rollup(store, prefix, clock, [sink])).alerts_delivered == 0 and sent() == 1
+
+
+async def scenario_backlog_across_runs(store: TableStore, prefix: str) -> None:
+    await prepare(store, prefix)
+    for i in range(100):
+        await write_cost(store, prefix, "hot", T0 + timedelta(seconds=i), "0.01")
+    for app in ("cold1", "cold2", "cold3"):
+        await write_cost(store, prefix, app, T0, "0.50")
+        await write_cost(store, prefix, app, T0 + timedelta(seconds=1), "0.50")
+    clock, cfg = FakeClock(T0 + timedelta(hours=1)), settings(rollup_max_rows=20)
+    first = await rollup(store, prefix, clock, cfg=cfg)
+    assert first.backlog and first.rows_applied <= 20
+    for app in ("cold1", "cold2", "cold3"):  # one hot caller cannot starve the others
+        assert await caller_month_spend(store, prefix, app) == Decimal("1.00")
+    for _ in range(10):
+        report = await rollup(store, prefix, clock, cfg=cfg)
+        assert report.rows_applied <= 20
+        if not report.backlog:
+            break
+    assert not report.backlog
+    assert await caller_month_spend(store, prefix, "hot") == Decimal("1.00")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_each_threshold_alerts_once_per_period_across_runs() -> None:
+    run(scenario_thresholds_once(MemoryTableStore(), "gw"))
+
+
+def test_a_jump_past_several_thresholds_raises_each_once() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), day="10")
+        await write_cost(store, "gw", "a", T0, "12")
+        for _ in range(3):
+            await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)), [sink])
+        assert sorted((a.period, a.threshold) for a in sink.sent) == [("day|20260310", t) for t in (50, 80, 100)]
+
+    run(go())
+
+
+def test_steep_burn_raises_one_forecast_alert_with_exhaustion_time() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), month="1000")
+        for minute in range(0, 180, 10):  # 18 x 10 = 180 USD in 3 hours: 60 USD/h
+            await write_cost(store, "gw", "a", T0 + timedelta(minutes=minute), "10")
+        clock = FakeClock(T0 + timedelta(hours=3, minutes=2))
+        await rollup(store, "gw", clock, [sink])
+        await write_cost(store, "gw", "a", clock.now, "10")
+        clock.advance(minutes=5)
+        await rollup(store, "gw", clock, [sink])
+        [forecast] = [a for a in sink.sent if a.kind == "forecast"]
+        assert forecast.period == "month|202603" and forecast.threshold is None
+        assert forecast.forecast_at is not None and T0 + timedelta(hours=15) < forecast.forecast_at < T0 + timedelta(
+            hours=18)
+        assert not [a for a in sink.sent if a.kind == "threshold"]  # 19 % of budget: no threshold yet
+
+    run(go())
+
+
+def test_slow_burn_raises_no_forecast() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), month="1000")
+        for hours in range(0, 36, 6):
+            await write_cost(store, "gw", "a", T0 - timedelta(days=1) + timedelta(hours=hours), "1")
+        await rollup(store, "gw", FakeClock(T0 + timedelta(hours=14)), [sink])
+        assert sink.sent == []
+
+    run(go())
+
+
+def test_forecast_formula() -> None:
+    now = T0 + timedelta(hours=10)
+    at = budget.forecast_exhaustion(Decimal(100), Decimal(200), Decimal(100), T0, now)
+    assert at == now + timedelta(hours=10)  # 10 USD/h, 100 USD left
+    assert budget.forecast_exhaustion(Decimal(1), Decimal(200), Decimal(1), T0, now) is None  # after month end
+    assert budget.forecast_exhaustion(Decimal(200), Decimal(200), Decimal(9), T0, now) is None  # already spent
+    # A single request a minute ago is averaged over at least an hour, not extrapolated from one minute.
+    early = budget.forecast_exhaustion(Decimal(1), Decimal(200), Decimal(1), now - timedelta(minutes=1), now)
+    assert early == now + timedelta(hours=199)
+
+
+def test_thresholds_use_exact_decimals() -> None:
+    assert budget.crossed_thresholds(Decimal("79.99"), Decimal("100"), (50, 80, 100)) == [50]
+    assert budget.crossed_thresholds(Decimal("0.30"), Decimal("0.30"), (50, 80, 100)) == [50, 80, 100]
+    assert budget.crossed_thresholds(Decimal("5"), None, (50,)) == []
+
+
+def test_period_end_rolls_over_months_and_years() -> None:
+    assert budget.period_end("month|202612") == datetime(2027, 1, 1, tzinfo=UTC)
+    assert budget.period_end("day|20260228") == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def test_failing_sink_is_retried_on_the_next_run_and_then_marked_sent() -> None:
+    sink = FakeSink()
+
+    def fail(on: bool) -> None:
+        sink.failing = on
+
+    run(scenario_failing_sink_retried(MemoryTableStore(), "gw", sink, fail, lambda: len(sink.sent)))
+
+
+def test_a_sink_that_succeeded_is_not_called_again_when_another_fails() -> None:
+    async def go() -> None:
+        store, ok, bad = MemoryTableStore(), FakeSink("telemetry"), FakeSink("webhook")
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), day="1")
+        await write_cost(store, "gw", "a", T0, "0.6")
+        bad.failing = True
+        clock = FakeClock(T0 + timedelta(hours=1))
+        await rollup(store, "gw", clock, [ok, bad])
+        bad.failing = False
+        clock.advance(minutes=5)
+        await rollup(store, "gw", clock, [ok, bad])
+        assert (len(ok.sent), len(bad.sent)) == (1, 1)
+
+    run(go())
+
+
+def test_concurrent_runs_neither_double_count_nor_duplicate_alerts() -> None:
+    run(scenario_concurrent_runs(MemoryTableStore(), "gw"))
+
+
+def test_a_hot_caller_cannot_starve_others_and_a_backlog_drains_across_runs() -> None:
+    run(scenario_backlog_across_runs(MemoryTableStore(), "gw"))
+
+
+def test_rows_inside_the_settle_lag_wait_for_a_later_run() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        clock = FakeClock(T0 + timedelta(hours=1))
+        await write_cost(store, "gw", "a", clock.now - timedelta(minutes=5), "1")
+        await write_cost(store, "gw", "a", clock.now - timedelta(seconds=30), "2")  # may have late neighbours
+        await rollup(store, "gw", clock)
+        assert await caller_month_spend(store, "gw", "a") == Decimal("1")
+        clock.advance(minutes=5)
+        await rollup(store, "gw", clock)
+        assert await caller_month_spend(store, "gw", "a") == Decimal("3")
+
+    run(go())
+
+
+def test_team_and_model_totals_sum_every_callers_contribution() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        await write_cost(store, "gw", "a", T0, "1.10", team="r&d/ml", model="gpt-4o")
+        await write_cost(store, "gw", "b", T0, "2.20", team="r&d/ml", model="gpt-4o")
+        await write_cost(store, "gw", "b", T0 + timedelta(days=1), "3.30", team="r&d/ml", provider="bedrock",
+                         model="claude-3-haiku")
+        await rollup(store, "gw", FakeClock(T0 + timedelta(days=2)))
+        team = await aggregate(store, "gw", budget.team_pk("r&d/ml"), "month|202603")
+        assert (team.spend, team.requests, team.tokens) == (Decimal("6.60"), 3, 30)
+        day = await aggregate(store, "gw", budget.model_pk("azure_openai", "gpt-4o"), "day|20260310")
+        assert (day.spend, day.requests) == (Decimal("3.30"), 2)
+
+    run(go())
+
+
+def test_team_budget_alert_is_raised_once_for_the_team() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", "ml", day="4", kind="team")
+        await write_cost(store, "gw", "a", T0, "1", team="ml")
+        await write_cost(store, "gw", "b", T0, "1.5", team="ml")
+        await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)), [sink])
+        assert [(a.scope, a.subject, a.threshold) for a in sink.sent] == [("team", "ml", 50)]
+
+    run(go())
+
+
+class CrashingStore:
+    """Delegates to a real store and raises once the ``crash_at``-th write is attempted."""
+
+    def __init__(self, inner: TableStore, crash_at: int) -> None:
+        self.inner, self.crash_at, self.writes = inner, crash_at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in ("insert", "update", "upsert", "delete", "transact"):
+            return attr
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            self.writes += 1
+            if self.writes == self.crash_at:
+                raise RuntimeError(f"injected crash at write {self.writes}")
+            return await attr(*args, **kwargs)
+
+        return write
+
+
+async def scenario_crash_then_resume(store: TableStore, prefix: str, crash_at: int) -> None:
+    """Crash the first run at its ``crash_at``-th write; a clean second run must land on exact totals."""
+    sink = FakeSink()
+    await prepare(store, prefix)
+    await set_budget(store, prefix, caller_key("a"), day="10")
+    await set_budget(store, prefix, "ml", month="10", kind="team")
+    for i in range(4):
+        await write_cost(store, prefix, "a", T0 + timedelta(minutes=i), "2", team="ml")
+        await write_cost(store, prefix, "b", T0 + timedelta(minutes=i), "1", team="ml")
+    clock = FakeClock(T0 + timedelta(hours=1))
+    crashing = CrashingStore(store, crash_at)
+    try:
+        await rollup(crashing, prefix, clock, [sink])  # type: ignore[arg-type]
+        crashed = False
+    except RuntimeError:
+        crashed = True
+    clock.advance(minutes=5)
+    await rollup(store, prefix, clock, [sink])
+    assert await caller_month_spend(store, prefix, "a") == Decimal("8")
+    assert await caller_month_spend(store, prefix, "b") == Decimal("4")
+    team = await aggregate(store, prefix, budget.team_pk("ml"), "month|202603")
+    assert (team.spend, team.requests) == (Decimal("12"), 8)
+    raised = sorted((a.scope, a.threshold) for a in await stored_alerts(store, prefix))
+    assert raised == [("caller", 50), ("caller", 80), ("team", 50), ("team", 80), ("team", 100)]
+    assert len({a.row_key for a in sink.sent}) == 5  # nothing lost
+    # Delivery is at-least-once: only a crash between a successful post and recording it repeats one.
+    assert len(sink.sent) <= 5 + crashed
+
+
+@pytest.mark.parametrize("crash_at", range(1, 42))  # a clean run of this scenario makes 40 writes
+def test_a_crash_at_any_write_resumes_without_double_counting(crash_at: int) -> None:
+    run(scenario_crash_then_resume(MemoryTableStore(), "gw", crash_at))
+
+
+def test_the_deadline_stops_a_run_cleanly_and_the_next_run_resumes() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        for app in ("a", "b", "c", "d"):
+            await write_cost(store, "gw", app, T0, "1")
+        clock = FakeClock(T0 + timedelta(hours=1), step=timedelta(seconds=1))
+        first = await rollup(store, "gw", clock, deadline=clock.now + timedelta(seconds=3))
+        assert first.stopped_early and first.backlog and first.rows_applied < 4
+        second = await rollup(store, "gw", clock)
+        assert first.rows_applied + second.rows_applied == 4 and not second.backlog
+        for app in ("a", "b", "c", "d"):
+            assert await caller_month_spend(store, "gw", app) == Decimal("1")
+
+    run(go())
+
+
+@pytest.mark.parametrize(("mode", "status", "alias"), [("block", "blocked", None),
+                                                       ("downgrade", "downgraded", "gpt-4o-mini")])
+def test_enforcement_restricts_at_100_percent_and_lifts_next_period(mode: str, status: str,
+                                                                    alias: str | None) -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        key = caller_key("a")
+        await set_budget(store, "gw", key, day="5")
+        await write_cost(store, "gw", "a", T0 + timedelta(hours=1), "5")
+        clock, cfg = FakeClock(T0 + timedelta(hours=2)), settings(enforcement=mode, downgrade_alias=alias)
+        report = await rollup(store, "gw", clock, cfg=cfg)
+        override = await quota.get_override(store, "gw", key)
+        assert report.restricted == [key] and override is not None
+        assert (override.status, override.alias, override.limits["usd_per_day"]) == (status, alias, Decimal(5))
+        clock.advance(hours=23)  # the next day: the daily restriction ends
+        assert (await rollup(store, "gw", clock, cfg=cfg)).lifted == 1
+        lifted = await quota.get_override(store, "gw", key)
+        assert lifted is not None and lifted.status == "active" and lifted.limits["usd_per_day"] == Decimal(5)
+
+    run(go())
+
+
+def test_enforcement_never_lifts_a_block_an_admin_set() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        key = caller_key("a")
+        await quota.put_override(store, "gw", key, quota.Override({"usd_per_day": Decimal(1)}, "blocked",
+                                                                  reason="abuse"))
+        await write_cost(store, "gw", "a", T0, "2")
+        clock, cfg = FakeClock(T0 + timedelta(hours=1)), settings(enforcement="block")
+        await rollup(store, "gw", clock, cfg=cfg)
+        clock.advance(days=1)
+        await rollup(store, "gw", clock, cfg=cfg)
+        override = await quota.get_override(store, "gw", key)
+        assert override is not None and (override.status, override.reason) == ("blocked", "abuse")
+
+    run(go())
+
+
+def test_enforcement_none_only_alerts() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), day="1")
+        await write_cost(store, "gw", "a", T0, "2")
+        report = await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)))
+        override = await quota.get_override(store, "gw", caller_key("a"))
+        assert report.restricted == [] and override is not None and override.status == "active"
+
+    run(go())
+
+
+def test_tier_budget_applies_when_the_directory_knows_the_tier() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        await write_cost(store, "gw", "a", T0, "0.6", tier="basic")  # basic: 1.00 USD per day
+        await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)), [sink])
+        thresholds = [(a.period, a.threshold, a.budget) for a in sink.sent if a.kind == "threshold"]
+        assert thresholds == [("day|20260310", 50, Decimal("1.00"))]
+
+    run(go())
+
+
+def test_list_alerts_is_newest_first_and_honours_since_and_limit() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        for day in (1, 5, 9):
+            created = datetime(2026, 2, day, tzinfo=UTC)
+            alert = Alert("threshold", "caller", "x", f"day|202602{day:02d}", 50, Decimal(1), Decimal(2), created)
+            assert await alerts.claim_alert(store, "gw", alert)
+            assert not await alerts.claim_alert(store, "gw", alert)  # the claim is the dedupe
+        now = datetime(2026, 3, 2, tzinfo=UTC)
+        found = await alerts.list_alerts(store, "gw", datetime(2026, 2, 4, tzinfo=UTC), 10, now=now)
+        assert [a.created.day for a in found] == [9, 5]
+        assert len(await alerts.list_alerts(store, "gw", datetime(2026, 1, 1, tzinfo=UTC), 1, now=now)) == 1
+
+    run(go())
+
+
+def test_alert_round_trips_through_its_entity_and_renders_a_webhook_body() -> None:
+    alert = Alert("forecast", "team", "r&d/#1", "month|202603", None, Decimal("12.5"), Decimal("20"), T0,
+                  forecast_at=T0 + timedelta(days=3), delivery={"webhook": None})
+    back = Alert.from_entity(dataclasses.replace(alert.to_entity(), etag="e"))
+    assert dataclasses.replace(back, etag=None) == alert
+    body = alert.payload()
+    assert "exhaust its month budget on 2026-03-13 00:00 UTC" in body["text"]
+    assert body["alert"]["spend_usd"] == "12.5" and body["alert"]["threshold"] is None
+    assert "/" not in alert.row_key and "#" not in alert.row_key
+
+
+def test_transact_marker_and_alert_are_claimed_together() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        alert = Alert("threshold", "caller", "x", "month|202603", 80, Decimal(8), Decimal(10), T0,
+                      delivery={"webhook": None})
+        # Someone holds only the marker (cannot happen through claim_alert): the claim fails as a whole.
+        marker = Entity(alert.partition_key, f"pending|{alert.row_key}", {"alert": alert.row_key})
+        await store.transact(alerts.alerts_table("gw"), [Op("insert", marker)])
+        assert not await alerts.claim_alert(store, "gw", alert)
+        assert await store.get(alerts.alerts_table("gw"), alert.partition_key, alert.row_key) is None
+
+    run(go())
+
+
+def test_budget_for_period_picks_day_or_month() -> None:
+    b = Budget(Decimal(1), Decimal(30))
+    assert (b.for_period("day|20260310"), b.for_period("month|202603")) == (Decimal(1), Decimal(30))

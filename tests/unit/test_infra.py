@@ -1,0 +1,320 @@
+"""Parse-level checks of infra/ (no Bicep CLI, no Azure): settings drift, policies, modules, parameters.
+
+The Bicep "parser" here is deliberately small: comments are stripped outside strings, blocks are found by
+brace matching. It is enough to hold the app settings, module parameters and parameter files together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from gateway_lib.settings import PLATFORM_SETTING_NAMES, SETTING_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+MAIN = INFRA / "main.bicep"
+FUNCTION = INFRA / "app" / "function.bicep"
+POLICIES = INFRA / "apim" / "policies"
+PARAMETER_FILES = sorted(INFRA.glob("main.parameters.*.json"))
+
+# Host settings that only exist in Azure (identity-based host storage, Entra auth to App Insights).
+AZURE_ONLY_PLATFORM = {
+    "AzureWebJobsStorage__accountName",
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+}
+# Flex Consumption rejects these as app settings: the runtime is set in functionAppConfig.
+FLEX_FORBIDDEN = {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_RUN_FROM_PACKAGE"}
+
+
+def strip_comments(text: str) -> str:
+    """Remove // and /* */ comments that are outside single-quoted Bicep strings."""
+    out, i, quoted = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                out.append(text[i : i + 2])
+                i += 2
+                continue
+            quoted = ch != "'"
+        elif ch == "'":
+            quoted = True
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if "\n" in text[i:] else len(text)
+            continue
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def bicep(path: Path) -> str:
+    return strip_comments(path.read_text())
+
+
+def block_after(text: str, start: int) -> str:
+    """The {...} block that opens at or after `start` (brace matching; strings hold no braces here)."""
+    open_at = text.index("{", start)
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at : i + 1]
+    raise ValueError("unbalanced braces")
+
+
+def declared_params(path: Path) -> dict[str, bool]:
+    """Parameter name -> has a default value."""
+    params = {}
+    for m in re.finditer(r"^param\s+(\w+)\s+\w+(\s*=)?", bicep(path), re.M):
+        params[m.group(1)] = bool(m.group(2))
+    return params
+
+
+def function_app_settings() -> list[str]:
+    return re.findall(r"\{\s*name:\s*'([^']+)'\s*[\n,]?\s*value:", bicep(FUNCTION))
+
+
+def local_settings() -> dict[str, str]:
+    return json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+
+
+def modules_of_main() -> list[tuple[str, Path, str]]:
+    text = bicep(MAIN)
+    modules = []
+    for m in re.finditer(r"^module\s+(\w+)\s+'([^']+)'\s*=", text, re.M):
+        modules.append((m.group(1), (INFRA / m.group(2)).resolve(), block_after(text, m.end())))
+    return modules
+
+
+# --- settings drift: SETTING_NAMES <-> function.bicep <-> local.settings.example.json ---
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_gateway_setting_is_an_app_setting_in_function_bicep(name: str) -> None:
+    assert name in function_app_settings()
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_gateway_setting_is_in_local_settings_example(name: str) -> None:
+    assert name in local_settings()
+
+
+def test_function_bicep_sets_no_setting_the_gateway_does_not_know() -> None:
+    known = set(SETTING_NAMES) | set(PLATFORM_SETTING_NAMES) | AZURE_ONLY_PLATFORM
+    assert set(function_app_settings()) - known == set()
+
+
+def test_local_settings_example_has_no_setting_the_gateway_does_not_know() -> None:
+    assert set(local_settings()) - set(SETTING_NAMES) - set(PLATFORM_SETTING_NAMES) == set()
+
+
+def test_function_bicep_sets_each_app_setting_once() -> None:
+    names = function_app_settings()
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_flex_app_does_not_set_settings_flex_rejects() -> None:
+    assert FLEX_FORBIDDEN & set(function_app_settings()) == set()
+
+
+def test_http_streams_are_enabled_in_azure() -> None:
+    assert re.search(r"name:\s*'PYTHON_ENABLE_INIT_INDEXING',\s*value:\s*'1'", bicep(FUNCTION))
+
+
+# --- keyless: identity-based host storage, no keys in settings or outputs ---
+
+
+def test_host_storage_uses_the_managed_identity() -> None:
+    text = bicep(FUNCTION)
+    assert re.search(r"'AzureWebJobsStorage__credential',\s*value:\s*'managedidentity'", text)
+    assert re.search(r"'AzureWebJobsStorage__clientId',\s*value:\s*identityClientId", text)
+    assert "'AzureWebJobsStorage'" not in text  # a plain connection string would carry an account key
+    assert re.search(r"type:\s*'UserAssignedIdentity'", text)  # Flex deployment storage
+
+
+def test_storage_account_refuses_shared_keys() -> None:
+    text = bicep(INFRA / "app" / "storage.bicep")
+    assert re.search(r"allowSharedKeyAccess:\s*false", text)
+    assert re.search(r"allowBlobPublicAccess:\s*false", text)
+    assert re.search(r"minimumTlsVersion:\s*'TLS1_2'", text)
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.bicep")), ids=lambda p: p.name)
+def test_no_account_keys_in_bicep(path: Path) -> None:
+    text = bicep(path)
+    assert "AccountKey=" not in text
+    assert not re.search(r"connectionString\s*:.*listKeys", text, re.I)
+    assert not re.search(r"\.listKeys\(\)|listKeys\([^)]*storage", text, re.I)
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.bicep")), ids=lambda p: p.name)
+def test_outputs_carry_no_keys(path: Path) -> None:
+    for line in re.findall(r"^output\s+.*$", bicep(path), re.M):
+        assert not re.search(r"list\w*\(|\.value\b|primaryKey|secondaryKey|AccountKey|password", line, re.I), line
+
+
+def test_list_keys_only_feeds_a_secret_named_value() -> None:
+    for path in INFRA.rglob("*.bicep"):
+        text = bicep(path)
+        for m in re.finditer(r"listKeys\(", text):
+            resource_start = text.rfind("\nresource ", 0, m.start())
+            assert path.name == "apim.bicep", path
+            assert re.search(r"secret:\s*true", block_after(text, resource_start)), "listKeys outside a secret"
+
+
+def test_azure_openai_uses_the_managed_identity_in_azure() -> None:
+    text = bicep(FUNCTION)
+    assert re.search(r"'AZURE_OPENAI_AUTH',\s*value:\s*'managed_identity'", text)
+    assert re.search(r"'AZURE_OPENAI_API_KEY',\s*value:\s*''", text)
+    assert re.search(r"'AZURE_CLIENT_ID',\s*value:\s*identityClientId", text)
+
+
+def test_app_insights_ingestion_uses_entra() -> None:
+    assert "Authorization=AAD" in bicep(FUNCTION)
+    assert re.search(r"DisableLocalAuth:\s*true", bicep(INFRA / "app" / "monitoring.bicep"))
+
+
+def test_gateway_tables_match_the_table_prefix() -> None:
+    text = bicep(MAIN)
+    prefix = re.search(r"var tablePrefix = '(\w+)'", text)
+    assert prefix and prefix.group(1) == local_settings()["GATEWAY_TABLE_PREFIX"]
+    tables = re.findall(r"'\$\{tablePrefix\}(\w+)'", text)
+    assert sorted(tables) == ["alerts", "callers", "overrides", "rollup", "usage"]
+
+
+# --- main.bicep composition and parameter files ---
+
+
+def test_modules_referenced_by_main_exist() -> None:
+    for name, path, _ in modules_of_main():
+        assert path.is_file(), f"module {name}: {path} missing"
+
+
+@pytest.mark.parametrize("module", modules_of_main(), ids=lambda m: m[0])
+def test_module_calls_pass_declared_params_and_every_required_one(module: tuple[str, Path, str]) -> None:
+    _, path, block = module
+    params_block = block_after(block, block.index("params:"))
+    passed = set(re.findall(r"^\s*(\w+)\s*:", params_block[1:-1], re.M))
+    passed = {p for p in passed if re.search(rf"^\s{{4}}{p}\s*:", params_block, re.M)}  # top level only
+    declared = declared_params(path)
+    assert passed - set(declared) == set(), "passed but not declared"
+    assert {p for p, has_default in declared.items() if not has_default} - passed == set(), "required, not passed"
+
+
+@pytest.mark.parametrize("path", PARAMETER_FILES, ids=lambda p: p.name)
+def test_parameter_files_match_main_params(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    assert doc["$schema"].endswith("deploymentParameters.json#")
+    given = set(doc["parameters"])
+    declared = declared_params(MAIN)
+    assert given - set(declared) == set(), "unknown parameters"
+    required = {p for p, has_default in declared.items() if not has_default}
+    assert required - given == set(), "required parameters missing"
+
+
+def test_there_are_dev_and_prod_parameter_files() -> None:
+    assert {p.name for p in PARAMETER_FILES} >= {"main.parameters.dev.json", "main.parameters.prod.json"}
+
+
+def test_prod_storage_is_geo_zone_redundant() -> None:
+    prod = json.loads((INFRA / "main.parameters.prod.json").read_text())["parameters"]
+    assert prod["storageSku"]["value"] == "Standard_GZRS"  # the cost ledger must survive a regional outage
+
+
+def test_main_outputs_the_urls() -> None:
+    outputs = set(re.findall(r"^output\s+(\w+)", bicep(MAIN), re.M))
+    assert {"FUNCTION_APP_URL", "APIM_GATEWAY_URL", "CHAT_COMPLETIONS_URL"} <= outputs
+
+
+# --- APIM policies ---
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.xml")), ids=lambda p: p.name)
+def test_policy_files_parse_as_xml(path: Path) -> None:
+    assert ET.parse(path).getroot().tag == "policies"
+
+
+def test_policies_loaded_by_apim_bicep_exist() -> None:
+    loaded = re.findall(r"loadTextContent\('([^']+)'\)", bicep(INFRA / "app" / "apim.bicep"))
+    assert loaded
+    for rel in loaded:
+        assert (INFRA / "app" / rel).resolve().is_file(), rel
+
+
+def test_stream_policy_forwards_without_buffering() -> None:
+    forward = ET.parse(POLICIES / "chat-stream.xml").getroot().find("./backend/forward-request")
+    assert forward is not None
+    assert forward.get("buffer-response") == "false"
+    assert int(forward.get("timeout", "0")) >= 230
+
+
+def test_stream_policy_never_reads_the_response_body() -> None:
+    policy = ET.tostring(ET.parse(POLICIES / "chat-stream.xml").getroot(), encoding="unicode")  # comments dropped
+    assert "Response.Body" not in policy
+
+
+def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> None:
+    root = ET.parse(POLICIES / "api.xml").getroot()
+    inbound = root.find("inbound")
+    assert inbound is not None
+    token = inbound.find("validate-azure-ad-token")
+    assert token is not None and token.get("failed-validation-httpcode") == "401"
+    set_headers = {h.get("name", "").lower(): h for h in inbound.iter("set-header")}
+    assert "authorization" not in set_headers  # forwarded unchanged; the function re-validates it
+    assert set_headers["x-functions-key"].findtext("value") == "{{gw-function-key}}"
+    assert set_headers["x-apim-subscription"].get("exists-action") == "override"  # never client-supplied
+    assert {"x-request-id", "traceparent"} <= set(set_headers)
+    assert inbound.find("rate-limit-by-key") is not None and inbound.find("quota-by-key") is not None
+    assert int(root.find("./backend/forward-request").get("timeout", "0")) >= 230  # type: ignore[union-attr]
+
+
+def test_named_values_used_by_policies_are_defined() -> None:
+    used = set()
+    for path in POLICIES.glob("*.xml"):
+        used |= set(re.findall(r"\{\{([\w-]+)\}\}", path.read_text()))
+    defined = set(re.findall(r"'(gw-[\w-]+)'", bicep(INFRA / "app" / "apim.bicep")))
+    assert used - defined == set()
+
+
+def test_api_diagnostics_log_no_bodies() -> None:
+    text = bicep(INFRA / "app" / "apim.bicep")
+    diagnostics = block_after(text, text.index("apis/diagnostics@"))
+    assert re.findall(r"bytes:\s*(\d+)", diagnostics) == ["0", "0", "0", "0"]
+
+
+# --- workbook and AWS federation ---
+
+
+def test_workbook_queries_use_the_telemetry_names() -> None:
+    workbook = json.loads((INFRA / "workbook.json").read_text())
+    assert workbook["version"] == "Notebook/1.0"
+    queries = " ".join(i["content"].get("query", "") for i in workbook["items"] if i["type"] == 3)
+    known = {"requests", "latency_ms", "overhead_ms", "tokens_prompt", "tokens_completion", "cost_usd", "fallbacks"}
+    assert set(re.findall(r'"gateway/(\w+)"', queries)) <= known
+    assert "loadTextContent('../workbook.json')" in bicep(INFRA / "app" / "workbook.bicep")
+
+
+def test_aws_role_trusts_only_the_gateway_identity_for_bedrock_invoke() -> None:
+    template = json.loads((INFRA / "aws" / "bedrock-web-identity-role.json").read_text())
+    role = template["Resources"]["BedrockRole"]["Properties"]
+    trust = json.loads(role["AssumeRolePolicyDocument"]["Fn::Sub"][0])
+    statement = trust["Statement"][0]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert statement["Condition"]["StringEquals"] == {
+        "sts.windows.net/${TenantId}/:aud": "${Audience}",
+        "sts.windows.net/${TenantId}/:sub": "${ManagedIdentityObjectId}",
+    }
+    provider = template["Resources"]["EntraOidcProvider"]["Properties"]
+    assert provider["Url"] == {"Fn::Sub": "https://sts.windows.net/${TenantId}/"}
+    actions = role["Policies"][0]["PolicyDocument"]["Statement"][0]["Action"]
+    assert sorted(actions) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]

@@ -1,0 +1,423 @@
+"""Admission reserve -> settle on the in-memory store, with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway_lib import ledger
+from gateway_lib.errors import InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway_lib.identity import Caller
+from gateway_lib.ledger import CostRow
+from gateway_lib.quota import (
+    EPOCH_SECONDS,
+    Admission,
+    Counters,
+    Override,
+    Reservation,
+    get_override,
+    put_override,
+    team_partition,
+    usage_table,
+)
+from gateway_lib.settings import Settings
+from gateway_lib.storage.base import TableStore
+from gateway_lib.storage.memory import MemoryTableStore
+from gateway_lib.tiers import Tier
+
+T0 = datetime(2025, 3, 14, 12, 0, 10, tzinfo=UTC)
+
+
+def make_settings(prefix: str = "t") -> Settings:
+    return Settings.from_env({"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+                              "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_TABLE_PREFIX": prefix,
+                              "GATEWAY_ENVIRONMENT": "test", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9"})
+
+
+def make_tier(**limits: Any) -> Tier:
+    base = make_settings().tiers.tiers["basic"]
+    return replace(base, **{"requests_per_minute": 1000, "tokens_per_minute": 10**7, "tokens_per_day": 10**8,
+                            "tokens_per_month": 10**9, "usd_per_day": Decimal(1000), "usd_per_month": Decimal(10000),
+                            **limits})
+
+
+def make_caller(tier: Tier | None = None, app: str = "app1", team: str | None = None) -> Caller:
+    return Caller(app_id=app, tenant_id="tid", user_id=None, tier=tier or make_tier(), roles=frozenset(),
+                  scopes=frozenset(), is_admin=False, team=team)
+
+
+class Clock:
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def make_row(caller: Caller, request_id: str, when: datetime, prompt: int, completion: int, cost: Decimal,
+             status: str = "ok", http_status: int = 200) -> CostRow:
+    return CostRow.for_caller(
+        caller, request_id=request_id, time=when, route="chat.completions", task=None, alias="chat-default",
+        provider="azure_openai", model="gpt-4o-mini", deployment="d", region="eastus", prompt_tokens_estimated=prompt,
+        completion_tokens_estimated=completion, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
+        price_version="v1", latency_ms=12.5, status=status, http_status=http_status)
+
+
+async def new_admission(store: TableStore | None = None, clock: Clock | None = None, prefix: str = "t",
+                        **kwargs: Any) -> tuple[TableStore, Admission]:
+    store = store or MemoryTableStore()
+    admission = Admission(store, make_settings(prefix), clock=clock or Clock(), sleep=_no_sleep,
+                          rng=random.Random(7), **kwargs)
+    return store, admission
+
+
+async def _no_sleep(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+async def counters_of(store: TableStore, caller_key: str, prefix: str = "t") -> Counters:
+    return Counters.from_entity(await store.get(usage_table(prefix), ledger.table_key(caller_key), "counters"))
+
+
+async def cost_rows(store: TableStore, caller_key: str, prefix: str = "t") -> list[CostRow]:
+    return [row async for row in ledger.iter_cost_rows(store, prefix, caller_key, limit=10_000)]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---- admission -------------------------------------------------------------------------------------
+
+def test_admission_reserves_worst_case_and_returns_rate_headers() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(requests_per_minute=10, tokens_per_minute=1000))
+        res = await adm.reserve(caller, tokens=300, usd=Decimal("0.01"), request_id="r1")
+        assert res.headers == {
+            "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "50s",
+            "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "700", "x-ratelimit-reset-tokens": "50s"}
+        c = await counters_of(store, caller.key)
+        assert (c.minute_requests, c.minute_tokens, c.in_flight_tokens, c.in_flight_usd) == (1, 300, 300, Decimal("0.01"))
+
+    run(scenario())
+
+
+def test_requests_per_minute_limit_is_429_until_the_next_minute() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        _, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(requests_per_minute=2))
+        for i in range(2):
+            await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id=f"r{i}")
+        with pytest.raises(RateLimited) as limited:
+            await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="r3")
+        assert limited.value.status == 429 and limited.value.retry_after == 50
+        assert limited.value.headers["x-ratelimit-remaining-requests"] == "0"
+        clock.advance(seconds=50)
+        await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="r4")
+
+    run(scenario())
+
+
+def test_tokens_per_minute_counts_the_reservation_not_just_the_prompt() -> None:
+    async def scenario() -> None:
+        _, adm = await new_admission()
+        caller = make_caller(make_tier(tokens_per_minute=1000))
+        await adm.reserve(caller, tokens=600, usd=Decimal(0), request_id="a")
+        with pytest.raises(RateLimited) as limited:
+            await adm.reserve(caller, tokens=401, usd=Decimal(0), request_id="b")
+        assert limited.value.code == "rate_limit_exceeded"
+        await adm.reserve(caller, tokens=400, usd=Decimal(0), request_id="c")
+
+    run(scenario())
+
+
+def test_daily_token_quota_is_insufficient_quota_until_midnight() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        _, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(tokens_per_day=1000))
+        res = await adm.reserve(caller, tokens=800, usd=Decimal(0), request_id="a")
+        await adm.settle(res, make_row(caller, "a", clock.now, 500, 300, Decimal(0)))
+        with pytest.raises(QuotaExceeded) as spent:
+            await adm.reserve(caller, tokens=201, usd=Decimal(0), request_id="b")
+        assert (spent.value.status, spent.value.type, spent.value.code) == (429, "insufficient_quota",
+                                                                            "insufficient_quota")
+        assert spent.value.retry_after == (12 * 3600 - 10)
+        clock.now = datetime(2025, 3, 15, 0, 0, 1, tzinfo=UTC)
+        await adm.reserve(caller, tokens=1000, usd=Decimal(0), request_id="c")
+
+    run(scenario())
+
+
+def test_usd_budget_counts_in_flight_reservations() -> None:
+    async def scenario() -> None:
+        _, adm = await new_admission()
+        caller = make_caller(make_tier(usd_per_month=Decimal("1.00")))
+        await adm.reserve(caller, tokens=10, usd=Decimal("0.60"), request_id="a")
+        with pytest.raises(QuotaExceeded) as spent:
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.41"), request_id="b")
+        assert "monthly USD budget" in spent.value.message and spent.value.retry_after == 17 * 86400 + 12 * 3600 - 10
+        await adm.reserve(caller, tokens=10, usd=Decimal("0.40"), request_id="c")
+
+    run(scenario())
+
+
+# ---- settle / release --------------------------------------------------------------------------------
+
+def test_settle_replaces_the_reservation_with_actual_usage_in_three_round_trips() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        first = await adm.reserve(caller, tokens=1000, usd=Decimal("0.5"), request_id="r1")
+        await adm.settle(first, make_row(caller, "r1", clock.now, 100, 50, Decimal("0.0123")))
+        res = await adm.reserve(caller, tokens=1000, usd=Decimal("0.5"), request_id="r2")
+        done = await adm.settle(res, make_row(caller, "r2", clock.now, 100, 50, Decimal("0.0123")))
+        assert done.round_trips == 3 and not done.already_settled  # get + update, then one transaction
+        c = await counters_of(store, caller.key)
+        assert (c.day_tokens, c.month_usd, c.in_flight_tokens, c.in_flight_usd, c.minute_tokens) == (
+            300, Decimal("0.0246"), 0, Decimal(0), 300)
+
+    run(scenario())
+
+
+def test_first_request_of_a_process_pays_for_tables_override_and_directory() -> None:
+    async def scenario() -> int:
+        clock = Clock()
+        _, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=10, usd=Decimal(0), request_id="r1")
+        return (await adm.settle(res, make_row(caller, "r1", clock.now, 5, 5, Decimal(0)))).round_trips
+
+    assert run(scenario()) == 3 + 1 + 2 + 1 + 1  # tables, override read, get + insert, directory, transaction
+
+
+def test_retried_settle_is_counted_once() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.1"), request_id="r1")
+        row = make_row(caller, "r1", clock.now, 10, 20, Decimal("0.002"))
+        assert not (await adm.settle(res, row)).already_settled
+        assert (await adm.settle(replace(res, snapshot=None), row)).already_settled
+        c = await counters_of(store, caller.key)
+        assert (c.day_tokens, c.day_usd) == (30, Decimal("0.002"))
+        assert [r.request_id for r in await cost_rows(store, caller.key)] == ["r1"]
+
+    run(scenario())
+
+
+def test_release_drops_the_reservation_and_still_writes_one_cost_row() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.1"), request_id="r1")
+        row = replace(make_row(caller, "r1", clock.now, 0, 0, Decimal(0)), status="error", http_status=502,
+                      error_code="bad_gateway", provider=None)
+        await adm.release(res, row)
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.day_tokens, c.minute_requests, c.minute_tokens) == (0, 0, 1, 0)
+        [stored] = await cost_rows(store, caller.key)
+        assert (stored.status, stored.http_status, stored.error_code, stored.provider) == (
+            "error", 502, "bad_gateway", None)
+
+    run(scenario())
+
+
+def test_settle_after_the_minute_rolled_leaves_the_new_minute_alone() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=100, usd=Decimal(0), request_id="r1")
+        clock.advance(seconds=60)
+        await adm.settle(res, make_row(caller, "r1", clock.now, 10, 10, Decimal(0)))
+        c = await counters_of(store, caller.key)
+        assert (c.minute_requests, c.minute_tokens, c.day_tokens, c.in_flight_tokens) == (0, 0, 20, 0)
+
+    run(scenario())
+
+
+def test_leaked_reservations_expire_after_two_epochs() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(tokens_per_day=1000))
+        await adm.reserve(caller, tokens=1000, usd=Decimal(0), request_id="crashed")  # never settled
+        clock.advance(seconds=EPOCH_SECONDS)
+        with pytest.raises(QuotaExceeded):
+            await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="still-blocked")
+        clock.advance(seconds=EPOCH_SECONDS)
+        await adm.reserve(caller, tokens=1000, usd=Decimal(0), request_id="after-expiry")
+
+    run(scenario())
+
+
+def test_concurrent_requests_never_lose_an_update_or_pass_a_limit() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(requests_per_minute=30))
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"r{i}")
+            except RateLimited:
+                outcomes.append("429")
+                return
+            await asyncio.sleep(0)
+            await adm.settle(res, make_row(caller, f"r{i}", clock.now, 3, 4, Decimal("0.0007")))
+            outcomes.append("ok")
+
+        await asyncio.gather(*(one(i) for i in range(60)))
+        admitted = outcomes.count("ok")
+        c = await counters_of(store, caller.key)
+        rows = await cost_rows(store, caller.key)
+        assert 0 < admitted <= 30 and c.minute_requests == admitted == len(rows)
+        assert c.day_tokens == sum(r.total_tokens for r in rows) == 7 * admitted
+        assert c.day_usd == sum((r.cost_usd for r in rows), Decimal(0)) and c.in_flight_tokens == 0
+
+    run(scenario())
+
+
+# ---- overrides ------------------------------------------------------------------------------------
+
+def test_override_limits_apply_after_the_cache_ttl() -> None:
+    async def scenario() -> None:
+        ticks = [0.0]
+        store, adm = await new_admission(monotonic=lambda: ticks[0])
+        caller = make_caller(make_tier(requests_per_minute=100))
+        await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="a")
+        await put_override(store, "t", caller.key, Override({"requests_per_minute": 1}))
+        await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="b")  # cached: the tier limit still applies
+        ticks[0] = 31.0
+        with pytest.raises(RateLimited):
+            await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="c")
+
+    run(scenario())
+
+
+def test_blocked_caller_gets_insufficient_quota_and_downgraded_caller_a_new_alias() -> None:
+    async def scenario() -> None:
+        store, adm = await new_admission()
+        blocked, downgraded = make_caller(app="b"), make_caller(app="d")
+        await adm.put_overrides(blocked.key, {"status": "blocked", "reason": "budget: spent"}, changed_by="admin")
+        await adm.put_overrides(downgraded.key, {"status": "downgraded", "alias": "gpt-4o-mini"}, changed_by="admin")
+        with pytest.raises(QuotaExceeded):
+            await adm.reserve(blocked, tokens=1, usd=Decimal(0), request_id="a")
+        assert await adm.effective_alias(downgraded, "gpt-4o") == "gpt-4o-mini"
+        assert await adm.effective_alias(blocked, "gpt-4o") == "gpt-4o"
+
+    run(scenario())
+
+
+def test_admin_put_merges_and_validates() -> None:
+    async def scenario() -> None:
+        store, adm = await new_admission()
+        key = "tid:app/#?:-"
+        saved = await adm.put_overrides(key, {"limits": {"usd_per_day": "2.50", "requests_per_minute": 5}},
+                                        changed_by="admin1")
+        assert saved["limits"] == {"usd_per_day": "2.50", "requests_per_minute": 5} and saved["status"] == "active"
+        await adm.put_overrides(key, {"status": "blocked"}, changed_by="admin2")
+        saved = await adm.put_overrides(key, {"limits": {"requests_per_minute": None}}, changed_by="admin3")
+        assert saved["limits"] == {"usd_per_day": "2.50"} and saved["status"] == "blocked"
+        assert saved["updated_by"] == "admin3"
+        stored = await get_override(store, "t", key)
+        assert stored is not None and stored.limits == {"usd_per_day": Decimal("2.50")}
+        for bad in ({"limits": {"rpm": 1}}, {"limits": {"tokens_per_day": -1}}, {"status": "downgraded"},
+                    {"limits": {"usd_per_day": "NaN"}}, {"oops": 1}):
+            with pytest.raises(InvalidRequest):
+                await adm.put_overrides(key, bad, changed_by="admin")
+
+    run(scenario())
+
+
+# ---- teams --------------------------------------------------------------------------------------------
+
+def test_team_budget_is_shared_and_a_team_refusal_undoes_the_caller_reservation() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        await put_override(store, "t", "red", Override({"usd_per_day": Decimal("1.00")}), kind="team")
+        alice, bob = make_caller(app="alice", team="red"), make_caller(app="bob", team="red")
+        res = await adm.reserve(alice, tokens=10, usd=Decimal("0.70"), request_id="a1")
+        assert res.round_trips == 3 + 1 + 2 + 1 + 2  # tables, caller override, caller counters, team override+counters
+        with pytest.raises(QuotaExceeded) as spent:
+            await adm.reserve(bob, tokens=10, usd=Decimal("0.40"), request_id="b1")
+        assert "team red" in spent.value.message
+        bob_counters = await counters_of(store, bob.key)
+        assert (bob_counters.in_flight_usd, bob_counters.minute_requests) == (Decimal(0), 0)
+        await adm.settle(res, make_row(alice, "a1", clock.now, 5, 5, Decimal("0.10")))
+        team = Counters.from_entity(await store.get(usage_table("t"), team_partition("red"), "counters"))
+        assert (team.day_usd, team.in_flight_usd) == (Decimal("0.10"), Decimal(0))
+        await adm.reserve(bob, tokens=10, usd=Decimal("0.40"), request_id="b2")
+
+    run(scenario())
+
+
+# ---- storage down -------------------------------------------------------------------------------------
+
+def test_storage_down_fails_closed_with_503() -> None:
+    async def scenario() -> None:
+        store, adm = await new_admission()
+        assert isinstance(store, MemoryTableStore)
+        store.down = True
+        with pytest.raises(ServiceUnavailable) as down:
+            await adm.reserve(make_caller(), tokens=1, usd=Decimal(0), request_id="a")
+        assert down.value.status == 503
+        assert down.value.message == "quota storage is unavailable; request refused (fail-closed)"
+
+    run(scenario())
+
+
+def test_fail_open_tier_is_admitted_unaccounted_and_its_row_says_so() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store, adm = await new_admission(clock=clock)
+        assert isinstance(store, MemoryTableStore)
+        caller = make_caller(make_tier(fail_open=True))
+        store.down = True
+        res: Reservation = await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="a")
+        assert not res.accounted and res.headers == {}
+        await adm.settle(res, make_row(caller, "a", clock.now, 1, 1, Decimal("0.01")))  # lost, logged, no raise
+        res = await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="b")
+        store.down = False
+        await adm.settle(res, make_row(caller, "b", clock.now, 1, 1, Decimal("0.01")))
+        [row] = await cost_rows(store, caller.key)
+        assert (row.request_id, row.accounted) == ("b", False)
+        assert (await counters_of(store, caller.key)).day_tokens == 0
+
+    run(scenario())
+
+
+def test_usage_view_reports_used_limits_and_remaining() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        _, adm = await new_admission(clock=clock)
+        caller = make_caller(make_tier(requests_per_minute=10, usd_per_day=Decimal("2")))
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.5"), request_id="a")
+        await adm.settle(res, make_row(caller, "a", clock.now, 10, 20, Decimal("0.25")))
+        view = await adm.usage_view(caller)
+        assert view["minute"]["used"] == {"requests": 1, "tokens": 30}
+        assert view["minute"]["remaining"]["requests"] == 9
+        assert view["day"]["used"]["usd"] == "0.25" and view["day"]["remaining"]["usd"] == "1.75"
+        assert view["status"] == "active" and view["in_flight"] == {"tokens": 0, "usd": "0"}
+        by_key = await adm.usage_view(caller.key, None)
+        assert by_key["tier"] == "basic" and by_key["day"]["used"]["tokens"] == 30
+
+    run(scenario())
