@@ -206,9 +206,11 @@ class WebhookSink:
 async def claim_alert(store: TableStore, prefix: str, alert: Alert) -> bool:
     """Record the alert and its pending marker atomically; False if it was already raised."""
     entity = alert.to_entity()
-    marker = Entity(entity.partition_key, f"pending|{entity.row_key}", {"alert": entity.row_key})
+    ops = [Op("insert", entity)]
+    if alert.pending_sinks:  # no sink configured: nothing to deliver, the row alone is the record
+        ops.append(Op("insert", Entity(entity.partition_key, f"pending|{entity.row_key}", {"alert": entity.row_key})))
     try:
-        await store.transact(alerts_table(prefix), [Op("insert", entity), Op("insert", marker)])
+        await store.transact(alerts_table(prefix), ops)
     except EntityExists:
         return False
     except TransactionFailed as exc:
@@ -223,6 +225,7 @@ class DeliveryReport:
     delivered: int = 0
     pending: int = 0
     failures: list[str] = field(default_factory=list)
+    down: set[str] = field(default_factory=set)  # sinks that failed this run: not retried until the next
 
 
 async def deliver_pending(
@@ -246,41 +249,57 @@ async def _deliver_one(
     store: TableStore, prefix: str, month: str, row_key: str, sinks: Mapping[str, AlertSink], now: datetime,
     report: DeliveryReport,
 ) -> None:
-    alert = await _lease(store, prefix, month, row_key, now)
+    # A sink that failed once this run is not tried again until the next: a dead webhook costs
+    # one timeout per run, not one per pending alert, and the run stays inside the timer's limit.
+    usable = {name: sink for name, sink in sinks.items() if name not in report.down}
+    alert, waiting = await _lease(store, prefix, month, row_key, now, usable)
     if alert is None:
-        report.pending += 1
+        report.pending += waiting
         return
     delivery = dict(alert.delivery)
     error = None
     for name in alert.pending_sinks:
-        sink = sinks.get(name)
-        if sink is None:
-            continue  # sink no longer configured: leave pending for when it is
+        if (sink := usable.get(name)) is None:
+            continue  # not configured (any more) or down this run: stays pending
         try:
             await sink.send(alert)
             delivery[name] = _iso(now)
         except Exception as exc:  # any sink failure is recorded and retried, never raised into the rollup
             error = f"{name}: {type(exc).__name__}: {exc}"[:500]
             report.failures.append(error)
+            report.down.add(name)
             log.warning("alert delivery failed", extra={"alert": row_key, "sink": name, "error": error})
-    await _finish(store, prefix, replace(alert, delivery=delivery, last_error=error), now, report)
+    try:
+        await _finish(store, prefix, replace(alert, delivery=delivery, last_error=error), now, report)
+    except (PreconditionFailed, TransactionFailed):
+        # Our lease ran out mid-delivery and another run took the alert over: it records the outcome.
+        log.warning("alert delivery outcome not recorded: lease lost", extra={"alert": row_key})
 
 
-async def _lease(store: TableStore, prefix: str, month: str, row_key: str, now: datetime) -> Alert | None:
-    """Claim this delivery attempt with an ETag write, so two runs never post the same alert at once."""
+async def _lease(
+    store: TableStore, prefix: str, month: str, row_key: str, now: datetime, usable: Mapping[str, AlertSink],
+) -> tuple[Alert | None, bool]:
+    """Claim this delivery attempt with an ETag write, so two runs never post the same alert at once.
+
+    Returns the leased alert, or None and whether the alert is still waiting for a sink.
+    """
     entity = await store.get(alerts_table(prefix), month, row_key)
     if entity is None:
         await store.delete(alerts_table(prefix), month, f"pending|{row_key}")
-        return None
+        return None, False
     alert = Alert.from_entity(entity)
+    if not alert.pending_sinks:  # another run finished it after we listed the marker
+        return None, False
     if alert.next_attempt_at and alert.next_attempt_at > now:
-        return None  # another run holds the lease, or the backoff has not elapsed
+        return None, True  # another run holds the lease, or the backoff has not elapsed
+    if not set(alert.pending_sinks) & set(usable):
+        return None, True
     leased = replace(alert, attempts=alert.attempts + 1, next_attempt_at=now + DELIVERY_LEASE)
     try:
         stored = await store.update(alerts_table(prefix), leased.to_entity(), entity.etag or "*")
     except PreconditionFailed:
-        return None
-    return replace(leased, etag=stored.etag)
+        return None, True  # a concurrent run leased it first
+    return replace(leased, etag=stored.etag), False
 
 
 async def _finish(store: TableStore, prefix: str, alert: Alert, now: datetime, report: DeliveryReport) -> None:

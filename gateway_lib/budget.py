@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,7 +28,7 @@ from . import alerts as alerting
 from . import ledger, quota
 from .alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
 from .settings import BudgetSettings
-from .storage.base import Entity, EntityExists, PreconditionFailed, TableStore
+from .storage.base import Entity, EntityExists, EntityNotFound, PreconditionFailed, TableStore
 from .tiers import Tier, TierPolicy
 
 log = logging.getLogger("gateway.budget")
@@ -38,7 +39,7 @@ Clock = Callable[[], datetime]
 # visible a moment after a later-stamped one. Reading only rows older than this lag means
 # the checkpoint never moves past a row that is still in flight (it would be skipped forever).
 SETTLE_LAG = timedelta(minutes=2)
-MIN_SLICE = 50  # rows per caller per round: small enough to share, large enough to be cheap
+MIN_SLICE = 10  # floor of rows per caller per round; the slice is max_rows / callers above that
 MIN_FORECAST_WINDOW = timedelta(hours=1)  # a single early request must not forecast a burn
 TIMER_BUDGET = timedelta(minutes=4)  # under the Functions 5-minute default and the 5-minute schedule
 CONFLICT_RETRIES = 8
@@ -115,7 +116,7 @@ class RollupReport:
     callers: int = 0
     callers_processed: int = 0
     rows_applied: int = 0
-    backlog: bool = False  # a caller still has settled rows beyond this run's budget
+    backlog: bool = False  # the run ended (row budget or deadline) before every caller was drained
     stopped_early: bool = False  # the deadline ended the run; the next one resumes
     alerts_raised: list[str] = field(default_factory=list)
     alerts_delivered: int = 0
@@ -509,32 +510,27 @@ class OverrideEnforcer:
     """Sets ``status`` blocked/downgraded in the caller's override at 100 %, and clears it when the period ends.
 
     Every change is ETag-conditional (or an insert), so an admin editing the same override is never
-    silently overwritten. Restrictions we made are indexed in ``{prefix}rollup`` (PK ``enforced``),
-    which is how the next period finds them to lift; an admin's own block (another ``reason``) is
-    never lifted by us.
+    silently overwritten. Our restrictions carry ``updated_by="budget"`` and are indexed in
+    ``{prefix}rollup`` (PK ``enforced``), which is how the next period finds them to lift; a block an
+    admin set (or re-set) is never lifted by us.
     """
 
-    REASON = "budget:"
+    BY = "budget"
 
-    def __init__(self, store: TableStore, prefix: str, mode: str, alias: str | None) -> None:
-        self._store, self._prefix, self._mode, self._alias = store, prefix, mode, alias
+    def __init__(self, store: TableStore, prefix: str, mode: str, alias: str | None, clock: Clock) -> None:
+        self._store, self._prefix, self._mode, self._alias, self._clock = store, prefix, mode, alias, clock
 
     async def restrict(self, caller_key: str, until: datetime) -> bool:
-        index = rollup_table(self._prefix)
-        mark = await self._store.get(index, "enforced", key_part(caller_key))
-        previous = datetime.fromisoformat(mark.properties["until"]) if mark else until
-        # Index first: a crash after it leaves a harmless entry; the reverse could leave a block nobody lifts.
-        await self._store.upsert(index, Entity("enforced", key_part(caller_key),
-                                               {"caller_key": caller_key, "until": max(previous, until).isoformat()}))
+        await self._index(caller_key, until)  # first: a crash after it leaves a harmless entry, never a stuck block
+        status = "downgraded" if self._mode == "downgrade" else "blocked"
         for _ in range(CONFLICT_RETRIES):
             current = await quota.get_override(self._store, self._prefix, caller_key)
             if current is not None and current.status != "active":
                 return False  # already restricted, by us or by an admin
-            status = "downgraded" if self._mode == "downgrade" else "blocked"
-            changed = quota.Override(current.limits if current else {}, status,
-                                     self._alias if status == "downgraded" else None,
-                                     f"{self.REASON} spend reached 100% until {until.isoformat()}",
-                                     datetime.now(UTC).isoformat(), current.etag if current else None)
+            changed = replace(current or quota.Override(), status=status,
+                              alias=self._alias if status == "downgraded" else None,
+                              reason=f"budget spent; until {until.isoformat()}",
+                              updated_at=self._clock().isoformat(), updated_by=self.BY)
             try:
                 await self._write(caller_key, changed)
                 return True
@@ -548,18 +544,26 @@ class OverrideEnforcer:
             if datetime.fromisoformat(mark.properties["until"]) > now:
                 continue
             lifted += await self._lift(str(mark.properties["caller_key"]))
-            await self._store.delete(rollup_table(self._prefix), "enforced", mark.row_key, mark.etag)
+            with suppress(EntityNotFound, PreconditionFailed):  # a concurrent run lifted or re-indexed it
+                await self._store.delete(rollup_table(self._prefix), "enforced", mark.row_key, mark.etag)
         return lifted
+
+    async def _index(self, caller_key: str, until: datetime) -> None:
+        table = rollup_table(self._prefix)
+        mark = await self._store.get(table, "enforced", key_part(caller_key))
+        later = max(until, datetime.fromisoformat(mark.properties["until"])) if mark else until
+        await self._store.upsert(table, Entity("enforced", key_part(caller_key),
+                                               {"caller_key": caller_key, "until": later.isoformat()}))
 
     async def _lift(self, caller_key: str) -> int:
         for _ in range(CONFLICT_RETRIES):
             current = await quota.get_override(self._store, self._prefix, caller_key)
-            if current is None or current.status == "active" or not (current.reason or "").startswith(self.REASON):
+            if current is None or current.status == "active" or current.updated_by != self.BY:
                 return 0
+            lifted = replace(current, status="active", alias=None, reason="budget period ended",
+                             updated_at=self._clock().isoformat())
             try:
-                await quota.put_override(self._store, self._prefix, caller_key,
-                                         replace(current, status="active", alias=None, reason=None,
-                                                 updated_at=datetime.now(UTC).isoformat()))
+                await quota.put_override(self._store, self._prefix, caller_key, lifted)
                 return 1
             except PreconditionFailed:
                 continue
@@ -582,14 +586,17 @@ async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
 
     rt = get_runtime()
     settings, prefix = rt.settings, rt.settings.storage.table_prefix
-    sinks: list[AlertSink] = [TelemetrySink(rt.telemetry.track_event)]
+    sinks: list[AlertSink] = []
+    if settings.appinsights_connection_string:  # otherwise the event would be dropped yet recorded as sent
+        sinks.append(TelemetrySink(rt.telemetry.track_event))
     if settings.budget.alert_webhook_url:
         sinks.append(WebhookSink(settings.budget.alert_webhook_url))
     clock: Clock = lambda: datetime.now(UTC)  # noqa: E731
-    await rt.store.ensure_tables([rollup_table(prefix), alerting.alerts_table(prefix)])
+    await rt.store.ensure_tables([*quota.tables(prefix), rollup_table(prefix), alerting.alerts_table(prefix)])
     report = await run_rollup(
         rt.store, settings.budget, OverrideBudgets(rt.store, prefix, settings.tiers), clock, sinks, prefix=prefix,
-        enforcer=OverrideEnforcer(rt.store, prefix, settings.budget.enforcement, settings.budget.downgrade_alias),
+        enforcer=OverrideEnforcer(rt.store, prefix, settings.budget.enforcement, settings.budget.downgrade_alias,
+                                  clock),
         deadline=clock() + TIMER_BUDGET,
     )
     log.info("budget rollup finished", extra={"custom_dimensions": {

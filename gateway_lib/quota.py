@@ -328,6 +328,7 @@ class Admission:
     async def effective_alias(self, caller: Caller, alias: str) -> str:
         """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
         try:
+            await self._ensure_tables()  # the first call of a request: tables may not exist yet
             override = await self._cached_override(caller.key, "caller", None)
         except StorageError as exc:
             if caller.tier.fail_open:
@@ -619,7 +620,8 @@ def _limit_value(name: str, value: Any) -> int | Decimal:
         parsed = Decimal(str(value)) if name.startswith("usd") else int(value)
     except (InvalidOperation, ValueError, TypeError):
         parsed = -1
-    if isinstance(value, bool) or not parsed > 0 or (isinstance(parsed, Decimal) and not parsed.is_finite()):
+    finite = not isinstance(parsed, Decimal) or parsed.is_finite()
+    if isinstance(value, bool) or not finite or not parsed > 0:
         kind = "decimal string" if name.startswith("usd") else "integer"
         raise InvalidRequest(f"Limit '{name}' must be a positive {kind}.", param=f"limits.{name}")
     return parsed

@@ -51,6 +51,8 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
     from .providers.azure_openai import AzureOpenAIProvider
     from .providers.bedrock import BedrockProvider
 
+    # azure-core logs every storage call (headers included) at INFO: three per request on the hot path.
+    logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
     store = store or _store(settings, table_credential)
     telemetry = Telemetry.from_settings(settings)
     return Runtime(

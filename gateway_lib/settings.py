@@ -235,6 +235,9 @@ def _limits(env: _Env) -> LimitSettings:
             re.compile(pattern)
         except re.error as exc:
             env.problems.append(f"GATEWAY_DENY_PATTERNS: '{pattern}' is not a valid regex ({exc})")
+    from .guardrails import pii_problems  # guardrails owns the detector names
+
+    env.problems.extend(pii_problems(env.list("GATEWAY_PII_PATTERNS")))
     return LimitSettings(
         max_body_bytes=env.int("GATEWAY_MAX_BODY_BYTES", 1_048_576, lo=1024, hi=100 * 1_048_576),
         max_prompt_chars=env.int("GATEWAY_MAX_PROMPT_CHARS", 400_000, lo=1),

@@ -101,7 +101,8 @@ class RequestRecord:
 def log_request(record: RequestRecord) -> None:
     """Emit the request's single log record on ``gateway.request``."""
     try:
-        extra: dict[str, Any] = {"custom_dimensions": record.dimensions()}
+        # "record" tells request rows apart from other gateway traces in KQL.
+        extra: dict[str, Any] = {"custom_dimensions": {"record": "gateway.request"} | record.dimensions()}
         if record.trace_id:
             extra["traceId"] = record.trace_id  # AzureLogHandler maps it to operation_Id
         log.info(record.message(), extra=extra)
@@ -235,6 +236,11 @@ class Telemetry:
             self._thread = _export_thread(self.meter, metrics_exporter, export_interval)
         self.enabled = self._exporter is not None or self._events is not None
         self._event_log = _private_logger("gateway.events", self._events)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Telemetry:
+        """The process's telemetry: exporting when ``appinsights_connection_string`` is set."""
+        return cls(settings.appinsights_connection_string)
 
     def _start(self, connection_string: str, interval: float, options: dict[str, Any]) -> None:
         try:
@@ -409,13 +415,14 @@ _SENSITIVE = re.compile(
     r"|passwd|token|cookie|set[_\-.]?cookie|signature|sig|sas|prompt|content|completion|messages?|text)(?:$|[_\-.])",
     re.IGNORECASE,
 )
-_MEASURE = re.compile(r"[_\-.](tokens|chars|count|ms|bytes)$", re.IGNORECASE)  # sizes say how much, never what
+# Sizes and media metadata say how much or what kind, never what: prompt_tokens, content-type.
+_METADATA = re.compile(r"[_\-.](tokens|chars|count|ms|bytes|length|type|encoding)$", re.IGNORECASE)
 _LOGRECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 def is_sensitive(name: str) -> bool:
-    """True for names like Authorization, x-api-key, access_token, prompt, content; not prompt_tokens."""
-    return bool(_SENSITIVE.search(name)) and not _MEASURE.search(name)
+    """True for names like Authorization, x-api-key, access_token, prompt, content; not prompt_tokens, content-type."""
+    return bool(_SENSITIVE.search(name)) and not _METADATA.search(name)
 
 
 def redact(value: object) -> str:
@@ -455,8 +462,8 @@ def install_privacy_filter(logger: logging.Logger | None = None) -> None:
 
 # --- W3C trace context and request ids ----------------------------------------------------------
 
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -476,7 +483,7 @@ class TraceContext:
 
 def parse_traceparent(header: str | None) -> TraceContext | None:
     """The caller's trace context, or None when absent or invalid (W3C Trace Context, level 1)."""
-    match = _TRACEPARENT.match((header or "").strip())
+    match = _TRACEPARENT.fullmatch((header or "").strip())
     if match is None:
         return None
     version, trace_id, span_id, flags, rest = match.groups()
@@ -506,4 +513,4 @@ def _span_id() -> str:
 def accept_request_id(header: str | None) -> str:
     """The caller's x-request-id when well-formed (it joins their logs to ours), else a new uuid4."""
     value = (header or "").strip()
-    return value if _REQUEST_ID.match(value) else str(uuid.uuid4())
+    return value if _REQUEST_ID.fullmatch(value) else str(uuid.uuid4())

@@ -13,4 +13,4 @@ from tools import netguard  # noqa: E402
 
 netguard.install()
 
-pytest_plugins = ["tests.stack_fixture"]
+pytest_plugins = ["tests.stack_fixture", "tests.azurite_fixture"]

@@ -70,7 +70,10 @@ class Azurite:
         args = [str(binary), "--tableHost", HOST, "--tablePort", str(self.port), "--location", str(self.location),
                 "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
         with open(self.location / "azurite.log", "ab") as log:
-            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.location)
+            # Own session: a signal to our process group (a test harness stopping us) must not kill Azurite
+            # before it saves its database; we stop it with SIGINT ourselves, and it dies with us if we die.
+            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.location,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_until_listening(timeout)
         return self
 
@@ -111,11 +114,26 @@ class Azurite:
         raise TimeoutError(f"Azurite did not listen on {HOST}:{self.port} within {timeout:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL Azurite if the Python process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere: stop() or Ctrl+C is the only cleanup
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # runs main()'s finally, which stops Azurite gracefully
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.azurite", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("AZURITE_TABLE_PORT", "10002")))
     parser.add_argument("--location", type=Path, default=DEFAULT_LOCATION)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = Azurite(args.port, args.location).start()
     print(f"Azurite Table on http://{HOST}:{args.port} (data in {args.location}); Ctrl+C to stop")
     print(f"GATEWAY_STORAGE_CONNECTION_STRING={server.connection_string}")

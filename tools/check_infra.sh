@@ -18,7 +18,7 @@ SHELLCHECK="$(command -v shellcheck || echo "$VENV/bin/shellcheck")"
 status=0
 
 echo "== checkov (bicep) =="
-if ! "$CHECKOV" -d infra --framework bicep --skip-download --config-file infra/.checkov.yaml; then
+if ! "$CHECKOV" -d infra --framework bicep --skip-download --quiet --config-file infra/.checkov.yaml; then
   status=1
 fi
 

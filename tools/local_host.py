@@ -48,10 +48,16 @@ def route_prefix(root: Path = ROOT) -> str:
     return str(prefix).strip("/")
 
 
-def http_functions(function_app: Any) -> list[tuple[str, str, list[str], Callable[..., Awaitable[Any]]]]:
-    """(name, route, methods, user function) for each HTTP trigger the app registers."""
+def indexed(function_app: Any) -> list[Any]:
+    """The app's functions, indexed once: like the worker, because ``get_functions()`` builds them anew
+    and a second call fails the library's duplicate-name check."""
+    return list(function_app.get_functions())
+
+
+def http_functions(functions: list[Any]) -> list[tuple[str, str, list[str], Callable[..., Awaitable[Any]]]]:
+    """(name, route, methods, user function) for each HTTP trigger."""
     found = []
-    for fn in function_app.get_functions():
+    for fn in functions:
         trigger = fn.get_trigger()
         if getattr(trigger, "type", None) != "httpTrigger":
             continue
@@ -61,10 +67,10 @@ def http_functions(function_app: Any) -> list[tuple[str, str, list[str], Callabl
     return found
 
 
-def other_functions(function_app: Any) -> dict[str, tuple[str, Callable[..., Any]]]:
+def other_functions(functions: list[Any]) -> dict[str, tuple[str, Callable[..., Any]]]:
     """Non-HTTP functions by name: (binding argument name, user function)."""
     found = {}
-    for fn in function_app.get_functions():
+    for fn in functions:
         trigger = fn.get_trigger()
         if getattr(trigger, "type", None) != "httpTrigger":
             found[fn.get_function_name()] = (trigger.name, fn.get_user_function())
@@ -111,9 +117,10 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 def build_app(function_app: Any, prefix: str | None = None) -> Starlette:
     prefix = route_prefix() if prefix is None else prefix
     base = f"/{prefix}" if prefix else ""
+    functions = indexed(function_app)
     routes = [Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name)
-              for name, route, methods, fn in http_functions(function_app)]
-    routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(function_app)), methods=["POST"]))
+              for name, route, methods, fn in http_functions(functions)]
+    routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed})
 
 
@@ -145,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     app = build_app(function_app)
-    print(f"local host serving {len(http_functions(function_app))} HTTP functions on http://{args.host}:{args.port}",
-          flush=True)
+    served = [r for r in app.routes if not r.path.startswith("/admin/")]  # type: ignore[attr-defined]
+    print(f"local host serving {len(served)} HTTP functions on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

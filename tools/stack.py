@@ -140,11 +140,15 @@ class Stack:
     def _spawn(self, name: str, args: list[str], port: int, timeout: float = 30,
                env: Mapping[str, str] | None = None) -> None:
         assert self.log_dir is not None
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs[name] = proc
-        wait_for_port(port, timeout, proc)
+        try:
+            wait_for_port(port, timeout, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name}: {exc}\n--- {name}.log (tail) ---\n{tail}") from None
 
     def restart(self, name: str) -> None:
         """Start again a process stopped with ``stop_process`` (fault tests)."""

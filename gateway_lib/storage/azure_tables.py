@@ -120,8 +120,7 @@ class AzureTableStore:
             with _translated():
                 metas = await self._client(table).submit_transaction([_batch_op(op) for op in ops])
         except TableTransactionError as exc:
-            raw = getattr(exc, "error_code", None)
-            code = str(getattr(raw, "value", raw))  # TableErrorCode enum or a plain string
+            code = _code(exc)
             reason: Literal["exists", "precondition", "not_found", "other"] = _REASONS.get(code, "other")
             raise TransactionFailed(f"{exc.index}: {code}", index=exc.index, reason=reason) from exc
         return [_stored(op.entity, meta) for op, meta in zip(ops, metas, strict=True)]
@@ -170,7 +169,7 @@ def _translated() -> Iterator[None]:
     except ResourceExistsError as exc:
         raise EntityExists(_first_line(exc)) from exc
     except ResourceNotFoundError as exc:
-        if str(getattr(exc, "error_code", "")).endswith("TableNotFound"):
+        if _code(exc) == "TableNotFound" or '"TableNotFound"' in str(exc):  # create_entity has it only in the body
             raise StorageError(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
         raise EntityNotFound(_first_line(exc)) from exc
     except AzureError as exc:
@@ -179,6 +178,11 @@ def _translated() -> Iterator[None]:
         raise StorageError(f"table storage failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except (TimeoutError, OSError) as exc:
         raise StorageError(f"table storage unreachable: {type(exc).__name__}") from exc
+
+
+def _code(exc: Exception) -> str:
+    raw = getattr(exc, "error_code", None)
+    return str(getattr(raw, "value", raw))  # a TableErrorCode enum, a plain string or None
 
 
 def _first_line(exc: Exception) -> str:

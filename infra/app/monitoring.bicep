@@ -5,6 +5,8 @@ param applicationInsightsName string
 param location string
 param tags object = {}
 param retentionInDays int = 30
+@description('Entra-only ingestion. Every exporter must then send a token: the host uses APPLICATIONINSIGHTS_AUTHENTICATION_STRING, the gateway\'s opencensus exporters need credential=ManagedIdentityCredential(client_id=AZURE_CLIENT_ID).')
+param disableLocalAuth bool = true
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2025-02-01' = {
   name: logAnalyticsName
@@ -29,7 +31,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
   properties: {
     Application_Type: 'web'
     WorkspaceResourceId: workspace.id
-    DisableLocalAuth: true
+    DisableLocalAuth: disableLocalAuth
     IngestionMode: 'LogAnalytics'
   }
 }

@@ -77,8 +77,8 @@ resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2025-01-0
   name: 'default'
 }
 
-// Created here rather than lazily by the gateway: the identity gets Table Data Contributor (data plane)
-// but not the right to create tables at first request under load.
+// Created here as well as lazily by the gateway (its create is then a no-op): the tables exist before the
+// first request, show up in what-if, and survive as named resources of the deployment.
 resource tables 'Microsoft.Storage/storageAccounts/tableServices/tables@2025-01-01' = [for table in tableNames: {
   parent: tableService
   name: table

@@ -59,7 +59,7 @@ def test_raw_sse_frames_are_openai_shaped(base_url: str, token: str) -> None:
 def test_same_request_is_served_by_bedrock_when_hinted(base_url: str, token: str, stream: bool) -> None:
     body = {"model": "chat-default", "messages": [{"role": "system", "content": "Be brief."},
                                                    {"role": "user", "content": "Hello from the hint test"}],
-            "provider_hint": "bedrock"}
+            "extra_body": {"provider_hint": "bedrock"}}  # gateway extensions travel in the SDK's extra_body
     sdk = client(base_url, token)
     if stream:
         chunks = list(sdk.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))

@@ -46,7 +46,8 @@ class FakeClock:
 
 class FakeSink:
     def __init__(self, name: str = "webhook") -> None:
-        self.name, self.sent, self.failing = name, [], False
+        self.name, self.failing = name, False
+        self.sent: list[Alert] = []
 
     async def send(self, alert: Alert) -> None:
         await asyncio.sleep(0)
@@ -103,7 +104,7 @@ async def set_budget(store: TableStore, prefix: str, subject: str, *, day: str |
 async def rollup(store: TableStore, prefix: str, clock: FakeClock, sinks: Sequence[Any] = (), *,
                  cfg: BudgetSettings | None = None, deadline: datetime | None = None) -> RollupReport:
     cfg = cfg or settings()
-    enforcer = OverrideEnforcer(store, prefix, cfg.enforcement, cfg.downgrade_alias)
+    enforcer = OverrideEnforcer(store, prefix, cfg.enforcement, cfg.downgrade_alias, clock)
     return await run_rollup(store, cfg, OverrideBudgets(store, prefix, policy()), clock, sinks, prefix=prefix,
                             enforcer=enforcer, deadline=deadline)
 
@@ -186,8 +187,8 @@ async def scenario_failing_sink_retried(store: TableStore, prefix: str, sink: An
 
 async def scenario_backlog_across_runs(store: TableStore, prefix: str) -> None:
     await prepare(store, prefix)
-    for i in range(100):
-        await write_cost(store, prefix, "hot", T0 + timedelta(seconds=i), "0.01")
+    for i in range(100):  # "aa-hot" sorts first: it is served before the others in the first round
+        await write_cost(store, prefix, "aa-hot", T0 + timedelta(seconds=i), "0.01")
     for app in ("cold1", "cold2", "cold3"):
         await write_cost(store, prefix, app, T0, "0.50")
         await write_cost(store, prefix, app, T0 + timedelta(seconds=1), "0.50")
@@ -202,7 +203,7 @@ async def scenario_backlog_across_runs(store: TableStore, prefix: str) -> None:
         if not report.backlog:
             break
     assert not report.backlog
-    assert await caller_month_spend(store, prefix, "hot") == Decimal("1.00")
+    assert await caller_month_spend(store, prefix, "aa-hot") == Decimal("1.00")
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -469,6 +470,7 @@ def test_enforcement_never_lifts_a_block_an_admin_set() -> None:
         await rollup(store, "gw", clock, cfg=cfg)
         override = await quota.get_override(store, "gw", key)
         assert override is not None and (override.status, override.reason) == ("blocked", "abuse")
+        assert override.updated_by is None
 
     run(go())
 
@@ -544,3 +546,51 @@ def test_transact_marker_and_alert_are_claimed_together() -> None:
 def test_budget_for_period_picks_day_or_month() -> None:
     b = Budget(Decimal(1), Decimal(30))
     assert (b.for_period("day|20260310"), b.for_period("month|202603")) == (Decimal(1), Decimal(30))
+
+
+def test_a_dead_sink_is_tried_once_per_run_not_once_per_alert() -> None:
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        calls = 0
+        original = sink.send
+
+        async def counting(alert: Alert) -> None:
+            nonlocal calls
+            calls += 1
+            await original(alert)
+
+        sink.send = counting  # type: ignore[method-assign]
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), day="1")
+        await write_cost(store, "gw", "a", T0, "2")  # three thresholds at once
+        sink.failing = True
+        report = await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)), [sink])
+        assert (len(report.alerts_raised), report.alerts_pending, calls) == (3, 3, 1)
+
+    run(go())
+
+
+def test_the_timer_entry_builds_its_dependencies_from_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from gateway_lib import runtime
+    from gateway_lib.settings import Settings
+
+    env = {"GATEWAY_STORAGE_MODE": "memory", "AUTH_TENANT_IDS": TENANT, "AUTH_AUDIENCES": "api://gw",
+           "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "GATEWAY_TABLE_PREFIX": "gw",
+           "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"}
+    events: list[tuple[str, Any, Any]] = []
+    store = MemoryTableStore()
+    fake = SimpleNamespace(settings=Settings.from_env(env), store=store,
+                           telemetry=SimpleNamespace(track_event=lambda *event: events.append(event)))
+    monkeypatch.setattr(runtime, "get_runtime", lambda: fake)
+
+    async def go() -> RollupReport:
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("a"), day="1")
+        await write_cost(store, "gw", "a", datetime.now(UTC) - timedelta(minutes=10), "0.6")
+        return await budget.rollup_timer_entry(timer_past_due=False)
+
+    report = run(go())
+    assert report.rows_applied == 1 and report.alerts_delivered >= 1
+    assert events[0][0] == "BudgetAlert" and events[0][2]["spend_usd"] == 0.6

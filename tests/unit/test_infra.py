@@ -181,7 +181,9 @@ def test_azure_openai_uses_the_managed_identity_in_azure() -> None:
 
 def test_app_insights_ingestion_uses_entra() -> None:
     assert "Authorization=AAD" in bicep(FUNCTION)
-    assert re.search(r"DisableLocalAuth:\s*true", bicep(INFRA / "app" / "monitoring.bicep"))
+    monitoring = bicep(INFRA / "app" / "monitoring.bicep")
+    assert re.search(r"param disableLocalAuth bool = true", monitoring)
+    assert re.search(r"DisableLocalAuth:\s*disableLocalAuth", monitoring)
 
 
 def test_gateway_tables_match_the_table_prefix() -> None:

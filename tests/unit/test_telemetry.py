@@ -25,7 +25,8 @@ def record(**changes: Any) -> RequestRecord:
         latency_ms=812.456, upstream_ms=800.1, overhead_ms=12.356, trace_id=TRACE,
         attempts=[{"target": "aoai-east", "provider": "azure_openai", "outcome": "rate_limited", "status": 429,
                    "latency_ms": 20.0, "error": "upstream said: <the user's prompt>"},
-                  {"target": "aoai-swc", "provider": "azure_openai", "outcome": "ok", "status": 200, "latency_ms": 780.0}],
+                  {"target": "aoai-swc", "provider": "azure_openai", "outcome": "ok", "status": 200,
+                   "latency_ms": 780.0}],
         fallbacks=1,
     )
     return RequestRecord(**(values | changes))
@@ -52,10 +53,15 @@ class FakeExporter:
 class FakeEvents(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[tuple[str, dict[str, str], dict[str, float]]] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), record.custom_dimensions, record.custom_measurements))  # type: ignore[attr-defined]
+        self.records.append(record)
+
+    @property
+    def events(self) -> list[tuple[str, dict[str, str], dict[str, float]]]:
+        return [(r.getMessage(), getattr(r, "custom_dimensions", {}), getattr(r, "custom_measurements", {}))
+                for r in self.records]
 
 
 @pytest.fixture
@@ -92,6 +98,7 @@ def test_log_request_emits_one_record_with_custom_dimensions(caplog: pytest.LogC
     [entry] = caplog.records
     assert entry.name == "gateway.request"
     assert entry.custom_dimensions["request_id"] == "req-1"  # type: ignore[attr-defined]
+    assert entry.custom_dimensions["record"] == "gateway.request"  # type: ignore[attr-defined]
     assert entry.traceId == TRACE  # type: ignore[attr-defined]
     assert entry.getMessage() == ("chat 200 ok chat-default->gpt-4o-mini 812ms tokens=120/30 cost=0.000038 "
                                   "request_id=req-1")
@@ -114,6 +121,14 @@ def test_without_a_connection_string_nothing_exports(caplog: pytest.LogCaptureFi
         tel.track_event("BudgetAlert", {"team": "x"}, {"spend_usd": 1.0})
     assert tel.meter.get_metrics() == []  # no metric bookkeeping either
     assert [r.name for r in caplog.records] == ["gateway.request"]  # the log line still goes to the host
+
+
+def test_from_settings_without_app_insights_is_disabled() -> None:
+    @dataclass
+    class Settings:
+        appinsights_connection_string: str | None = None
+
+    assert not Telemetry.from_settings(Settings()).enabled
 
 
 def test_bad_connection_string_disables_export_instead_of_failing() -> None:
@@ -214,7 +229,8 @@ def test_rejection_before_the_pipeline_leaves_a_record(fakes: Any, caplog: pytes
     ("access_token", True), ("token", True), ("prompt", True), ("content", True), ("messages", True),
     ("completion", True), ("client_secret", True), ("set-cookie", True), ("Ocp-Apim-Subscription-Key", True),
     ("prompt_tokens", False), ("completion_tokens", False), ("max_tokens", False), ("prompt_chars", False),
-    ("request_id", False), ("tokenizer", False), ("model", False), ("status", False), ("content_type", True),
+    ("request_id", False), ("tokenizer", False), ("model", False), ("status", False), ("content_type", False),
+    ("content-length", False), ("id_token", True), ("sig", True),
 ])
 def test_sensitive_names(name: str, sensitive: bool) -> None:
     assert telemetry.is_sensitive(name) is sensitive
@@ -222,9 +238,8 @@ def test_sensitive_names(name: str, sensitive: bool) -> None:
 
 def test_privacy_filter_blanks_sensitive_attributes_and_dimension_keys() -> None:
     logger = logging.Logger("privacy-test")
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
+    handler = FakeEvents()
+    seen = handler.records
     handler.addFilter(PrivacyFilter())
     logger.addHandler(handler)
     dims = {"content": "hello", "prompt_tokens": 5, "x-api-key": "k-123", "request_id": "r"}
