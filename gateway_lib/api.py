@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -82,7 +83,7 @@ async def usage(request: Request) -> Response:
         subject = request.query_params.get("caller")
         if subject and subject != caller.key and not caller.is_admin:
             raise PermissionDenied("Only gateway admins may read another caller's usage.")
-        view = await rt.admission.usage_view(caller if not subject else subject, caller.tier)
+        view = await rt.admission.usage_view(subject or caller, caller.tier)
         return edge.json_response(view, scope)
 
     return await _serve(request, "usage", handle)
@@ -111,8 +112,10 @@ async def admin_alerts(request: Request) -> Response:
         from . import alerts
 
         limit = _int_param(request, "limit", 100, 1, 1000)
-        rows = await alerts.list_alerts(rt.store, rt.settings.storage.table_prefix, limit=limit)
-        return edge.json_response({"object": "list", "data": [a.as_dict() for a in rows]}, scope)
+        days = _int_param(request, "days", 31, 1, 62)
+        since = datetime.now(UTC) - timedelta(days=days)
+        rows = await alerts.list_alerts(rt.store, rt.settings.storage.table_prefix, since, limit)
+        return edge.json_response({"object": "list", "data": [a.as_json() for a in rows]}, scope)
 
     return await _serve(request, "admin_alerts", handle)
 
@@ -140,7 +143,9 @@ async def budget_rollup(past_due: bool) -> None:
     from . import budget
 
     report = await budget.rollup_timer_entry(past_due)
-    log.info("budget rollup finished", extra={"custom_dimensions": report.as_dict()})
+    log.info("budget rollup finished", extra={"custom_dimensions": {
+        "callers": report.callers, "rows_applied": report.rows_applied, "backlog": report.backlog,
+        "alerts_raised": len(report.alerts_raised), "alerts_pending": report.alerts_pending}})
 
 
 def _require_admin(caller: Caller) -> None:

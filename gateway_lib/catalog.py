@@ -122,7 +122,7 @@ def _target(tid: str, spec: Any, problems: list[str]) -> Target | None:
     if len(problems) > before:
         return None
     return Target(
-        id=tid, provider=provider, deployment=spec["deployment"], model=spec.get("model", spec["deployment"]),
+        id=tid, provider=str(provider), deployment=spec["deployment"], model=str(spec.get("model") or spec["deployment"]),
         region=spec["region"], endpoint=spec.get("endpoint"), price=Price(prices[0], prices[1]),
         quality=ints[0], context_window=ints[1], max_output_tokens=ints[2], tokenizer=tokenizer,
         supports_tools=bool(spec.get("supports_tools", True)),

@@ -22,8 +22,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .identity import Caller
 from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .identity import Caller
 
 log = logging.getLogger("gateway.edge")
 

@@ -14,8 +14,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlparse
 
 from .catalog import Catalogue, default_catalogue_json, parse_catalogue
@@ -161,14 +161,14 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         settings = cls(
             environment=env.choice("GATEWAY_ENVIRONMENT", ("local", "dev", "test", "prod"), "prod"),
-            catalogue=parse_catalogue(env.str("GATEWAY_MODELS") or default_catalogue_json(), env.problems),  # type: ignore[arg-type]
-            tiers=parse_tiers(env.str("GATEWAY_TIERS") or default_tiers_json(), env.problems),  # type: ignore[arg-type]
+            catalogue=parse_catalogue(env.text("GATEWAY_MODELS") or default_catalogue_json(), env.problems),  # type: ignore[arg-type]
+            tiers=parse_tiers(env.text("GATEWAY_TIERS") or default_tiers_json(), env.problems),  # type: ignore[arg-type]
             auth=_auth(env),
             providers=_providers(env),
             limits=_limits(env),
             storage=_storage(env),
             budget=_budget(env),
-            appinsights_connection_string=env.str("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+            appinsights_connection_string=env.text("APPLICATIONINSIGHTS_CONNECTION_STRING"),
         )
         _cross_checks(settings, env)
         if env.problems:
@@ -183,53 +183,53 @@ def get_settings() -> Settings:
 
 
 def _auth(env: _Env) -> AuthSettings:
-    tenants = env.list("AUTH_TENANT_IDS")
+    tenants = env.csv("AUTH_TENANT_IDS")
     for tid in tenants:
         if not _GUID.match(tid):
             env.problems.append(f"AUTH_TENANT_IDS: '{tid}' is not a tenant GUID")
     if not tenants:
         env.problems.append("AUTH_TENANT_IDS: at least one Entra tenant id is required")
-    audiences = env.list("AUTH_AUDIENCES")
+    audiences = env.csv("AUTH_AUDIENCES")
     if not audiences:
         env.problems.append("AUTH_AUDIENCES: the gateway's app ID URI and/or client id is required")
     openid, jwks = env.url("AUTH_OPENID_CONFIG_URL"), env.url("AUTH_JWKS_URL")
     if not openid and not jwks and tenants:
         openid = f"https://login.microsoftonline.com/{tenants[0]}/v2.0/.well-known/openid-configuration"
-    algorithms = tuple(env.list("AUTH_ALGORITHMS") or ["RS256"])
+    algorithms = tuple(env.csv("AUTH_ALGORITHMS") or ["RS256"])
     for alg in algorithms:
         if alg not in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
             env.problems.append(f"AUTH_ALGORITHMS: '{alg}' is not an asymmetric algorithm the gateway accepts")
     return AuthSettings(
-        tenant_ids=tuple(tenants), allowed_tenants=tuple(env.list("AUTH_ALLOWED_TENANTS")),
-        audiences=tuple(audiences), extra_issuers=tuple(env.list("AUTH_EXTRA_ISSUERS")),
+        tenant_ids=tuple(tenants), allowed_tenants=tuple(env.csv("AUTH_ALLOWED_TENANTS")),
+        audiences=tuple(audiences), extra_issuers=tuple(env.csv("AUTH_EXTRA_ISSUERS")),
         openid_config_url=openid, jwks_url=jwks, algorithms=algorithms,
-        leeway_seconds=env.int("AUTH_LEEWAY_SECONDS", 60, lo=0, hi=300),
-        jwks_cache_ttl_seconds=env.int("AUTH_JWKS_CACHE_TTL_SECONDS", 3600, lo=60),
-        jwks_min_refresh_seconds=env.int("AUTH_JWKS_MIN_REFRESH_SECONDS", 60, lo=1),
+        leeway_seconds=env.integer("AUTH_LEEWAY_SECONDS", 60, lo=0, hi=300),
+        jwks_cache_ttl_seconds=env.integer("AUTH_JWKS_CACHE_TTL_SECONDS", 3600, lo=60),
+        jwks_min_refresh_seconds=env.integer("AUTH_JWKS_MIN_REFRESH_SECONDS", 60, lo=1),
     )
 
 
 def _providers(env: _Env) -> ProviderSettings:
     return ProviderSettings(
         azure_openai_endpoint=env.url("AZURE_OPENAI_ENDPOINT"),
-        azure_openai_api_version=env.str("AZURE_OPENAI_API_VERSION") or "2024-10-21",
+        azure_openai_api_version=env.text("AZURE_OPENAI_API_VERSION") or "2024-10-21",
         azure_openai_auth=env.choice("AZURE_OPENAI_AUTH", ("managed_identity", "api_key"), "managed_identity"),
-        azure_openai_api_key=env.str("AZURE_OPENAI_API_KEY"),
-        azure_openai_token_scope=env.str("AZURE_OPENAI_TOKEN_SCOPE") or "https://cognitiveservices.azure.com/.default",
-        azure_client_id=env.str("AZURE_CLIENT_ID"),
-        bedrock_region=env.str("BEDROCK_REGION") or "us-east-1",
+        azure_openai_api_key=env.text("AZURE_OPENAI_API_KEY"),
+        azure_openai_token_scope=env.text("AZURE_OPENAI_TOKEN_SCOPE") or "https://cognitiveservices.azure.com/.default",
+        azure_client_id=env.text("AZURE_CLIENT_ID"),
+        bedrock_region=env.text("BEDROCK_REGION") or "us-east-1",
         bedrock_endpoint_url=env.url("BEDROCK_ENDPOINT_URL"),
-        aws_role_arn=env.str("AWS_ROLE_ARN"),
-        aws_web_identity_audience=env.str("AWS_WEB_IDENTITY_AUDIENCE"),
+        aws_role_arn=env.text("AWS_ROLE_ARN"),
+        aws_web_identity_audience=env.text("AWS_WEB_IDENTITY_AUDIENCE"),
         aws_sts_endpoint_url=env.url("AWS_STS_ENDPOINT_URL"),
-        aws_role_session_name=env.str("AWS_ROLE_SESSION_NAME") or "ai-gateway",
-        upstream_timeout_seconds=env.float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 120.0, lo=1, hi=230),
-        connect_timeout_seconds=env.float("GATEWAY_CONNECT_TIMEOUT_SECONDS", 5.0, lo=0.1, hi=60),
+        aws_role_session_name=env.text("AWS_ROLE_SESSION_NAME") or "ai-gateway",
+        upstream_timeout_seconds=env.number("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 120.0, lo=1, hi=230),
+        connect_timeout_seconds=env.number("GATEWAY_CONNECT_TIMEOUT_SECONDS", 5.0, lo=0.1, hi=60),
     )
 
 
 def _limits(env: _Env) -> LimitSettings:
-    deny = tuple(env.json_list("GATEWAY_DENY_PATTERNS"))
+    deny: tuple[str, ...] = tuple(env.json_list("GATEWAY_DENY_PATTERNS"))
     for pattern in deny:
         try:
             re.compile(pattern)
@@ -237,22 +237,22 @@ def _limits(env: _Env) -> LimitSettings:
             env.problems.append(f"GATEWAY_DENY_PATTERNS: '{pattern}' is not a valid regex ({exc})")
     from .guardrails import pii_problems  # guardrails owns the detector names
 
-    env.problems.extend(pii_problems(env.list("GATEWAY_PII_PATTERNS")))
+    env.problems.extend(pii_problems(env.csv("GATEWAY_PII_PATTERNS")))
     return LimitSettings(
-        max_body_bytes=env.int("GATEWAY_MAX_BODY_BYTES", 1_048_576, lo=1024, hi=100 * 1_048_576),
-        max_prompt_chars=env.int("GATEWAY_MAX_PROMPT_CHARS", 400_000, lo=1),
-        max_messages=env.int("GATEWAY_MAX_MESSAGES", 256, lo=1),
+        max_body_bytes=env.integer("GATEWAY_MAX_BODY_BYTES", 1_048_576, lo=1024, hi=100 * 1_048_576),
+        max_prompt_chars=env.integer("GATEWAY_MAX_PROMPT_CHARS", 400_000, lo=1),
+        max_messages=env.integer("GATEWAY_MAX_MESSAGES", 256, lo=1),
         deny_patterns=deny,
-        pii_patterns=tuple(env.list("GATEWAY_PII_PATTERNS")),
+        pii_patterns=tuple(env.csv("GATEWAY_PII_PATTERNS")),
     )
 
 
 def _storage(env: _Env) -> StorageSettings:
     settings = StorageSettings(
         mode=env.choice("GATEWAY_STORAGE_MODE", ("table", "memory"), "table"),
-        connection_string=env.str("GATEWAY_STORAGE_CONNECTION_STRING"),
+        connection_string=env.text("GATEWAY_STORAGE_CONNECTION_STRING"),
         table_endpoint=env.url("GATEWAY_TABLE_ENDPOINT"),
-        table_prefix=env.str("GATEWAY_TABLE_PREFIX") or "gw",
+        table_prefix=env.text("GATEWAY_TABLE_PREFIX") or "gw",
     )
     if settings.mode == "table" and not (settings.connection_string or settings.table_endpoint):
         env.problems.append("GATEWAY_TABLE_ENDPOINT (managed identity) or GATEWAY_STORAGE_CONNECTION_STRING (local) is required")
@@ -262,7 +262,7 @@ def _storage(env: _Env) -> StorageSettings:
 
 
 def _budget(env: _Env) -> BudgetSettings:
-    thresholds = env.list("BUDGET_ALERT_THRESHOLDS") or ["50", "80", "100"]
+    thresholds: list[str] = env.csv("BUDGET_ALERT_THRESHOLDS") or ["50", "80", "100"]
     parsed: list[int] = []
     for item in thresholds:
         if item.isdigit() and 0 < int(item) <= 1000:
@@ -270,11 +270,11 @@ def _budget(env: _Env) -> BudgetSettings:
         else:
             env.problems.append(f"BUDGET_ALERT_THRESHOLDS: '{item}' must be a whole percent between 1 and 1000")
     return BudgetSettings(
-        rollup_schedule=env.str("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *",
+        rollup_schedule=env.text("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *",
         alert_thresholds=tuple(sorted(set(parsed))),
         enforcement=env.choice("BUDGET_ENFORCEMENT", ("none", "block", "downgrade"), "none"),
-        downgrade_alias=env.str("BUDGET_DOWNGRADE_ALIAS"),
-        rollup_max_rows=env.int("BUDGET_ROLLUP_MAX_ROWS", 5000, lo=10),
+        downgrade_alias=env.text("BUDGET_DOWNGRADE_ALIAS"),
+        rollup_max_rows=env.integer("BUDGET_ROLLUP_MAX_ROWS", 5000, lo=10),
         alert_webhook_url=env.url("ALERT_WEBHOOK_URL"),
     )
 
@@ -310,16 +310,16 @@ class _Env:
         self.raw = raw
         self.problems: list[str] = []
 
-    def str(self, name: str) -> str | None:
+    def text(self, name: str) -> str | None:
         assert name in SETTING_NAMES, f"{name} missing from SETTING_NAMES"
         value = self.raw.get(name, "").strip()
         return value or None
 
-    def list(self, name: str) -> list[str]:
-        return [item.strip() for item in (self.str(name) or "").split(",") if item.strip()]
+    def csv(self, name: str) -> list[str]:
+        return [item.strip() for item in (self.text(name) or "").split(",") if item.strip()]
 
     def json_list(self, name: str) -> list[str]:
-        raw = self.str(name)
+        raw = self.text(name)
         if raw is None:
             return []
         try:
@@ -331,8 +331,8 @@ class _Env:
             return []
         return value
 
-    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        raw = self.str(name)
+    def integer(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        raw = self.text(name)
         if raw is None:
             return default
         try:
@@ -342,8 +342,8 @@ class _Env:
             return default
         return self._bounded(name, value, lo, hi, default)
 
-    def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
-        raw = self.str(name)
+    def number(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        raw = self.text(name)
         if raw is None:
             return default
         try:
@@ -354,14 +354,14 @@ class _Env:
         return self._bounded(name, value, lo, hi, default)
 
     def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
-        value = self.str(name) or default
+        value = self.text(name) or default
         if value not in options:
             self.problems.append(f"{name}: '{value}' is not one of {', '.join(options)}")
             return default
         return value
 
     def url(self, name: str) -> str | None:
-        value = self.str(name)
+        value = self.text(name)
         if value is not None:
             parsed = urlparse(value)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -369,12 +369,9 @@ class _Env:
                 return None
         return value
 
-    def _bounded(self, name, value, lo, hi, default):  # type: ignore[no-untyped-def]
+    def _bounded(self, name: str, value: Any, lo: Any, hi: Any, default: Any) -> Any:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
             return default
         return value
 
-
-def decimal_or_zero(value: str | None) -> Decimal:
-    return Decimal(value) if value else Decimal(0)

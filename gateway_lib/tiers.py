@@ -92,13 +92,13 @@ def _tier(name: str, spec: Any, problems: list[str]) -> Tier | None:
         problems.append(f"{where} must be an object")
         return None
     before = len(problems)
-    ints = {}
+    ints: dict[str, Any] = {}
     for key in _INT_LIMITS:
         value = spec.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             problems.append(f"{where}: '{key}' must be a positive integer")
         ints[key] = value
-    usd = {}
+    usd: dict[str, Any] = {}
     for key in _USD_LIMITS:
         try:
             usd[key] = Decimal(str(spec.get(key)))
@@ -109,7 +109,7 @@ def _tier(name: str, spec: Any, problems: list[str]) -> Tier | None:
     policy = spec.get("max_tokens_policy", "clamp")
     if policy not in ("clamp", "reject"):
         problems.append(f"{where}: 'max_tokens_policy' must be 'clamp' or 'reject'")
-    models = spec.get("models")
+    models: Any = spec.get("models")
     if not isinstance(models, list) or not models:
         problems.append(f"{where}: 'models' must be a non-empty list of aliases (or [\"*\"])")
     if len(problems) > before:
