@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
-from .storage.base import Entity, EntityExists, Op, PreconditionFailed, TableStore, TransactionFailed
+from .storage.base import Entity, EntityExists, Op, PreconditionFailed, TableNotFound, TableStore, TransactionFailed
 
 log = logging.getLogger("gateway.alerts")
 
@@ -325,7 +325,10 @@ async def list_alerts(
     # Partitions are months of the alert's period; a day alert is created within its month
     # and a month alert after its start, so months before ``since`` hold nothing newer.
     for _ in range(13):  # at most a year back: bounded reads for an admin endpoint
-        rows = await store.query(alerts_table(prefix), _month(month), row_key_from="alert|", row_key_to="alert}")
+        try:
+            rows = await store.query(alerts_table(prefix), _month(month), row_key_from="alert|", row_key_to="alert}")
+        except TableNotFound:  # the table appears with the first alert the rollup raises
+            return []
         found.extend(a for a in map(Alert.from_entity, rows) if a.created >= since)
         if month <= _month_start(since):
             break

@@ -37,7 +37,7 @@ async def _serve(request: Request, route: str, handler: Handler) -> Response:
 
     response = await edge.guarded(scope, run)
     if response.status_code >= 400 and rt is not None and not scope.recorded:
-        rt.telemetry.rejection(scope, response.status_code)
+        rt.telemetry.rejection(scope, response.status_code, scope.error_code)
     return response
 
 

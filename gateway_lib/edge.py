@@ -22,8 +22,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from .identity import Caller
+from .storage.base import StorageError
 
 log = logging.getLogger("gateway.edge")
 
@@ -45,6 +46,7 @@ class Scope:
     label: str | None = None  # APIM subscription name: a label, never identity
     caller: Caller | None = None  # set once authenticated
     recorded: bool = False  # the request's telemetry record was emitted
+    error_code: str | None = None  # the code of the error the request was answered with
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -100,6 +102,7 @@ def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str,
 
 
 def error_response(error: GatewayError, scope: Scope) -> Response:
+    scope.error_code = error.code
     headers = scope.headers() | error.headers
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
@@ -112,6 +115,11 @@ async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]]) -> R
         return await handler()
     except GatewayError as error:
         return error_response(error, scope)
+    except StorageError:
+        log.error("storage unavailable", extra={"custom_dimensions": {"request_id": scope.request_id,
+                                                                      "route": scope.route}})
+        return error_response(ServiceUnavailable("Gateway storage is unavailable; retry shortly.",
+                                                 code="storage_unavailable", retry_after=5), scope)
     except Exception:
         # Only the exception type and the code locations: messages can quote request content.
         exc_type, _, tb = sys.exc_info()

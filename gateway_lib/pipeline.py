@@ -78,6 +78,7 @@ async def _admit(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
         priority=chat.priority, health=rt.health.view(), request=chat,
     )
     screened = guardrails.screen(chat, caller.tier, plan.targets, rt.settings.limits)
+    plan = plan.only(screened.eligible)  # targets whose context window the request fits
     acct = Accounting(rt, scope, caller, chat, alias, task, plan, screened)
     await acct.reserve()
     return acct, CallContext(request_id=scope.request_id, traceparent=scope.traceparent,

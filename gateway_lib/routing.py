@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from .catalog import Catalogue, Target
@@ -52,6 +52,11 @@ class RoutePlan:
     @property
     def targets(self) -> tuple[Target, ...]:
         return tuple(step.target for step in self.steps)
+
+    def only(self, target_ids: Sequence[str]) -> RoutePlan:
+        """The plan restricted to ``target_ids`` (order kept): e.g. the targets a request fits."""
+        keep = set(target_ids)
+        return replace(self, steps=tuple(step for step in self.steps if step.target.id in keep))
 
 
 def plan_route(alias: str, catalogue: Catalogue, tier: Tier, provider_hint: str | None, priority: str | None,

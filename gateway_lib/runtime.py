@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tokens
 from .auth import Authenticator
 from .errors import ServiceUnavailable
 from .providers.base import Provider
@@ -21,7 +23,7 @@ from .quota import Admission
 from .settings import ConfigError, Settings, get_settings
 from .storage.base import TableStore
 from .target_health import TargetHealth
-from .telemetry import Telemetry
+from .telemetry import Telemetry, install_privacy_filter
 
 log = logging.getLogger("gateway.runtime")
 
@@ -53,6 +55,9 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
 
     # azure-core logs every storage call (headers included) at INFO: three per request on the hot path.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+    install_privacy_filter()
+    # Building the BPE tables takes ~0.3 s: do it beside the first request rather than inside it.
+    threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
     store = store or _store(settings, table_credential)
     telemetry = Telemetry.from_settings(settings)
     return Runtime(

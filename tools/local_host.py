@@ -114,10 +114,10 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     return _error(405, f"Method {request.method} is not allowed on {request.url.path}")
 
 
-def build_app(function_app: Any, prefix: str | None = None) -> Starlette:
+def build_app(function_app: Any, prefix: str | None = None, functions: list[Any] | None = None) -> Starlette:
     prefix = route_prefix() if prefix is None else prefix
     base = f"/{prefix}" if prefix else ""
-    functions = indexed(function_app)
+    functions = indexed(function_app) if functions is None else functions
     routes = [Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name)
               for name, route, methods, fn in http_functions(functions)]
     routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))

@@ -24,7 +24,7 @@ from azure.core.exceptions import (
 from azure.data.tables import EdmType, EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TransactionFailed
+from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TableNotFound, TransactionFailed
 from .memory import check_key, check_transaction, normalise_properties
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _translated() -> Iterator[None]:
         raise EntityExists(_first_line(exc)) from exc
     except ResourceNotFoundError as exc:
         if _code(exc) == "TableNotFound" or '"TableNotFound"' in str(exc):  # create_entity has it only in the body
-            raise StorageError(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
+            raise TableNotFound(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
         raise EntityNotFound(_first_line(exc)) from exc
     except AzureError as exc:
         if getattr(exc, "status_code", None) == 412:

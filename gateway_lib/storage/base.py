@@ -22,6 +22,10 @@ class EntityNotFound(StorageError):
     pass
 
 
+class TableNotFound(StorageError):
+    """The table does not exist: a deployment fault on the hot path, "nothing yet" for readers of optional tables."""
+
+
 class EntityExists(StorageError):
     """Insert of a row that is already there (the idempotency signal for ledger rows and alert claims)."""
 

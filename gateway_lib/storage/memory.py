@@ -23,7 +23,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TransactionFailed
+from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TableNotFound, TransactionFailed
 
 MAX_TRANSACTION_OPS = 100
 _INT64 = (-(2**63), 2**63 - 1)
@@ -146,7 +146,7 @@ class MemoryTableStore:
     async def _rows(self, table: str) -> Rows:
         await self._enter()
         if table not in self._tables:
-            raise StorageError(f"table {table!r} does not exist (TableNotFound)")
+            raise TableNotFound(f"table {table!r} does not exist (TableNotFound)")
         return self._tables[table]
 
     def _apply(self, rows: Rows, op: Op) -> Entity:

@@ -1,0 +1,190 @@
+"""function_app.py as the Functions host sees it: indexed once, user functions invoked directly.
+
+The local host is a stand-in for ``func start``; these tests call the registered user
+functions with the Starlette request the HTTP-streams worker builds, so a difference
+between the local host and the v2 indexing shows up here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.functions.timer import TimerRequest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gateway_lib.runtime import build_runtime, set_runtime
+from gateway_lib.settings import Settings
+from tools import local_host
+from tools.dev_issuer import DevIssuer, JwksServer
+from tools.provider_simulator import start_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+EXPECTED_HTTP = {
+    "chat_completions": ("v1/chat/completions", {"POST"}, "function"),
+    "list_models": ("v1/models", {"GET"}, "function"),
+    "generate": ("generate", {"POST"}, "function"),
+    "usage": ("v1/usage", {"GET"}, "function"),
+    "admin_limits": ("admin/limits", {"GET", "PUT"}, "function"),
+    "admin_alerts": ("admin/alerts", {"GET"}, "function"),
+    "health": ("health", {"GET"}, "anonymous"),
+}
+
+
+@pytest.fixture(scope="module")
+def functions() -> dict[str, Any]:
+    import function_app
+
+    return {fn.get_function_name(): fn for fn in local_host.indexed(function_app.app)}
+
+
+def test_the_app_registers_exactly_the_documented_functions(functions: dict[str, Any]) -> None:
+    http = {}
+    for name, fn in functions.items():
+        trigger = fn.get_trigger()
+        if trigger.type == "httpTrigger":
+            level = trigger.auth_level.value if hasattr(trigger.auth_level, "value") else str(trigger.auth_level)
+            http[name] = (trigger.route, {m.value for m in trigger.methods}, str(level).lower())
+    assert http == EXPECTED_HTTP
+    timer = functions["budget_rollup"].get_trigger()
+    assert timer.type == "timerTrigger"
+    assert timer.schedule == "%BUDGET_ROLLUP_SCHEDULE%"  # the schedule is an app setting
+
+
+def test_local_host_serves_the_same_routes_as_the_index(functions: dict[str, Any]) -> None:
+    import function_app
+
+    app = local_host.build_app(function_app.app, prefix="api", functions=list(functions.values()))
+    served = {(r.path, frozenset(r.methods or ()) - {"HEAD"}) for r in app.routes if not r.path.startswith("/admin/f")}
+    indexed = {(f"/api/{route}", frozenset(methods)) for route, methods, _ in EXPECTED_HTTP.values()}
+    assert served == indexed
+
+
+def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
+    # Any socket connect (even to loopback) fails the import; no app settings are present.
+    probe = (
+        "import socket\n"
+        "def deny(*a, **k): raise AssertionError('I/O at import time')\n"
+        "socket.socket.connect = deny\nsocket.create_connection = deny\n"
+        "import function_app\n"
+        "names = sorted(f.get_function_name() for f in function_app.app.get_functions())\n"
+        "import sys; heavy = [m for m in ('openai', 'boto3', 'azure.identity') if m in sys.modules]\n"
+        "print(len(names), heavy)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "8 []", "8 functions, and no heavy SDK imported at import time"
+
+
+@pytest.fixture(scope="module")
+def wired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIssuer]:
+    """An in-process runtime: memory store, simulator for both providers, the dev issuer's JWKS."""
+    issuer = DevIssuer(tmp_path_factory.mktemp("issuer"))
+    with start_in_thread() as simulator, JwksServer(issuer) as jwks:
+        values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+        values.update({"AUTH_JWKS_URL": jwks.jwks_url, "AZURE_OPENAI_ENDPOINT": simulator.url,
+                       "BEDROCK_ENDPOINT_URL": simulator.url, "GATEWAY_STORAGE_MODE": "memory"})
+        settings = Settings.from_env(values)
+        yield_value = issuer
+        _state["settings"] = settings
+        yield yield_value
+
+
+_state: dict[str, Any] = {}
+
+
+def _request(method: str, path: str, token: str | None, body: Any = None, query: str = "") -> Request:
+    payload = json.dumps(body).encode() if body is not None else b""
+    headers = [(b"content-type", b"application/json")] if body is not None else []
+    if token:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 7071), "scheme": "http",
+             "http_version": "1.1", "root_path": ""}
+    return Request(scope, receive)
+
+
+async def _body(response: Response) -> bytes:
+    if isinstance(response, StreamingResponse):
+        return b"".join([chunk if isinstance(chunk, bytes) else chunk.encode()
+                         async for chunk in response.body_iterator])
+    return bytes(response.body)
+
+
+def _invoke(functions: dict[str, Any], name: str, request: Request) -> tuple[Response, bytes]:
+    async def run() -> tuple[Response, bytes]:
+        set_runtime(build_runtime(_state["settings"], aws_web_identity_token=None))
+        try:
+            response = await functions[name].get_user_function()(request)
+            return response, await _body(response)
+        finally:
+            from gateway_lib import runtime
+
+            assert runtime._runtime is not None
+            await runtime._runtime.aclose()
+            set_runtime(None)
+
+    return asyncio.run(run())
+
+
+def test_chat_function_invoked_like_the_host_streams_and_answers(functions: dict[str, Any], wired: DevIssuer) -> None:
+    token = wired.token(roles=["Gateway.Standard"])
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi from the host test"}]}
+    response, body = _invoke(functions, "chat_completions", _request("POST", "/api/v1/chat/completions", token, chat))
+    assert response.status_code == 200, body
+    assert json.loads(body)["choices"][0]["message"]["content"]
+    response, body = _invoke(functions, "chat_completions",
+                             _request("POST", "/api/v1/chat/completions", token, chat | {"stream": True}))
+    assert response.status_code == 200
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_other_http_functions_invoked_like_the_host(functions: dict[str, Any], wired: DevIssuer) -> None:
+    token = wired.token(roles=["Gateway.Admin"])
+    assert _invoke(functions, "health", _request("GET", "/api/health", None))[0].status_code == 200
+    models = json.loads(_invoke(functions, "list_models", _request("GET", "/api/v1/models", token))[1])
+    assert {m["id"] for m in models["data"]} >= {"gpt-4o-mini", "claude-3-haiku"}
+    response, body = _invoke(functions, "generate", _request("POST", "/api/generate", token,
+                                                             {"prompt": "Classify me", "task": "classify",
+                                                              "labels": ["a", "b"]}))
+    assert response.status_code == 200, body
+    assert _invoke(functions, "usage", _request("GET", "/api/v1/usage", token))[0].status_code == 200
+    assert _invoke(functions, "admin_alerts", _request("GET", "/api/admin/alerts", token))[0].status_code == 200
+    unauthorised = _invoke(functions, "list_models", _request("GET", "/api/v1/models", None))[0]
+    assert unauthorised.status_code == 401
+
+
+def test_timer_function_invoked_like_the_host(functions: dict[str, Any], wired: DevIssuer) -> None:
+    timer = TimerRequest(past_due=False)  # the concrete type the worker builds
+
+    async def run() -> None:
+        set_runtime(build_runtime(_state["settings"]))
+        try:
+            await functions["budget_rollup"].get_user_function()(timer)
+        finally:
+            from gateway_lib import runtime
+
+            assert runtime._runtime is not None
+            await runtime._runtime.aclose()
+            set_runtime(None)
+
+    asyncio.run(run())
