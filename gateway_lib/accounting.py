@@ -124,7 +124,8 @@ class Accounting:
                 error: GatewayError | None) -> None:
         c = self.caller
         record = RequestRecord(
-            request_id=self.scope.request_id, trace_id=self.scope.trace_id, caller_app=c.app_id, caller_user=c.user_id, tenant=c.tenant_id,
+            request_id=self.scope.request_id, trace_id=self.scope.trace_id, caller_app=c.app_id,
+            caller_user=c.user_id, tenant=c.tenant_id,
             team=c.team, tier=c.tier.name, route=self.scope.route, task=self.task, model=self.alias,
             provider=target.provider if target else None, target_model=target.model if target else None,
             deployment=target.deployment if target else None, region=target.region if target else None,

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from azure.functions.timer import TimerRequest
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gateway_lib.runtime import build_runtime, set_runtime
 from gateway_lib.settings import Settings
+from tests.host_invoke import invoke, make_request, registered_functions
 from tools import local_host
 from tools.dev_issuer import DevIssuer, JwksServer
 from tools.provider_simulator import start_in_thread
@@ -42,9 +43,7 @@ EXPECTED_HTTP = {
 
 @pytest.fixture(scope="module")
 def functions() -> dict[str, Any]:
-    import function_app
-
-    return {fn.get_function_name(): fn for fn in local_host.indexed(function_app.app)}
+    return registered_functions()
 
 
 def test_the_app_registers_exactly_the_documented_functions(functions: dict[str, Any]) -> None:
@@ -103,47 +102,11 @@ def wired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIssuer]:
 _state: dict[str, Any] = {}
 
 
-def _request(method: str, path: str, token: str | None, body: Any = None, query: str = "") -> Request:
-    payload = json.dumps(body).encode() if body is not None else b""
-    headers = [(b"content-type", b"application/json")] if body is not None else []
-    if token:
-        headers.append((b"authorization", f"Bearer {token}".encode()))
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": payload, "more_body": False}
-
-    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": query.encode(),
-             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 7071), "scheme": "http",
-             "http_version": "1.1", "root_path": ""}
-    return Request(scope, receive)
-
-
-async def _body(response: Response) -> bytes:
-    if isinstance(response, StreamingResponse):
-        return b"".join([chunk if isinstance(chunk, bytes) else chunk.encode()
-                         async for chunk in response.body_iterator])
-    return bytes(response.body)
-
-
 def _invoke(functions: dict[str, Any], name: str, request: Request) -> tuple[Response, bytes]:
-    async def run() -> tuple[Response, bytes]:
-        set_runtime(build_runtime(_state["settings"], aws_web_identity_token=None))
-        try:
-            response = await functions[name].get_user_function()(request)
-            return response, await _body(response)
-        finally:
-            from gateway_lib import runtime
+    return invoke(lambda: build_runtime(_state["settings"]), functions[name].get_user_function(), request)
 
-            assert runtime._runtime is not None
-            await runtime._runtime.aclose()
-            set_runtime(None)
 
-    return asyncio.run(run())
+_request = make_request
 
 
 def test_chat_function_invoked_like_the_host_streams_and_answers(functions: dict[str, Any], wired: DevIssuer) -> None:

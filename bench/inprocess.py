@@ -1,0 +1,190 @@
+"""Storage round trips per request and a profile of the gateway, driven in-process.
+
+The local host's Starlette app (exactly what ``tools.local_host`` serves) is called over raw
+ASGI, so no HTTP server or client shares the profile; the upstream is the harness's fake
+upstream on loopback in another process. Prints one JSON document.
+
+    python -m bench.inprocess --settings FILE --upstream URL --token T [--requests N] [--profile OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
+               Awaitable[None]]
+BODY = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2,
+        "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                     {"role": "user", "content": "Summarise the benefits of an AI gateway in two sentences."}]}
+STREAM_BODY = BODY | {"stream": True, "stream_options": {"include_usage": True}}
+PATH = "/api/v1/chat/completions"
+
+
+async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
+    """One POST through the ASGI app; returns status and the whole body (a stream is read to its end)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": PATH, "raw_path": PATH.encode(), "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 7071), "client": ("127.0.0.1", 50000),
+             "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {token}".encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    sent = False
+    status, chunks = 0, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # a disconnect would come here; the benchmark never hangs up
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def batch(app: App, body: bytes, token: str, n: int, concurrency: int) -> dict[int, int]:
+    """``n`` requests at fixed concurrency; returns a count per HTTP status."""
+    statuses: dict[int, int] = defaultdict(int)
+    todo = iter(range(n))
+
+    async def worker() -> None:
+        for _ in todo:
+            status, _ = await call(app, body, token)
+            statuses[status] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return dict(statuses)
+
+
+def store_trips() -> int:
+    from gateway_lib.runtime import get_runtime
+
+    return int(get_runtime().store.round_trips)  # type: ignore[attr-defined]
+
+
+async def round_trips(app: App, token: str, n: int) -> dict[str, Any]:
+    """Storage round trips: the process's first request, then steady state per mode and concurrency."""
+    out: dict[str, Any] = {}
+    status, _ = await call(app, json.dumps(BODY).encode(), token)
+    out["first_request"] = {"status": status, "round_trips": store_trips()}
+    for mode, body in (("nonstream", BODY), ("stream", STREAM_BODY)):
+        raw = json.dumps(body).encode()
+        for conc in (1, 8):
+            await batch(app, raw, token, 20, conc)  # warm: caches (override TTL, caller directory) filled
+            before = store_trips()
+            statuses = await batch(app, raw, token, n, conc)
+            out[f"{mode}_c{conc}"] = {"requests": n, "statuses": statuses,
+                                       "round_trips_per_request": (store_trips() - before) / n}
+    return out
+
+
+async def cpu_per_request(app: App, token: str, n: int) -> dict[str, float]:
+    """Process CPU per request without a profiler (gateway + fake client side of ASGI, no HTTP server)."""
+    out = {}
+    for mode, body in (("nonstream", BODY), ("stream", STREAM_BODY)):
+        raw = json.dumps(body).encode()
+        await batch(app, raw, token, 50, 1)
+        t0 = time.process_time()
+        await batch(app, raw, token, n, 1)
+        out[mode] = 1000 * (time.process_time() - t0) / n
+    return out
+
+
+def profile(app: App, token: str, n: int, out: Path, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """cProfile over ``n`` non-streamed plus ``n // 4`` streamed requests at c=1."""
+    prof = cProfile.Profile()
+    prof.enable()
+    loop.run_until_complete(batch(app, json.dumps(BODY).encode(), token, n, 1))
+    loop.run_until_complete(batch(app, json.dumps(STREAM_BODY).encode(), token, n // 4, 1))
+    prof.disable()
+    prof.dump_stats(str(out))
+    return summarise(pstats.Stats(str(out)), n + n // 4)
+
+
+def _package(filename: str) -> str:
+    """Who owns a function: gateway_lib module, third-party distribution or stdlib module."""
+    if "gateway_lib" in filename:
+        return "gateway_lib." + filename.rsplit("gateway_lib/", 1)[1].removesuffix(".py").replace("/", ".")
+    if "site-packages/" in filename:
+        return filename.rsplit("site-packages/", 1)[1].split("/", 1)[0]
+    if filename.startswith("~") or filename.startswith("<"):
+        return "builtins"
+    return "stdlib." + Path(filename).stem
+
+
+def summarise(stats: pstats.Stats, requests: int) -> dict[str, Any]:
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_, _, tt, _, _) in raw.values())
+    by_owner: dict[str, float] = defaultdict(float)
+    for (filename, _, _), (_, _, tt, _, _) in raw.items():
+        by_owner[_package(filename)] += tt
+    us = 1e6 / requests
+
+    def row(key: Any, value: Any) -> dict[str, Any]:
+        filename, line, name = key
+        where = filename.split("site-packages/")[-1].split("/work/main/")[-1]
+        return {"function": f"{where}:{line}({name})", "calls_per_req": round(value[1] / requests, 2),
+                "self_us": round(value[2] * us, 1), "cum_us": round(value[3] * us, 1)}
+
+    top_self = sorted(raw.items(), key=lambda kv: -kv[1][2])[:30]
+    ours = [(k, v) for k, v in raw.items() if "gateway_lib" in k[0] or "tools/local_host" in k[0]]
+    top_cum_ours = sorted(ours, key=lambda kv: -kv[1][3])[:40]
+    return {
+        "requests": requests, "profiled_us_per_request": round(total * us, 1),
+        "self_time_by_owner_us": {k: round(v * us, 1) for k, v in sorted(by_owner.items(), key=lambda kv: -kv[1])[:30]},
+        "top_self": [row(k, v) for k, v in top_self],
+        "top_cumulative_gateway": [row(k, v) for k, v in top_cum_ours],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", type=Path, required=True)
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--profile", type=Path, help="write pstats here and summarise the profile")
+    args = ap.parse_args(argv)
+    os.environ["AZURE_OPENAI_ENDPOINT"] = args.upstream
+    from tools import local_host, netguard
+
+    netguard.install()
+    local_host.load_local_settings(args.settings)
+    # Same logging setup as the local host: request logs are part of the per-request cost.
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    import function_app
+
+    app: App = local_host.build_app(function_app.app)
+    loop = asyncio.new_event_loop()
+    result: dict[str, Any] = {"store": os.environ.get("GATEWAY_STORAGE_MODE")}
+    result["round_trips"] = loop.run_until_complete(round_trips(app, args.token, max(50, args.requests // 10)))
+    result["cpu_ms_per_request_inprocess"] = loop.run_until_complete(cpu_per_request(app, args.token, args.requests))
+    if args.profile:
+        result["profile"] = profile(app, args.token, args.requests, args.profile, loop)
+    json.dump(result, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
