@@ -67,7 +67,6 @@ def registered_functions() -> dict[str, Any]:
     ``get_functions()`` on the same app fails its duplicate-name check)."""
     if not _index:
         import function_app
-
         from tools.local_host import indexed
 
         _index.update({fn.get_function_name(): fn for fn in indexed(function_app.app)})
