@@ -4,7 +4,7 @@ The local host's Starlette app (exactly what ``tools.local_host`` serves) is cal
 ASGI, so no HTTP server or client shares the profile; the upstream is the harness's fake
 upstream on loopback in another process. Prints one JSON document.
 
-    python -m bench.inprocess --settings FILE --upstream URL --token T [--requests N] [--profile OUT]
+    python -m bench.inprocess --settings FILE --upstream URL --key-dir DIR [--requests N] [--profile OUT]
 """
 
 from __future__ import annotations
@@ -60,17 +60,18 @@ async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
     return status, b"".join(chunks)
 
 
-async def batch(app: App, body: bytes, token: str, n: int, concurrency: int) -> dict[int, int]:
-    """``n`` requests at fixed concurrency; returns a count per HTTP status."""
+async def batch(app: App, body: bytes, tokens: list[str], n: int, concurrency: int) -> dict[int, int]:
+    """``n`` requests at fixed concurrency, worker i sending as caller ``tokens[i % len(tokens)]``;
+    returns a count per HTTP status."""
     statuses: dict[int, int] = defaultdict(int)
     todo = iter(range(n))
 
-    async def worker() -> None:
+    async def worker(token: str) -> None:
         for _ in todo:
             status, _ = await call(app, body, token)
             statuses[status] += 1
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(tokens[i % len(tokens)]) for i in range(concurrency)))
     return dict(statuses)
 
 
@@ -80,40 +81,45 @@ def store_trips() -> int:
     return int(get_runtime().store.round_trips)  # type: ignore[attr-defined]
 
 
-async def round_trips(app: App, token: str, n: int) -> dict[str, Any]:
-    """Storage round trips: the process's first request, then steady state per mode and concurrency."""
+async def round_trips(app: App, tokens: list[str], n: int) -> dict[str, Any]:
+    """Storage round trips: the process's first request, then steady state per mode, concurrency and
+    number of callers (one caller's requests all write that caller's counters row: ETag races)."""
     out: dict[str, Any] = {}
-    status, _ = await call(app, json.dumps(BODY).encode(), token)
+    status, _ = await call(app, json.dumps(BODY).encode(), tokens[0])
     out["first_request"] = {"status": status, "round_trips": store_trips()}
-    for mode, body in (("nonstream", BODY), ("stream", STREAM_BODY)):
-        raw = json.dumps(body).encode()
-        for conc in (1, 8):
-            await batch(app, raw, token, 20, conc)  # warm: caches (override TTL, caller directory) filled
-            before = store_trips()
-            statuses = await batch(app, raw, token, n, conc)
-            out[f"{mode}_c{conc}"] = {"requests": n, "statuses": statuses,
-                                       "round_trips_per_request": (store_trips() - before) / n}
+    cases = [("nonstream", 1, 1), ("stream", 1, 1), ("nonstream", 8, 1), ("stream", 8, 1),
+             ("nonstream", 64, 1), ("nonstream", 64, len(tokens))]
+    for mode, conc, callers in cases:
+        raw = json.dumps(BODY if mode == "nonstream" else STREAM_BODY).encode()
+        await batch(app, raw, tokens[:callers], max(conc, 20), conc)  # warm: override and directory caches
+        before = store_trips()
+        count = max(n, 4 * conc)
+        statuses = await batch(app, raw, tokens[:callers], count, conc)
+        out[f"{mode}_c{conc}_{callers}caller"] = {"requests": count, "statuses": statuses,
+                                                  "round_trips_per_request": (store_trips() - before) / count}
     return out
 
 
-async def cpu_per_request(app: App, token: str, n: int) -> dict[str, float]:
+async def cpu_per_request(app: App, tokens: list[str], n: int) -> dict[str, float]:
     """Process CPU per request without a profiler (gateway + fake client side of ASGI, no HTTP server)."""
     out = {}
     for mode, body in (("nonstream", BODY), ("stream", STREAM_BODY)):
         raw = json.dumps(body).encode()
-        await batch(app, raw, token, 50, 1)
+        await batch(app, raw, tokens, 50, 1)
         t0 = time.process_time()
-        await batch(app, raw, token, n, 1)
+        await batch(app, raw, tokens, n, 1)
         out[mode] = 1000 * (time.process_time() - t0) / n
     return out
 
 
-def profile(app: App, token: str, n: int, out: Path, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-    """cProfile over ``n`` non-streamed plus ``n // 4`` streamed requests at c=1."""
-    prof = cProfile.Profile()
+def profile(app: App, tokens: list[str], n: int, out: Path, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """cProfile over ``n`` non-streamed plus ``n // 4`` streamed requests at c=1. The timer is process
+    CPU time: with the default wall clock, time spent waiting in epoll for the upstream or Azurite
+    would be charged to the gateway."""
+    prof = cProfile.Profile(time.process_time)
     prof.enable()
-    loop.run_until_complete(batch(app, json.dumps(BODY).encode(), token, n, 1))
-    loop.run_until_complete(batch(app, json.dumps(STREAM_BODY).encode(), token, n // 4, 1))
+    loop.run_until_complete(batch(app, json.dumps(BODY).encode(), tokens, n, 1))
+    loop.run_until_complete(batch(app, json.dumps(STREAM_BODY).encode(), tokens, n // 4, 1))
     prof.disable()
     prof.dump_stats(str(out))
     return summarise(pstats.Stats(str(out)), n + n // 4)
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", type=Path, required=True)
     ap.add_argument("--upstream", required=True)
-    ap.add_argument("--token", required=True)
+    ap.add_argument("--key-dir", type=Path, required=True, help="the dev issuer's key directory")
+    ap.add_argument("--callers", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--profile", type=Path, help="write pstats here and summarise the profile")
     args = ap.parse_args(argv)
@@ -175,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
                         stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     import function_app
 
+    from bench.services import BENCH_ROLE
+    from tools.dev_issuer import DevIssuer
+
+    issuer = DevIssuer(args.key_dir)
+    tokens = [issuer.token(caller=f"bench-{i}", roles=[BENCH_ROLE], ttl=7200) for i in range(args.callers)]
     app: App = local_host.build_app(function_app.app)
     loop = asyncio.new_event_loop()
     result: dict[str, Any] = {"store": os.environ.get("GATEWAY_STORAGE_MODE")}
-    result["round_trips"] = loop.run_until_complete(round_trips(app, args.token, max(50, args.requests // 10)))
-    result["cpu_ms_per_request_inprocess"] = loop.run_until_complete(cpu_per_request(app, args.token, args.requests))
+    result["round_trips"] = loop.run_until_complete(round_trips(app, tokens, max(50, args.requests // 10)))
+    result["cpu_ms_per_request_inprocess"] = loop.run_until_complete(cpu_per_request(app, tokens[:1], args.requests))
     if args.profile:
-        result["profile"] = profile(app, args.token, args.requests, args.profile, loop)
+        result["profile"] = profile(app, tokens[:1], args.requests, args.profile, loop)
     json.dump(result, sys.stdout, indent=1)
     return 0
 

@@ -117,6 +117,17 @@ class InternalError(GatewayError):
         super().__init__(message)
 
 
+class ClientDisconnected(GatewayError):
+    """The caller went away before the answer (never rendered; recorded with nginx's 499)."""
+
+    status = 499
+    type = "client_disconnected"
+    default_code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("The caller closed the connection before the answer.")
+
+
 class UpstreamError(GatewayError):
     """502: the provider answered with something unusable."""
 

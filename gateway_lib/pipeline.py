@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from . import fallback, guardrails, routing
 from .accounting import Accounting
 from .catalog import Target
 from .edge import SSE_DONE, SSE_HEADERS, Scope, json_response, sse
-from .errors import GatewayError, ProviderError
+from .errors import ClientDisconnected, GatewayError, InternalError, ProviderError
 from .identity import Caller
 from .providers.base import CallContext, StreamEvent, Usage
 from .schema import ChatRequest
@@ -57,11 +58,8 @@ async def run_chat(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest)
 async def complete(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest, task: str | None = None) -> Served:
     """The non-streamed path, shared by chat completions and the task API."""
     acct, ctx = await _admit(rt, scope, caller, chat, task)
-    try:
+    async with _released_on_failure(acct):
         result = await fallback.complete_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
-    except GatewayError as error:
-        await acct.finish_error(error)
-        raise
     acct.attempts = result.attempts
     scope.upstream_ms = result.upstream_ms
     headers = acct.response_headers(result.target)
@@ -85,14 +83,27 @@ async def _admit(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
                              max_tokens=screened.max_tokens)
 
 
-async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallContext) -> Response:
-    # The first event is pulled before any byte goes out: until then a failed target can
-    # still be replaced by the next one. After it, a failure ends the stream with an error event.
+@asynccontextmanager
+async def _released_on_failure(acct: Accounting) -> AsyncIterator[None]:
+    """Release the reservation if the provider call fails, raises a bug, or the caller goes away."""
     try:
-        opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
+        yield
     except GatewayError as error:
         await acct.finish_error(error)
         raise
+    except asyncio.CancelledError:
+        await _shielded(asyncio.ensure_future(acct.finish_error(ClientDisconnected())))
+        raise
+    except Exception:
+        await acct.finish_error(InternalError())
+        raise
+
+
+async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallContext) -> Response:
+    # The first event is pulled before any byte goes out: until then a failed target can
+    # still be replaced by the next one. After it, a failure ends the stream with an error event.
+    async with _released_on_failure(acct):
+        opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
     acct.attempts = opened.attempts
     acct.scope.upstream_ms = opened.upstream_ms
     body = _sse_body(acct, chat, opened.first, opened.events)

@@ -1,0 +1,165 @@
+"""``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
+
+    python -m bench.run [--quick] [--store memory,table] [--skip-litellm] [--no-floor] [--skip-inprocess]
+
+1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
+2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
+3. Runs the harness: direct, LiteLLM, the pass-through floor and ``ours-<store>``, c=1,8,64,
+   non-streamed and streamed; the harness starts each gateway pinned to CPU 1 and measures
+   cold start, RSS and CPU per request.
+4. In-process (``bench.inprocess``): storage round trips per request and a cProfile.
+5. Writes ``bench/results/<stamp>/summary.{json,md}`` with the ratios against the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.services import ROOT, Services, clean_env, start_command
+from tools.stack import free_port, wait_for_port
+
+PASSTHRU_KEY = "sk-bench-1234"  # example_passthrough_gateway.py's default GW_KEY
+
+
+def peer_bench_dir() -> Path:
+    """``../shared/peer-bench`` seen from the repository (or $PEER_BENCH_DIR); checked, not assumed."""
+    candidates = [Path(os.environ["PEER_BENCH_DIR"])] if os.environ.get("PEER_BENCH_DIR") else []
+    candidates += [parent / "shared" / "peer-bench" for parent in ROOT.resolve().parents]
+    for path in candidates:
+        if (path / "run_peer_bench.sh").is_file():
+            return path.resolve()
+    raise SystemExit("peer harness not found: set PEER_BENCH_DIR to the folder holding run_peer_bench.sh")
+
+
+def bench_root() -> Path:
+    return Path(os.environ.get("BENCH_ROOT", "/tmp/bench"))
+
+
+def ensure_setup(peer: Path, need_litellm: bool) -> None:
+    venv_python = bench_root() / "upstream-venv" / "bin" / "python"
+    missing = [t for t in ("wrk", "hey", "taskset") if shutil.which(t) is None]
+    missing += [] if venv_python.exists() else [str(venv_python)]
+    if need_litellm and not (bench_root() / "litellm-venv" / "bin" / "litellm").exists():
+        missing.append("litellm venv")
+    if missing:
+        print(f"peer harness not ready ({', '.join(missing)}): running setup.sh (LiteLLM install takes minutes)",
+              flush=True)
+        subprocess.run(["bash", str(peer / "setup.sh")], check=True, timeout=1800)
+
+
+def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: str, prefix: str) -> list[str]:
+    args = ["--outdir", str(a.outdir / "peer"), "--duration", str(a.duration), "--warmup", str(a.warmup),
+            "--concurrency", a.concurrency, "--modes", a.modes, "--max-total-s", str(a.max_total_s),
+            "--retries", str(a.retries)]
+    args += ["--skip-litellm"] if a.skip_litellm else []
+    if not a.no_floor:
+        port = free_port()
+        python = bench_root() / "upstream-venv" / "bin" / "python"
+        args += ["--target", "passthru", f"http://127.0.0.1:{port}/v1/chat/completions",
+                 "--header", "passthru", f"Authorization: Bearer {PASSTHRU_KEY}",
+                 "--start-cmd", "passthru", f"{python} {peer / 'example_passthrough_gateway.py'} --port {port}"]
+    for store in a.stores:
+        name, port = f"ours-{store}", free_port()
+        args += ["--target", name, f"http://127.0.0.1:{port}/api/v1/chat/completions",
+                 "--header", name, f"Authorization: Bearer {token}",
+                 "--start-cmd", name, start_command(services.settings_file(store, f"{prefix}{store[0]}"), port),
+                 "--overhead-header", name, "x-gateway-overhead-ms"]
+    return args
+
+
+def run_harness(peer: Path, args: list[str], log: Path) -> None:
+    shown = [x if not x.startswith("Authorization: Bearer ey") else "Authorization: Bearer <dev token>" for x in args]
+    print("harness:", " ".join([str(peer / "run_peer_bench.sh"), *shown]), flush=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(peer / "run_peer_bench.sh"), *args], cwd=ROOT, env=clean_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # tee: progress on the console, everything in the log
+            out.write(line)
+            print(line, end="", flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"peer harness failed ({proc.returncode}); see {log}")
+
+
+def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dict[str, object]:
+    """Round trips + profile per store, gateway pinned to CPU 1, a fake upstream of our own on CPU 0."""
+    peer, port = peer_bench_dir(), free_port()
+    python = bench_root() / "upstream-venv" / "bin" / "python"
+    upstream = subprocess.Popen(["taskset", "-c", "0", str(python), str(peer / "fake_upstream.py"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results: dict[str, object] = {}
+    try:
+        wait_for_port(port, 30, upstream)
+        for store in a.stores:
+            settings = services.settings_file(store, f"{prefix}{store[0]}p")
+            cmd = ["taskset", "-c", "1", sys.executable, "-m", "bench.inprocess", "--settings", str(settings),
+                   "--upstream", f"http://127.0.0.1:{port}", "--key-dir", str(services.workdir / "dev-issuer"),
+                   "--requests", str(a.requests), "--profile", str(a.outdir / f"profile-{store}.pstats")]
+            print(f"in-process ({store}): {a.requests} requests for CPU, round trips and the profile", flush=True)
+            out = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                raise SystemExit(f"bench.inprocess failed for {store}:\n{out.stderr[-3000:]}")
+            results[store] = json.loads(out.stdout)
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+    return results
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short cells, c=1,64, fewer in-process requests (<= 3 min)")
+    ap.add_argument("--store", default="memory,table", help="comma list of gateway storage modes to benchmark")
+    ap.add_argument("--skip-litellm", action="store_true")
+    ap.add_argument("--no-floor", action="store_true", help="skip the pass-through floor target")
+    ap.add_argument("--skip-inprocess", action="store_true", help="no round-trip count and no profile")
+    ap.add_argument("--duration", type=int, help="measured seconds per cell (default 10, quick 3)")
+    ap.add_argument("--concurrency", help="comma list (default 1,8,64, quick 1,64)")
+    ap.add_argument("--modes", default="nonstream,stream")
+    ap.add_argument("--requests", type=int, help="in-process requests for CPU and profile (default 2000, quick 400)")
+    a = ap.parse_args(argv)
+    a.stores = tuple(s for s in a.store.split(",") if s)
+    if not set(a.stores) <= {"memory", "table"}:
+        ap.error("--store takes memory and/or table")
+    a.duration = a.duration or (3 if a.quick else 10)
+    a.warmup = 1 if a.quick else 2
+    a.concurrency = a.concurrency or ("1,64" if a.quick else "1,8,64")
+    a.requests = a.requests or (400 if a.quick else 2000)
+    a.retries = 0 if a.quick else 1
+    a.max_total_s = 150 if a.quick else 780  # the harness's own hard cap; cells past it are skipped
+    a.outdir = ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    peer = peer_bench_dir()
+    ensure_setup(peer, need_litellm=not a.skip_litellm)
+    a.outdir.mkdir(parents=True)
+    prefix = "b" + a.outdir.name.replace("-", "")[2:]  # unique table prefix per run
+    services = Services(a.outdir / "services", a.stores, "0").start()
+    try:
+        token = services.token()
+        run_harness(peer, harness_args(a, peer, services, token, prefix), a.outdir / "harness.log")
+        inprocess = {} if a.skip_inprocess else run_inprocess(a, services, prefix)
+    finally:
+        services.stop()
+    peer_results = json.loads((a.outdir / "peer" / "results.json").read_text())
+    summary = report.build(peer_results, inprocess, sys.argv if argv is None else ["bench.run", *argv])
+    (a.outdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    text = report.markdown(summary)
+    (a.outdir / "summary.md").write_text(text)
+    print("\n" + text + f"\nresults in {a.outdir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The pipeline's promises, with fake providers on the in-memory store: every reservation is settled or
+released exactly once, whatever the provider or the caller does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.responses import StreamingResponse
+
+from gateway_lib import pipeline
+from gateway_lib.catalog import Target
+from gateway_lib.edge import Scope
+from gateway_lib.errors import InternalError
+from gateway_lib.identity import Caller
+from gateway_lib.ledger import usage_table
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.quota import COUNTERS_ROW, Counters
+from gateway_lib.runtime import Runtime, build_runtime
+from gateway_lib.schema import ChatRequest
+from gateway_lib.settings import Settings
+from gateway_lib.storage.memory import MemoryTableStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Broken:
+    name = "azure_openai"
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        raise RuntimeError("a bug in an adapter")
+
+    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        raise RuntimeError("a bug in an adapter")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Chatty:
+    """Streams many content chunks and never a usage event (like a stream cut short)."""
+
+    name = "azure_openai"
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": target.model}
+        return Completion(body=body, usage=Usage(5, 1))
+
+    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        for i in range(50):
+            yield StreamEvent(chunk={"object": "chat.completion.chunk",
+                                     "choices": [{"index": 0, "delta": {"content": f"word{i} "}}]}, text=f"word{i} ")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _runtime(provider: Any) -> Runtime:
+    values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    values["GATEWAY_STORAGE_MODE"] = "memory"
+    rt = build_runtime(Settings.from_env(values), store=MemoryTableStore())
+    rt.providers = {"azure_openai": provider, "bedrock": provider}
+    return rt
+
+
+def _caller(rt: Runtime) -> Caller:
+    tier = rt.settings.tiers.tiers["standard"]
+    return Caller(app_id="app-1", tenant_id="t-1", user_id=None, tier=tier, roles=frozenset({"Gateway.Standard"}),
+                  scopes=frozenset(), is_admin=False)
+
+
+def _scope() -> Scope:
+    return Scope(request_id="req-1", trace_id="0" * 31 + "1", traceparent="00-" + "0" * 31 + "1-" + "0" * 15 + "1-01",
+                 route="chat")
+
+
+async def _counters(rt: Runtime, caller: Caller) -> tuple[Counters, list[dict[str, Any]]]:
+    prefix = rt.settings.storage.table_prefix
+    rows = await rt.store.query(usage_table(prefix))
+    counters = next(Counters.from_entity(e) for e in rows if e.row_key == COUNTERS_ROW)
+    ledger = [dict(e.properties) for e in rows if e.row_key != COUNTERS_ROW]
+    return counters, ledger
+
+
+def _chat(**extra: Any) -> ChatRequest:
+    return ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], **extra)
+
+
+def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> None:
+    async def run() -> None:
+        rt = _runtime(Broken())
+        caller = _caller(rt)
+        with pytest.raises(RuntimeError):
+            await pipeline.complete(rt, _scope(), caller, _chat())
+        counters, ledger = await _counters(rt, caller)
+        assert counters.in_flight_tokens == 0 and counters.day_usd == 0
+        assert len(ledger) == 1 and ledger[0]["status"] == "error"
+        assert ledger[0]["http_status"] == InternalError.status
+
+    asyncio.run(run())
+
+
+def test_a_stream_the_caller_abandons_is_settled_from_what_was_streamed() -> None:
+    async def run() -> None:
+        rt = _runtime(Chatty())
+        caller = _caller(rt)
+        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+        assert isinstance(response, StreamingResponse)
+        body = response.body_iterator
+        frames = [await body.__anext__() for _ in range(5)]  # the caller reads a little, then hangs up
+        await body.aclose()  # type: ignore[attr-defined]
+        assert all(f.startswith(b"data: {") for f in frames)
+        counters, ledger = await _counters(rt, caller)
+        assert counters.in_flight_tokens == 0
+        assert len(ledger) == 1 and ledger[0]["status"] == "client_disconnected"
+        assert 0 < ledger[0]["completion_tokens"] < 50 * 2  # counted from the streamed words, not the estimate
+        assert counters.day_tokens == ledger[0]["prompt_tokens"] + ledger[0]["completion_tokens"]
+
+    asyncio.run(run())
+
+
+def test_usage_chunk_is_hidden_unless_the_caller_asked_for_it() -> None:
+    usage_chunk = StreamEvent(chunk={"choices": [], "usage": {"prompt_tokens": 1}}, usage=Usage(1, 2))
+    last_content = StreamEvent(chunk={"choices": [{"delta": {}}], "usage": {"prompt_tokens": 1}}, usage=Usage(1, 2))
+    assert pipeline._visible_chunk(usage_chunk, include_usage=False) is None
+    assert pipeline._visible_chunk(usage_chunk, include_usage=True) == usage_chunk.chunk
+    assert "usage" not in (pipeline._visible_chunk(last_content, include_usage=False) or {})
