@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +23,10 @@ from starlette.responses import JSONResponse, Response
 from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from .identity import Caller
 from .storage.base import StorageError
+from .tracecontext import accept_request_id, child_traceparent, parse_traceparent
 
 log = logging.getLogger("gateway.edge")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
 @dataclass
@@ -60,15 +56,10 @@ class Scope:
 
 def begin(request: Request, route: str) -> Scope:
     """Open the scope: accept a well-formed caller x-request-id / traceparent, otherwise mint new ones."""
-    caller_id = request.headers.get("x-request-id", "")
-    request_id = caller_id if _REQUEST_ID.match(caller_id) else str(uuid.uuid4())
-    parent = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
-    trace_id = parent.group(1) if parent and parent.group(1) != _ZERO_TRACE and parent.group(2) != _ZERO_SPAN else None
-    trace_id = trace_id or uuid.uuid4().hex
-    flags = parent.group(3) if parent else "01"
+    ours = child_traceparent(parse_traceparent(request.headers.get("traceparent")))
     label = request.headers.get("x-apim-subscription") or None
-    return Scope(request_id=request_id, trace_id=trace_id, traceparent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{flags}",
-                 route=route, label=label[:128] if label else None)
+    return Scope(request_id=accept_request_id(request.headers.get("x-request-id")), trace_id=ours.trace_id,
+                 traceparent=ours.traceparent, route=route, label=label[:128] if label else None)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
