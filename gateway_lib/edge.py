@@ -82,6 +82,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidRequest(f"The request body is not valid JSON{where}.", code="invalid_json") from None
+    except RecursionError:  # e.g. 100k nested "[": valid JSON under the size cap, but past the parser's depth
+        raise InvalidRequest("The request body nests too deeply.", code="invalid_json") from None
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:

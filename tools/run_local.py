@@ -7,10 +7,12 @@ from local.settings.example.json (plus local.settings.json overrides, if present
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 from tools.stack import ROOT, Ports, Stack
 
@@ -22,9 +24,22 @@ def _overrides() -> dict[str, str]:
     return {k: str(v) for k, v in json.loads(path.read_text()).get("Values", {}).items()}
 
 
-def main() -> int:
-    data = ROOT / ".local"
-    stack = Stack(ports=Ports(), data_dir=data, log_dir=data / "logs", extra_env=_overrides())
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the local stack until Ctrl-C.")
+    defaults = Ports()
+    parser.add_argument("--port", type=int, default=defaults.host, help="gateway host port (like func start)")
+    parser.add_argument("--simulator-port", type=int, default=defaults.simulator)
+    parser.add_argument("--issuer-port", type=int, default=defaults.issuer)
+    parser.add_argument("--azurite-port", type=int, default=defaults.azurite)
+    parser.add_argument("--data-dir", type=Path, default=ROOT / ".local", help="Azurite data, dev key, logs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    data = args.data_dir
+    ports = Ports(host=args.port, simulator=args.simulator_port, issuer=args.issuer_port, azurite=args.azurite_port)
+    stack = Stack(ports=ports, data_dir=data, log_dir=data / "logs", extra_env=_overrides())
     print("starting Azurite, provider simulator, dev token issuer and the gateway ...", flush=True)
     stack.start()
     token = stack.token("alice", "Gateway.Standard")
