@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,8 +27,7 @@ from . import alerts as alerting
 from . import ledger, quota
 from .alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
 from .settings import BudgetSettings
-from .storage.base import Entity, EntityExists, EntityNotFound, PreconditionFailed, TableStore
-from .tiers import Tier, TierPolicy
+from .storage.base import Entity, EntityExists, PreconditionFailed, TableStore
 
 log = logging.getLogger("gateway.budget")
 
@@ -250,7 +248,7 @@ async def _list_callers(store: TableStore, prefix: str) -> list[CallerInfo]:
     return found
 
 
-async def _query_all(store: TableStore, table: str, partition: str, page: int = 1000) -> list[Entity]:
+async def query_all(store: TableStore, table: str, partition: str, page: int = 1000) -> list[Entity]:
     found: list[Entity] = []
     start: str | None = None
     while True:
@@ -279,7 +277,7 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
     remaining = run.settings.rollup_max_rows
     slice_size = max(MIN_SLICE, remaining // max(len(callers), 1))
     checkpoints = {e.row_key: str(e.properties.get("after", ""))
-                   for e in await _query_all(run.store, run.table, "checkpoint")}
+                   for e in await query_all(run.store, run.table, "checkpoint")}
     active, last_served = list(callers), None
     try:
         while active:
@@ -482,106 +480,12 @@ async def _deliver(run: _Run) -> None:
     run.report.alerts_delivered, run.report.alerts_pending = report.delivered, report.pending
 
 
-# --- budgets and enforcement backed by the overrides table ---------------------------------------
-
-
-class OverrideBudgets:
-    """Caller budget = tier default overlaid by the caller's override; team budget = the team's override."""
-
-    def __init__(self, store: TableStore, prefix: str, tiers: TierPolicy) -> None:
-        self._store, self._prefix, self._tiers = store, prefix, tiers
-        self._cache: dict[tuple[str, str], Budget] = {}  # one run: a caller is read once, not per slice
-
-    async def caller_budget(self, caller: CallerInfo) -> Budget:
-        tier = self._tiers.tiers.get(caller.tier) if caller.tier else None
-        return await self._budget(caller.key, "caller", tier)
-
-    async def team_budget(self, team: str) -> Budget:
-        return await self._budget(team, "team", None)
-
-    async def _budget(self, subject: str, kind: str, tier: Tier | None) -> Budget:
-        if (kind, subject) not in self._cache:
-            limits = quota.Limits.of(tier, await quota.get_override(self._store, self._prefix, subject, kind))
-            self._cache[(kind, subject)] = Budget(limits.usd_per_day, limits.usd_per_month)
-        return self._cache[(kind, subject)]
-
-
-class OverrideEnforcer:
-    """Sets ``status`` blocked/downgraded in the caller's override at 100 %, and clears it when the period ends.
-
-    Every change is ETag-conditional (or an insert), so an admin editing the same override is never
-    silently overwritten. Our restrictions carry ``updated_by="budget"`` and are indexed in
-    ``{prefix}rollup`` (PK ``enforced``), which is how the next period finds them to lift; a block an
-    admin set (or re-set) is never lifted by us.
-    """
-
-    BY = "budget"
-
-    def __init__(self, store: TableStore, prefix: str, mode: str, alias: str | None, clock: Clock) -> None:
-        self._store, self._prefix, self._mode, self._alias, self._clock = store, prefix, mode, alias, clock
-
-    async def restrict(self, caller_key: str, until: datetime) -> bool:
-        await self._index(caller_key, until)  # first: a crash after it leaves a harmless entry, never a stuck block
-        status = "downgraded" if self._mode == "downgrade" else "blocked"
-        for _ in range(CONFLICT_RETRIES):
-            current = await quota.get_override(self._store, self._prefix, caller_key)
-            if current is not None and current.status != "active":
-                return False  # already restricted, by us or by an admin
-            changed = replace(current or quota.Override(), status=status,
-                              alias=self._alias if status == "downgraded" else None,
-                              reason=f"budget spent; until {until.isoformat()}",
-                              updated_at=self._clock().isoformat(), updated_by=self.BY)
-            try:
-                await self._write(caller_key, changed)
-                return True
-            except (EntityExists, PreconditionFailed):
-                continue
-        return False
-
-    async def lift_expired(self, now: datetime) -> int:
-        lifted = 0
-        for mark in await _query_all(self._store, rollup_table(self._prefix), "enforced"):
-            if datetime.fromisoformat(mark.properties["until"]) > now:
-                continue
-            lifted += await self._lift(str(mark.properties["caller_key"]))
-            with suppress(EntityNotFound, PreconditionFailed):  # a concurrent run lifted or re-indexed it
-                await self._store.delete(rollup_table(self._prefix), "enforced", mark.row_key, mark.etag)
-        return lifted
-
-    async def _index(self, caller_key: str, until: datetime) -> None:
-        table = rollup_table(self._prefix)
-        mark = await self._store.get(table, "enforced", key_part(caller_key))
-        later = max(until, datetime.fromisoformat(mark.properties["until"])) if mark else until
-        await self._store.upsert(table, Entity("enforced", key_part(caller_key),
-                                               {"caller_key": caller_key, "until": later.isoformat()}))
-
-    async def _lift(self, caller_key: str) -> int:
-        for _ in range(CONFLICT_RETRIES):
-            current = await quota.get_override(self._store, self._prefix, caller_key)
-            if current is None or current.status == "active" or current.updated_by != self.BY:
-                return 0
-            lifted = replace(current, status="active", alias=None, reason="budget period ended",
-                             updated_at=self._clock().isoformat())
-            try:
-                await quota.put_override(self._store, self._prefix, caller_key, lifted)
-                return 1
-            except PreconditionFailed:
-                continue
-        return 0
-
-    async def _write(self, caller_key: str, override: quota.Override) -> None:
-        if override.etag:
-            await quota.put_override(self._store, self._prefix, caller_key, override)
-        else:  # no row yet: insert, so a concurrent admin create is not overwritten by an upsert
-            entity = Entity("caller", ledger.table_key(caller_key), override.properties())
-            await self._store.insert(quota.overrides_table(self._prefix), entity)
-
-
 # --- timer entry ---------------------------------------------------------------------------------
 
 
 async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
     """The timer function's body: build dependencies from the runtime and run one bounded pass."""
+    from .enforcement import OverrideBudgets, OverrideEnforcer  # it builds on this module's types
     from .runtime import get_runtime
 
     rt = get_runtime()

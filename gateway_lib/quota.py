@@ -15,18 +15,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from .errors import GatewayError, InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
+from .counters import (
+    COUNTERS_ROW,
+    ZERO,
+    Counters,
+    Limits,
+    check,
+    epoch_of,
+    minute_key,
+    next_day,
+    next_minute,
+    next_month,
+    rate_headers,
+    seconds_until,
+)
+from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
 from .ledger import CALLERS_PARTITION, CallerDirectory, CostRow, callers_table, table_key, usage_table
+from .overrides import (
+    Override,
+    get_override,
+    merge_override,
+    money_json,
+    override_json,
+    override_key,
+    overrides_table,
+    put_override,
+)
 from .storage.base import Entity, EntityExists, Op, PreconditionFailed, StorageError, TableStore, TransactionFailed
 from .tiers import Tier
 
@@ -35,19 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COUNTERS_ROW = "counters"
-EPOCH_SECONDS = 900  # a reservation lives 15-30 min (two generations), far beyond any request
 OVERRIDE_TTL_SECONDS = 30.0  # staleness window of an override change on other instances
 RESERVE_ATTEMPTS = 6
 SETTLE_ATTEMPTS = 12
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month",
-               "usd_per_day", "usd_per_month")
-STATUSES = ("active", "blocked", "downgraded")
-ZERO = Decimal(0)
-
-
-def overrides_table(prefix: str) -> str:
-    return f"{prefix}overrides"
 
 
 def tables(prefix: str) -> list[str]:
@@ -57,227 +70,6 @@ def tables(prefix: str) -> list[str]:
 
 def team_partition(team: str) -> str:
     return table_key(f"team:{team}")
-
-
-# ---- overrides ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Override:
-    """Per-caller (or per-team) limits replacing any subset of the tier's, plus the budget status."""
-
-    limits: Mapping[str, int | Decimal] = field(default_factory=dict)
-    status: str = "active"  # active | blocked | downgraded (set by budget enforcement)
-    alias: str | None = None  # downgraded: the alias requests are routed to instead
-    reason: str | None = None
-    updated_at: str | None = None
-    etag: str | None = None
-    updated_by: str | None = None  # caller key of the admin (or "budget" for enforcement)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.limits) - set(LIMIT_NAMES)
-        if unknown or self.status not in STATUSES or (self.status == "downgraded" and not self.alias):
-            raise ValueError(f"invalid override: unknown limits {sorted(unknown)} or status {self.status!r}")
-
-    def properties(self) -> dict[str, Any]:
-        return {**self.limits, "status": self.status, "alias": self.alias, "reason": self.reason,
-                "updated_at": self.updated_at, "updated_by": self.updated_by}
-
-    @classmethod
-    def from_entity(cls, entity: Entity) -> Override:
-        p = entity.properties
-        limits = {n: (Decimal(str(p[n])) if n.startswith("usd") else int(p[n])) for n in LIMIT_NAMES if n in p}
-        return cls(limits, str(p.get("status", "active")), p.get("alias"), p.get("reason"), p.get("updated_at"),
-                   entity.etag, p.get("updated_by"))
-
-
-def _override_key(subject: str, kind: str) -> tuple[str, str]:
-    if kind not in ("caller", "team"):
-        raise ValueError("override kind is 'caller' or 'team'")
-    return kind, table_key(subject)
-
-
-async def get_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> Override | None:
-    """The stored override for a caller key (or team name), uncached: for the admin route."""
-    entity = await store.get(overrides_table(prefix), *_override_key(subject, kind))
-    return Override.from_entity(entity) if entity else None
-
-
-async def put_override(
-    store: TableStore, prefix: str, subject: str, override: Override, kind: str = "caller",
-) -> Override:
-    """Write an override. With ``override.etag`` the write is conditional: the admin route and budget
-    enforcement both edit this row, and the ETag stops one silently undoing the other's change."""
-    pk, rk = _override_key(subject, kind)
-    entity = Entity(pk, rk, override.properties())
-    table = overrides_table(prefix)
-    written = await (store.update(table, entity, override.etag) if override.etag else store.upsert(table, entity))
-    return replace(override, etag=written.etag)
-
-
-async def delete_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> None:
-    await store.delete(overrides_table(prefix), *_override_key(subject, kind))
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Effective limits; None = unlimited (a team with no override is tracked, not limited)."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-    usd_per_day: Decimal | None = None
-    usd_per_month: Decimal | None = None
-
-    @classmethod
-    def of(cls, tier: Tier | None, override: Override | None) -> Limits:
-        base = {n: getattr(tier, n) for n in LIMIT_NAMES} if tier else {}
-        return cls(**{**base, **(override.limits if override else {})})  # type: ignore[arg-type]
-
-
-# ---- counters ----------------------------------------------------------------------------------
-
-def minute_key(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M")
-
-
-def epoch_of(now: datetime) -> int:
-    return int(now.timestamp()) // EPOCH_SECONDS
-
-
-@dataclass(frozen=True)
-class Counters:
-    """One caller's (or team's) usage: windows keyed by UTC minute/day/month, plus in-flight reservations.
-
-    Reservations are kept in two generations of ``EPOCH_SECONDS``: a reservation whose
-    instance died before settling drops out after at most two epochs instead of
-    blocking the budget for ever.
-    """
-
-    minute: str = ""
-    minute_requests: int = 0
-    minute_tokens: int = 0
-    day: str = ""
-    day_tokens: int = 0
-    day_usd: Decimal = ZERO
-    month: str = ""
-    month_tokens: int = 0
-    month_usd: Decimal = ZERO
-    epoch: int = 0
-    reserved_tokens: int = 0
-    reserved_usd: Decimal = ZERO
-    prev_reserved_tokens: int = 0
-    prev_reserved_usd: Decimal = ZERO
-
-    @property
-    def in_flight_tokens(self) -> int:
-        return self.reserved_tokens + self.prev_reserved_tokens
-
-    @property
-    def in_flight_usd(self) -> Decimal:
-        return self.reserved_usd + self.prev_reserved_usd
-
-    @classmethod
-    def from_entity(cls, entity: Entity | None) -> Counters:
-        if entity is None:
-            return cls()
-        p, defaults = entity.properties, cls()
-        return cls(**{name: type(getattr(defaults, name))(p[name]) if name in p else getattr(defaults, name)
-                      for name in cls.__dataclass_fields__})
-
-    def to_entity(self, partition_key: str) -> Entity:
-        return Entity(partition_key, COUNTERS_ROW, {n: getattr(self, n) for n in self.__dataclass_fields__})
-
-    def rolled(self, now: datetime) -> Counters:
-        """Advance windows to ``now``. Only forward: an instance whose clock lags never resets a newer window."""
-        c = self
-        if minute_key(now) > c.minute:
-            c = replace(c, minute=minute_key(now), minute_requests=0, minute_tokens=0)
-        if now.strftime("%Y-%m-%d") > c.day:
-            c = replace(c, day=now.strftime("%Y-%m-%d"), day_tokens=0, day_usd=ZERO)
-        if now.strftime("%Y-%m") > c.month:
-            c = replace(c, month=now.strftime("%Y-%m"), month_tokens=0, month_usd=ZERO)
-        epoch = epoch_of(now)
-        if epoch == c.epoch + 1:
-            c = replace(c, epoch=epoch, prev_reserved_tokens=c.reserved_tokens, prev_reserved_usd=c.reserved_usd,
-                        reserved_tokens=0, reserved_usd=ZERO)
-        elif epoch > c.epoch + 1:
-            c = replace(c, epoch=epoch, prev_reserved_tokens=0, prev_reserved_usd=ZERO, reserved_tokens=0,
-                        reserved_usd=ZERO)
-        return c
-
-    def reserve(self, tokens: int, usd: Decimal) -> Counters:
-        return replace(self, minute_requests=self.minute_requests + 1, minute_tokens=self.minute_tokens + tokens,
-                       reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
-
-    def settle(self, res: Reservation, tokens: int, usd: Decimal) -> Counters:
-        """Replace the reservation with actual usage (the reservation may already have expired)."""
-        c = replace(self, day_tokens=self.day_tokens + tokens, day_usd=self.day_usd + usd,
-                    month_tokens=self.month_tokens + tokens, month_usd=self.month_usd + usd)
-        if c.minute == res.minute:  # the minute's token count becomes actual; a past minute is left alone
-            c = replace(c, minute_tokens=max(0, c.minute_tokens - res.tokens + tokens))
-        if res.epoch == c.epoch:
-            c = replace(c, reserved_tokens=max(0, c.reserved_tokens - res.tokens),
-                        reserved_usd=max(ZERO, c.reserved_usd - res.usd))
-        elif res.epoch == c.epoch - 1:
-            c = replace(c, prev_reserved_tokens=max(0, c.prev_reserved_tokens - res.tokens),
-                        prev_reserved_usd=max(ZERO, c.prev_reserved_usd - res.usd))
-        return c
-
-
-# ---- admission checks (pure) -------------------------------------------------------------------
-
-def _seconds_until(now: datetime, end: datetime) -> int:
-    return max(1, math.ceil((end - now).total_seconds()))
-
-
-def _next_minute(now: datetime) -> datetime:
-    return now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-
-
-def _next_day(now: datetime) -> datetime:
-    return now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-
-
-def _next_month(now: datetime) -> datetime:
-    first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return (first + timedelta(days=32)).replace(day=1)
-
-
-def rate_headers(c: Counters, limits: Limits, now: datetime) -> dict[str, str]:
-    """OpenAI-style x-ratelimit-* headers for the minute window (omitted when unlimited)."""
-    reset = f"{_seconds_until(now, _next_minute(now))}s"
-    headers: dict[str, str] = {}
-    for kind, limit, used in (("requests", limits.requests_per_minute, c.minute_requests),
-                              ("tokens", limits.tokens_per_minute, c.minute_tokens)):
-        if limit is not None:
-            headers.update({f"x-ratelimit-limit-{kind}": str(limit),
-                            f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
-                            f"x-ratelimit-reset-{kind}": reset})
-    return headers
-
-
-def check(c: Counters, limits: Limits, tokens: int, usd: Decimal, now: datetime, who: str) -> None:
-    """Raise if admitting ``tokens``/``usd`` more would pass a limit: rate first, then budgets."""
-    after = c.reserve(tokens, usd)
-    rate: tuple[tuple[int | None, int, str], ...] = (
-        (limits.requests_per_minute, after.minute_requests, "requests per minute"),
-        (limits.tokens_per_minute, after.minute_tokens, "tokens per minute"),
-    )
-    for limit, value, what in rate:
-        if limit is not None and value > limit:
-            raise RateLimited(f"Rate limit of {limit} {what} reached for {who}.",
-                              retry_after=_seconds_until(now, _next_minute(now)), headers=rate_headers(c, limits, now))
-    budgets: tuple[tuple[int | Decimal | None, int | Decimal, str, datetime], ...] = (
-        (limits.tokens_per_day, c.day_tokens + after.in_flight_tokens, "daily token quota", _next_day(now)),
-        (limits.usd_per_day, c.day_usd + after.in_flight_usd, "daily USD budget", _next_day(now)),
-        (limits.tokens_per_month, c.month_tokens + after.in_flight_tokens, "monthly token quota", _next_month(now)),
-        (limits.usd_per_month, c.month_usd + after.in_flight_usd, "monthly USD budget", _next_month(now)),
-    )
-    for cap, spent, what, end in budgets:
-        if cap is not None and spent > cap:
-            raise QuotaExceeded(f"The {what} ({cap}) of {who} is used up; it resets at {end.isoformat()}.",
-                                retry_after=_seconds_until(now, end), headers=rate_headers(c, limits, now))
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -347,7 +139,7 @@ class Admission:
             if override is not None and override.status == "blocked":
                 why = override.reason or "budget spent"
                 raise QuotaExceeded(f"{caller.display} is blocked by budget enforcement ({why}).",
-                                    retry_after=_seconds_until(now, _next_month(now)))
+                                    retry_after=seconds_until(now, next_month(now)))
             res.snapshot, res.headers = await self._admit(table_key(caller.key), Limits.of(caller.tier, override),
                                                           res, caller.display)
             if caller.team:
@@ -412,7 +204,7 @@ class Admission:
         return len(tables(self._prefix))
 
     async def _insert_override(self, subject: str, override: Override) -> Override:
-        pk, rk = _override_key(subject, "caller")
+        pk, rk = override_key(subject, "caller")
         written = await self._store.insert(overrides_table(self._prefix), Entity(pk, rk, override.properties()))
         return replace(override, etag=written.etag)
 
@@ -554,11 +346,7 @@ def _counters_op(read: Entity | None, new: Entity) -> Op:
     return Op("insert", new) if read is None or read.etag is None else Op("update", new, etag=read.etag)
 
 
-# ---- JSON edge: usage view and admin overrides -------------------------------------------------------
-
-def _money(value: Any) -> Any:
-    return str(value) if isinstance(value, Decimal) else value
-
+# ---- JSON edge: the usage view ---------------------------------------------------------------------
 
 def usage_document(caller_key: str, tier: Tier | None, c: Counters, limits: Limits, override: Override | None,
                    now: datetime) -> dict[str, Any]:
@@ -566,62 +354,18 @@ def usage_document(caller_key: str, tier: Tier | None, c: Counters, limits: Limi
 
     def period(used: Mapping[str, Any], limit: Mapping[str, Any], end: datetime) -> dict[str, Any]:
         remaining = {k: None if v is None else max(v - used[k], 0 * v) for k, v in limit.items()}
-        return {"used": {k: _money(v) for k, v in used.items()}, "limit": {k: _money(v) for k, v in limit.items()},
-                "remaining": {k: _money(v) for k, v in remaining.items()}, "resets_at": end.isoformat()}
+        return {"used": {k: money_json(v) for k, v in used.items()}, "limit": {k: money_json(v) for k, v in limit.items()},
+                "remaining": {k: money_json(v) for k, v in remaining.items()}, "resets_at": end.isoformat()}
 
     return {
         "caller": caller_key, "tier": tier.name if tier else None,
         "status": override.status if override else "active", "alias": override.alias if override else None,
         "minute": period({"requests": c.minute_requests, "tokens": c.minute_tokens},
                          {"requests": limits.requests_per_minute, "tokens": limits.tokens_per_minute},
-                         _next_minute(now)),
+                         next_minute(now)),
         "day": period({"tokens": c.day_tokens, "usd": c.day_usd},
-                      {"tokens": limits.tokens_per_day, "usd": limits.usd_per_day}, _next_day(now)),
+                      {"tokens": limits.tokens_per_day, "usd": limits.usd_per_day}, next_day(now)),
         "month": period({"tokens": c.month_tokens, "usd": c.month_usd},
-                        {"tokens": limits.tokens_per_month, "usd": limits.usd_per_month}, _next_month(now)),
+                        {"tokens": limits.tokens_per_month, "usd": limits.usd_per_month}, next_month(now)),
         "in_flight": {"tokens": c.in_flight_tokens, "usd": str(c.in_flight_usd)},
     }
-
-
-def override_json(subject: str, override: Override | None) -> dict[str, Any]:
-    o = override or Override()
-    return {"caller": subject, "limits": {k: _money(v) for k, v in o.limits.items()}, "status": o.status,
-            "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by}
-
-
-def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime) -> Override:
-    """Apply an admin PUT: limits present are set (null removes one), absent fields are kept.
-
-    Keeping absent fields means an admin changing a limit never lifts a budget block by accident.
-    """
-    if not isinstance(body, Mapping) or set(body) - {"limits", "status", "alias", "reason"}:
-        raise InvalidRequest("Body must be an object with 'limits', 'status', 'alias' and/or 'reason'.")
-    base = current or Override()
-    limits = dict(base.limits)
-    for name, value in (body.get("limits") or {}).items():
-        if value is None:
-            limits.pop(name, None)
-        else:
-            limits[name] = _limit_value(name, value)
-    status = body.get("status", base.status)
-    alias = body.get("alias", base.alias if status == "downgraded" else None)
-    try:
-        return Override(limits, status, alias, body.get("reason", base.reason), now.isoformat(), base.etag,
-                        changed_by)
-    except ValueError as exc:
-        raise InvalidRequest(f"Invalid override: status must be one of {', '.join(STATUSES)} "
-                             "('downgraded' needs an 'alias').", param="status") from exc
-
-
-def _limit_value(name: str, value: Any) -> int | Decimal:
-    if name not in LIMIT_NAMES:
-        raise InvalidRequest(f"Unknown limit '{name}'; known: {', '.join(LIMIT_NAMES)}.", param=f"limits.{name}")
-    try:
-        parsed = Decimal(str(value)) if name.startswith("usd") else int(value)
-    except (InvalidOperation, ValueError, TypeError):
-        parsed = -1
-    finite = not isinstance(parsed, Decimal) or parsed.is_finite()
-    if isinstance(value, bool) or not finite or not parsed > 0:
-        kind = "decimal string" if name.startswith("usd") else "integer"
-        raise InvalidRequest(f"Limit '{name}' must be a positive {kind}.", param=f"limits.{name}")
-    return parsed

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import alerts, budget, ledger, quota
+from gateway_lib import alerts, budget, ledger, overrides, quota
 from gateway_lib.alerts import Alert
-from gateway_lib.budget import Budget, OverrideBudgets, OverrideEnforcer, RollupReport, run_rollup
+from gateway_lib.budget import Budget, RollupReport, run_rollup
+from gateway_lib.enforcement import OverrideBudgets, OverrideEnforcer
 from gateway_lib.settings import BudgetSettings
 from gateway_lib.storage.base import Entity, Op, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
@@ -98,7 +99,7 @@ async def write_cost(store: TableStore, prefix: str, app: str, at: datetime, usd
 async def set_budget(store: TableStore, prefix: str, subject: str, *, day: str | None = None,
                      month: str | None = None, kind: str = "caller") -> None:
     limits = {k: Decimal(v) for k, v in (("usd_per_day", day), ("usd_per_month", month)) if v is not None}
-    await quota.put_override(store, prefix, subject, quota.Override(limits), kind)
+    await overrides.put_override(store, prefix, subject, overrides.Override(limits), kind)
 
 
 async def rollup(store: TableStore, prefix: str, clock: FakeClock, sinks: Sequence[Any] = (), *,
@@ -445,12 +446,12 @@ def test_enforcement_restricts_at_100_percent_and_lifts_next_period(mode: str, s
         await write_cost(store, "gw", "a", T0 + timedelta(hours=1), "5")
         clock, cfg = FakeClock(T0 + timedelta(hours=2)), settings(enforcement=mode, downgrade_alias=alias)
         report = await rollup(store, "gw", clock, cfg=cfg)
-        override = await quota.get_override(store, "gw", key)
+        override = await overrides.get_override(store, "gw", key)
         assert report.restricted == [key] and override is not None
         assert (override.status, override.alias, override.limits["usd_per_day"]) == (status, alias, Decimal(5))
         clock.advance(hours=23)  # the next day: the daily restriction ends
         assert (await rollup(store, "gw", clock, cfg=cfg)).lifted == 1
-        lifted = await quota.get_override(store, "gw", key)
+        lifted = await overrides.get_override(store, "gw", key)
         assert lifted is not None and lifted.status == "active" and lifted.limits["usd_per_day"] == Decimal(5)
 
     run(go())
@@ -461,14 +462,14 @@ def test_enforcement_never_lifts_a_block_an_admin_set() -> None:
         store = MemoryTableStore()
         await prepare(store, "gw")
         key = caller_key("a")
-        await quota.put_override(store, "gw", key, quota.Override({"usd_per_day": Decimal(1)}, "blocked",
+        await overrides.put_override(store, "gw", key, overrides.Override({"usd_per_day": Decimal(1)}, "blocked",
                                                                   reason="abuse"))
         await write_cost(store, "gw", "a", T0, "2")
         clock, cfg = FakeClock(T0 + timedelta(hours=1)), settings(enforcement="block")
         await rollup(store, "gw", clock, cfg=cfg)
         clock.advance(days=1)
         await rollup(store, "gw", clock, cfg=cfg)
-        override = await quota.get_override(store, "gw", key)
+        override = await overrides.get_override(store, "gw", key)
         assert override is not None and (override.status, override.reason) == ("blocked", "abuse")
         assert override.updated_by is None
 
@@ -482,7 +483,7 @@ def test_enforcement_none_only_alerts() -> None:
         await set_budget(store, "gw", caller_key("a"), day="1")
         await write_cost(store, "gw", "a", T0, "2")
         report = await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)))
-        override = await quota.get_override(store, "gw", caller_key("a"))
+        override = await overrides.get_override(store, "gw", caller_key("a"))
         assert report.restricted == [] and override is not None and override.status == "active"
 
     run(go())

@@ -12,21 +12,12 @@ from typing import Any
 import pytest
 
 from gateway_lib import ledger
+from gateway_lib.counters import EPOCH_SECONDS, Counters
 from gateway_lib.errors import InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway_lib.identity import Caller
-from gateway_lib.ledger import CostRow
-from gateway_lib.quota import (
-    EPOCH_SECONDS,
-    Admission,
-    Counters,
-    Override,
-    Reservation,
-    get_override,
-    put_override,
-    tables,
-    team_partition,
-    usage_table,
-)
+from gateway_lib.ledger import CostRow, usage_table
+from gateway_lib.overrides import Override, get_override, put_override
+from gateway_lib.quota import Admission, Reservation, tables, team_partition
 from gateway_lib.settings import Settings
 from gateway_lib.storage.base import TableStore
 from gateway_lib.storage.memory import MemoryTableStore

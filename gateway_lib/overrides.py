@@ -1,0 +1,132 @@
+"""Per-caller (and per-team) overrides: limits that replace the tier's, and the budget status.
+
+Table ``{prefix}overrides``; written by the admin route and by budget enforcement, both
+ETag-conditional so neither silently undoes the other. The hot path reads them through
+a short per-process cache (see ``quota.OVERRIDE_TTL_SECONDS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from .errors import InvalidRequest
+from .ledger import table_key
+from .storage.base import Entity, TableStore
+
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month",
+               "usd_per_day", "usd_per_month")
+STATUSES = ("active", "blocked", "downgraded")
+
+
+def overrides_table(prefix: str) -> str:
+    return f"{prefix}overrides"
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-caller (or per-team) limits replacing any subset of the tier's, plus the budget status."""
+
+    limits: Mapping[str, int | Decimal] = field(default_factory=dict)
+    status: str = "active"  # active | blocked | downgraded (set by budget enforcement)
+    alias: str | None = None  # downgraded: the alias requests are routed to instead
+    reason: str | None = None
+    updated_at: str | None = None
+    etag: str | None = None
+    updated_by: str | None = None  # caller key of the admin (or "budget" for enforcement)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.limits) - set(LIMIT_NAMES)
+        if unknown or self.status not in STATUSES or (self.status == "downgraded" and not self.alias):
+            raise ValueError(f"invalid override: unknown limits {sorted(unknown)} or status {self.status!r}")
+
+    def properties(self) -> dict[str, Any]:
+        return {**self.limits, "status": self.status, "alias": self.alias, "reason": self.reason,
+                "updated_at": self.updated_at, "updated_by": self.updated_by}
+
+    @classmethod
+    def from_entity(cls, entity: Entity) -> Override:
+        p = entity.properties
+        limits = {n: (Decimal(str(p[n])) if n.startswith("usd") else int(p[n])) for n in LIMIT_NAMES if n in p}
+        return cls(limits, str(p.get("status", "active")), p.get("alias"), p.get("reason"), p.get("updated_at"),
+                   entity.etag, p.get("updated_by"))
+
+
+def override_key(subject: str, kind: str) -> tuple[str, str]:
+    if kind not in ("caller", "team"):
+        raise ValueError("override kind is 'caller' or 'team'")
+    return kind, table_key(subject)
+
+
+async def get_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> Override | None:
+    """The stored override for a caller key (or team name), uncached: for the admin route."""
+    entity = await store.get(overrides_table(prefix), *override_key(subject, kind))
+    return Override.from_entity(entity) if entity else None
+
+
+async def put_override(
+    store: TableStore, prefix: str, subject: str, override: Override, kind: str = "caller",
+) -> Override:
+    """Write an override. With ``override.etag`` the write is conditional: the admin route and budget
+    enforcement both edit this row, and the ETag stops one silently undoing the other's change."""
+    pk, rk = override_key(subject, kind)
+    entity = Entity(pk, rk, override.properties())
+    table = overrides_table(prefix)
+    written = await (store.update(table, entity, override.etag) if override.etag else store.upsert(table, entity))
+    return replace(override, etag=written.etag)
+
+
+async def delete_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> None:
+    await store.delete(overrides_table(prefix), *override_key(subject, kind))
+
+
+def money_json(value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value
+
+
+
+def override_json(subject: str, override: Override | None) -> dict[str, Any]:
+    o = override or Override()
+    return {"caller": subject, "limits": {k: money_json(v) for k, v in o.limits.items()}, "status": o.status,
+            "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by}
+
+
+def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime) -> Override:
+    """Apply an admin PUT: limits present are set (null removes one), absent fields are kept.
+
+    Keeping absent fields means an admin changing a limit never lifts a budget block by accident.
+    """
+    if not isinstance(body, Mapping) or set(body) - {"limits", "status", "alias", "reason"}:
+        raise InvalidRequest("Body must be an object with 'limits', 'status', 'alias' and/or 'reason'.")
+    base = current or Override()
+    limits = dict(base.limits)
+    for name, value in (body.get("limits") or {}).items():
+        if value is None:
+            limits.pop(name, None)
+        else:
+            limits[name] = _limit_value(name, value)
+    status = body.get("status", base.status)
+    alias = body.get("alias", base.alias if status == "downgraded" else None)
+    try:
+        return Override(limits, status, alias, body.get("reason", base.reason), now.isoformat(), base.etag,
+                        changed_by)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid override: status must be one of {', '.join(STATUSES)} "
+                             "('downgraded' needs an 'alias').", param="status") from exc
+
+
+def _limit_value(name: str, value: Any) -> int | Decimal:
+    if name not in LIMIT_NAMES:
+        raise InvalidRequest(f"Unknown limit '{name}'; known: {', '.join(LIMIT_NAMES)}.", param=f"limits.{name}")
+    try:
+        parsed = Decimal(str(value)) if name.startswith("usd") else int(value)
+    except (InvalidOperation, ValueError, TypeError):
+        parsed = -1
+    finite = not isinstance(parsed, Decimal) or parsed.is_finite()
+    if isinstance(value, bool) or not finite or not parsed > 0:
+        kind = "decimal string" if name.startswith("usd") else "integer"
+        raise InvalidRequest(f"Limit '{name}' must be a positive {kind}.", param=f"limits.{name}")
+    return parsed
