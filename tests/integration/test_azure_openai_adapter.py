@@ -1,0 +1,146 @@
+"""The Azure OpenAI adapter through the real openai SDK against the simulator: auth modes, usage,
+and every upstream failure mapped to one ProviderError (with SDK retries off)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway_lib.errors import ProviderError
+from gateway_lib.providers.azure_openai import AzureOpenAIProvider
+from gateway_lib.providers.base import CallContext
+from gateway_lib.schema import ChatRequest
+from gateway_lib.settings import ProviderSettings, Settings
+from tools.provider_simulator import start_in_thread
+from tools.stack import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+CTX = CallContext(request_id="req-adapter", traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[Any]:
+    with start_in_thread() as sim:
+        yield sim
+
+
+@pytest.fixture()
+def base(simulator: Any) -> Iterator[tuple[Any, ProviderSettings, Any]]:
+    values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    values.update({"AZURE_OPENAI_ENDPOINT": simulator.url, "GATEWAY_STORAGE_MODE": "memory"})
+    settings = Settings.from_env(values)
+    simulator.state.faults.clear()
+    simulator.state.stats.reset()
+    yield simulator, settings.providers, settings.catalogue.targets["aoai-gpt-4o-mini-eastus"]
+    simulator.state.faults.clear()
+
+
+def _chat(**extra: Any) -> ChatRequest:
+    return ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello adapter test"}], **extra)
+
+
+def _run(provider: AzureOpenAIProvider, coro_factory: Any) -> Any:
+    async def go() -> Any:
+        try:
+            return await coro_factory()
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(go())
+
+
+def _last(simulator: Any) -> dict[str, Any]:
+    return simulator.state.stats.snapshot()["targets"]["gpt-4o-mini"]["last"]
+
+
+def test_managed_identity_mode_sends_an_entra_bearer_token_and_no_key(base: Any) -> None:
+    simulator, settings, target = base
+    tokens: list[str] = []
+
+    async def token_provider() -> str:
+        tokens.append("issued")
+        return "entra-access-token"
+
+    provider = AzureOpenAIProvider(replace(settings, azure_openai_auth="managed_identity"), token_provider)
+    completion = _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    headers = {k.lower(): v for k, v in _last(simulator)["headers"].items()}
+    assert headers["authorization"].startswith("Bearer ") and "api-key" not in headers
+    assert tokens and completion.usage.prompt_tokens > 0
+    assert headers["traceparent"] == CTX.traceparent and headers["x-ms-client-request-id"] == CTX.request_id
+
+
+def test_api_key_mode_sends_the_key_header(base: Any) -> None:
+    simulator, settings, target = base
+    provider = AzureOpenAIProvider(settings)
+    _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert "api-key" in {k.lower() for k in _last(simulator)["headers"]}
+
+
+def test_stream_always_asks_for_usage_and_drops_the_prompt_filter_preamble(base: Any) -> None:
+    simulator, settings, target = base
+    provider = AzureOpenAIProvider(settings)
+
+    async def collect() -> list[Any]:
+        return [event async for event in provider.stream(_chat(stream=True), target, CTX)]
+
+    events = _run(provider, collect)
+    assert _last(simulator)["body"]["stream_options"] == {"include_usage": True}
+    assert all(e.chunk.get("choices") or e.usage for e in events)
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens > 0
+    assert "".join(e.text for e in events)
+
+
+@pytest.mark.parametrize(("fault", "kind", "retryable"), [
+    ({"mode": "status", "status": 429, "retry_after": 2}, "rate_limited", True),
+    ({"mode": "status", "status": 500}, "server_error", True),
+    ({"mode": "status", "status": 503}, "server_error", True),
+    ({"mode": "status", "status": 400, "message": "bad parameter"}, "bad_request", False),
+    ({"mode": "malformed"}, "malformed", True),
+])
+def test_upstream_failures_become_one_provider_error_without_sdk_retries(base: Any, fault: dict[str, Any], kind: str,
+                                                                       retryable: bool) -> None:
+    simulator, settings, target = base
+    simulator.state.faults.add({**fault, "count": 5})
+    provider = AzureOpenAIProvider(settings)
+    with pytest.raises(ProviderError) as raised:
+        _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert (raised.value.kind, raised.value.retryable) == (kind, retryable)
+    if fault.get("retry_after"):
+        assert raised.value.retry_after == 2
+    assert simulator.state.stats.snapshot()["total"] == 1, "the SDK must not retry behind the gateway's back"
+
+
+def test_timeout_and_refused_connection(base: Any) -> None:
+    simulator, settings, target = base
+    simulator.state.faults.add({"mode": "slow", "delay_ms": 2500, "count": 1})
+    provider = AzureOpenAIProvider(replace(settings, upstream_timeout_seconds=1))
+    with pytest.raises(ProviderError) as slow:
+        _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert slow.value.kind == "timeout" and slow.value.retryable
+    closed = AzureOpenAIProvider(replace(settings, azure_openai_endpoint=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(ProviderError) as refused:
+        _run(closed, lambda: closed.complete(_chat(), target, CTX))
+    assert refused.value.kind == "connection" and refused.value.retryable
+
+
+def test_a_cut_stream_raises_after_the_first_events(base: Any) -> None:
+    simulator, settings, target = base
+    simulator.state.faults.add({"mode": "cut", "after_chunks": 3, "count": 1})
+    provider = AzureOpenAIProvider(settings)
+    seen: list[Any] = []
+
+    async def consume() -> None:
+        async for event in provider.stream(_chat(stream=True), target, CTX):
+            seen.append(event)
+
+    with pytest.raises(ProviderError) as cut:
+        _run(provider, consume)
+    assert seen, "some events arrived before the cut"
+    assert cut.value.retryable
