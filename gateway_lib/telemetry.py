@@ -89,11 +89,15 @@ class RequestRecord:
         return {k: _text(v) for k, v in values.items() if v is not None and k != "trace_id"}
 
     def message(self) -> str:
-        """The one-line human form (what the Functions log stream shows)."""
+        """The one-line human form (what the Functions log stream shows, App Insights or not)."""
         served = self.target_model or "-"
-        return (f"{self.route} {self.status} {self.outcome} {self.model or '-'}->{served} "
+        line = (f"{self.route} {self.status} {self.outcome} {self.model or '-'}->{served} "
                 f"{self.latency_ms:.0f}ms tokens={self.prompt_tokens}/{self.completion_tokens} "
                 f"cost={self.cost_usd} request_id={self.request_id}")
+        if len(self.attempts) > 1:  # a fallback happened: say which targets were tried and how each ended
+            line += " attempts=" + ",".join(f"{a.get('target')}:{a.get('outcome')}/{a.get('status') or '-'}"
+                                            for a in self.attempts)
+        return line
 
 
 def log_request(record: RequestRecord) -> None:

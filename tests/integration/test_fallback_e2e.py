@@ -41,6 +41,11 @@ def _catalogue() -> str:
             for target_id in ids:
                 doc["targets"][target_id] = {**templates[provider], "deployment": target_id}
             doc["aliases"][f"fb-{name}"] = {"targets": ids, "description": f"fallback scenario {name}"}
+    # Across providers: Azure, then Bedrock, then Azure again (the shape of chat-default).
+    mixed = {"fb-mixed-a": "azure_openai", "fb-mixed-b": "bedrock", "fb-mixed-c": "azure_openai"}
+    for target_id, provider in mixed.items():
+        doc["targets"][target_id] = {**templates[provider], "deployment": target_id}
+    doc["aliases"]["fb-mixed"] = {"targets": list(mixed), "description": "fallback across providers"}
     return json.dumps(doc)
 
 
@@ -69,8 +74,11 @@ def fsim(fb_stack: Stack) -> Iterator[Sim]:
     driver.clear()
 
 
-def sdk(stack: Stack, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token, max_retries=0, timeout=30)
+@pytest.fixture(scope="module")
+def sdk(fb_stack: Stack, fb_token: str) -> Iterator[openai.OpenAI]:
+    # One client, closed at the end: an unclosed client leaks its pooled sockets (warnings are errors).
+    with openai.OpenAI(base_url=f"{fb_stack.base_url}/v1", api_key=fb_token, max_retries=0, timeout=30) as client:
+        yield client
 
 
 def ask(model: str, **extra: Any) -> dict[str, Any]:
@@ -82,54 +90,59 @@ def post(stack: Stack, token: str, body: dict[str, Any], **headers: str) -> requ
                          headers={"Authorization": f"Bearer {token}", **headers})
 
 
-def test_primary_429_is_served_by_the_fallback_then_cooled_down_then_recovered(
-        fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_primary_429_is_served_by_the_fallback_then_cooled_down_then_recovered(fsim: Sim, sdk: openai.OpenAI) -> None:
     fsim.fault(mode="status", status=429, retry_after=2, target="gpt-4o-mini", count=1)
-    client = sdk(fb_stack, fb_token)
 
-    first = client.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
+    first = sdk.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
     assert first.headers["x-gateway-target"] == "aoai-gpt-4o-mini-swedencentral"
     assert first.headers["x-gateway-provider"] == "azure_openai"
     assert first.parse().choices[0].message.content
     assert (fsim.count("gpt-4o-mini"), fsim.count("gpt-4o-mini-swc")) == (1, 1), "primary tried exactly once"
 
     # Inside the upstream's Retry-After the primary is not called at all.
-    cooling = client.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
+    cooling = sdk.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
     assert cooling.headers["x-gateway-target"] == "aoai-gpt-4o-mini-swedencentral"
     assert (fsim.count("gpt-4o-mini"), fsim.count("gpt-4o-mini-swc")) == (1, 2)
 
     time.sleep(2.3)
-    recovered = client.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
+    recovered = sdk.chat.completions.with_raw_response.create(**ask("gpt-4o-mini"))
     assert recovered.headers["x-gateway-target"] == "aoai-gpt-4o-mini-eastus"
     assert (fsim.count("gpt-4o-mini"), fsim.count("gpt-4o-mini-swc")) == (2, 2)
 
 
 @pytest.mark.parametrize("status", [500, 503])
-def test_primary_server_error_is_served_by_the_fallback(fb_stack: Stack, fb_token: str, fsim: Sim,
-                                                         status: int) -> None:
+def test_primary_server_error_is_served_by_the_fallback(fsim: Sim, sdk: openai.OpenAI, status: int) -> None:
     name = f"s{status}"
     fsim.fault(mode="status", status=status, target=f"fb-{name}-a")
-    raw = sdk(fb_stack, fb_token).chat.completions.with_raw_response.create(**ask(f"fb-{name}"))
+    raw = sdk.chat.completions.with_raw_response.create(**ask(f"fb-{name}"))
     assert raw.headers["x-gateway-target"] == f"fb-{name}-b"
     assert raw.parse().choices[0].message.content
     assert (fsim.count(f"fb-{name}-a"), fsim.count(f"fb-{name}-b")) == (1, 1)
 
 
-def test_slow_primary_times_out_and_the_fallback_answers(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_fallback_crosses_providers_until_one_answers(fsim: Sim, sdk: openai.OpenAI) -> None:
+    fsim.fault(mode="status", status=503, target="fb-mixed-a", count=1)
+    fsim.fault(mode="status", status=429, target="fb-mixed-b", provider="bedrock", count=1)  # ThrottlingException
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-mixed"))
+    assert (raw.headers["x-gateway-target"], raw.headers["x-gateway-provider"]) == ("fb-mixed-c", "azure_openai")
+    assert [fsim.count(f"fb-mixed-{t}") for t in "abc"] == [1, 1, 1]
+
+
+def test_slow_primary_times_out_and_the_fallback_answers(fsim: Sim, sdk: openai.OpenAI) -> None:
     fsim.fault(mode="slow", delay_ms=4000, target="fb-slow-a", count=1)
     started = time.monotonic()
-    raw = sdk(fb_stack, fb_token).chat.completions.with_raw_response.create(**ask("fb-slow"))
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-slow"))
     elapsed = time.monotonic() - started
     assert raw.headers["x-gateway-target"] == "fb-slow-b"
     assert UPSTREAM_TIMEOUT_S * 0.9 <= elapsed < 3.5, f"took {elapsed:.2f}s: the timeout did not cut the wait"
     assert (fsim.count("fb-slow-a"), fsim.count("fb-slow-b")) == (1, 1)
 
 
-def test_all_targets_down_is_a_503_naming_them_with_retry_after(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_all_targets_down_is_a_503_naming_them_with_retry_after(fsim: Sim, sdk: openai.OpenAI) -> None:
     fsim.fault(mode="status", status=503, target="fb-alldown-a")
     fsim.fault(mode="status", status=500, target="fb-alldown-b")
     with pytest.raises(openai.APIStatusError) as caught:
-        sdk(fb_stack, fb_token).chat.completions.create(**ask("fb-alldown"))
+        sdk.chat.completions.create(**ask("fb-alldown"))
     response = caught.value.response
     assert response.status_code == 503
     error = response.json()["error"]
@@ -154,23 +167,22 @@ def test_all_targets_rate_limited_is_a_429_upstream_rate_limited(fb_stack: Stack
     assert (fsim.count("fb-all429-a"), fsim.count("fb-all429-b")) == (1, 1)
 
 
-def test_callers_own_mistake_upstream_is_not_retried_elsewhere(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_callers_own_mistake_upstream_is_not_retried_elsewhere(fsim: Sim, sdk: openai.OpenAI) -> None:
     fsim.fault(mode="status", status=400, target="fb-badreq-a", count=1)
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk(fb_stack, fb_token).chat.completions.create(**ask("fb-badreq"))
+        sdk.chat.completions.create(**ask("fb-badreq"))
     assert caught.value.response.json()["error"]["code"] == "bad_request"
     assert (fsim.count("fb-badreq-a"), fsim.count("fb-badreq-b")) == (1, 0), "a 400 fails everywhere: no fallback"
     # The caller's 400 says nothing about the target: it still serves the next request.
-    raw = sdk(fb_stack, fb_token).chat.completions.with_raw_response.create(**ask("fb-badreq"))
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-badreq"))
     assert raw.headers["x-gateway-target"] == "fb-badreq-a"
 
 
-def test_stream_cut_after_first_bytes_raises_in_the_sdk_without_fallback(
-        fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_stream_cut_after_first_bytes_raises_in_the_sdk_without_fallback(fsim: Sim, sdk: openai.OpenAI) -> None:
     # Frame 0 is Azure's prompt-filter preamble (no event); frames 1-2 reach the caller before the cut.
     fsim.fault(mode="cut", after_chunks=3, target="fb-cut-a", count=1)
     seen: list[str] = []
-    stream = sdk(fb_stack, fb_token).chat.completions.create(**ask("fb-cut", stream=True))
+    stream = sdk.chat.completions.create(**ask("fb-cut", stream=True))
     with pytest.raises(openai.APIError), stream:
         for chunk in stream:
             seen.extend(c.delta.content or "" for c in chunk.choices)
@@ -190,10 +202,10 @@ def test_stream_cut_ends_with_an_error_event_and_no_done(fb_stack: Stack, fb_tok
     assert fsim.count("fb-cutraw-b") == 0
 
 
-def test_stream_failing_before_its_first_event_falls_back(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_stream_failing_before_its_first_event_falls_back(fsim: Sim, sdk: openai.OpenAI) -> None:
     # Cut after the preamble only: nothing reached the caller yet, so the next target may still serve.
     fsim.fault(mode="cut", after_chunks=1, target="fb-cutfirst-a", count=1)
-    raw = sdk(fb_stack, fb_token).chat.completions.with_raw_response.create(**ask("fb-cutfirst", stream=True))
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-cutfirst", stream=True))
     assert raw.headers["x-gateway-target"] == "fb-cutfirst-b"
     with raw.parse() as stream:
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -201,8 +213,8 @@ def test_stream_failing_before_its_first_event_falls_back(fb_stack: Stack, fb_to
     assert (fsim.count("fb-cutfirst-a"), fsim.count("fb-cutfirst-b")) == (1, 1)
 
 
-def test_bedrock_stream_parses_through_the_sdk(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
-    raw = sdk(fb_stack, fb_token).chat.completions.with_raw_response.create(
+def test_bedrock_stream_parses_through_the_sdk(fsim: Sim, sdk: openai.OpenAI) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
         **ask("chat-default", stream=True, stream_options={"include_usage": True}),
         extra_body={"provider_hint": "bedrock"})
     assert raw.headers["x-gateway-provider"] == "bedrock"
@@ -214,10 +226,10 @@ def test_bedrock_stream_parses_through_the_sdk(fb_stack: Stack, fb_token: str, f
     assert fsim.count("anthropic.claude-3-haiku-20240307-v1:0") == 1
 
 
-def test_bedrock_stream_cut_mid_way_raises_in_the_sdk(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+def test_bedrock_stream_cut_mid_way_raises_in_the_sdk(fsim: Sim, sdk: openai.OpenAI) -> None:
     fsim.fault(mode="cut", after_chunks=3, target="fb-brkcut-a", count=1)
     seen: list[str] = []
-    stream = sdk(fb_stack, fb_token).chat.completions.create(**ask("fb-brkcut", stream=True))
+    stream = sdk.chat.completions.create(**ask("fb-brkcut", stream=True))
     with pytest.raises(openai.APIError), stream:
         for chunk in stream:
             seen.extend(c.delta.content or "" for c in chunk.choices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -11,8 +12,20 @@ import requests
 pytestmark = pytest.mark.integration
 
 
+_clients: list[openai.OpenAI] = []
+
+
 def client(base_url: str, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0, timeout=30)
+    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0, timeout=30)
+    _clients.append(sdk)
+    return sdk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()  # unclosed clients leak sockets: a ResourceWarning, an error here
 
 
 def hello(**extra: object) -> dict:

@@ -101,7 +101,8 @@ def test_log_request_emits_one_record_with_custom_dimensions(caplog: pytest.LogC
     assert entry.custom_dimensions["record"] == "gateway.request"  # type: ignore[attr-defined]
     assert entry.traceId == TRACE  # type: ignore[attr-defined]
     assert entry.getMessage() == ("chat 200 ok chat-default->gpt-4o-mini 812ms tokens=120/30 cost=0.000038 "
-                                  "request_id=req-1")
+                                  "request_id=req-1 attempts=aoai-east:rate_limited/429,aoai-swc:ok/200")
+    assert "<the user's prompt>" not in entry.getMessage()
 
 
 def test_a_record_that_cannot_be_rendered_is_dropped_not_raised(caplog: pytest.LogCaptureFixture) -> None:
