@@ -60,7 +60,12 @@ log = logging.getLogger(__name__)
 
 OVERRIDE_TTL_SECONDS = 30.0  # staleness window of an override change on other instances
 RESERVE_ATTEMPTS = 6
-SETTLE_ATTEMPTS = 12
+SETTLE_ATTEMPTS = 12  # team counters, admin overrides: best effort
+# The caller's settle is bounded by time, not tries: giving up loses the request's cost row and
+# leaves its reservation on the counters, while a lost *reserve* only costs the caller a 429.
+# Under one caller's heavy concurrency a settle can lose the ETag race dozens of times.
+SETTLE_DEADLINE_SECONDS = 30.0
+SETTLE_BACKOFF_CAP_SECONDS = 0.5
 
 
 def tables(prefix: str) -> list[str]:
@@ -242,23 +247,28 @@ class Admission:
     async def _undo(self, res: Reservation) -> None:
         """Take the caller's reservation back out (a zero-usage settle without a cost row)."""
         pk, entity = table_key(res.caller_key), res.snapshot
-        for attempt in range(SETTLE_ATTEMPTS):
+        deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+        while True:
             entity = entity or await self._get(pk, res)
             undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
             undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             try:
                 await self._write_counters(entity, undone.to_entity(pk), res)
                 return
-            except PreconditionFailed:  # someone else wrote since: redo on fresh numbers
+            except PreconditionFailed as exc:  # someone else wrote since: redo on fresh numbers
+                if self._monotonic() >= deadline:
+                    raise StorageError(f"undo of {res.request_id} kept losing the ETag race") from exc
                 entity = None
-                await self._backoff(attempt)
+                await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                attempt += 1
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
         res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
         pk, entity = table_key(res.caller_key), res.snapshot
-        for attempt in range(SETTLE_ATTEMPTS):
+        deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+        while True:
             entity = entity or await self._get(pk, res)
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             try:
@@ -272,10 +282,12 @@ class Admission:
                     return Settlement(True, res.round_trips)  # already settled: counting again would double it
                 if exc.reason not in ("precondition", "not_found"):
                     raise
+                if self._monotonic() >= deadline:
+                    raise StorageError(f"settle of {res.request_id} kept losing the ETag race for "
+                                       f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
                 entity = None  # 412: an admission or settle of another request changed the counters
-                await self._backoff(attempt)
-        else:
-            raise StorageError(f"settle of {res.request_id} lost the ETag race {SETTLE_ATTEMPTS} times")
+                await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                attempt += 1
         if res.team:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
@@ -333,9 +345,9 @@ class Admission:
             return await self._store.insert(self._table, new)
         return await self._store.update(self._table, new, read.etag)
 
-    async def _backoff(self, attempt: int) -> None:
+    async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.
-        await self._sleep(self._rng.uniform(0, min(0.2, 0.01 * 2**attempt)))
+        await self._sleep(self._rng.uniform(0, min(cap, 0.01 * 2 ** min(attempt, 16))))
 
 
 def _unavailable() -> ServiceUnavailable:

@@ -19,7 +19,7 @@ from gateway_lib.ledger import CostRow, usage_table
 from gateway_lib.overrides import Override, get_override, put_override
 from gateway_lib.quota import Admission, Reservation, tables, team_partition
 from gateway_lib.settings import Settings
-from gateway_lib.storage.base import TableStore
+from gateway_lib.storage.base import StorageError, TableStore, TransactionFailed
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.tiers import Tier
 
@@ -414,5 +414,49 @@ def test_usage_view_reports_used_limits_and_remaining() -> None:
         assert view["status"] == "active" and view["in_flight"] == {"tokens": 0, "usd": "0"}
         by_key = await adm.usage_view(caller.key, None)
         assert by_key["tier"] == "basic" and by_key["day"]["used"]["tokens"] == 30
+
+    run(scenario())
+
+
+class _LosesSettleRaces(MemoryTableStore):
+    """Every settle transaction fails with 412 ``losses`` times before one is let through: a hot caller."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses = losses
+
+    async def transact(self, table: str, ops: Any) -> Any:
+        if self.losses > 0:
+            self.losses -= 1
+            raise TransactionFailed("simulated 412", index=1, reason="precondition")
+        return await super().transact(table, ops)
+
+
+def test_a_settle_that_keeps_losing_the_etag_race_persists_instead_of_losing_the_cost_row() -> None:
+    # 40 lost races is far past what a fixed retry count allowed; the settle keeps going until its deadline.
+    async def scenario() -> None:
+        clock = Clock()
+        store = _LosesSettleRaces(losses=40)
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=1000, usd=Decimal("0.5"), request_id="hot-1")
+        await adm.settle(res, make_row(caller, "hot-1", clock.now, 100, 50, Decimal("0.01")))
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.day_usd) == (0, Decimal("0.01"))
+        assert [r.request_id for r in await cost_rows(store, caller.key)] == ["hot-1"]
+
+    run(scenario())
+
+
+def test_a_settle_gives_up_only_at_its_deadline() -> None:
+    async def scenario() -> None:
+        ticks = iter(range(0, 10_000, 5))  # each look at the monotonic clock moves it 5 s on
+        store = _LosesSettleRaces(losses=10**6)
+        _, adm = await new_admission(store=store, monotonic=lambda: float(next(ticks)))
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=10, usd=Decimal("0.01"), request_id="r")
+        with pytest.raises(StorageError, match="kept losing the ETag race"):
+            await adm.settle(res, make_row(caller, "r", T0, 1, 1, Decimal("0.001")))
+        assert store.losses > 10**6 - 100, "bounded: it stopped at the deadline, not after a million tries"
 
     run(scenario())
