@@ -18,12 +18,12 @@ import pstats
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
-               Awaitable[None]]
+from starlette.types import ASGIApp as App
+from starlette.types import Message
+
 BODY = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2,
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
                      {"role": "user", "content": "Summarise the benefits of an AI gateway in two sentences."}]}
@@ -41,7 +41,7 @@ async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
     sent = False
     status, chunks = 0, []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal sent
         if not sent:
             sent = True
@@ -49,7 +49,7 @@ async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
         await asyncio.Event().wait()  # a disconnect would come here; the benchmark never hangs up
         return {}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
@@ -93,7 +93,7 @@ async def round_trips(app: App, tokens: list[str], n: int) -> dict[str, Any]:
         raw = json.dumps(BODY if mode == "nonstream" else STREAM_BODY).encode()
         await batch(app, raw, tokens[:callers], max(conc, 20), conc)  # warm: override and directory caches
         before = store_trips()
-        count = max(n, 4 * conc)
+        count = max(n, 2 * conc)
         statuses = await batch(app, raw, tokens[:callers], count, conc)
         out[f"{mode}_c{conc}_{callers}caller"] = {"requests": count, "statuses": statuses,
                                                   "round_trips_per_request": (store_trips() - before) / count}
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="write pstats here and summarise the profile")
     args = ap.parse_args(argv)
     os.environ["AZURE_OPENAI_ENDPOINT"] = args.upstream
+    # Imported here, in local_host's order: the loopback guard first, settings exported before first use.
     from tools import local_host, netguard
 
     netguard.install()
@@ -181,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     import function_app
-
     from bench.services import BENCH_ROLE
     from tools.dev_issuer import DevIssuer
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, TypeVar
 
 from .catalog import Target
@@ -45,7 +45,7 @@ class Attempt:
 
     def as_dict(self) -> dict[str, Any]:
         """The telemetry shape (``target``, ``status``: the names the request record uses)."""
-        values = asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies
         values["target"], values["status"] = values.pop("target_id"), values.pop("upstream_status")
         return values
 

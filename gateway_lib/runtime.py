@@ -53,11 +53,14 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
     from .providers.azure_openai import AzureOpenAIProvider
     from .providers.bedrock import BedrockProvider
 
-    # azure-core logs every storage call (headers included) at INFO: three per request on the hot path.
+    # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
+    # httpx2 (under the openai SDK) adds a line per upstream call. The request record says it all once.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     install_privacy_filter()
     # Building the BPE tables takes ~0.3 s: do it beside the first request rather than inside it.
-    threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
+    # Only o200k (the GPT-4o family); cl100k (+31 MiB) loads on the first Claude/GPT-4 estimate.
+    threading.Thread(target=tokens.preload, args=(("o200k_base",),), name="tokenizer-preload", daemon=True).start()
     store = store or _store(settings, table_credential)
     telemetry = Telemetry.from_settings(settings)
     return Runtime(

@@ -23,7 +23,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -84,7 +84,7 @@ class RequestRecord:
 
     def dimensions(self) -> dict[str, str]:
         """customDimensions: App Insights properties are strings, so numbers are rendered here."""
-        values = asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies
         values["attempts"] = _attempts_json(self.attempts)
         return {k: _text(v) for k, v in values.items() if v is not None and k != "trace_id"}
 
