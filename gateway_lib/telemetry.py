@@ -240,9 +240,21 @@ class Telemetry:
         self._event_log = _private_logger("gateway.events", self._events)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Telemetry:
-        """The process's telemetry: exporting when ``appinsights_connection_string`` is set."""
-        return cls(settings.appinsights_connection_string)
+    def from_settings(cls, settings: Any, credential: Any = None) -> Telemetry:
+        """The process's telemetry: exporting when ``appinsights_connection_string`` is set.
+
+        The infra disables local (key) auth on Application Insights, so ingestion needs an Entra
+        token, and opencensus reads no APPLICATIONINSIGHTS_AUTHENTICATION_STRING: it is handed the
+        user-assigned managed identity (``AZURE_CLIENT_ID``) instead, or an injected credential.
+        """
+        connection_string = settings.appinsights_connection_string
+        client_id = settings.providers.azure_client_id
+        if connection_string and credential is None and client_id:
+            from azure.identity import ManagedIdentityCredential  # no I/O until the first export
+
+            credential = ManagedIdentityCredential(client_id=client_id)
+        options = {"credential": credential} if connection_string and credential is not None else {}
+        return cls(connection_string, options=options)
 
     def _start(self, connection_string: str, interval: float, options: dict[str, Any]) -> None:
         try:

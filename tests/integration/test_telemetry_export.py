@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gateway_lib import telemetry
 from gateway_lib.telemetry import RequestRecord, Telemetry
 
 pytestmark = pytest.mark.integration
@@ -183,3 +184,28 @@ def test_hanging_collector_does_not_block_the_caller() -> None:
         closing = time.perf_counter() - started
     assert per_call < 0.005
     assert closing < 10.0
+
+
+def test_exporters_authenticate_with_the_given_entra_credential() -> None:
+    # App Insights with local auth disabled only accepts Entra tokens: the exporters must carry one.
+    class FakeCredential:
+        def get_token(self, *scopes: str, **kwargs: object) -> object:
+            raise AssertionError("not called in this test")
+
+    from types import SimpleNamespace
+
+    credential = FakeCredential()
+    settings = SimpleNamespace(
+        appinsights_connection_string="InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+                                      "IngestionEndpoint=http://127.0.0.1:9/",
+        providers=SimpleNamespace(azure_client_id=None))
+    exporting = telemetry.Telemetry.from_settings(settings, credential=credential)
+    try:
+        assert exporting.enabled
+        assert exporting._exporter.options.credential is credential
+        assert exporting._events.options.credential is credential
+    finally:
+        exporting.close(timeout=1)
+    quiet = telemetry.Telemetry.from_settings(SimpleNamespace(appinsights_connection_string=None,
+                                                              providers=settings.providers))
+    assert not quiet.enabled
