@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -119,6 +120,11 @@ class Admission:
         self._rng = rng or random.Random()
         self._ttl = override_ttl
         self._overrides: dict[tuple[str, str], tuple[float, Override | None]] = {}
+        # One lock per counters row *within this process*: requests of one caller on one instance queue
+        # for the row instead of racing for its ETag (64 racers on one row made every write a 412 and
+        # throughput collapse). Across instances the ETag condition still decides; a weak map lets the
+        # lock of an idle caller go away.
+        self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
 
@@ -218,7 +224,17 @@ class Admission:
         name = row.properties.get("tier") if row else None
         return self._settings.tiers.tiers.get(str(name)) if name else None
 
+    def _row_lock(self, pk: str) -> asyncio.Lock:
+        lock = self._row_locks.get(pk)
+        if lock is None:
+            lock = self._row_locks[pk] = asyncio.Lock()
+        return lock
+
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
+        async with self._row_lock(pk):
+            return await self._admit_locked(pk, limits, res, who)
+
+    async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
         for attempt in range(RESERVE_ATTEMPTS):
             now = self._clock()
             entity = await self._get(pk, res)
@@ -246,64 +262,67 @@ class Admission:
 
     async def _undo(self, res: Reservation) -> None:
         """Take the caller's reservation back out (a zero-usage settle without a cost row)."""
-        pk, entity = table_key(res.caller_key), res.snapshot
-        deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
-        while True:
-            entity = entity or await self._get(pk, res)
-            undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
-            undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
-            try:
-                await self._write_counters(entity, undone.to_entity(pk), res)
-                return
-            except PreconditionFailed as exc:  # someone else wrote since: redo on fresh numbers
-                if self._monotonic() >= deadline:
-                    raise StorageError(f"undo of {res.request_id} kept losing the ETag race") from exc
-                entity = None
-                await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
-                attempt += 1
+        async with self._row_lock(table_key(res.caller_key)):
+            pk, entity = table_key(res.caller_key), res.snapshot
+            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+            while True:
+                entity = entity or await self._get(pk, res)
+                undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
+                undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
+                try:
+                    await self._write_counters(entity, undone.to_entity(pk), res)
+                    return
+                except PreconditionFailed as exc:  # someone else wrote since: redo on fresh numbers
+                    if self._monotonic() >= deadline:
+                        raise StorageError(f"undo of {res.request_id} kept losing the ETag race") from exc
+                    entity = None
+                    await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                    attempt += 1
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
         res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
-        pk, entity = table_key(res.caller_key), res.snapshot
-        deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
-        while True:
-            entity = entity or await self._get(pk, res)
-            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            try:
-                # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
-                ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
-                res.round_trips += 1
-                await self._store.transact(self._table, ops)
-                break
-            except TransactionFailed as exc:
-                if exc.reason == "exists":
-                    return Settlement(True, res.round_trips)  # already settled: counting again would double it
-                if exc.reason not in ("precondition", "not_found"):
-                    raise
-                if self._monotonic() >= deadline:
-                    raise StorageError(f"settle of {res.request_id} kept losing the ETag race for "
-                                       f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
-                entity = None  # 412: an admission or settle of another request changed the counters
-                await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
-                attempt += 1
+        async with self._row_lock(table_key(res.caller_key)):
+            pk, entity = table_key(res.caller_key), res.snapshot
+            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+            while True:
+                entity = entity or await self._get(pk, res)
+                settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
+                try:
+                    # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
+                    ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
+                    res.round_trips += 1
+                    await self._store.transact(self._table, ops)
+                    break
+                except TransactionFailed as exc:
+                    if exc.reason == "exists":
+                        return Settlement(True, res.round_trips)  # already settled: counting again would double it
+                    if exc.reason not in ("precondition", "not_found"):
+                        raise
+                    if self._monotonic() >= deadline:
+                        raise StorageError(f"settle of {res.request_id} kept losing the ETag race for "
+                                           f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
+                    entity = None  # 412: an admission or settle of another request changed the counters
+                    await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                    attempt += 1
         if res.team:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
 
     async def _settle_team(self, res: Reservation, row: CostRow) -> None:
-        pk, entity = team_partition(res.team or ""), res.team_snapshot
-        for attempt in range(SETTLE_ATTEMPTS):
-            entity = entity or await self._get(pk, res)
-            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            try:
-                await self._write_counters(entity, settled.to_entity(pk), res)
-                return
-            except (PreconditionFailed, EntityExists):
-                entity = None
-                await self._backoff(attempt)
-        log.error("team counters not settled", extra={"request_id": res.request_id, "team": res.team})
+        async with self._row_lock(team_partition(res.team or "")):
+            pk, entity = team_partition(res.team or ""), res.team_snapshot
+            for attempt in range(SETTLE_ATTEMPTS):
+                entity = entity or await self._get(pk, res)
+                settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
+                try:
+                    await self._write_counters(entity, settled.to_entity(pk), res)
+                    return
+                except (PreconditionFailed, EntityExists):
+                    entity = None
+                    await self._backoff(attempt)
+            log.error("team counters not settled", extra={"request_id": res.request_id, "team": res.team})
 
     async def _record_unaccounted(self, res: Reservation, row: CostRow) -> Settlement:
         """Fail-open admission: no counters to touch, but try to keep the one-cost-row-per-request rule."""

@@ -289,6 +289,49 @@ def test_concurrent_requests_never_lose_an_update_or_pass_a_limit() -> None:
     run(scenario())
 
 
+def test_two_instances_racing_on_one_caller_lose_no_update() -> None:
+    # Within an instance requests queue on a per-row lock; across instances only the ETag protects the
+    # counters. Two Admission objects on one store are two Function instances.
+    async def scenario() -> None:
+        clock = Clock()
+        store, first = await new_admission(clock=clock)
+        _, second = await new_admission(store=store, clock=clock)
+        caller = make_caller(make_tier(requests_per_minute=1000))
+        conflicts = 0
+        real_update = store.update
+
+        async def counting_update(table: str, entity: Any, etag: str) -> Any:
+            nonlocal conflicts
+            try:
+                return await real_update(table, entity, etag)
+            except Exception:
+                conflicts += 1
+                raise
+
+        store.update = counting_update  # type: ignore[method-assign]
+
+        admitted = 0
+
+        async def one(adm: Admission, i: int) -> None:
+            nonlocal admitted
+            try:
+                res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"r{i}")
+            except RateLimited:  # lost the race too often: the caller is told to slow down, nothing counted
+                return
+            admitted += 1
+            await asyncio.sleep(0)
+            await adm.settle(res, make_row(caller, f"r{i}", clock.now, 3, 4, Decimal("0.0007")))
+
+        await asyncio.gather(*(one(first if i % 2 else second, i) for i in range(40)))
+        c = await counters_of(store, caller.key)
+        rows = await cost_rows(store, caller.key)
+        assert conflicts > 0, "the two instances must really have raced on the row"
+        assert admitted > 20 and len(rows) == c.minute_requests == admitted and c.in_flight_tokens == 0
+        assert c.day_tokens == sum(r.total_tokens for r in rows) == 7 * admitted
+
+    run(scenario())
+
+
 # ---- overrides ------------------------------------------------------------------------------------
 
 def test_override_limits_apply_after_the_cache_ttl() -> None:
