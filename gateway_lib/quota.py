@@ -18,6 +18,7 @@ import logging
 import random
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ SETTLE_ATTEMPTS = 12  # team counters, admin overrides: best effort
 # Under one caller's heavy concurrency a settle can lose the ETag race dozens of times.
 SETTLE_DEADLINE_SECONDS = 30.0
 SETTLE_BACKOFF_CAP_SECONDS = 0.5
+LATEST_ROWS_KEPT = 10_000  # counters rows remembered per process (a few hundred bytes each)
 
 
 def tables(prefix: str) -> list[str]:
@@ -125,6 +127,10 @@ class Admission:
         # throughput collapse). Across instances the ETag condition still decides; a weak map lets the
         # lock of an idle caller go away.
         self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # The counters entity (with its ETag) this process last wrote per row, used optimistically under
+        # the row lock: if no other instance wrote since, a reserve needs no read (2 round trips per
+        # request instead of 3); if one did, the ETag condition fails and we re-read. Bounded LRU.
+        self._latest: OrderedDict[str, Entity] = OrderedDict()
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
 
@@ -224,6 +230,18 @@ class Admission:
         name = row.properties.get("tier") if row else None
         return self._settings.tiers.tiers.get(str(name)) if name else None
 
+    def _known(self, pk: str) -> Entity | None:
+        return self._latest.get(pk)
+
+    def _remember(self, pk: str, entity: Entity | None) -> None:
+        if entity is None or entity.etag is None:
+            self._latest.pop(pk, None)
+            return
+        self._latest[pk] = entity
+        self._latest.move_to_end(pk)
+        while len(self._latest) > LATEST_ROWS_KEPT:
+            self._latest.popitem(last=False)
+
     def _row_lock(self, pk: str) -> asyncio.Lock:
         lock = self._row_locks.get(pk)
         if lock is None:
@@ -237,19 +255,36 @@ class Admission:
     async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
         for attempt in range(RESERVE_ATTEMPTS):
             now = self._clock()
-            entity = await self._get(pk, res)
-            counters = Counters.from_entity(entity).rolled(now)
-            check(counters, limits, res.tokens, res.usd, now, who)
-            admitted = counters.reserve(res.tokens, res.usd)
+            entity = await self._checked_entity(pk, limits, res, who, now, use_known=attempt == 0)
+            admitted = Counters.from_entity(entity).rolled(now).reserve(res.tokens, res.usd)
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
                 written = await self._write_counters(entity, admitted.to_entity(pk), res)
+                self._remember(pk, written)
                 return written, rate_headers(admitted, limits, now)
             except (PreconditionFailed, EntityExists):  # EntityExists: two first requests raced to create the row
-                await self._backoff(attempt)
+                self._remember(pk, None)  # another instance wrote: what we knew is stale
+                if attempt:  # the first miss is usually just our stale copy: re-read at once
+                    await self._backoff(attempt)
         # Only this caller's own concurrency keeps winning the race: ask it to slow down (429, not 503).
         raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
+
+    async def _checked_entity(self, pk: str, limits: Limits, res: Reservation, who: str, now: datetime,
+                              use_known: bool) -> Entity | None:
+        """The counters row the request fits in, or a refusal. A remembered copy may be stale (a settle on
+        another instance since), which the ETag only catches at write time; so never refuse on it: a
+        refusal is re-checked on freshly read numbers."""
+        known = self._known(pk) if use_known else None
+        if known is not None:
+            try:
+                check(Counters.from_entity(known).rolled(now), limits, res.tokens, res.usd, now, who)
+                return known
+            except GatewayError:
+                self._remember(pk, None)
+        entity = await self._get(pk, res)
+        check(Counters.from_entity(entity).rolled(now), limits, res.tokens, res.usd, now, who)
+        return entity
 
     async def _admit_team(self, team: str, res: Reservation) -> None:
         override = await self._cached_override(team, "team", res)
@@ -263,18 +298,20 @@ class Admission:
     async def _undo(self, res: Reservation) -> None:
         """Take the caller's reservation back out (a zero-usage settle without a cost row)."""
         async with self._row_lock(table_key(res.caller_key)):
-            pk, entity = table_key(res.caller_key), res.snapshot
+            pk = table_key(res.caller_key)
+            entity = self._known(pk) or res.snapshot
             deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
             while True:
                 entity = entity or await self._get(pk, res)
                 undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
                 undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
                 try:
-                    await self._write_counters(entity, undone.to_entity(pk), res)
+                    self._remember(pk, await self._write_counters(entity, undone.to_entity(pk), res))
                     return
                 except PreconditionFailed as exc:  # someone else wrote since: redo on fresh numbers
                     if self._monotonic() >= deadline:
                         raise StorageError(f"undo of {res.request_id} kept losing the ETag race") from exc
+                    self._remember(pk, None)
                     entity = None
                     await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
                     attempt += 1
@@ -284,7 +321,8 @@ class Admission:
             return await self._record_unaccounted(res, row)
         res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
         async with self._row_lock(table_key(res.caller_key)):
-            pk, entity = table_key(res.caller_key), res.snapshot
+            pk = table_key(res.caller_key)
+            entity = self._known(pk) or res.snapshot
             deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
             while True:
                 entity = entity or await self._get(pk, res)
@@ -293,7 +331,8 @@ class Admission:
                     # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
                     ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
                     res.round_trips += 1
-                    await self._store.transact(self._table, ops)
+                    written = await self._store.transact(self._table, ops)
+                    self._remember(pk, written[1])
                     break
                 except TransactionFailed as exc:
                     if exc.reason == "exists":
@@ -303,8 +342,10 @@ class Admission:
                     if self._monotonic() >= deadline:
                         raise StorageError(f"settle of {res.request_id} kept losing the ETag race for "
                                            f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
-                    entity = None  # 412: an admission or settle of another request changed the counters
-                    await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                    self._remember(pk, None)
+                    entity = None  # 412: another instance's admission or settle changed the counters
+                    if attempt:  # the first miss is usually just our stale copy: re-read at once
+                        await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
                     attempt += 1
         if res.team:
             await self._settle_team(res, row)
@@ -312,14 +353,16 @@ class Admission:
 
     async def _settle_team(self, res: Reservation, row: CostRow) -> None:
         async with self._row_lock(team_partition(res.team or "")):
-            pk, entity = team_partition(res.team or ""), res.team_snapshot
+            pk = team_partition(res.team or "")
+            entity = self._known(pk) or res.team_snapshot
             for attempt in range(SETTLE_ATTEMPTS):
                 entity = entity or await self._get(pk, res)
                 settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
                 try:
-                    await self._write_counters(entity, settled.to_entity(pk), res)
+                    self._remember(pk, await self._write_counters(entity, settled.to_entity(pk), res))
                     return
                 except (PreconditionFailed, EntityExists):
+                    self._remember(pk, None)
                     entity = None
                     await self._backoff(attempt)
             log.error("team counters not settled", extra={"request_id": res.request_id, "team": res.team})

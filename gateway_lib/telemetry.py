@@ -248,7 +248,7 @@ class Telemetry:
         user-assigned managed identity (``AZURE_CLIENT_ID``) instead, or an injected credential.
         """
         connection_string = settings.appinsights_connection_string
-        client_id = settings.providers.azure_client_id
+        client_id = settings.providers.azure_client_id if connection_string else None
         if connection_string and credential is None and client_id:
             from azure.identity import ManagedIdentityCredential  # no I/O until the first export
 

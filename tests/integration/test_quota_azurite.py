@@ -18,7 +18,7 @@ from tools.azurite import Azurite
 pytestmark = pytest.mark.integration
 
 
-def test_steady_state_request_costs_three_round_trips_and_settle_is_idempotent(
+def test_steady_state_request_costs_two_round_trips_and_settle_is_idempotent(
         azurite_connection_string: str, table_prefix: str) -> None:
     async def scenario() -> None:
         store = AzureTableStore.from_connection_string(azurite_connection_string)
@@ -30,7 +30,7 @@ def test_steady_state_request_costs_three_round_trips_and_settle_is_idempotent(
                 res = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id=f"r{i}")
                 row = make_row(caller, f"r{i}", clock.now, 10, 20, Decimal("0.003"))
                 done = await adm.settle(res, row)
-            assert done.round_trips == 3 and not done.already_settled
+            assert done.round_trips == 2 and not done.already_settled  # conditional update + transaction
             assert (await adm.settle(replace(res, snapshot=None), row)).already_settled
             c = await counters_of(store, caller.key, table_prefix)
             rows = await cost_rows(store, caller.key, table_prefix)
