@@ -297,59 +297,66 @@ class Admission:
 
     async def _undo(self, res: Reservation) -> None:
         """Take the caller's reservation back out (a zero-usage settle without a cost row)."""
-        async with self._row_lock(table_key(res.caller_key)):
-            pk = table_key(res.caller_key)
-            entity = self._known(pk) or res.snapshot
-            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
-            while True:
-                entity = entity or await self._get(pk, res)
-                undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
-                undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
-                try:
-                    self._remember(pk, await self._write_counters(entity, undone.to_entity(pk), res))
-                    return
-                except PreconditionFailed as exc:  # someone else wrote since: redo on fresh numbers
-                    if self._monotonic() >= deadline:
-                        raise StorageError(f"undo of {res.request_id} kept losing the ETag race") from exc
-                    self._remember(pk, None)
-                    entity = None
-                    await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
-                    attempt += 1
+
+        async def write(entity: Entity | None, pk: str) -> Entity:
+            undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
+            undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
+            return await self._write_counters(entity, undone.to_entity(pk), res)
+
+        await self._until_written(res, res.snapshot, write, "undo")
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
         res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
-        async with self._row_lock(table_key(res.caller_key)):
-            pk = table_key(res.caller_key)
-            entity = self._known(pk) or res.snapshot
-            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
-            while True:
-                entity = entity or await self._get(pk, res)
-                settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-                try:
-                    # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
-                    ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
-                    res.round_trips += 1
-                    written = await self._store.transact(self._table, ops)
-                    self._remember(pk, written[1])
-                    break
-                except TransactionFailed as exc:
-                    if exc.reason == "exists":
-                        return Settlement(True, res.round_trips)  # already settled: counting again would double it
-                    if exc.reason not in ("precondition", "not_found"):
-                        raise
-                    if self._monotonic() >= deadline:
-                        raise StorageError(f"settle of {res.request_id} kept losing the ETag race for "
-                                           f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
-                    self._remember(pk, None)
-                    entity = None  # 412: another instance's admission or settle changed the counters
-                    if attempt:  # the first miss is usually just our stale copy: re-read at once
-                        await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
-                    attempt += 1
+
+        async def write(entity: Entity | None, pk: str) -> Entity:
+            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
+            # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
+            ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
+            res.round_trips += 1
+            try:
+                return (await self._store.transact(self._table, ops))[1]
+            except TransactionFailed as exc:
+                if exc.reason == "exists":
+                    raise _AlreadySettled from exc  # counting it again would double it
+                if exc.reason in ("precondition", "not_found"):
+                    raise PreconditionFailed(str(exc)) from exc
+                raise
+
+        try:
+            await self._until_written(res, res.snapshot, write, "settle")
+        except _AlreadySettled:
+            return Settlement(True, res.round_trips)
         if res.team:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
+
+    async def _until_written(self, res: Reservation, snapshot: Entity | None,
+                             write: Callable[[Entity | None, str], Awaitable[Entity]], what: str) -> None:
+        """Apply ``write`` to the caller's counters row until it lands, under the row lock.
+
+        Bounded by time, not tries: giving up loses the request's cost row and leaves its reservation
+        behind, while the loser of a race only has to re-read and go again.
+        """
+        pk = table_key(res.caller_key)
+        async with self._row_lock(pk):
+            entity = self._known(pk) or snapshot
+            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+            while True:
+                entity = entity or await self._get(pk, res)
+                try:
+                    self._remember(pk, await write(entity, pk))
+                    return
+                except PreconditionFailed as exc:  # another instance wrote since: redo on fresh numbers
+                    if self._monotonic() >= deadline:
+                        raise StorageError(f"{what} of {res.request_id} kept losing the ETag race for "
+                                           f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
+                    self._remember(pk, None)
+                    entity = None
+                    if attempt:  # the first miss is usually just our stale copy: re-read at once
+                        await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
+                    attempt += 1
 
     async def _settle_team(self, res: Reservation, row: CostRow) -> None:
         async with self._row_lock(team_partition(res.team or "")):
@@ -410,6 +417,10 @@ class Admission:
     async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.
         await self._sleep(self._rng.uniform(0, min(cap, 0.01 * 2 ** min(attempt, 16))))
+
+
+class _AlreadySettled(Exception):
+    """The request's cost row is already there: an earlier try of this settle committed."""
 
 
 def _unavailable() -> ServiceUnavailable:

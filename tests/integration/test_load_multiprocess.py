@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from gateway_lib.tiers import default_tiers_json
 from tests.integration.test_quota_e2e import assert_counters_match_rows, ledger_state
 from tests.stack_fixture import Sim
 from tools.dev_issuer import DEFAULT_TENANT, DevIssuer, app_id_for
-from tools.stack import ROOT, Ports, Stack, free_port, wait_for_port
+from tools.stack import ROOT, Ports, Stack, free_port, stop_group, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -97,18 +96,7 @@ def hosts(load_stack: Stack) -> Iterator[list[str]]:
         yield urls
     finally:
         for proc in procs:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+            stop_group(proc)
 
 
 def caller_key(name: str) -> str:
