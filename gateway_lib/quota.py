@@ -52,7 +52,16 @@ from .overrides import (
     overrides_table,
     put_override,
 )
-from .storage.base import Entity, EntityExists, Op, PreconditionFailed, StorageError, TableStore, TransactionFailed
+from .storage.base import (
+    Entity,
+    EntityExists,
+    Op,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+    TableStore,
+    TransactionFailed,
+)
 from .tiers import Tier
 
 if TYPE_CHECKING:
@@ -68,6 +77,7 @@ SETTLE_ATTEMPTS = 12  # team counters, admin overrides: best effort
 # Under one caller's heavy concurrency a settle can lose the ETag race dozens of times.
 SETTLE_DEADLINE_SECONDS = 30.0
 SETTLE_BACKOFF_CAP_SECONDS = 0.5
+SETTLE_OUTAGE_SECONDS = 10.0  # how long a settle rides out unreachable storage before giving up (logged)
 LATEST_ROWS_KEPT = 10_000  # counters rows remembered per process (a few hundred bytes each)
 
 
@@ -308,8 +318,6 @@ class Admission:
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
-        res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
-
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
@@ -328,6 +336,10 @@ class Admission:
             await self._until_written(res, res.snapshot, write, "settle")
         except _AlreadySettled:
             return Settlement(True, res.round_trips)
+        try:  # list the caller for the budget rollup (once per process; retried on its next request if this fails)
+            res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
+        except StorageError:
+            log.warning("caller not yet listed for the budget rollup", extra={"caller": res.caller_key})
         if res.team:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
@@ -342,12 +354,23 @@ class Admission:
         pk = table_key(res.caller_key)
         async with self._row_lock(pk):
             entity = self._known(pk) or snapshot
-            deadline, attempt = self._monotonic() + SETTLE_DEADLINE_SECONDS, 0
+            started = self._monotonic()
+            deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
             while True:
-                entity = entity or await self._get(pk, res)
                 try:
+                    entity = entity or await self._get(pk, res)
                     self._remember(pk, await write(entity, pk))
                     return
+                except StorageUnavailable:
+                    # A blip (a storage node failing over, a connection reset) must not cost the cost row.
+                    # A write whose reply was lost may have committed: re-read, and the cost row's key
+                    # makes a repeated settle count once.
+                    if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
+                        raise
+                    self._remember(pk, None)
+                    entity = None
+                    await self._sleep(min(1.0, 0.05 * 2**outages))
+                    outages += 1
                 except PreconditionFailed as exc:  # another instance wrote since: redo on fresh numbers
                     if self._monotonic() >= deadline:
                         raise StorageError(f"{what} of {res.request_id} kept losing the ETag race for "

@@ -20,11 +20,23 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
 )
 from azure.data.tables import EdmType, EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TableNotFound, TransactionFailed
+from .base import (
+    Entity,
+    EntityExists,
+    EntityNotFound,
+    Op,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+    TableNotFound,
+    TransactionFailed,
+)
 from .memory import check_key, check_transaction, normalise_properties
 
 if TYPE_CHECKING:
@@ -172,12 +184,14 @@ def _translated() -> Iterator[None]:
         if _code(exc) == "TableNotFound" or '"TableNotFound"' in str(exc):  # create_entity has it only in the body
             raise TableNotFound(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
         raise EntityNotFound(_first_line(exc)) from exc
+    except (ServiceRequestError, ServiceResponseError) as exc:  # never reached it, or no answer in time
+        raise StorageUnavailable(f"table storage unreachable: {type(exc).__name__}") from exc
     except AzureError as exc:
         if getattr(exc, "status_code", None) == 412:
             raise PreconditionFailed(_first_line(exc)) from exc
         raise StorageError(f"table storage failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except (TimeoutError, OSError) as exc:
-        raise StorageError(f"table storage unreachable: {type(exc).__name__}") from exc
+        raise StorageUnavailable(f"table storage unreachable: {type(exc).__name__}") from exc
 
 
 def _code(exc: Exception) -> str:

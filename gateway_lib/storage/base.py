@@ -18,6 +18,10 @@ class StorageError(Exception):
     """Storage unreachable or failing (maps to 503 unless the tier fails open)."""
 
 
+class StorageUnavailable(StorageError):
+    """Storage could not be reached (connection refused, timeout): transient, worth retrying briefly."""
+
+
 class EntityNotFound(StorageError):
     pass
 

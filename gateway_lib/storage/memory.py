@@ -23,7 +23,17 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .base import Entity, EntityExists, EntityNotFound, Op, PreconditionFailed, StorageError, TableNotFound, TransactionFailed
+from .base import (
+    Entity,
+    EntityExists,
+    EntityNotFound,
+    Op,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+    TableNotFound,
+    TransactionFailed,
+)
 
 MAX_TRANSACTION_OPS = 100
 _INT64 = (-(2**63), 2**63 - 1)
@@ -141,7 +151,7 @@ class MemoryTableStore:
         self.round_trips += 1
         await asyncio.sleep(0)  # a real call suspends here: let other tasks run so races interleave
         if self.down:
-            raise StorageError("table storage is unreachable (simulated outage)")
+            raise StorageUnavailable("table storage is unreachable (simulated outage)")
 
     async def _rows(self, table: str) -> Rows:
         await self._enter()

@@ -9,7 +9,8 @@ One hot caller with a tiny USD budget and many ordinary callers send concurrent 
   (``spend ≤ B + Σ max(0, actual_i - reserved_i)``).
 
 A second phase repeats the load under faults: a 429 storm on the primary target, cut streams, and
-the JWKS endpoint down (keys cached by every host keep validating tokens).
+the JWKS endpoint down (keys cached by every host keep validating tokens). A third stops Table
+Storage for two seconds mid-load and restarts it: no ledger row lost, recovery without help.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,14 +138,15 @@ def run_load(hosts: list[str], tokens: dict[str, str], phase: str, total: int) -
         return list(pool.map(lambda job: send(*job), jobs))
 
 
-def check_ledger(stack: Stack, sent: list[Sent]) -> dict[str, list[CostRow]]:
+def check_ledger(stack: Stack, sent: list[Sent],
+                 refusals: tuple[str, ...] = ADMISSION_REFUSALS) -> dict[str, list[CostRow]]:
     """Counters == Σ rows per caller, and exactly one row per admitted request; returns the rows."""
     by_caller: dict[str, list[CostRow]] = {}
     for caller in {s.caller for s in sent}:
         counters, rows = ledger_state(stack, caller_key(caller))
         assert_counters_match_rows(counters, rows)
         assert counters.in_flight_tokens == 0 and counters.in_flight_usd == 0, f"{caller}: reservation left over"
-        admitted = {s.request_id for s in sent if s.caller == caller and s.code not in ADMISSION_REFUSALS}
+        admitted = {s.request_id for s in sent if s.caller == caller and s.code not in refusals}
         row_ids = [r.request_id for r in rows]
         assert sorted(row_ids) == sorted(admitted), f"{caller}: rows and admitted requests differ"
         by_caller[caller] = rows
@@ -225,3 +228,23 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     rows = check_ledger(load_stack, everything)
     hot_spend = sum((r.cost_usd for r in rows[HOT]), Decimal(0))
     assert hot_spend <= HOT_BUDGET + overspend_bound(rows[HOT])
+
+    # Phase 3: Table Storage goes away for two seconds in the middle of a load, then comes back.
+    # Admissions during the outage are refused (503, fail-closed, no row); requests admitted before it
+    # ride out the blip at settle, so none loses its cost row or leaves its reservation behind.
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(run_load, hosts, tokens, "outage", 90)
+        time.sleep(0.5)
+        load_stack.stop_process("azurite")
+        time.sleep(2.0)
+        load_stack.restart("azurite")
+        during = running.result(timeout=180)
+    after = run_load(hosts, tokens, "recovered", 30)
+    storage_refusals = ("service_unavailable", "storage_unavailable")
+    statuses = {(s.status, s.code) for s in during}
+    allowed = {(200, None), (429, "insufficient_quota"), (429, "rate_limit_exceeded")}
+    assert statuses <= allowed | {(503, code) for code in storage_refusals}, statuses
+    assert any(s.status == 503 for s in during), "the outage must have been felt"
+    assert all(s.status == 200 for s in after if s.caller != HOT), "the gateway recovers by itself"
+    print(f"outage: {_tally(during)} recovered: {_tally(after)}")
+    check_ledger(load_stack, everything + during + after, ADMISSION_REFUSALS + storage_refusals)

@@ -505,3 +505,31 @@ def test_a_settle_gives_up_only_at_its_deadline() -> None:
         assert store.losses > 10**6 - 100, "bounded: it stopped at the deadline, not after a million tries"
 
     run(scenario())
+
+
+def test_a_settle_rides_out_a_short_storage_outage() -> None:
+    # Storage goes away after the reservation and comes back a few retries later: the cost row still lands.
+    async def scenario() -> None:
+        clock = Clock()
+        store = MemoryTableStore()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller()
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.1"), request_id="blip")
+        store.down = True
+        sleeps = 0
+        real_sleep = adm._sleep
+
+        async def sleep_then_recover(seconds: float) -> None:
+            nonlocal sleeps
+            sleeps += 1
+            if sleeps == 3:
+                store.down = False
+            await real_sleep(0)
+
+        adm._sleep = sleep_then_recover
+        await adm.settle(res, make_row(caller, "blip", clock.now, 10, 5, Decimal("0.002")))
+        c = await counters_of(store, caller.key)
+        assert sleeps == 3 and c.in_flight_tokens == 0 and c.day_usd == Decimal("0.002")
+        assert [r.request_id for r in await cost_rows(store, caller.key)] == ["blip"]
+
+    run(scenario())
