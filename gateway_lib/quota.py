@@ -447,7 +447,9 @@ class _AlreadySettled(Exception):
 
 
 def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)", retry_after=5)
+    # Its own code: "quota storage down" and "every provider down" call for different responses.
+    return ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)",
+                              code="storage_unavailable", retry_after=5)
 
 
 def _counters_op(read: Entity | None, new: Entity) -> Op:

@@ -148,7 +148,11 @@ def check_ledger(stack: Stack, sent: list[Sent],
         assert counters.in_flight_tokens == 0 and counters.in_flight_usd == 0, f"{caller}: reservation left over"
         admitted = {s.request_id for s in sent if s.caller == caller and s.code not in refusals}
         row_ids = [r.request_id for r in rows]
-        assert sorted(row_ids) == sorted(admitted), f"{caller}: rows and admitted requests differ"
+        assert sorted(row_ids) == sorted(admitted), (
+            f"{caller}: rows without an admitted request {[s for s in sent if s.request_id in set(row_ids) - admitted]}"
+            f" {[(r.request_id, r.status, r.http_status, r.error_code) for r in rows if r.request_id not in admitted]}"
+            ", admitted requests "
+            f"without a row {[s for s in sent if s.request_id in admitted - set(row_ids)]}")
         by_caller[caller] = rows
     rows_by_id = {r.request_id: r for rows in by_caller.values() for r in rows}
     for s in sent:
@@ -196,7 +200,8 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     statuses = {(s.status, s.code) for s in calm}
     assert statuses <= {(200, None), (429, "insufficient_quota"), (429, "rate_limit_exceeded")}, statuses
     assert not any(s.cut for s in calm)
-    assert all(s.status == 200 for s in calm if s.caller != HOT), "ordinary callers are far from their limits"
+    assert all(s.status == 200 for s in calm if s.caller != HOT), (
+        "ordinary callers are far from their limits", [s for s in calm if s.caller != HOT and s.status != 200])
     assert any(s.code == "insufficient_quota" for s in calm), "the hot caller's budget must have run out"
     assert sim.total() == sum(s.status == 200 for s in calm), "every refused request stayed off the providers"
     rows = check_ledger(load_stack, calm)
@@ -210,6 +215,8 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     tokens |= {name: issuer.token(caller=name, roles=["Gateway.Standard"]) for name in CALLERS[:3]}  # fresh tokens
     sim.fault(mode="status", status=429, retry_after=1, target="gpt-4o-mini", count=30)
     sim.fault(mode="cut", after_chunks=3, target=HAIKU, provider="bedrock", count=4)
+    sim.fault(mode="status", status=500, target="gpt-4o-mini-swc", count=6)  # the fallback region fails too
+    sim.fault(mode="slow", delay_ms=400, target=HAIKU, provider="bedrock", count=6)
     try:
         stormy = run_load(hosts, tokens, "storm", 120)
     finally:
@@ -240,7 +247,7 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
         load_stack.restart("azurite")
         during = running.result(timeout=180)
     after = run_load(hosts, tokens, "recovered", 30)
-    storage_refusals = ("service_unavailable", "storage_unavailable")
+    storage_refusals = ("storage_unavailable",)
     statuses = {(s.status, s.code) for s in during}
     allowed = {(200, None), (429, "insufficient_quota"), (429, "rate_limit_exceeded")}
     assert statuses <= allowed | {(503, code) for code in storage_refusals}, statuses

@@ -317,7 +317,7 @@ def test_storage_outage_fails_closed_with_a_clear_503_and_recovers(outage_stack:
         started = time.monotonic()
         refused = chat(stack, tok, request_id="q-outage-during")
         assert time.monotonic() - started < 15, "an outage must cost seconds, not minutes"
-        error = assert_openai_error(refused, 503)
+        error = assert_openai_error(refused, 503, "storage_unavailable")
         assert "storage" in error["message"].lower()
         assert int(refused.headers["retry-after"]) >= 1
         assert usage(stack, tok).status_code == 503, "the usage view must fail as clearly"

@@ -421,6 +421,7 @@ def test_storage_down_fails_closed_with_503() -> None:
             await adm.reserve(make_caller(), tokens=1, usd=Decimal(0), request_id="a")
         assert down.value.status == 503
         assert down.value.message == "quota storage is unavailable; request refused (fail-closed)"
+        assert down.value.code == "storage_unavailable"
 
     run(scenario())
 
