@@ -369,7 +369,7 @@ class Admission:
                         raise
                     self._remember(pk, None)
                     entity = None
-                    await self._sleep(min(1.0, 0.05 * 2**outages))
+                    await self._sleep(min(1.0, 0.05 * 2 ** min(outages, 5)))
                     outages += 1
                 except PreconditionFailed as exc:  # another instance wrote since: redo on fresh numbers
                     if self._monotonic() >= deadline:
