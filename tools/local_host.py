@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def _admin_endpoint(functions: dict[str, tuple[str, Callable[..., Any]]]) -> Cal
 def _error(status: int, message: str) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-                        status_code=status)
+                        status_code=status, headers={"x-request-id": str(uuid.uuid4())})
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -181,6 +181,7 @@ def test_unknown_route_is_an_openai_shaped_404(base_url: str, token: str) -> Non
     response = requests.get(f"{base_url}/v1/nothing-here", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+    assert response.headers["x-request-id"]
 
 
 def test_generate_runs_a_task_through_the_same_pipeline(base_url: str, token: str) -> None:
