@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import pricing, tokens
 from .catalog import Target
@@ -28,6 +28,7 @@ from .telemetry import RequestRecord
 if TYPE_CHECKING:
     from .fallback import Attempt
     from .guardrails import Screened
+    from .quota import Reservation
     from .routing import RoutePlan
     from .runtime import Runtime
 
@@ -46,7 +47,7 @@ class Accounting:
     screened: Screened
     attempts: list[Attempt] = field(default_factory=list)
     served_by: Target | None = None
-    reservation: Any = None
+    reservation: Reservation | None = None
     estimated_usd: Decimal = Decimal(0)
     _finished: bool = False
 
@@ -54,7 +55,7 @@ class Accounting:
         """Reserve the worst case: the prompt estimate plus max_tokens, priced at the dearest candidate target
         (fallback may land on any of them)."""
         s = self.screened
-        self.estimated_usd = max(pricing.cost(t.price, s.prompt_tokens, s.max_tokens) for t in self.plan.targets)
+        self.estimated_usd = max(pricing.estimate(t.price, s.prompt_tokens, s.max_tokens) for t in self.plan.targets)
         self.reservation = await self.rt.admission.reserve(
             self.caller, tokens=s.prompt_tokens + s.max_tokens, usd=self.estimated_usd,
             request_id=self.scope.request_id,
@@ -66,7 +67,7 @@ class Accounting:
                    "x-gateway-target": target.id}
         if self.screened.clamped:
             headers["x-gateway-max-tokens-clamped"] = str(self.screened.max_tokens)
-        return headers | dict(getattr(self.reservation, "headers", {}) or {})
+        return headers | (self.reservation.headers if self.reservation else {})
 
     def estimate_streamed_usage(self, target: Target | None, text: str) -> Usage:
         """Usage of a stream that ended without a usage event: the prompt estimate plus what was streamed."""
@@ -79,9 +80,11 @@ class Accounting:
         if self._finished:
             return Decimal(0)
         self._finished = True
+        assert self.reservation is not None  # the pipeline reserves before any path can finish
         cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
         row = self._row(target, usage, cost, status, error)
         try:
+            # Settle and release are one operation: swap the reservation for what the row says was used.
             await self.rt.admission.settle(self.reservation, row)
         except StorageError:
             # The reservation (an over-estimate) stays on the counters: conservative, never lost spend.
@@ -92,17 +95,9 @@ class Accounting:
 
     async def finish_error(self, error: GatewayError) -> None:
         """Release the reservation of a request that produced nothing; its cost row says why."""
-        if self._finished:
-            return
-        self._finished = True
-        self.attempts = list(getattr(error, "attempts", self.attempts))
-        row = self._row(None, Usage(0, 0), Decimal(0), "error", error)
-        try:
-            await self.rt.admission.release(self.reservation, row)
-        except StorageError:
-            log.error("release failed; reservation left in place",
-                      extra={"custom_dimensions": {"request_id": self.scope.request_id}})
-        self._record(None, Usage(0, 0), Decimal(0), "error", error)
+        if not self._finished:
+            self.attempts = list(getattr(error, "attempts", self.attempts))
+        await self.finish(None, Usage(0, 0), status="error", error=error)
 
     def _row(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
              error: GatewayError | None) -> CostRow:

@@ -27,6 +27,7 @@ from . import alerts as alerting
 from . import ledger, quota
 from .alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
 from .settings import BudgetSettings
+from .spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end
 from .storage.base import Entity, EntityExists, PreconditionFailed, TableStore
 
 log = logging.getLogger("gateway.budget")
@@ -38,7 +39,6 @@ Clock = Callable[[], datetime]
 # the checkpoint never moves past a row that is still in flight (it would be skipped forever).
 SETTLE_LAG = timedelta(minutes=2)
 MIN_SLICE = 10  # floor of rows per caller per round; the slice is max_rows / callers above that
-MIN_FORECAST_WINDOW = timedelta(hours=1)  # a single early request must not forecast a burn
 TIMER_BUDGET = timedelta(minutes=4)  # under the Functions 5-minute default and the 5-minute schedule
 CONFLICT_RETRIES = 8
 
@@ -150,51 +150,6 @@ class Aggregate:
         first = p.get("first_at")
         return cls(Decimal(p.get("spend", "0")), int(p.get("tokens", 0)), int(p.get("requests", 0)),
                    datetime.fromisoformat(first) if first else None, p.get("applied_to", ""))
-
-
-# --- periods -------------------------------------------------------------------------------------
-
-
-def day_period(moment: datetime) -> str:
-    return f"day|{moment.astimezone(UTC):%Y%m%d}"
-
-
-def month_period(moment: datetime) -> str:
-    return f"month|{moment.astimezone(UTC):%Y%m}"
-
-
-def period_end(period: str) -> datetime:
-    unit, stamp = period.split("|", 1)
-    if unit == "day":
-        return datetime.strptime(stamp, "%Y%m%d").replace(tzinfo=UTC) + timedelta(days=1)
-    start = datetime.strptime(stamp, "%Y%m").replace(tzinfo=UTC)
-    return (start + timedelta(days=32)).replace(day=1)
-
-
-# --- pure budget logic ---------------------------------------------------------------------------
-
-
-def crossed_thresholds(spend: Decimal, budget: Decimal | None, thresholds: Sequence[int]) -> list[int]:
-    """Thresholds (percent) that ``spend`` has reached; exact arithmetic, no float rounding."""
-    if budget is None or budget <= 0:
-        return []
-    return [t for t in thresholds if spend * 100 >= budget * t]
-
-
-def forecast_exhaustion(
-    month_spend: Decimal, budget: Decimal | None, recent_spend: Decimal, window_start: datetime | None,
-    as_of: datetime,
-) -> datetime | None:
-    """When the monthly budget runs out at the recent rate, if that is before the month ends.
-
-    rate = recent_spend / max(as_of - window_start, 1h); exhaustion = as_of + (budget - spend) / rate.
-    """
-    if budget is None or budget <= 0 or month_spend >= budget or recent_spend <= 0 or window_start is None:
-        return None
-    seconds = Decimal(max(as_of - window_start, MIN_FORECAST_WINDOW).total_seconds())
-    rate = recent_spend / seconds
-    at = as_of + timedelta(seconds=float((budget - month_spend) / rate))
-    return at if at < period_end(month_period(as_of)) else None
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 OVERRIDE_TTL_SECONDS = 30.0  # staleness window of an override change on other instances
 RESERVE_ATTEMPTS = 6
-SETTLE_ATTEMPTS = 12  # team counters, admin overrides: best effort
+SETTLE_ATTEMPTS = 12  # admin override writes
 # The caller's settle is bounded by time, not tries: giving up loses the request's cost row and
 # leaves its reservation on the counters, while a lost *reserve* only costs the caller a 429.
 # Under one caller's heavy concurrency a settle can lose the ETag race dozens of times.
@@ -107,8 +107,6 @@ class Reservation:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     accounted: bool = True  # False: admitted fail-open without counters
     round_trips: int = 0  # storage round trips spent on this request so far
-    snapshot: Entity | None = None  # counters as we last wrote them: settle tries this ETag first
-    team_snapshot: Entity | None = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +165,8 @@ class Admission:
                 why = override.reason or "budget spent"
                 raise QuotaExceeded(f"{caller.display} is blocked by budget enforcement ({why}).",
                                     retry_after=seconds_until(now, next_month(now)))
-            res.snapshot, res.headers = await self._admit(table_key(caller.key), Limits.of(caller.tier, override),
-                                                          res, caller.display)
+            res.headers = await self._admit(table_key(caller.key), Limits.of(caller.tier, override), res,
+                                            caller.display)
             if caller.team:
                 await self._admit_team(caller.team, res)
         except StorageError as exc:
@@ -258,11 +256,12 @@ class Admission:
             lock = self._row_locks[pk] = asyncio.Lock()
         return lock
 
-    async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
+    async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
+        """Add the reservation to the row; returns the x-ratelimit-* headers."""
         async with self._row_lock(pk):
             return await self._admit_locked(pk, limits, res, who)
 
-    async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> tuple[Entity, dict[str, str]]:
+    async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
         for attempt in range(RESERVE_ATTEMPTS):
             now = self._clock()
             entity = await self._checked_entity(pk, limits, res, who, now, use_known=attempt == 0)
@@ -270,10 +269,9 @@ class Admission:
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
-                written = await self._write_counters(entity, admitted.to_entity(pk), res)
-                self._remember(pk, written)
-                return written, rate_headers(admitted, limits, now)
-            except (PreconditionFailed, EntityExists):  # EntityExists: two first requests raced to create the row
+                self._remember(pk, await self._write_counters(entity, admitted.to_entity(pk), res))
+                return rate_headers(admitted, limits, now)
+            except PreconditionFailed:
                 self._remember(pk, None)  # another instance wrote: what we knew is stale
                 if attempt:  # the first miss is usually just our stale copy: re-read at once
                     await self._backoff(attempt)
@@ -299,8 +297,7 @@ class Admission:
     async def _admit_team(self, team: str, res: Reservation) -> None:
         override = await self._cached_override(team, "team", res)
         try:
-            res.team_snapshot, _ = await self._admit(team_partition(team), Limits.of(None, override), res,
-                                                     f"team {team}")
+            await self._admit(team_partition(team), Limits.of(None, override), res, f"team {team}")
         except GatewayError:
             await self._undo(res)  # the caller's reservation must not outlive the team's refusal
             raise
@@ -313,11 +310,12 @@ class Admission:
             undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             return await self._write_counters(entity, undone.to_entity(pk), res)
 
-        await self._until_written(res, res.snapshot, write, "undo")
+        await self._until_written(res, table_key(res.caller_key), write, "undo")
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
             return await self._record_unaccounted(res, row)
+
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
@@ -333,7 +331,7 @@ class Admission:
                 raise
 
         try:
-            await self._until_written(res, res.snapshot, write, "settle")
+            await self._until_written(res, table_key(res.caller_key), write, "settle")
         except _AlreadySettled:
             return Settlement(True, res.round_trips)
         try:  # list the caller for the budget rollup (once per process; retried on its next request if this fails)
@@ -344,16 +342,15 @@ class Admission:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
 
-    async def _until_written(self, res: Reservation, snapshot: Entity | None,
+    async def _until_written(self, res: Reservation, pk: str,
                              write: Callable[[Entity | None, str], Awaitable[Entity]], what: str) -> None:
-        """Apply ``write`` to the caller's counters row until it lands, under the row lock.
+        """Apply ``write`` to a counters row until it lands, under the row lock.
 
         Bounded by time, not tries: giving up loses the request's cost row and leaves its reservation
         behind, while the loser of a race only has to re-read and go again.
         """
-        pk = table_key(res.caller_key)
         async with self._row_lock(pk):
-            entity = self._known(pk) or snapshot
+            entity = self._known(pk)
             started = self._monotonic()
             deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
             while True:
@@ -382,19 +379,16 @@ class Admission:
                     attempt += 1
 
     async def _settle_team(self, res: Reservation, row: CostRow) -> None:
-        async with self._row_lock(team_partition(res.team or "")):
-            pk = team_partition(res.team or "")
-            entity = self._known(pk) or res.team_snapshot
-            for attempt in range(SETTLE_ATTEMPTS):
-                entity = entity or await self._get(pk, res)
-                settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-                try:
-                    self._remember(pk, await self._write_counters(entity, settled.to_entity(pk), res))
-                    return
-                except (PreconditionFailed, EntityExists):
-                    self._remember(pk, None)
-                    entity = None
-                    await self._backoff(attempt)
+        """Team counters follow the caller's; a loss here under-counts the team until the rollup, which sums
+        the cost rows (authoritative), so it is logged rather than raised."""
+
+        async def write(entity: Entity | None, pk: str) -> Entity:
+            settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
+            return await self._write_counters(entity, settled.to_entity(pk), res)
+
+        try:
+            await self._until_written(res, team_partition(res.team or ""), write, "team settle")
+        except StorageError:
             log.error("team counters not settled", extra={"request_id": res.request_id, "team": res.team})
 
     async def _record_unaccounted(self, res: Reservation, row: CostRow) -> Settlement:
@@ -415,7 +409,7 @@ class Admission:
         log.warning("quota storage unreachable: admitting fail-open without counters",
                     extra={"request_id": res.request_id, "caller": caller.key, "tier": caller.tier.name,
                            "error": str(exc)})
-        return replace(res, accounted=False, snapshot=None, team_snapshot=None, headers={})
+        return replace(res, accounted=False, headers={})
 
     async def _cached_override(self, subject: str, kind: str, res: Reservation | None) -> Override | None:
         hit = self._overrides.get((kind, subject))
@@ -432,10 +426,14 @@ class Admission:
         return await self._store.get(self._table, pk, COUNTERS_ROW)
 
     async def _write_counters(self, read: Entity | None, new: Entity, res: Reservation) -> Entity:
+        """Conditional write; raises ``PreconditionFailed`` when the row changed (or was created) since ``read``."""
         res.round_trips += 1
-        if read is None or read.etag is None:
+        if read is not None and read.etag is not None:
+            return await self._store.update(self._table, new, read.etag)
+        try:
             return await self._store.insert(self._table, new)
-        return await self._store.update(self._table, new, read.etag)
+        except EntityExists as exc:  # two first requests raced to create the row: the same as losing the race
+            raise PreconditionFailed(str(exc)) from exc
 
     async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.

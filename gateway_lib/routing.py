@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from decimal import Decimal
 
+from . import pricing
 from .catalog import Catalogue, Target
 from .errors import InvalidRequest, ModelNotFound, PermissionDenied
 from .schema import ChatRequest
@@ -108,7 +108,7 @@ def _rank(targets: list[Target], priority: str | None, view: HealthView, prompt_
           max_tokens: int | None) -> list[tuple[Target, str]]:
     if priority == "low_cost":
         output = max_tokens or DEFAULT_OUTPUT_ESTIMATE
-        costs = {t.id: estimated_cost(t, prompt_tokens, output) for t in targets}
+        costs = {t.id: pricing.estimate(t.price, prompt_tokens, output) for t in targets}
         ordered = sorted(targets, key=lambda t: costs[t.id])
         return [(t, f"low_cost: est. ${costs[t.id]:.6f} for {prompt_tokens}+{output} tokens") for t in ordered]
     if priority == "quality":
@@ -130,10 +130,6 @@ def _rank_latency(targets: list[Target], view: HealthView) -> list[tuple[Target,
         ranked.append((t, "low_latency: unmeasured, tried to learn it" if latency is None
                        else f"low_latency: EWMA {latency:.0f} ms"))
     return ranked
-
-
-def estimated_cost(target: Target, prompt_tokens: int, output_tokens: int) -> Decimal:
-    return (target.price.input_per_1k * prompt_tokens + target.price.output_per_1k * output_tokens) / 1000
 
 
 def _apply_health(ranked: list[tuple[Target, str]], view: HealthView, now: float) -> tuple[RouteStep, ...]:

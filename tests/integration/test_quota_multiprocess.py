@@ -91,7 +91,7 @@ async def _settle(adm: Admission, res: Reservation, row: CostRow) -> int:
         try:
             return (await adm.settle(res, row)).round_trips
         except StorageError:
-            res.snapshot = None
+            pass
     raise AssertionError("settle never succeeded")
 
 
