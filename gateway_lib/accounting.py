@@ -95,8 +95,8 @@ class Accounting:
 
     async def finish_error(self, error: GatewayError) -> None:
         """Release the reservation of a request that produced nothing; its cost row says why."""
-        if not self._finished:
-            self.attempts = list(getattr(error, "attempts", self.attempts))
+        if not self._finished and error.attempts:
+            self.attempts = list(error.attempts)
         await self.finish(None, Usage(0, 0), status="error", error=error)
 
     def _row(self, target: Target | None, usage: Usage, cost: Decimal, status: str,

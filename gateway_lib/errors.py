@@ -9,6 +9,7 @@ shape ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -33,6 +34,7 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers: dict[str, str] = dict(headers or {})
+        self.attempts: list[Any] = []  # provider attempts made before this error (set by the fallback executor)
 
     def body(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

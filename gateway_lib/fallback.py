@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, TypeVar
 
@@ -50,7 +50,7 @@ class Attempt:
         return values
 
 
-class Served(NamedTuple):
+class Completed(NamedTuple):
     """``completion, target, attempts = await complete_with_fallback(...)``, or by name."""
 
     completion: Completion
@@ -67,7 +67,7 @@ class OpenedStream(NamedTuple):
 
     target: Target
     first: StreamEvent
-    events: AsyncIterator[StreamEvent]
+    events: AsyncGenerator[StreamEvent, None]
     attempts: list[Attempt]
 
     @property
@@ -78,13 +78,13 @@ class OpenedStream(NamedTuple):
 
 async def complete_with_fallback(plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest,
                                  ctx: CallContext, health: TargetHealth,
-                                 clock: Clock = time.monotonic) -> Served:
+                                 clock: Clock = time.monotonic) -> Completed:
     """The first completion any target of the plan gives."""
     async def call(provider: Provider, target: Target) -> Completion:
         return await provider.complete(request, target, ctx)
 
     completion, target, attempts = await _first_success(plan, providers, health, clock, call)
-    return Served(completion, target, attempts)
+    return Completed(completion, target, attempts)
 
 
 async def open_stream_with_fallback(
@@ -119,7 +119,7 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         except ProviderError as error:
             attempts.append(_failed(step.target, error, clock() - started))
             if not error.retryable:
-                error.attempts = attempts  # type: ignore[attr-defined]  # accounting records them
+                error.attempts = attempts  # accounting records them
                 raise
             last = error
             continue
@@ -128,7 +128,7 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         attempts.append(Attempt(step.target.id, step.target.provider, "ok", 200, latency_ms))
         return result, step.target, attempts
     exhausted = _exhausted(plan, attempts, last, health, clock())
-    exhausted.attempts = attempts  # type: ignore[union-attr]  # accounting records them
+    exhausted.attempts = attempts
     raise exhausted
 
 
@@ -192,7 +192,7 @@ def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | N
 
 
 async def _watch(stream: AsyncIterator[StreamEvent], target: Target,
-                 health: TargetHealth) -> AsyncIterator[StreamEvent]:
+                 health: TargetHealth) -> AsyncGenerator[StreamEvent, None]:
     """The rest of a stream; a mid-stream upstream failure still counts against the target."""
     try:
         async for event in stream:

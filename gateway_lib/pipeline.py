@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -112,20 +112,21 @@ async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallCon
 
 
 async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
-                    events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+                    events: AsyncGenerator[StreamEvent, None]) -> AsyncIterator[bytes]:
     target = acct.served_by
     usage: Usage | None = None
     streamed: list[str] = []
     status = "client_disconnected"  # what it stays if the caller hangs up (the generator is closed)
     error: ProviderError | None = None
     try:
-        async for event in _prepend(first, events, acct):
-            streamed.append(event.text)
-            if event.usage is not None:
-                usage = event.usage
-            frame = _visible_chunk(event, chat.include_usage)
-            if frame is not None:
-                yield sse(frame)
+        async with aclosing(_timed(first, events, acct)) as stream:
+            async for event in stream:
+                streamed.append(event.text)
+                if event.usage is not None:
+                    usage = event.usage
+                frame = _visible_chunk(event, chat.include_usage)
+                if frame is not None:
+                    yield sse(frame)
         yield SSE_DONE
         status = "ok"
     except ProviderError as exc:
@@ -139,22 +140,22 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
         await _shielded(settle)
 
 
-async def _prepend(first: StreamEvent, rest: AsyncIterator[StreamEvent], acct: Accounting) -> AsyncIterator[StreamEvent]:
-    yield first
-    try:
+async def _timed(first: StreamEvent, rest: AsyncGenerator[StreamEvent, None],
+                 acct: Accounting) -> AsyncGenerator[StreamEvent, None]:
+    """``first``, then the rest of the stream, adding each wait for the upstream to the upstream time.
+    Closing this closes the upstream at once (not whenever the generator is collected)."""
+    loop = asyncio.get_running_loop()
+    async with aclosing(rest):
+        yield first
         while True:
-            started = asyncio.get_running_loop().time()
+            started = loop.time()
             try:
-                event = await rest.__anext__()
+                event = await anext(rest)
             except StopAsyncIteration:
                 return
             finally:
-                acct.scope.upstream_ms += (asyncio.get_running_loop().time() - started) * 1000
+                acct.scope.upstream_ms += (loop.time() - started) * 1000
             yield event
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _visible_chunk(event: StreamEvent, include_usage: bool) -> dict | None:
