@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -15,6 +16,10 @@ class Sim:
 
     def __init__(self, base: str) -> None:
         self.base = base
+
+    @classmethod
+    def of(cls, stack: Stack) -> Sim:
+        return cls(f"http://127.0.0.1:{stack.ports.simulator}")
 
     def fault(self, **spec: object) -> None:
         requests.post(f"{self.base}/_sim/faults", json=spec, timeout=5).raise_for_status()
@@ -53,12 +58,21 @@ def base_url(stack: Stack) -> str:
     return stack.base_url
 
 
+@contextmanager
+def cleared_sim(stack: Stack) -> Iterator[Sim]:
+    """The stack's simulator with no faults and fresh stats, cleared again afterwards."""
+    driver = Sim.of(stack)
+    driver.clear()
+    try:
+        yield driver
+    finally:
+        driver.clear()
+
+
 @pytest.fixture()
 def sim(stack: Stack) -> Iterator[Sim]:
-    driver = Sim(f"http://127.0.0.1:{stack.ports.simulator}")
-    driver.clear()
-    yield driver
-    driver.clear()
+    with cleared_sim(stack) as driver:
+        yield driver
 
 
 @pytest.fixture(scope="session")

@@ -19,16 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools.azurite import connection_string as azurite_connection_string
+from tools.azurite import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEV_TENANT = "00000000-0000-4000-8000-000000000de0"
 DEV_AUDIENCE = "api://ai-gateway-local"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
@@ -54,11 +50,6 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
-
-
-def azurite_connection_string(port: int) -> str:
-    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
-            f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,10 +26,23 @@ from gateway_lib.routing import RoutePlan, RouteStep
 from gateway_lib.schema import ChatRequest
 from gateway_lib.settings import ProviderSettings
 from gateway_lib.target_health import TargetHealth
+from tests.inproc_simulator import control, reset
 from tools.dev_issuer import DevIssuer
 from tools.provider_simulator import RunningSimulator, start_in_thread
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[RunningSimulator]:
+    with start_in_thread() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _clean(sim: RunningSimulator) -> None:
+    reset(sim)
+
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 SONNET = "anthropic.claude-3-5-sonnet-20240620-v1:0"
@@ -63,31 +75,11 @@ def request(text: str = "Tell me about Oslo", **extra: Any) -> ChatRequest:
 CTX = CallContext(request_id="req-1", traceparent=TRACEPARENT, max_tokens=64)
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[RunningSimulator]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim: RunningSimulator) -> None:
-    control(sim, "DELETE", "/_sim/faults")
-    control(sim, "POST", "/_sim/reset")
-    control(sim, "POST", "/_sim/config", {"latency_ms": 0, "chunk_delay_ms": 0, "sts_audience": None,
-                                          "sts_expiry_seconds": 900})
-
-
 @pytest.fixture
 def provider(sim: RunningSimulator) -> Iterator[BedrockProvider]:
     bedrock = BedrockProvider(settings(sim), credentials=Credentials("AKIDEXAMPLE", "secret"), max_workers=4)
     yield bedrock
     asyncio.run(bedrock.aclose())
-
-
-def control(sim: RunningSimulator, method: str, path: str, body: Any = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    with urllib.request.urlopen(urllib.request.Request(sim.url + path, data=data, method=method), timeout=5) as r:
-        return json.loads(r.read())
 
 
 def calls(sim: RunningSimulator, model_id: str = HAIKU) -> int:

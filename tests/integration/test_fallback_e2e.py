@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from gateway_lib.catalog import default_catalogue_json
-from tests.stack_fixture import Sim
+from tests.stack_fixture import Sim, cleared_sim
 from tools.dev_issuer import DevIssuer
 from tools.stack import Ports, Stack
 
@@ -68,10 +68,8 @@ def fb_token(fb_stack: Stack) -> str:
 
 @pytest.fixture()
 def fsim(fb_stack: Stack) -> Iterator[Sim]:
-    driver = Sim(f"http://127.0.0.1:{fb_stack.ports.simulator}")
-    driver.clear()
-    yield driver
-    driver.clear()
+    with cleared_sim(fb_stack) as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")

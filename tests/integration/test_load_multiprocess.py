@@ -192,7 +192,7 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     issuer = DevIssuer(load_stack.data_dir / "dev-issuer")
     tokens = {name: issuer.token(caller=name, roles=["Gateway.Standard"]) for name in CALLERS}
     tokens[HOT] = issuer.token(caller=HOT, roles=["Test.Hot"])
-    sim = Sim(f"http://127.0.0.1:{load_stack.ports.simulator}")
+    sim = Sim.of(load_stack)
     sim.clear()
 
     # Phase 1: clean load, 150 requests.

@@ -23,7 +23,7 @@ from gateway_lib.counters import COUNTERS_ROW, Counters
 from gateway_lib.ledger import CostRow, iter_cost_rows, table_key, usage_table
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.tiers import default_tiers_json
-from tests.stack_fixture import Sim
+from tests.stack_fixture import Sim, cleared_sim
 from tools.dev_issuer import DevIssuer
 from tools.stack import Ports, Stack, azurite_connection_string
 
@@ -55,10 +55,8 @@ def q_stack() -> Iterator[Stack]:
 
 @pytest.fixture()
 def qsim(q_stack: Stack) -> Iterator[Sim]:
-    driver = Sim(f"http://127.0.0.1:{q_stack.ports.simulator}")
-    driver.clear()
-    yield driver
-    driver.clear()
+    with cleared_sim(q_stack) as driver:
+        yield driver
 
 
 def token(stack: Stack, caller: str, *roles: str) -> str:
@@ -301,7 +299,7 @@ def test_storage_outage_fails_closed_with_a_clear_503_and_recovers(outage_stack:
     tok = token(stack, "q-outage")
     key = caller_key(stack, tok)
     assert chat(stack, tok, request_id="q-outage-before").status_code == 200
-    sim = Sim(f"http://127.0.0.1:{stack.ports.simulator}")
+    sim = Sim.of(stack)
     sim.fault(mode="slow", delay_ms=1500, target="gpt-4o-mini", count=1)
     in_flight: dict[str, requests.Response] = {}
     caught = threading.Thread(target=lambda: in_flight.setdefault(

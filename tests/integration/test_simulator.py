@@ -24,11 +24,24 @@ from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 from botocore.exceptions import ClientError, ConnectionClosedError, EventStreamError
 from urllib3.exceptions import ProtocolError
 
+from tests.inproc_simulator import control, reset
 from tools import sim_text
 from tools.provider_simulator import RunningSimulator, start_in_thread
 from tools.sim_eventstream import event_frame, exception_frame
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[RunningSimulator]:
+    with start_in_thread() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _clean(sim: RunningSimulator) -> None:
+    reset(sim)
+
 
 API_VERSION = "2024-10-21"
 DEPLOYMENT = "gpt-4o-mini"
@@ -43,27 +56,6 @@ BEDROCK_TOOLS = {"tools": [{"toolSpec": {"name": "get_weather", "description": "
 
 
 # --- fixtures and helpers ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[RunningSimulator]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim: RunningSimulator) -> None:
-    control(sim, "DELETE", "/_sim/faults")
-    control(sim, "POST", "/_sim/reset")
-    control(sim, "POST", "/_sim/config", {"latency_ms": 0, "chunk_delay_ms": 0, "sts_audience": None,
-                                          "sts_expiry_seconds": 900})
-
-
-def control(sim: RunningSimulator, method: str, path: str, body: Any = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(sim.url + path, data=data, method=method)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
 
 def raw_post(sim: RunningSimulator, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
     request = urllib.request.Request(sim.url + path, data=json.dumps(body).encode(), method="POST", headers=headers)

@@ -1,0 +1,24 @@
+"""Helpers for tests that drive the provider simulator directly in a thread (not through a stack)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+from tools.provider_simulator import RunningSimulator
+
+
+def control(sim: RunningSimulator, method: str, path: str, body: Any = None) -> Any:
+    """Call the simulator's /_sim control API."""
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(sim.url + path, data=data, method=method), timeout=5) as r:
+        return json.loads(r.read())
+
+
+def reset(sim: RunningSimulator) -> None:
+    """No faults, fresh stats, default latency and STS settings."""
+    control(sim, "DELETE", "/_sim/faults")
+    control(sim, "POST", "/_sim/reset")
+    control(sim, "POST", "/_sim/config", {"latency_ms": 0, "chunk_delay_ms": 0, "sts_audience": None,
+                                          "sts_expiry_seconds": 900})
