@@ -14,3 +14,10 @@ from tools import netguard  # noqa: E402
 netguard.install()
 
 pytest_plugins = ["tests.stack_fixture", "tests.azurite_fixture"]
+
+
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    """Fail the run if anything tried to leave loopback, even where a library swallowed the refusal."""
+    if netguard.refused:
+        print(f"\nnetguard refused non-loopback connections: {sorted(set(netguard.refused))}")
+        session.exitstatus = 1  # type: ignore[attr-defined]

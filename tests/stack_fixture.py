@@ -49,6 +49,9 @@ def stack() -> Iterator[Stack]:
     running = Stack(ports=Ports.free()).start()
     try:
         yield running
+        assert running.log_dir is not None
+        host_log = (running.log_dir / "host.log").read_text(errors="replace")
+        assert "netguard:" not in host_log, "the gateway tried to leave loopback: " + host_log[-2000:]
     finally:
         running.stop()
 

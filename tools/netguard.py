@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 _installed = False
+# Every refusal, even one some library caught and swallowed (credential chains, exporters): the test
+# session fails at the end if this is not empty.
+refused: list[str] = []
 
 
 class NonLoopbackConnection(ConnectionRefusedError):
@@ -30,7 +34,14 @@ def is_loopback(host: str) -> bool:
 
 def _check(address: Any) -> None:
     if isinstance(address, tuple) and address and isinstance(address[0], str) and not is_loopback(address[0]):
-        raise NonLoopbackConnection(f"netguard: connection to {address[0]}:{address[1]} refused (loopback only)")
+        _refuse(f"{address[0]}:{address[1]}", "connection to")
+
+
+def _refuse(where: str, what: str) -> NoReturn:
+    refused.append(where)
+    message = f"netguard: {what} {where} refused (loopback only)"
+    print(message, file=sys.stderr, flush=True)  # lands in a server's log even if a library swallows the error
+    raise NonLoopbackConnection(message)
 
 
 def install() -> None:
@@ -53,7 +64,7 @@ def install() -> None:
         if isinstance(host, bytes):
             host = host.decode()
         if host is not None and not is_loopback(str(host)):
-            raise NonLoopbackConnection(f"netguard: name lookup of {host!r} refused (loopback only)")
+            _refuse(str(host), "name lookup of")
         return real_getaddrinfo(host, *args, **kwargs)
 
     socket.socket.connect = connect  # type: ignore[method-assign]

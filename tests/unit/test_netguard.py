@@ -9,6 +9,8 @@ from tools import netguard
 def test_non_loopback_connections_are_refused(host: str) -> None:
     with pytest.raises(netguard.NonLoopbackConnection):
         socket.create_connection((host, 80), timeout=1)
+    assert netguard.refused[-1].startswith(host)
+    netguard.refused.clear()  # deliberate: not a leak for the session check
 
 
 def test_loopback_is_allowed() -> None:
