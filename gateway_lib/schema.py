@@ -119,7 +119,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     task: Literal["chat", "summarise", "extract", "classify", "rewrite"] = "chat"
-    model: str = "chat-default"
+    model: str = Field(default="chat-default", min_length=1, max_length=256)
     priority: Priority | None = None
     provider_hint: ProviderHint | None = None
     max_tokens: int | None = Field(default=None, ge=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequest
-from .schema import ChatRequest, GenerateRequest, Message
+from .schema import ChatRequest, GenerateRequest, parse_model
 
 if TYPE_CHECKING:
     from .pipeline import Served
@@ -49,16 +49,16 @@ def system_prompt(req: GenerateRequest) -> str:
 
 
 def to_chat(req: GenerateRequest) -> ChatRequest:
-    """The chat request a task runs as."""
-    return ChatRequest(
-        model=req.model,
-        messages=[Message(role="system", content=system_prompt(req)), Message(role="user", content=req.prompt)],
-        max_tokens=req.max_tokens,
-        temperature=req.temperature if req.temperature is not None else (0.0 if req.task != "chat" else None),
-        provider_hint=req.provider_hint,
-        priority=req.priority,
-        response_format={"type": "json_object"} if req.task == "extract" else None,
-    )
+    """The chat request a task runs as (validated like any chat request: a mismatch is a 400, not a bug)."""
+    return parse_model(ChatRequest, {
+        "model": req.model,
+        "messages": [{"role": "system", "content": system_prompt(req)}, {"role": "user", "content": req.prompt}],
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature if req.temperature is not None else (0.0 if req.task != "chat" else None),
+        "provider_hint": req.provider_hint,
+        "priority": req.priority,
+        "response_format": {"type": "json_object"} if req.task == "extract" else None,
+    })
 
 
 def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, Any]:

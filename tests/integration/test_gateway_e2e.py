@@ -207,3 +207,12 @@ def test_function_key_in_code_query_parameter_still_works(base_url: str, token: 
     response = requests.post(f"{base_url}/v1/chat/completions?code=abcDEF123-function-key_==", json=hello(),
                              headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("body", [{"prompt": "0", "model": ""}, {"prompt": "x", "model": "m" * 300}])
+def test_generate_with_a_bad_model_is_a_400_not_a_500(base_url: str, token: str, body: dict) -> None:
+    # Found by the fuzzer: the task API's own fields must be validated like a chat request's.
+    response = requests.post(f"{base_url}/generate", json=body, headers={"Authorization": f"Bearer {token}"},
+                             timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "model"
