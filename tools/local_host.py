@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(function_app)
     served = [r for r in app.routes if not r.path.startswith("/admin/")]  # type: ignore[attr-defined]
     print(f"local host serving {len(served)} HTTP functions on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # The asyncio loop, as in the Functions worker (its uvicorn serves inside the worker's own loop), and
+    # so every connection goes through the socket module the loopback guard watches (uvloop's would not).
+    # HTTP parsing by httptools (a requirement), as the worker's uvicorn picks it too when installed.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, loop="asyncio",
+                http="httptools")
 
 
 if __name__ == "__main__":
