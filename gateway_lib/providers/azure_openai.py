@@ -97,9 +97,13 @@ class AzureOpenAIProvider:
             auth = {"api_key": s.azure_openai_api_key}
         else:
             auth = {"azure_ad_token_provider": self._token_provider or _managed_identity_provider(s)}
+        timeout = openai.Timeout(s.upstream_timeout_seconds, connect=s.connect_timeout_seconds)
+        # aiohttp under the SDK's HTTP client (the ``openai[aiohttp]`` transport): the default httpx
+        # pool walks every pooled connection, polling its socket, on each request; with a few dozen
+        # connections open that pool was a third of the gateway's CPU per request.
         return openai.AsyncAzureOpenAI(
-            azure_endpoint=endpoint, api_version=s.azure_openai_api_version, max_retries=0,
-            timeout=openai.Timeout(s.upstream_timeout_seconds, connect=s.connect_timeout_seconds), **auth,
+            azure_endpoint=endpoint, api_version=s.azure_openai_api_version, max_retries=0, timeout=timeout,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout), **auth,
         )
 
 
@@ -157,9 +161,9 @@ def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
     import openai
 
     where = " mid-stream" if mid_stream else ""
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return ProviderError(f"Azure OpenAI timed out{where}", provider=NAME, kind="timeout", retryable=True)
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too
         return ProviderError(f"Azure OpenAI connection failed{where}", provider=NAME, kind="connection", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         return _status_error(exc.status_code, exc.response.headers, _upstream_message(exc))
@@ -168,6 +172,19 @@ def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
                              retryable=True)
     return ProviderError(f"Azure OpenAI returned an unreadable response{where}", provider=NAME, kind="malformed",
                          retryable=True)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A refused or reset connection somewhere under ``exc``: the aiohttp transport reports every
+    connection failure as a connect *timeout*, the refusal itself stays in the exception chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
