@@ -114,9 +114,25 @@ class Counters:
                         reserved_usd=ZERO)
         return c
 
-    def reserve(self, tokens: int, usd: Decimal) -> Counters:
-        return replace(self, minute_requests=self.minute_requests + 1, minute_tokens=self.minute_tokens + tokens,
+    def reserve(self, tokens: int, usd: Decimal, requests: int = 1) -> Counters:
+        return replace(self, minute_requests=self.minute_requests + requests,
+                       minute_tokens=self.minute_tokens + tokens,
                        reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
+
+    def released(self, minute: str, epoch: int, requests: int, tokens: int, usd: Decimal) -> Counters:
+        """Give back an unused reservation of ``requests``/``tokens``/``usd`` taken in ``minute``/``epoch``
+        (a lease's remainder): nothing was consumed, so no window but the minute's moves."""
+        c = self
+        if c.minute == minute:
+            c = replace(c, minute_requests=max(0, c.minute_requests - requests),
+                        minute_tokens=max(0, c.minute_tokens - tokens))
+        if epoch == c.epoch:
+            c = replace(c, reserved_tokens=max(0, c.reserved_tokens - tokens),
+                        reserved_usd=max(ZERO, c.reserved_usd - usd))
+        elif epoch == c.epoch - 1:
+            c = replace(c, prev_reserved_tokens=max(0, c.prev_reserved_tokens - tokens),
+                        prev_reserved_usd=max(ZERO, c.prev_reserved_usd - usd))
+        return c
 
     def settle(self, res: Reservation, tokens: int, usd: Decimal) -> Counters:
         """Replace the reservation with actual usage (the reservation may already have expired)."""
@@ -165,9 +181,10 @@ def rate_headers(c: Counters, limits: Limits, now: datetime) -> dict[str, str]:
     return headers
 
 
-def check(c: Counters, limits: Limits, tokens: int, usd: Decimal, now: datetime, who: str) -> None:
+def check(c: Counters, limits: Limits, tokens: int, usd: Decimal, now: datetime, who: str,
+          requests: int = 1) -> None:
     """Raise if admitting ``tokens``/``usd`` more would pass a limit: rate first, then budgets."""
-    after = c.reserve(tokens, usd)
+    after = c.reserve(tokens, usd, requests)
     rate: tuple[tuple[int | None, int, str], ...] = (
         (limits.requests_per_minute, after.minute_requests, "requests per minute"),
         (limits.tokens_per_minute, after.minute_tokens, "tokens per minute"),

@@ -218,6 +218,9 @@ class Admission:
             return override_json(subject, saved)
         raise ServiceUnavailable("The override kept changing underneath; retry.", retry_after=1)
 
+    async def aclose(self) -> None:
+        """Nothing is buffered here: every settle is written before it returns (leases.py buffers)."""
+
     # -- internals --
 
     async def _ensure_tables(self) -> int:

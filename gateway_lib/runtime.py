@@ -18,6 +18,7 @@ from typing import Any
 from . import tokens
 from .auth import Authenticator
 from .errors import ServiceUnavailable
+from .leases import LeasedAdmission
 from .providers.base import Provider
 from .quota import Admission
 from .settings import ConfigError, Settings, get_settings
@@ -40,6 +41,7 @@ class Runtime:
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
     async def aclose(self) -> None:
+        await self.admission.aclose()  # commits a leased journal while storage is still open
         for provider in self.providers.values():
             await provider.aclose()
         await self.store.aclose()
@@ -72,7 +74,7 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
         },
         health=TargetHealth(),
         store=store,
-        admission=Admission(store, settings),
+        admission=(LeasedAdmission if settings.storage.quota_mode == "leased" else Admission)(store, settings),
         telemetry=telemetry,
     )
 
@@ -125,6 +127,15 @@ def try_runtime() -> tuple[Runtime | None, list[str]]:
         except ConfigError as exc:
             return None, exc.problems
         return None, ["runtime could not be built"]
+
+
+async def close_runtime() -> None:
+    """Graceful shutdown: commit buffered usage (leased quota mode), close clients. Hosts that offer a
+    shutdown hook call it; without one, leased mode's journal is committed every flush interval."""
+    global _runtime
+    rt, _runtime = _runtime, None
+    if rt is not None and rt.loop is _running_loop():
+        await rt.aclose()
 
 
 def set_runtime(rt: Runtime | None) -> None:

@@ -60,6 +60,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "GATEWAY_STORAGE_CONNECTION_STRING",
     "GATEWAY_TABLE_ENDPOINT",
     "GATEWAY_TABLE_PREFIX",
+    "GATEWAY_QUOTA_MODE",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "BUDGET_ROLLUP_SCHEDULE",
     "BUDGET_ALERT_THRESHOLDS",
@@ -132,6 +133,7 @@ class StorageSettings:
     connection_string: str | None  # Azurite / local
     table_endpoint: str | None  # https://<account>.table.core.windows.net, reached with managed identity
     table_prefix: str
+    quota_mode: str  # strict (every request reserves and settles on the row) | leased (gateway_lib/leases.py)
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,7 @@ def _storage(env: _Env) -> StorageSettings:
         connection_string=env.text("GATEWAY_STORAGE_CONNECTION_STRING"),
         table_endpoint=env.url("GATEWAY_TABLE_ENDPOINT"),
         table_prefix=env.text("GATEWAY_TABLE_PREFIX") or "gw",
+        quota_mode=env.choice("GATEWAY_QUOTA_MODE", ("strict", "leased"), "strict"),
     )
     if settings.mode == "table" and not (settings.connection_string or settings.table_endpoint):
         env.problems.append("GATEWAY_TABLE_ENDPOINT (managed identity) or GATEWAY_STORAGE_CONNECTION_STRING (local) is required")

@@ -14,13 +14,14 @@ function keys are not enforced locally.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,17 @@ def build_app(function_app: Any, prefix: str | None = None, functions: list[Any]
     routes = [Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name)
               for name, route, methods, fn in http_functions(functions)]
     routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))
-    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed})
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed},
+                     lifespan=_lifespan)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(_: Starlette) -> AsyncIterator[None]:
+    """On shutdown (Ctrl-C, SIGTERM) commit what the gateway buffered before the loop goes away."""
+    yield
+    from gateway_lib.runtime import close_runtime
+
+    await close_runtime()
 
 
 def load_local_settings(path: Path) -> None:

@@ -183,6 +183,7 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
         { name: 'GATEWAY_STORAGE_CONNECTION_STRING', value: '' } // local/Azurite only
         { name: 'GATEWAY_TABLE_ENDPOINT', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }
         { name: 'GATEWAY_TABLE_PREFIX', value: gatewayTablePrefix }
+        { name: 'GATEWAY_QUOTA_MODE', value: 'strict' }
 
         { name: 'BUDGET_ROLLUP_SCHEDULE', value: '0 */5 * * * *' }
         { name: 'BUDGET_ALERT_THRESHOLDS', value: budgetAlertThresholds }

@@ -1,0 +1,317 @@
+"""Leased admission (``GATEWAY_QUOTA_MODE=leased``): quota reserved in blocks, usage written behind.
+
+Strict admission (``quota.Admission``) puts two storage round trips on every request: a conditional
+write to reserve, one transaction to settle. With Table Storage that is most of what the gateway adds
+to a request, and one caller's requests queue on its single counters row. Here:
+
+* **Leases.** A process reserves room for several requests at once on the caller's counters row,
+  exactly as strict mode reserves one (the same conditional write, the same limit checks), and admits
+  requests from that block locally until it is used up, the minute or reservation epoch turns, or the
+  caller goes idle. The block is sized from the caller's recent rate on this process (about half a
+  second of its traffic, at most ``LEASE_MAX_REQUESTS``); when the row has no room for a block, the
+  process asks for exactly one request's worth, so refusals happen where strict mode refuses.
+* **Write-behind.** A request's settlement (its cost row and its counters change) joins a journal
+  that a background task commits every ``FLUSH_INTERVAL_SECONDS``, up to 99 cost rows plus the
+  counters row in one entity-group transaction (idempotent per batch, like strict settle per row).
+
+Each request is still admitted against its reserved worst case on the shared row, so the overspend
+bound of docs/storage.md is unchanged. What changes: other instances see a lease as in-flight spend
+(a caller near its limit may be refused on one instance while another holds unused room, for at most
+``LEASE_IDLE_SECONDS``); counters and cost rows lag by up to a flush interval; and a process killed
+without warning loses the journal it had not yet committed (at most ``FLUSH_INTERVAL_SECONDS`` of
+cost rows; its leases drop out with the reservation epochs). A storage outage keeps the journal in
+memory and retries; past ``MAX_PENDING_ROWS`` new requests are refused (503) rather than buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from .counters import Counters, Limits, check, rate_headers
+from .errors import GatewayError, RateLimited
+from .identity import Caller
+from .ledger import CostRow, table_key
+from .quota import RESERVE_ATTEMPTS, Admission, Reservation, Settlement, _AlreadySettled, _unavailable, team_partition
+from .storage.base import Entity, Op, PreconditionFailed, StorageError, TransactionFailed
+from .tiers import Tier
+
+log = logging.getLogger(__name__)
+
+LEASE_MAX_REQUESTS = 64
+LEASE_HORIZON_SECONDS = 0.5  # a lease holds about this much of the caller's recent traffic
+LEASE_IDLE_SECONDS = 1.0  # an unused remainder goes back to the row after this long
+FLUSH_INTERVAL_SECONDS = 0.05
+BATCH_ROWS = 99  # an entity-group transaction holds 100 operations: 99 cost rows + the counters row
+MAX_PENDING_ROWS = 20_000
+
+
+@dataclass
+class Lease:
+    """Room reserved on one counters row for this process, not yet handed to a request."""
+
+    minute: str
+    epoch: int
+    requests: int
+    tokens: int
+    usd: Decimal
+    granted: int  # requests the block was sized for (the rate estimate of the next one)
+    granted_at: float
+    used_at: float
+    seen: Counters  # the row as written at grant time, plus what this process admitted since (headers)
+
+    def fits(self, res: Reservation) -> bool:
+        return (self.minute == res.minute and self.epoch == res.epoch and self.requests >= 1
+                and self.tokens >= res.tokens and self.usd >= res.usd)
+
+    def take(self, res: Reservation, now: float) -> Counters:
+        self.requests -= 1
+        self.tokens -= res.tokens
+        self.usd -= res.usd
+        self.used_at = now
+        self.seen = self.seen.reserve(res.tokens, res.usd)
+        return self.seen
+
+    def give_back(self, res: Reservation) -> None:
+        self.requests += 1
+        self.tokens += res.tokens
+        self.usd += res.usd
+
+    def release(self, counters: Counters) -> Counters:
+        return counters.released(self.minute, self.epoch, self.requests, self.tokens, self.usd)
+
+
+@dataclass
+class _Journal:
+    """Settlements of one counters row waiting to be committed, oldest first."""
+
+    team: bool  # a team's row: counters only (the cost rows live in the callers' partitions)
+    entries: list[tuple[Reservation, CostRow]] = field(default_factory=list)
+    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class LeasedAdmission(Admission):
+    """``Admission`` with leased reservations and write-behind settlement (see the module docstring)."""
+
+    def __init__(self, *args: Any, flush_interval: float = FLUSH_INTERVAL_SECONDS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._leases: dict[str, Lease] = {}
+        self._limits: dict[str, Limits] = {}
+        self._journals: dict[str, _Journal] = {}
+        self._pending_rows = 0
+        self._flush_interval = flush_interval
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- admission --
+
+    async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
+        if self._pending_rows >= MAX_PENDING_ROWS:
+            raise _unavailable()  # storage has been down for a while: refuse rather than buffer without end
+        self._start_flusher()
+        now = self._monotonic()
+        lease = self._leases.get(pk)
+        if lease is not None and lease.fits(res):
+            return rate_headers(lease.take(res, now), limits, self._clock())
+        async with self._row_lock(pk):
+            lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
+            if lease is not None and lease.fits(res):
+                return rate_headers(lease.take(res, now), limits, self._clock())
+            return await self._grant(pk, limits, res, who, lease)
+
+    async def _grant(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None) -> dict[str, str]:
+        """Write a new lease (returning the old one's remainder in the same write) and admit ``res`` from it."""
+        wanted = self._lease_size(old)
+        for attempt in range(RESERVE_ATTEMPTS):
+            now = self._clock()
+            entity, counters, size = await self._sized(pk, limits, res, who, old, wanted, now, use_known=attempt == 0)
+            admitted = counters.reserve(size * res.tokens, size * res.usd, size)
+            try:
+                self._remember(pk, await self._write_counters(entity, admitted.to_entity(pk), res))
+            except PreconditionFailed:
+                self._remember(pk, None)  # another instance wrote since: what we knew is stale
+                if attempt:
+                    await self._backoff(attempt)
+                continue
+            clock = self._monotonic()
+            block = (size, size * res.tokens, size * res.usd)
+            lease = Lease(res.minute, res.epoch, *block, size, clock, clock,
+                          admitted.released(res.minute, res.epoch, *block))
+            self._leases[pk] = lease
+            return rate_headers(lease.take(res, clock), limits, now)
+        raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
+
+    async def _sized(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None, wanted: int,
+                     now: datetime, use_known: bool) -> tuple[Entity | None, Counters, int]:
+        """The row to write, its counters with the old lease given back, and the block that fits. As in
+        strict mode a remembered copy may be stale, so a refusal is only ever made on freshly read numbers."""
+        known = self._known(pk) if use_known else None
+        if known is not None:
+            counters = _without(old, Counters.from_entity(known).rolled(now))
+            try:
+                return known, counters, _fitting_size(counters, limits, res, who, wanted, now)
+            except GatewayError:
+                self._remember(pk, None)
+        entity = await self._get(pk, res)
+        counters = _without(old, Counters.from_entity(entity).rolled(now))
+        return entity, counters, _fitting_size(counters, limits, res, who, wanted, now)
+
+    def _lease_size(self, old: Lease | None) -> int:
+        """About ``LEASE_HORIZON_SECONDS`` of the rate at which the previous lease was used up."""
+        if old is None:
+            return 1
+        used = old.granted - old.requests
+        lasted = max(self._monotonic() - old.granted_at, 1e-3)
+        return max(1, min(LEASE_MAX_REQUESTS, math.ceil(used / lasted * LEASE_HORIZON_SECONDS)))
+
+    async def _undo(self, res: Reservation) -> None:
+        """The team refused after the caller was admitted: the request's room goes back to the caller's lease."""
+        lease = self._leases.get(table_key(res.caller_key))
+        if lease is not None and lease.minute == res.minute and lease.epoch == res.epoch:
+            lease.give_back(res)
+            return
+        await super()._undo(res)
+
+    # -- settlement, written behind --
+
+    async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
+        if not res.accounted:
+            return await super()._finish(res, row)
+        self._journal(table_key(res.caller_key), team=False).entries.append((res, row))
+        self._pending_rows += 1
+        if res.team:
+            self._journal(team_partition(res.team), team=True).entries.append((res, row))
+        return Settlement(False, res.round_trips)
+
+    async def usage_view(self, subject: Caller | str, tier: Tier | None = None,
+                         now: datetime | None = None) -> dict[str, Any]:
+        """Read-your-writes on this instance: commit what it owes the row before reading it."""
+        key = subject if isinstance(subject, str) else subject.key
+        await self.flush(table_key(key))
+        return await super().usage_view(subject, tier, now)
+
+    async def flush(self, pk: str | None = None) -> None:
+        """Commit the journal of one row (or of every row), batch by batch."""
+        pks = [pk] if pk is not None else list(self._journals)
+        await asyncio.gather(*(self._flush_row(p) for p in pks if p in self._journals))
+
+    async def aclose(self) -> None:
+        """Stop the flusher, commit every journal and give every lease back (graceful shutdown)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        await self.flush()
+        await self._return_leases(idle_for=0.0)
+
+    async def _flush_row(self, pk: str) -> None:
+        journal = self._journals[pk]
+        async with journal.flushing:
+            while journal.entries:
+                batch = journal.entries[:BATCH_ROWS]
+                try:
+                    await self._commit(pk, batch, journal.team)
+                except StorageError as exc:  # kept: the next tick retries the same batch
+                    log.warning("usage journal not committed; retrying",
+                                extra={"rows": len(journal.entries), "error": type(exc).__name__})
+                    return
+                del journal.entries[:len(batch)]
+                if not journal.team:
+                    self._pending_rows -= len(batch)
+                    await self._list_callers(batch)
+
+    async def _commit(self, pk: str, batch: list[tuple[Reservation, CostRow]], team: bool) -> None:
+        """One transaction: the batch's cost rows and the counters row settled for all of them."""
+        rows = [] if team else [row for _, row in batch]
+
+        async def write(entity: Entity | None, pk: str) -> Entity:
+            counters = Counters.from_entity(entity).rolled(self._clock())
+            for res, row in batch:
+                counters = counters.settle(res, row.total_tokens, row.cost_usd)
+            new = counters.to_entity(pk)
+            if team:
+                return await self._write_counters(entity, new, batch[0][0])
+            counters_op = Op("insert", new) if entity is None or entity.etag is None else Op("update", new,
+                                                                                             etag=entity.etag)
+            # Rows first: a retry of a batch that already committed fails on op 0 as "exists".
+            ops = [Op("insert", row.to_entity()) for row in rows] + [counters_op]
+            try:
+                return (await self._store.transact(self._table, ops))[-1]
+            except TransactionFailed as exc:
+                if exc.reason == "exists":
+                    raise _AlreadySettled from exc  # the whole batch landed before: counting it again doubles it
+                if exc.reason in ("precondition", "not_found"):
+                    raise PreconditionFailed(str(exc)) from exc
+                raise
+
+        try:
+            await self._until_written(batch[0][0], pk, write, "team flush" if team else "flush")
+        except _AlreadySettled:
+            self._remember(pk, None)
+
+    async def _list_callers(self, batch: list[tuple[Reservation, CostRow]]) -> None:
+        res, row = batch[0]
+        try:  # the rollup's caller directory (remembered per process: 0 round trips after the first)
+            await self._directory.register(res.caller_key, res.team, res.tier, row.time)
+        except StorageError:
+            log.warning("caller not yet listed for the budget rollup", extra={"caller": res.caller_key})
+
+    # -- the background task --
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="usage-journal")
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)  # real time, whatever clock the tests inject
+            try:
+                await self.flush()
+                await self._return_leases(idle_for=LEASE_IDLE_SECONDS)
+            except Exception:  # the loop must outlive any one bad tick; the journal stays for the next
+                log.exception("usage journal flush failed")
+
+    async def _return_leases(self, idle_for: float) -> None:
+        now = self._monotonic()
+        idle = [pk for pk, lease in self._leases.items() if now - lease.used_at >= idle_for]
+        await asyncio.gather(*(self._return_lease(pk) for pk in idle))
+
+    async def _return_lease(self, pk: str) -> None:
+        lease = self._leases.pop(pk)  # at once: from here on, this caller's requests take a new lease
+        if lease.requests == 0 and lease.tokens == 0 and lease.usd == 0:
+            return
+        probe = Reservation(pk, "lease-return", "", None, 0, Decimal(0), lease.minute, lease.epoch)
+
+        async def write(entity: Entity | None, pk: str) -> Entity:
+            released = lease.release(Counters.from_entity(entity).rolled(self._clock()))
+            return await self._write_counters(entity, released.to_entity(pk), probe)
+
+        try:
+            await self._until_written(probe, pk, write, "lease return")
+        except StorageError:  # the remainder drops out with its reservation epoch instead
+            log.warning("lease remainder not returned", extra={"partition": pk})
+
+    def _journal(self, pk: str, team: bool) -> _Journal:
+        journal = self._journals.get(pk)
+        if journal is None:
+            journal = self._journals[pk] = _Journal(team)
+        return journal
+
+
+def _without(lease: Lease | None, counters: Counters) -> Counters:
+    return lease.release(counters) if lease is not None else counters
+
+
+def _fitting_size(counters: Counters, limits: Limits, res: Reservation, who: str, wanted: int, now: datetime) -> int:
+    """The block to reserve: ``wanted`` requests' worth if the row has room, else exactly this request."""
+    if wanted > 1:
+        try:
+            check(counters, limits, wanted * res.tokens, wanted * res.usd, now, who, wanted)
+            return wanted
+        except GatewayError:
+            pass
+    check(counters, limits, res.tokens, res.usd, now, who)
+    return 1

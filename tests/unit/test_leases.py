@@ -1,0 +1,280 @@
+"""Leased admission (GATEWAY_QUOTA_MODE=leased): blocks of quota, usage written behind.
+
+The invariants are strict mode's: after the journal is committed the counters equal the sum of the
+cost rows, every admitted request has exactly one row, nothing stays in flight, and no limit is passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway_lib import leases
+from gateway_lib.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway_lib.leases import LeasedAdmission
+from gateway_lib.quota import team_partition
+from gateway_lib.runtime import build_runtime
+from gateway_lib.settings import Settings
+from gateway_lib.storage.base import TableStore
+from gateway_lib.storage.memory import MemoryTableStore
+from tests.unit.test_quota import (
+    Clock,
+    _no_sleep,
+    cost_rows,
+    counters_of,
+    make_caller,
+    make_row,
+    make_settings,
+    make_tier,
+    run,
+)
+
+
+def leased(store: TableStore | None = None, clock: Clock | None = None, **kwargs: Any) -> LeasedAdmission:
+    return LeasedAdmission(store or MemoryTableStore(), make_settings(), clock=clock or Clock(), sleep=_no_sleep,
+                           rng=random.Random(7), flush_interval=3600, **kwargs)  # tests flush by hand
+
+
+async def serve(adm: LeasedAdmission, caller: Any, clock: Clock, i: int, cost: str = "0.0007") -> bool:
+    """One request: reserve, yield, settle; False when refused."""
+    try:
+        res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"r{i}")
+    except (RateLimited, QuotaExceeded):
+        return False
+    await asyncio.sleep(0)
+    await adm.settle(res, make_row(caller, f"r{i}", clock.now, 3, 4, Decimal(cost)))
+    return True
+
+
+def test_many_requests_cost_a_few_round_trips_and_every_row_lands_once() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=10_000))
+        await serve(adm, caller, clock, 0)  # the first request pays for tables, override, directory
+        before = store.round_trips
+        served = [await serve(adm, caller, clock, i) for i in range(1, 401)]
+        await adm.flush()
+        trips = store.round_trips - before
+        print(f"{trips} round trips for 400 requests")
+        assert all(served)
+        assert trips <= 400 * 0.1, f"{trips} round trips for 400 requests: leases and batches must amortise them"
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        rows = await cost_rows(store, caller.key)
+        assert sorted(r.request_id for r in rows) == sorted(f"r{i}" for i in range(401))
+        assert c.minute_requests == 401 and c.day_tokens == 7 * 401 == sum(r.total_tokens for r in rows)
+        assert c.day_usd == sum((r.cost_usd for r in rows), Decimal(0)) and c.in_flight_tokens == 0
+        assert c.in_flight_usd == 0 and c.minute_tokens == 7 * 401
+
+    run(scenario())
+
+
+def test_settlement_is_written_behind_and_the_usage_view_reads_its_own_writes() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller()
+        assert await serve(adm, caller, clock, 1)
+        assert await cost_rows(store, caller.key) == [], "the row waits for the journal"
+        view = await adm.usage_view(caller)
+        assert view["day"]["used"]["tokens"] == 7
+        assert [r.request_id for r in await cost_rows(store, caller.key)] == ["r1"]
+
+    run(scenario())
+
+
+def test_limits_refuse_exactly_where_strict_mode_does() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=5))
+        served = [await serve(adm, caller, clock, i) for i in range(8)]
+        assert served == [True] * 5 + [False] * 3
+        clock.advance(seconds=50)  # the next minute: a new lease, the old remainder given back
+        assert await serve(adm, caller, clock, 9)
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.minute_requests == 1 and c.in_flight_tokens == 0 and len(await cost_rows(store, caller.key)) == 6
+
+    run(scenario())
+
+
+def test_a_budget_is_never_passed_by_concurrent_requests_on_two_instances() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        first, second = leased(store, clock), leased(store, clock)
+        # 30 requests' worst case fits the daily budget; the actual cost is well below it.
+        caller = make_caller(make_tier(usd_per_day=Decimal("0.030")))
+        outcomes = await asyncio.gather(*(serve(first if i % 2 else second, caller, clock, i, "0.0005")
+                                          for i in range(100)))
+        await first.aclose()
+        await second.aclose()
+        admitted = sum(outcomes)
+        c = await counters_of(store, caller.key)
+        rows = await cost_rows(store, caller.key)
+        assert 0 < admitted <= 30 and len(rows) == admitted == c.minute_requests
+        assert c.day_usd == Decimal("0.0005") * admitted and c.in_flight_usd == 0
+
+    run(scenario())
+
+
+def test_two_instances_racing_lose_no_update() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        first, second = leased(store, clock), leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=100_000))
+
+        async def worker(adm: LeasedAdmission, base: int) -> None:
+            for i in range(100):
+                assert await serve(adm, caller, clock, base + i)
+                if i % 10 == 0:
+                    await adm.flush()
+
+        await asyncio.gather(*(worker(first if w % 2 else second, w * 1000) for w in range(8)))
+        await first.aclose()
+        await second.aclose()
+        c = await counters_of(store, caller.key)
+        rows = await cost_rows(store, caller.key)
+        assert len(rows) == 800 == len({r.request_id for r in rows}) == c.minute_requests
+        assert c.day_tokens == 7 * 800 and c.in_flight_tokens == 0 and c.in_flight_usd == 0
+
+    run(scenario())
+
+
+def ticking() -> Any:
+    """A monotonic clock that moves 1 s per look: an outage outlasts the flush's patience at once."""
+    ticks = iter(range(10**9))
+    return lambda: float(next(ticks))
+
+
+def test_a_journal_survives_a_storage_outage_and_lands_once() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock, monotonic=ticking())
+        caller = make_caller()
+        for i in range(5):
+            assert await serve(adm, caller, clock, i)
+        store.down = True
+        await adm.flush()  # fails: kept for the next tick
+        store.down = False
+        await adm.flush()
+        await adm.aclose()
+        rows = await cost_rows(store, caller.key)
+        c = await counters_of(store, caller.key)
+        assert sorted(r.request_id for r in rows) == [f"r{i}" for i in range(5)]
+        assert c.day_tokens == 35 and c.in_flight_tokens == 0
+
+    run(scenario())
+
+
+def test_a_batch_whose_reply_was_lost_is_not_counted_twice() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller()
+        for i in range(3):
+            assert await serve(adm, caller, clock, i)
+        real_transact = store.transact
+        lost = 0
+
+        async def committed_but_reply_lost(table: str, ops: Any) -> Any:
+            nonlocal lost
+            result = await real_transact(table, ops)
+            if not lost:
+                lost += 1
+                from gateway_lib.storage.base import StorageUnavailable
+
+                raise StorageUnavailable("connection reset after commit")
+            return result
+
+        store.transact = committed_but_reply_lost  # type: ignore[method-assign]
+        await adm.flush()
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert lost == 1 and len(await cost_rows(store, caller.key)) == 3
+        assert c.day_tokens == 21 and c.in_flight_tokens == 0
+
+    run(scenario())
+
+
+def test_a_long_outage_refuses_new_requests_instead_of_buffering_without_end(monkeypatch: Any) -> None:
+    monkeypatch.setattr(leases, "MAX_PENDING_ROWS", 4)
+
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock, monotonic=ticking())
+        caller = make_caller()
+        for i in range(4):
+            assert await serve(adm, caller, clock, i)
+        store.down = True
+        await adm.flush()
+        with pytest.raises(ServiceUnavailable) as refused:
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="r9")
+        assert refused.value.code == "storage_unavailable"
+        store.down = False
+        await adm.flush()
+        assert await serve(adm, caller, clock, 10)
+
+    run(scenario())
+
+
+def test_idle_leases_go_back_to_the_row() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        now = [0.0]
+        adm = leased(store, clock, monotonic=lambda: now[0])
+        caller = make_caller()
+        for i in range(3):  # quick succession: the third request's lease is several requests deep
+            assert await serve(adm, caller, clock, i)
+        await adm.flush()
+        held = await counters_of(store, caller.key)
+        assert held.in_flight_tokens > 0, "an unused lease remainder is held on the row"
+        await adm._return_leases(idle_for=leases.LEASE_IDLE_SECONDS)
+        assert (await counters_of(store, caller.key)).in_flight_tokens == held.in_flight_tokens, "not idle yet"
+        now[0] += leases.LEASE_IDLE_SECONDS
+        await adm._return_leases(idle_for=leases.LEASE_IDLE_SECONDS)
+        c = await counters_of(store, caller.key)
+        assert c.in_flight_tokens == 0 and c.minute_requests == 3
+
+    run(scenario())
+
+
+def test_team_counters_follow_and_a_team_refusal_returns_the_callers_room() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(team="blue")
+        for i in range(4):
+            assert await serve(adm, caller, clock, i)
+        await adm.aclose()
+        team = await counters_of(store, team_partition("blue"))
+        assert team.day_tokens == 28 and team.in_flight_tokens == 0
+
+        from gateway_lib.overrides import Override, put_override
+
+        await put_override(store, "t", "blue", Override(limits={"requests_per_minute": 4}), kind="team")
+        adm = leased(store, clock)
+        with pytest.raises(RateLimited):
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="r9")
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.minute_requests == 4 and c.in_flight_tokens == 0, "the refused request left nothing behind"
+
+    run(scenario())
+
+
+def test_the_runtime_picks_leased_admission_from_settings() -> None:
+    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+           "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test",
+           "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key",
+           "AZURE_OPENAI_API_KEY": "k"}
+    assert Settings.from_env(env).storage.quota_mode == "strict"
+    rt = build_runtime(Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "leased"}), store=MemoryTableStore())
+    assert isinstance(rt.admission, LeasedAdmission)
+    with pytest.raises(Exception, match="GATEWAY_QUOTA_MODE"):
+        Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "eventual"})
