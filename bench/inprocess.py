@@ -75,10 +75,13 @@ async def batch(app: App, body: bytes, tokens: list[str], n: int, concurrency: i
     return dict(statuses)
 
 
-def store_trips() -> int:
+async def store_trips() -> int:
+    """Round trips so far, after committing what leased quota mode has written behind."""
     from gateway_lib.runtime import get_runtime
 
-    return int(get_runtime().store.round_trips)  # type: ignore[attr-defined]
+    rt = get_runtime()
+    await rt.admission.flush()
+    return int(rt.store.round_trips)  # type: ignore[attr-defined]
 
 
 async def round_trips(app: App, tokens: list[str], n: int) -> dict[str, Any]:
@@ -86,17 +89,17 @@ async def round_trips(app: App, tokens: list[str], n: int) -> dict[str, Any]:
     number of callers (one caller's requests all write that caller's counters row: ETag races)."""
     out: dict[str, Any] = {}
     status, _ = await call(app, json.dumps(BODY).encode(), tokens[0])
-    out["first_request"] = {"status": status, "round_trips": store_trips()}
+    out["first_request"] = {"status": status, "round_trips": await store_trips()}
     cases = [("nonstream", 1, 1), ("stream", 1, 1), ("nonstream", 8, 1), ("stream", 8, 1),
              ("nonstream", 64, 1), ("nonstream", 64, len(tokens))]
     for mode, conc, callers in cases:
         raw = json.dumps(BODY if mode == "nonstream" else STREAM_BODY).encode()
         await batch(app, raw, tokens[:callers], max(conc, 20), conc)  # warm: override and directory caches
-        before = store_trips()
+        before = await store_trips()
         count = max(n, 2 * conc)
         statuses = await batch(app, raw, tokens[:callers], count, conc)
         out[f"{mode}_c{conc}_{callers}caller"] = {"requests": count, "statuses": statuses,
-                                                  "round_trips_per_request": (store_trips() - before) / count}
+                                                  "round_trips_per_request": (await store_trips() - before) / count}
     return out
 
 
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [issuer.token(caller=f"bench-{i}", roles=[BENCH_ROLE], ttl=7200) for i in range(args.callers)]
     app: App = local_host.build_app(function_app.app)
     loop = asyncio.new_event_loop()
-    result: dict[str, Any] = {"store": os.environ.get("GATEWAY_STORAGE_MODE")}
+    result: dict[str, Any] = {"store": os.environ.get("GATEWAY_STORAGE_MODE"),
+                              "quota_mode": os.environ.get("GATEWAY_QUOTA_MODE", "strict")}
     result["round_trips"] = loop.run_until_complete(round_trips(app, tokens, max(50, args.requests // 10)))
     result["cpu_ms_per_request_inprocess"] = loop.run_until_complete(cpu_per_request(app, tokens[:1], args.requests))
     if args.profile:

@@ -1,6 +1,6 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
-    python -m bench.run [--quick] [--store memory,table] [--skip-litellm] [--no-floor] [--skip-inprocess]
+    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--skip-inprocess]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
 2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
@@ -28,6 +28,8 @@ from bench import report
 from bench.services import ROOT, Services, clean_env, start_command
 from tools.stack import free_port, wait_for_port
 
+# Our gateway's variants and the letter each one's fresh table prefix carries.
+STORE_KEYS = {"memory": "m", "table": "t", "table-leased": "l"}
 PASSTHRU_KEY = "sk-bench-1234"  # example_passthrough_gateway.py's default GW_KEY
 
 
@@ -72,7 +74,7 @@ def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: s
         name, port = f"ours-{store}", free_port()
         args += ["--target", name, f"http://127.0.0.1:{port}/api/v1/chat/completions",
                  "--header", name, f"Authorization: Bearer {token}",
-                 "--start-cmd", name, start_command(services.settings_file(store, f"{prefix}{store[0]}"), port),
+                 "--start-cmd", name, start_command(services.settings_file(store, f"{prefix}{STORE_KEYS[store]}"), port),
                  "--overhead-header", name, "x-gateway-overhead-ms"]
     return args
 
@@ -131,7 +133,7 @@ def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dic
     try:
         wait_for_port(port, 30, upstream)
         for store in a.stores:
-            settings = services.settings_file(store, f"{prefix}{store[0]}p")
+            settings = services.settings_file(store, f"{prefix}{STORE_KEYS[store]}p")
             cmd = ["taskset", "-c", "1", sys.executable, "-m", "bench.inprocess", "--settings", str(settings),
                    "--upstream", f"http://127.0.0.1:{port}", "--key-dir", str(services.workdir / "dev-issuer"),
                    "--requests", str(a.requests), "--profile", str(a.outdir / f"profile-{store}.pstats")]
@@ -149,7 +151,8 @@ def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dic
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short cells, c=1,64, fewer in-process requests (<= 3 min)")
-    ap.add_argument("--store", default="memory,table", help="comma list of gateway storage modes to benchmark")
+    ap.add_argument("--store", default=",".join(STORE_KEYS),
+                    help="comma list of gateway stores to benchmark: memory, table (strict quota), table-leased")
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--no-floor", action="store_true", help="skip the pass-through floor target")
     ap.add_argument("--skip-inprocess", action="store_true", help="no round-trip count and no profile")
@@ -159,8 +162,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, help="in-process requests for CPU and profile (default 1500, quick 200)")
     a = ap.parse_args(argv)
     a.stores = tuple(s for s in a.store.split(",") if s)
-    if not set(a.stores) <= {"memory", "table"}:
-        ap.error("--store takes memory and/or table")
+    if not set(a.stores) <= set(STORE_KEYS):
+        ap.error(f"--store takes {', '.join(STORE_KEYS)}")
     a.duration = a.duration or (2 if a.quick else 10)
     a.warmup = 1 if a.quick else 2
     a.concurrency = a.concurrency or ("1,64" if a.quick else "1,8,64")

@@ -48,7 +48,7 @@ class Services:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._spawn("issuer", ["-m", "tools.dev_issuer", "serve", "--port", str(self.issuer_port),
                                "--key-dir", str(self.workdir / "dev-issuer")], self.issuer_port)
-        if "table" in self.stores:
+        if any(store.startswith("table") for store in self.stores):
             self._spawn("azurite", ["-m", "tools.azurite", "--port", str(self.azurite_port),
                                     "--location", str(self.workdir / "azurite")], self.azurite_port)
         return self
@@ -71,12 +71,14 @@ class Services:
         return out.stdout.strip()
 
     def settings_file(self, store: str, prefix: str) -> Path:
-        """local.settings.example.json pointed at the bench services; the endpoint comes from the harness."""
+        """local.settings.example.json pointed at the bench services; the endpoint comes from the harness.
+        ``store`` is memory, table (strict quota) or table-leased (GATEWAY_QUOTA_MODE=leased)."""
         doc = json.loads((ROOT / "local.settings.example.json").read_text())
         doc["Values"].update({
             "AUTH_JWKS_URL": f"http://127.0.0.1:{self.issuer_port}/keys",
             "GATEWAY_TIERS": json.dumps(BENCH_TIERS),
-            "GATEWAY_STORAGE_MODE": store,
+            "GATEWAY_STORAGE_MODE": store.split("-")[0],
+            "GATEWAY_QUOTA_MODE": "leased" if store.endswith("-leased") else "strict",
             "GATEWAY_STORAGE_CONNECTION_STRING": azurite_connection_string(self.azurite_port),
             "GATEWAY_TABLE_PREFIX": prefix,  # fresh tables per run: counters and ledger start empty
             "AZURE_OPENAI_AUTH": "api_key",

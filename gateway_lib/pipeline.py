@@ -126,7 +126,7 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
                     usage = event.usage
                 frame = _visible_chunk(event, chat.include_usage)
                 if frame is not None:
-                    yield sse(frame)
+                    yield b"data: " + event.raw + b"\n\n" if frame is event.chunk and event.raw else sse(frame)
         yield SSE_DONE
         status = "ok"
     except ProviderError as exc:

@@ -218,8 +218,11 @@ class Admission:
             return override_json(subject, saved)
         raise ServiceUnavailable("The override kept changing underneath; retry.", retry_after=1)
 
-    async def aclose(self) -> None:
+    async def flush(self, pk: str | None = None) -> None:
         """Nothing is buffered here: every settle is written before it returns (leases.py buffers)."""
+
+    async def aclose(self) -> None:
+        """Nothing to commit or close (see ``flush``)."""
 
     # -- internals --
 

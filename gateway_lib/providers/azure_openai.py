@@ -8,6 +8,7 @@ both delay that decision and hide the throttling from it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -62,13 +63,18 @@ class AzureOpenAIProvider:
         except Exception as exc:
             raise _translate(exc) from exc
         try:
-            async for chunk in chunks:
-                if not isinstance(chunk, dict):
-                    raise ValueError("SSE data is not a JSON object")
-                event = _event(chunk)
+            # The SSE lines themselves rather than the SDK's decoded events: each chunk's JSON is parsed
+            # once (usage, text) and relayed as received, not re-encoded per chunk.
+            async for line in chunks.response.aiter_lines():
+                data = _sse_data(line)
+                if data is None:
+                    continue
+                event = _event(_chunk(data), data)
                 if event is not None:
                     yield event
-        except Exception as exc:  # an error event inside the stream arrives as openai.APIError
+        except ProviderError:
+            raise
+        except Exception as exc:
             raise _translate(exc, mid_stream=True) from exc
         finally:
             await chunks.close()
@@ -144,7 +150,25 @@ def _json_object(value: object) -> dict[str, Any]:
     return value
 
 
-def _event(chunk: dict[str, Any]) -> StreamEvent | None:
+def _sse_data(line: str) -> bytes | None:
+    """The payload of one ``data:`` line; None for comments, other fields, blank lines and ``[DONE]``."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    return None if data == "[DONE]" else data.encode()
+
+
+def _chunk(data: bytes) -> dict[str, Any]:
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise ValueError("SSE data is not a JSON object")
+    if chunk.get("error"):  # Azure reports a failure inside an open stream as an error event
+        raise ProviderError("Azure OpenAI reported an error mid-stream", provider=NAME, kind="server_error",
+                            retryable=True)
+    return chunk
+
+
+def _event(chunk: dict[str, Any], raw: bytes | None = None) -> StreamEvent | None:
     usage = chunk.get("usage")
     choices = chunk.get("choices") or []
     if not choices and not usage:
@@ -153,7 +177,7 @@ def _event(chunk: dict[str, Any]) -> StreamEvent | None:
     text += "".join(str(((tc.get("function") or {}).get("arguments")) or "")
                     for c in choices for tc in (c.get("delta") or {}).get("tool_calls") or [])
     parsed = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))) if usage else None
-    return StreamEvent(chunk=chunk, usage=parsed, text=text)
+    return StreamEvent(chunk=chunk, usage=parsed, text=text, raw=raw)
 
 
 def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:

@@ -59,6 +59,7 @@ class StreamEvent:
     chunk: dict[str, Any]
     usage: Usage | None = None
     text: str = field(default="")  # the content delta, for counting tokens of a cut stream
+    raw: bytes | None = None  # the chunk's JSON exactly as the upstream sent it: relayed without re-encoding
 
 
 class Provider(Protocol):

@@ -278,3 +278,33 @@ def test_the_runtime_picks_leased_admission_from_settings() -> None:
     assert isinstance(rt.admission, LeasedAdmission)
     with pytest.raises(Exception, match="GATEWAY_QUOTA_MODE"):
         Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "eventual"})
+
+
+def test_a_flush_commits_what_it_found_and_leaves_later_arrivals_for_the_next_tick() -> None:
+    # Chasing entries that arrive during a commit turned the journal into back-to-back 2-row transactions.
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller()
+        for i in range(10):
+            assert await serve(adm, caller, clock, i)
+        sizes: list[int] = []
+        real_transact = store.transact
+
+        async def slow_transact(table: str, ops: Any) -> Any:
+            sizes.append(len(ops))
+            for _ in range(5):
+                await asyncio.sleep(0)  # while the commit is on the wire, more requests settle
+            return await real_transact(table, ops)
+
+        store.transact = slow_transact  # type: ignore[method-assign]
+        flushing = asyncio.ensure_future(adm.flush())
+        await asyncio.sleep(0)  # the flush starts and sees 10 entries
+        for i in range(10, 15):
+            assert await serve(adm, caller, clock, i)
+        await flushing
+        assert sizes == [11], "10 cost rows + the counters row, and nothing that arrived meanwhile"
+        await adm.flush()
+        assert sizes == [11, 6]
+
+    run(scenario())
