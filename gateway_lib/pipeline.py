@@ -116,6 +116,7 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
     target = acct.served_by
     usage: Usage | None = None
     streamed: list[str] = []
+    frames: list[bytes] = []  # written together when the upstream delivered them together
     status = "client_disconnected"  # what it stays if the caller hangs up (the generator is closed)
     error: ProviderError | None = None
     try:
@@ -126,13 +127,17 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
                     usage = event.usage
                 frame = _visible_chunk(event, chat.include_usage)
                 if frame is not None:
-                    yield b"data: " + event.raw + b"\n\n" if frame is event.chunk and event.raw else sse(frame)
-        yield SSE_DONE
+                    frames.append(b"data: " + event.raw + b"\n\n" if frame is event.chunk and event.raw
+                                  else sse(frame))
+                if frames and not event.more:
+                    yield b"".join(frames)
+                    frames.clear()
+        yield b"".join(frames) + SSE_DONE
         status = "ok"
     except ProviderError as exc:
         # Bytes already went out, so no fallback: tell the caller plainly instead of truncating silently.
         status, error = "upstream_cut", exc
-        yield sse(exc.body())
+        yield b"".join(frames) + sse(exc.body())
     finally:
         if usage is None:  # cut or abandoned: count what was streamed so the spend is not lost
             usage = acct.estimate_streamed_usage(target, "".join(streamed))

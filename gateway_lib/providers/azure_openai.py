@@ -64,14 +64,16 @@ class AzureOpenAIProvider:
             raise _translate(exc) from exc
         try:
             # The SSE lines themselves rather than the SDK's decoded events: each chunk's JSON is parsed
-            # once (usage, text) and relayed as received, not re-encoded per chunk.
-            async for line in chunks.response.aiter_lines():
-                data = _sse_data(line)
-                if data is None:
-                    continue
-                event = _event(_chunk(data), data)
-                if event is not None:
+            # once (usage, text) and relayed as received, not re-encoded; events that arrived in one read
+            # are marked so the pipeline writes them to the caller in one write.
+            tail = b""
+            async for received in chunks.response.aiter_bytes():
+                lines = (tail + received).split(b"\n")
+                tail = lines.pop()  # an incomplete line waits for the next read
+                for event in _events(lines):
                     yield event
+            for event in _events([tail]):
+                yield event
         except ProviderError:
             raise
         except Exception as exc:
@@ -150,12 +152,20 @@ def _json_object(value: object) -> dict[str, Any]:
     return value
 
 
-def _sse_data(line: str) -> bytes | None:
+def _events(lines: list[bytes]) -> list[StreamEvent]:
+    """The events of complete SSE lines that arrived together, all but the last marked ``more``."""
+    events = [e for e in (_event(_chunk(d), d) for d in map(_sse_data, lines) if d is not None) if e is not None]
+    for event in events[:-1]:
+        event.more = True
+    return events
+
+
+def _sse_data(line: bytes) -> bytes | None:
     """The payload of one ``data:`` line; None for comments, other fields, blank lines and ``[DONE]``."""
-    if not line.startswith("data:"):
+    if not line.startswith(b"data:"):
         return None
     data = line[5:].strip()
-    return None if data == "[DONE]" else data.encode()
+    return None if data == b"[DONE]" else data
 
 
 def _chunk(data: bytes) -> dict[str, Any]:

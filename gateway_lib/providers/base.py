@@ -60,6 +60,7 @@ class StreamEvent:
     usage: Usage | None = None
     text: str = field(default="")  # the content delta, for counting tokens of a cut stream
     raw: bytes | None = None  # the chunk's JSON exactly as the upstream sent it: relayed without re-encoding
+    more: bool = False  # another event already arrived with this one: the pipeline writes them together
 
 
 class Provider(Protocol):

@@ -129,3 +129,36 @@ def test_usage_chunk_is_hidden_unless_the_caller_asked_for_it() -> None:
     assert pipeline._visible_chunk(usage_chunk, include_usage=False) is None
     assert pipeline._visible_chunk(usage_chunk, include_usage=True) == usage_chunk.chunk
     assert "usage" not in (pipeline._visible_chunk(last_content, include_usage=False) or {})
+
+
+class Bursty:
+    """Events in two bursts (as two network reads would deliver them), the first relayed as raw JSON."""
+
+    name = "azure_openai"
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        raise NotImplementedError
+
+    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        for burst in range(2):
+            for i in range(3):
+                chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}
+                raw = json.dumps(chunk, separators=(", ", ": ")).encode() if burst == 0 else None
+                yield StreamEvent(chunk=chunk, text=f"w{i}", raw=raw, more=i < 2)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_events_that_arrived_together_go_out_in_one_write_and_raw_json_as_received() -> None:
+    async def run() -> list[bytes]:
+        rt = _runtime(Bursty())
+        response = await pipeline.run_chat(rt, _scope(), _caller(rt), _chat(stream=True))
+        assert isinstance(response, StreamingResponse)
+        return [bytes(w) async for w in response.body_iterator]  # type: ignore[arg-type]
+
+    writes = asyncio.run(run())
+    assert len(writes) == 3 and writes[2] == b"data: [DONE]\n\n"  # burst, burst, then the end
+    assert writes[0].count(b"data: ") == 3 and writes[1].count(b"data: ") == 3
+    assert b'"content": "w0"' in writes[0], "relayed byte for byte (the upstream's own spacing)"
+    assert b'"content":"w0"' in writes[1], "re-encoded when there is no raw JSON"

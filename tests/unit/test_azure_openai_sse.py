@@ -1,0 +1,26 @@
+"""The Azure OpenAI adapter's SSE reading, line by line (the wire itself is tested against the simulator)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway_lib.errors import ProviderError
+from gateway_lib.providers.azure_openai import _events
+
+PREAMBLE = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}'
+CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}'
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+
+
+def test_one_read_becomes_events_marked_to_go_out_together() -> None:
+    events = _events([PREAMBLE, b"", CHUNK, b"", b": keep-alive", CHUNK + b"\r", USAGE, b"data: [DONE]", b""])
+    assert [e.more for e in events] == [True, True, False], "the preamble and [DONE] are no events"
+    assert [e.text for e in events] == ["Hi", "Hi", ""]
+    assert events[0].raw == CHUNK[6:] and events[1].raw == CHUNK[6:], "the JSON as received, CR stripped"
+    assert events[2].usage is not None and events[2].usage.completion_tokens == 1
+
+
+def test_an_error_event_inside_the_stream_is_a_provider_error() -> None:
+    with pytest.raises(ProviderError) as raised:
+        _events([CHUNK, b'data: {"error":{"message":"overloaded"}}'])
+    assert raised.value.kind == "server_error" and raised.value.retryable
