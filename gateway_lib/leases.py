@@ -37,7 +37,15 @@ from .counters import Counters, Limits, check, rate_headers
 from .errors import GatewayError, RateLimited
 from .identity import Caller
 from .ledger import CostRow, table_key
-from .quota import RESERVE_ATTEMPTS, Admission, Reservation, Settlement, _AlreadySettled, _unavailable, team_partition
+from .quota import (
+    Admission,
+    Release,
+    Reservation,
+    Settlement,
+    _AlreadySettled,
+    _unavailable,
+    team_partition,
+)
 from .storage.base import Entity, Op, PreconditionFailed, StorageError, TransactionFailed
 from .tiers import Tier
 
@@ -126,21 +134,21 @@ class LeasedAdmission(Admission):
     async def _grant(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None) -> dict[str, str]:
         """Write a new lease (returning the old one's remainder in the same write) and admit ``res`` from it."""
         wanted = self._lease_size(old)
-        for attempt in range(RESERVE_ATTEMPTS):
+        for attempt in self._reserve_attempts():
             now = self._clock()
             entity, counters, size = await self._sized(pk, limits, res, who, old, wanted, now, use_known=attempt == 0)
             admitted = counters.reserve(size * res.tokens, size * res.usd, size)
+            block = Release(res.minute, res.epoch, size, size * res.tokens, size * res.usd)
             try:
-                self._remember(pk, await self._write_counters(entity, admitted.to_entity(pk), res))
+                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, block))
             except PreconditionFailed:
                 self._remember(pk, None)  # another instance wrote since: what we knew is stale
                 if attempt:
                     await self._backoff(attempt)
                 continue
             clock = self._monotonic()
-            block = (size, size * res.tokens, size * res.usd)
-            lease = Lease(res.minute, res.epoch, *block, size, clock, clock,
-                          admitted.released(res.minute, res.epoch, *block))
+            lease = Lease(res.minute, res.epoch, size, block.tokens, block.usd, size, clock, clock,
+                          block.apply(admitted))
             self._leases[pk] = lease
             return rate_headers(lease.take(res, clock), limits, now)
         raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
@@ -206,6 +214,7 @@ class LeasedAdmission(Admission):
             self._flusher = None
         await self.flush()
         await self._return_leases(idle_for=0.0)
+        await super().aclose()
 
     async def _flush_row(self, pk: str) -> None:
         """Commit what the journal held when called: entries that arrive during a commit wait for the next
@@ -238,12 +247,15 @@ class LeasedAdmission(Admission):
             new = counters.to_entity(pk)
             if team:
                 return await self._write_counters(entity, new, batch[0][0])
+            new = self._stamped(entity, new)
             counters_op = Op("insert", new) if entity is None or entity.etag is None else Op("update", new,
                                                                                              etag=entity.etag)
             # Rows first: a retry of a batch that already committed fails on op 0 as "exists".
             ops = [Op("insert", row.to_entity()) for row in rows] + [counters_op]
             try:
-                return (await self._store.transact(self._table, ops))[-1]
+                written = (await self._store.transact(self._table, ops))[-1]
+                self._markers.pop(pk, None)
+                return written
             except TransactionFailed as exc:
                 if exc.reason == "exists":
                     raise _AlreadySettled from exc  # the whole batch landed before: counting it again doubles it

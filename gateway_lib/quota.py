@@ -17,9 +17,10 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 
 OVERRIDE_TTL_SECONDS = 30.0  # staleness window of an override change on other instances
 RESERVE_ATTEMPTS = 6
+# ... and at least this long: three instances serving one caller's two requests can lose a few races in a
+# row, and that is not the caller's own concurrency (which is what the 429 after losing tells it).
+RESERVE_PATIENCE_SECONDS = 1.0
 SETTLE_ATTEMPTS = 12  # admin override writes
 # The caller's settle is bounded by time, not tries: giving up loses the request's cost row and
 # leaves its reservation on the counters, while a lost *reserve* only costs the caller a 429.
@@ -79,6 +83,11 @@ SETTLE_DEADLINE_SECONDS = 30.0
 SETTLE_BACKOFF_CAP_SECONDS = 0.5
 SETTLE_OUTAGE_SECONDS = 10.0  # how long a settle rides out unreachable storage before giving up (logged)
 LATEST_ROWS_KEPT = 10_000  # counters rows remembered per process (a few hundred bytes each)
+# Every counters write carries a fresh marker, and the row keeps the last few. A write whose reply was
+# lost (connection reset, storage failing over) may or may not have landed; the marker tells, so a
+# retry never applies a change twice and a lost reservation is given back instead of blocking budget.
+WRITERS_KEPT = 16
+DOUBT_RESOLVE_SECONDS = 60.0  # how long a process keeps trying to learn whether such a write landed
 
 
 def tables(prefix: str) -> list[str]:
@@ -107,6 +116,20 @@ class Reservation:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     accounted: bool = True  # False: admitted fail-open without counters
     round_trips: int = 0  # storage round trips spent on this request so far
+
+
+@dataclass(frozen=True)
+class Release:
+    """Reserved room to give back: what a reservation (or a lease) added to the row."""
+
+    minute: str
+    epoch: int
+    requests: int
+    tokens: int
+    usd: Decimal
+
+    def apply(self, counters: Counters) -> Counters:
+        return counters.released(self.minute, self.epoch, self.requests, self.tokens, self.usd)
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,9 @@ class Admission:
         self._latest: OrderedDict[str, Entity] = OrderedDict()
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
+        self._markers: dict[str, str] = {}  # row -> marker of the counters write in flight (row lock held)
+        self._doubts: dict[str, list[tuple[str, Release]]] = {}  # row -> reserving writes of unknown outcome
+        self._resolvers: dict[str, asyncio.Task[None]] = {}
 
     async def effective_alias(self, caller: Caller, alias: str) -> str:
         """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
@@ -222,7 +248,10 @@ class Admission:
         """Nothing is buffered here: every settle is written before it returns (leases.py buffers)."""
 
     async def aclose(self) -> None:
-        """Nothing to commit or close (see ``flush``)."""
+        """Nothing to commit (see ``flush``); stop looking for the outcome of lost writes."""
+        for task in self._resolvers.values():
+            task.cancel()
+        self._resolvers.clear()
 
     # -- internals --
 
@@ -268,14 +297,15 @@ class Admission:
             return await self._admit_locked(pk, limits, res, who)
 
     async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
-        for attempt in range(RESERVE_ATTEMPTS):
+        for attempt in self._reserve_attempts():
             now = self._clock()
             entity = await self._checked_entity(pk, limits, res, who, now, use_known=attempt == 0)
             admitted = Counters.from_entity(entity).rolled(now).reserve(res.tokens, res.usd)
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
-                self._remember(pk, await self._write_counters(entity, admitted.to_entity(pk), res))
+                self._remember(pk, await self._reserving_write(
+                    pk, entity, admitted.to_entity(pk), res, Release(res.minute, res.epoch, 1, res.tokens, res.usd)))
                 return rate_headers(admitted, limits, now)
             except PreconditionFailed:
                 self._remember(pk, None)  # another instance wrote: what we knew is stale
@@ -283,6 +313,15 @@ class Admission:
                     await self._backoff(attempt)
         # Only this caller's own concurrency keeps winning the race: ask it to slow down (429, not 503).
         raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
+
+    def _reserve_attempts(self) -> Iterator[int]:
+        """Attempt numbers for a reserve that keeps losing the ETag race: at least ``RESERVE_ATTEMPTS`` and
+        at least ``RESERVE_PATIENCE_SECONDS``."""
+        patience_ends = self._monotonic() + RESERVE_PATIENCE_SECONDS
+        attempt = 0
+        while attempt < RESERVE_ATTEMPTS or (attempt < 10 * RESERVE_ATTEMPTS and self._monotonic() < patience_ends):
+            yield attempt
+            attempt += 1
 
     async def _checked_entity(self, pk: str, limits: Limits, res: Reservation, who: str, now: datetime,
                               use_known: bool) -> Entity | None:
@@ -325,10 +364,12 @@ class Admission:
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
             # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
-            ops = [Op("insert", row.to_entity()), _counters_op(entity, settled.to_entity(pk))]
+            ops = [Op("insert", row.to_entity()), _counters_op(entity, self._stamped(entity, settled.to_entity(pk)))]
             res.round_trips += 1
             try:
-                return (await self._store.transact(self._table, ops))[1]
+                written = (await self._store.transact(self._table, ops))[1]
+                self._markers.pop(pk, None)
+                return written
             except TransactionFailed as exc:
                 if exc.reason == "exists":
                     raise _AlreadySettled from exc  # counting it again would double it
@@ -359,15 +400,21 @@ class Admission:
             entity = self._known(pk)
             started = self._monotonic()
             deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
+            doubt: str | None = None  # marker of a write whose reply was lost
             while True:
                 try:
-                    entity = entity or await self._get(pk, res)
+                    if entity is None:
+                        entity = await self._get(pk, res)
+                        if doubt is not None and doubt in _writers(entity):
+                            self._remember(pk, entity)  # it had landed: applying it again would count twice
+                            return
                     self._remember(pk, await write(entity, pk))
                     return
                 except StorageUnavailable:
                     # A blip (a storage node failing over, a connection reset) must not cost the cost row.
-                    # A write whose reply was lost may have committed: re-read, and the cost row's key
-                    # makes a repeated settle count once.
+                    # A write whose reply was lost may have committed: re-read, and its marker on the row
+                    # (or, for a settle, the cost row's key) says so.
+                    doubt = self._markers.pop(pk, None) or doubt
                     if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
                         raise
                     self._remember(pk, None)
@@ -428,18 +475,87 @@ class Admission:
         return value
 
     async def _get(self, pk: str, res: Reservation) -> Entity | None:
+        """A fresh read of the row (row lock held); settles any doubt about this process's earlier writes."""
         res.round_trips += 1
-        return await self._store.get(self._table, pk, COUNTERS_ROW)
+        entity = await self._store.get(self._table, pk, COUNTERS_ROW)
+        return await self._settle_doubts(pk, entity, res) if self._doubts.get(pk) else entity
+
+    def _stamped(self, read: Entity | None, new: Entity) -> Entity:
+        """``new`` with a fresh writer marker in front of the row's recent ones."""
+        marker = uuid.uuid4().hex[:12]
+        self._markers[new.partition_key] = marker
+        history = ",".join([marker, *_writers(read)][:WRITERS_KEPT])
+        return replace(new, properties={**new.properties, "writers": history})
 
     async def _write_counters(self, read: Entity | None, new: Entity, res: Reservation) -> Entity:
         """Conditional write; raises ``PreconditionFailed`` when the row changed (or was created) since ``read``."""
         res.round_trips += 1
-        if read is not None and read.etag is not None:
-            return await self._store.update(self._table, new, read.etag)
+        new = self._stamped(read, new)
         try:
-            return await self._store.insert(self._table, new)
+            if read is not None and read.etag is not None:
+                written = await self._store.update(self._table, new, read.etag)
+            else:
+                written = await self._store.insert(self._table, new)
         except EntityExists as exc:  # two first requests raced to create the row: the same as losing the race
             raise PreconditionFailed(str(exc)) from exc
+        self._markers.pop(new.partition_key, None)
+        return written
+
+    async def _reserving_write(self, pk: str, read: Entity | None, new: Entity, res: Reservation,
+                               release: Release) -> Entity:
+        """A write that adds reserved room. If its reply is lost the request is refused (503), so the room must
+        not stay reserved if the write did land: remember it, and find out once storage answers again."""
+        try:
+            return await self._write_counters(read, new, res)
+        except StorageUnavailable:
+            marker = self._markers.pop(pk, None)
+            if marker is not None:
+                self._doubts.setdefault(pk, []).append((marker, release))
+                self._start_resolver(pk)
+            raise
+
+    async def _settle_doubts(self, pk: str, entity: Entity | None, res: Reservation) -> Entity | None:
+        """Give back the room of doubtful reserving writes that did land; forget those that did not (a
+        marker pushed out of the row's history by many later writes counts as not landed: conservative,
+        the room then drops out with its reservation epoch)."""
+        landed = [(m, release) for m, release in self._doubts.pop(pk, []) if m in _writers(entity)]
+        if not landed or entity is None:
+            return entity
+        counters = Counters.from_entity(entity).rolled(self._clock())
+        for _, release in landed:
+            counters = release.apply(counters)
+        try:
+            written = await self._write_counters(entity, counters.to_entity(pk), res)
+        except PreconditionFailed:  # another instance wrote first: nothing given back yet, try on the next read
+            self._doubts.setdefault(pk, []).extend(landed)
+            return await self._store.get(self._table, pk, COUNTERS_ROW)
+        except StorageError:  # unknown again: giving it back twice would be worse than letting it expire
+            self._markers.pop(pk, None)
+            log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
+            raise
+        log.info("reservation of a request refused during a storage outage given back",
+                 extra={"partition": pk, "count": len(landed)})
+        self._remember(pk, written)
+        return written
+
+    def _start_resolver(self, pk: str) -> None:
+        task = self._resolvers.get(pk)
+        if task is None or task.done():
+            self._resolvers[pk] = asyncio.get_running_loop().create_task(self._resolve(pk), name="quota-doubt")
+
+    async def _resolve(self, pk: str) -> None:
+        """Retry the fresh read that settles a doubt until storage answers (a caller may not come back soon)."""
+        probe = Reservation(pk, "doubt", "", None, 0, ZERO, "", 0)
+        started = self._monotonic()
+        while self._doubts.get(pk) and self._monotonic() - started < DOUBT_RESOLVE_SECONDS:
+            await asyncio.sleep(0.5)
+            try:
+                async with self._row_lock(pk):
+                    self._remember(pk, await self._get(pk, probe))
+            except StorageError:
+                continue
+        if self._doubts.pop(pk, None):
+            log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
 
     async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.
@@ -454,6 +570,10 @@ def _unavailable() -> ServiceUnavailable:
     # Its own code: "quota storage down" and "every provider down" call for different responses.
     return ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)",
                               code="storage_unavailable", retry_after=5)
+
+
+def _writers(entity: Entity | None) -> list[str]:
+    return str(entity.properties.get("writers") or "").split(",") if entity is not None else []
 
 
 def _counters_op(read: Entity | None, new: Entity) -> Op:

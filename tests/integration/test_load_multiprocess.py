@@ -177,6 +177,9 @@ def overspend_bound(rows: list[CostRow]) -> Decimal:
     """Σ max(0, actual - reserved) (docs/storage.md); the reservation is priced at the dearest target."""
     excess = Decimal(0)
     for row in rows:
+        if row.deployment is None:  # no target answered (e.g. all failed): nothing was spent
+            assert row.cost_usd == 0, row
+            continue
         price = _price(row.deployment)
         reserved = cost(price, row.prompt_tokens_estimated, row.completion_tokens_estimated)
         excess += max(Decimal(0), row.cost_usd - reserved)

@@ -1,0 +1,122 @@
+"""Counters writes whose reply is lost: the write may have landed or not, and the row's writer markers tell.
+
+A reserving write that landed while its request was refused (503) must give its room back; a write
+retried after a lost reply must not be applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway_lib.errors import ServiceUnavailable
+from gateway_lib.leases import LeasedAdmission
+from gateway_lib.quota import Admission
+from gateway_lib.storage.base import Entity, StorageUnavailable
+from gateway_lib.storage.memory import MemoryTableStore
+from tests.unit.test_leases import leased, serve
+from tests.unit.test_quota import Clock, counters_of, make_caller, new_admission, run
+
+
+class LosesReplies(MemoryTableStore):
+    """``lose`` = "after": the next counters update commits, then its reply is lost;
+    "before": it fails before reaching the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lose: str | None = None
+
+    async def update(self, table: str, entity: Entity, etag: str) -> Entity:
+        mode, self.lose = self.lose, None
+        if mode == "before":
+            raise StorageUnavailable("connection refused")
+        written = await super().update(table, entity, etag)
+        if mode == "after":
+            raise StorageUnavailable("connection reset after the write")
+        return written
+
+
+async def _resolved(adm: Admission) -> None:
+    for _ in range(200):  # the resolver's first look is 0.5 s after the loss
+        if not adm._doubts:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the doubt was never settled")
+
+
+@pytest.mark.parametrize("lost", ["after", "before"])
+def test_a_refused_reservation_whose_write_landed_is_given_back(lost: str) -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), LosesReplies()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller()
+        first = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        store.lose = lost
+        with pytest.raises(ServiceUnavailable):
+            await adm.reserve(caller, tokens=50, usd=Decimal("0.005"), request_id="r2")
+        landed = await counters_of(store, caller.key)
+        assert landed.in_flight_tokens == (150 if lost == "after" else 100)
+        await _resolved(adm)
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.in_flight_usd, c.minute_requests) == (100, Decimal("0.01"), 1), \
+            "only the admitted request stays reserved"
+        assert first.accounted
+        await adm.aclose()
+
+    run(scenario())
+
+
+def test_an_undo_retried_after_a_lost_reply_is_applied_once() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), LosesReplies()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller()
+        await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        res = await adm.reserve(caller, tokens=40, usd=Decimal("0.004"), request_id="r2")
+        store.lose = "after"
+        await adm._undo(res)
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.minute_requests) == (100, 1), "undone once, not twice"
+        await adm.aclose()
+
+    run(scenario())
+
+
+def test_a_lease_whose_grant_reply_was_lost_is_given_back() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), LosesReplies()
+        adm: LeasedAdmission = leased(store, clock)
+        caller = make_caller()
+        for i in range(3):  # quick succession: the next lease is several requests deep
+            assert await serve(adm, caller, clock, i)
+        lease = adm._leases[next(iter(adm._leases))]
+        while lease.requests:  # use it up so the next request needs a new grant
+            assert await serve(adm, caller, clock, 100 + lease.requests)
+        store.lose = "after"
+        with pytest.raises(ServiceUnavailable):
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="lost")
+        await _resolved(adm)
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.in_flight_tokens == 0 and c.in_flight_usd == 0
+
+    run(scenario())
+
+
+def test_writer_markers_stay_few(monkeypatch: Any) -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller()
+        for i in range(40):
+            await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id=f"r{i}")
+        from gateway_lib import ledger
+        from gateway_lib.ledger import usage_table
+
+        row = await store.get(usage_table("t"), ledger.table_key(caller.key), "counters")
+        assert row is not None and len(str(row.properties["writers"]).split(",")) == 16
+
+    run(scenario())
