@@ -109,7 +109,6 @@ class LeasedAdmission(Admission):
     def __init__(self, *args: Any, flush_interval: float = FLUSH_INTERVAL_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._leases: dict[str, Lease] = {}
-        self._limits: dict[str, Limits] = {}
         self._journals: dict[str, _Journal] = {}
         self._pending_rows = 0
         self._flush_interval = flush_interval
