@@ -36,8 +36,10 @@ async def _serve(request: Request, route: str, handler: Handler) -> Response:
         return await handler(rt, scope)
 
     response = await edge.guarded(scope, run)
-    if response.status_code >= 400 and rt is not None and not scope.recorded:
-        rt.telemetry.rejection(scope, response.status_code, scope.error_code)
+    if rt is not None:
+        if response.status_code >= 400 and not scope.recorded:
+            rt.telemetry.rejection(scope, response.status_code, scope.error_code)
+        rt.warmed_up()
     return response
 
 

@@ -9,6 +9,7 @@ that run several loops get a fresh one per loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import Mapping
@@ -39,6 +40,16 @@ class Runtime:
     admission: Admission
     telemetry: Telemetry
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    warm: bool = field(default=False, repr=False)
+
+    def warmed_up(self) -> None:
+        """After the first request: move everything alive now (modules, SDK clients, the tokenizer tables)
+        out of the cyclic collector's reach. A full collection walked ~90,000 such objects in ~23 ms,
+        and the storage SDK allocates enough to trigger one every few seconds: that stall was the p99
+        (docs/benchmarks.md). Later garbage is collected as usual."""
+        if not self.warm:
+            self.warm = True
+            gc.freeze()
 
     async def aclose(self) -> None:
         await self.admission.aclose()  # commits a leased journal while storage is still open

@@ -308,3 +308,27 @@ def test_a_flush_commits_what_it_found_and_leaves_later_arrivals_for_the_next_ti
         assert sizes == [11, 6]
 
     run(scenario())
+
+
+def test_a_half_used_lease_is_renewed_in_the_background_so_requests_never_wait_for_a_grant() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=100_000))
+        foreground = 0
+        real_grant = adm._grant
+
+        async def counting_grant(*args: Any, **kwargs: Any) -> Any:
+            nonlocal foreground
+            foreground += 1
+            return await real_grant(*args, **kwargs)
+
+        adm._grant = counting_grant  # type: ignore[method-assign]
+        for i in range(300):
+            assert await serve(adm, caller, clock, i)
+        assert foreground <= 3, f"{foreground} requests waited for a grant: renewals must run ahead of need"
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.minute_requests == 300 and c.in_flight_tokens == 0 and c.day_tokens == 7 * 300
+
+    run(scenario())

@@ -90,18 +90,37 @@ def test_a_lease_whose_grant_reply_was_lost_is_given_back() -> None:
         clock, store = Clock(), LosesReplies()
         adm: LeasedAdmission = leased(store, clock)
         caller = make_caller()
-        for i in range(3):  # quick succession: the next lease is several requests deep
-            assert await serve(adm, caller, clock, i)
-        lease = adm._leases[next(iter(adm._leases))]
-        while lease.requests:  # use it up so the next request needs a new grant
-            assert await serve(adm, caller, clock, 100 + lease.requests)
+        assert await serve(adm, caller, clock, 0)  # tables, override, first lease
+        adm._leases.clear()  # forget the lease (its room stays on the row): the next request must ask
         store.lose = "after"
         with pytest.raises(ServiceUnavailable):
             await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="lost")
         await _resolved(adm)
+        c = await counters_of(store, caller.key)
+        assert c.minute_requests == 1, "the refused request's landed grant was given back"
+        await adm.aclose()
+
+    run(scenario())
+
+
+def test_a_background_renewal_whose_reply_was_lost_leaks_nothing() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), LosesReplies()
+        adm: LeasedAdmission = leased(store, clock)
+        caller = make_caller()
+        for i in range(3):  # quick succession: the third request's lease is several requests deep
+            assert await serve(adm, caller, clock, i)
+        store.lose = "after"  # the next counters write is the renewal, reserved in the background
+        served = 3
+        while store.lose is not None:
+            assert await serve(adm, caller, clock, served)
+            served += 1
+        for i in range(served, served + 20):
+            assert await serve(adm, caller, clock, i)
+        await _resolved(adm)
         await adm.aclose()
         c = await counters_of(store, caller.key)
-        assert c.in_flight_tokens == 0 and c.in_flight_usd == 0
+        assert c.in_flight_tokens == 0 and c.in_flight_usd == 0 and c.minute_requests == served + 20
 
     run(scenario())
 
