@@ -121,6 +121,7 @@ class LeasedAdmission(Admission):
         self._pending_rows = 0
         self._flush_interval = flush_interval
         self._flusher: asyncio.Task[None] | None = None
+        self._renewals: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     # -- admission --
 
@@ -136,7 +137,9 @@ class LeasedAdmission(Admission):
                 # Half used: reserve the successor now, in the background, so no request waits for a grant
                 # (a grant queues behind a journal commit on the row lock: that wait was the p99).
                 lease.renewing = True
-                asyncio.get_running_loop().create_task(self._renew(pk, limits, res, who, lease))
+                task = asyncio.get_running_loop().create_task(self._renew(pk, limits, res, who, lease))
+                self._renewals.add(task)
+                task.add_done_callback(self._renewals.discard)
             return headers
         async with self._row_lock(pk):
             lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
@@ -245,6 +248,8 @@ class LeasedAdmission(Admission):
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._renewals:  # a renewal in flight may still be writing its lease: let it land first
+            await asyncio.gather(*self._renewals, return_exceptions=True)
         await self.flush()
         await self._return_leases(idle_for=0.0)
         await super().aclose()
