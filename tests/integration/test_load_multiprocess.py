@@ -239,7 +239,11 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     assert statuses <= allowed, statuses - allowed
     assert not any(s.status == 401 for s in stormy), "cached signing keys must outlive the JWKS endpoint"
     served = [s for s in stormy if s.status == 200]
-    assert len(served) > len(stormy) // 2, "with a healthy fallback most requests must still be served"
+    # The hot caller's budget is spent by now (~40 % of the load is refused by design): of the rest,
+    # a healthy fallback must still serve most.
+    admissible = [s for s in stormy if s.code != "insufficient_quota"]
+    assert len(served) > len(admissible) // 2, ("with a healthy fallback most requests must still be served",
+                                                 _tally(stormy))
     assert any(s.target == "aoai-gpt-4o-mini-swedencentral" for s in served), "the storm must have forced fallbacks"
     assert any(s.cut for s in stormy if s.stream), "the cut faults must have struck a stream"
     print(f"\ncalm: {_tally(calm)} hot spend {hot_spend}/{HOT_BUDGET}\nstorm: {_tally(stormy)}")
