@@ -8,13 +8,14 @@ under an ETag.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import QuotaExceeded, RateLimited
-from .overrides import LIMIT_NAMES, Override
+from .overrides import LIMIT_NAMES, Override, money_json
 from .storage.base import Entity
 from .tiers import Tier
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from .quota import Reservation
 
 COUNTERS_ROW = "counters"
+# Every counters write carries a fresh marker, and the row keeps the last few. A write whose reply was
+# lost (connection reset, storage failing over) may or may not have landed; the marker tells, so a
+# retry never applies a change twice and a lost reservation is given back instead of blocking budget.
+WRITERS_KEPT = 16
 EPOCH_SECONDS = 900  # a reservation lives 15-30 min (two generations), far beyond any request
 ZERO = Decimal(0)
 
@@ -126,13 +131,7 @@ class Counters:
         if c.minute == minute:
             c = replace(c, minute_requests=max(0, c.minute_requests - requests),
                         minute_tokens=max(0, c.minute_tokens - tokens))
-        if epoch == c.epoch:
-            c = replace(c, reserved_tokens=max(0, c.reserved_tokens - tokens),
-                        reserved_usd=max(ZERO, c.reserved_usd - usd))
-        elif epoch == c.epoch - 1:
-            c = replace(c, prev_reserved_tokens=max(0, c.prev_reserved_tokens - tokens),
-                        prev_reserved_usd=max(ZERO, c.prev_reserved_usd - usd))
-        return c
+        return c._unreserved(epoch, tokens, usd)
 
     def settle(self, res: Reservation, tokens: int, usd: Decimal) -> Counters:
         """Replace the reservation with actual usage (the reservation may already have expired)."""
@@ -140,13 +139,17 @@ class Counters:
                     month_tokens=self.month_tokens + tokens, month_usd=self.month_usd + usd)
         if c.minute == res.minute:  # the minute's token count becomes actual; a past minute is left alone
             c = replace(c, minute_tokens=max(0, c.minute_tokens - res.tokens + tokens))
-        if res.epoch == c.epoch:
-            c = replace(c, reserved_tokens=max(0, c.reserved_tokens - res.tokens),
-                        reserved_usd=max(ZERO, c.reserved_usd - res.usd))
-        elif res.epoch == c.epoch - 1:
-            c = replace(c, prev_reserved_tokens=max(0, c.prev_reserved_tokens - res.tokens),
-                        prev_reserved_usd=max(ZERO, c.prev_reserved_usd - res.usd))
-        return c
+        return c._unreserved(res.epoch, res.tokens, res.usd)
+
+    def _unreserved(self, epoch: int, tokens: int, usd: Decimal) -> Counters:
+        """Take a reservation made in ``epoch`` out of whichever generation still holds it (if any)."""
+        if epoch == self.epoch:
+            return replace(self, reserved_tokens=max(0, self.reserved_tokens - tokens),
+                           reserved_usd=max(ZERO, self.reserved_usd - usd))
+        if epoch == self.epoch - 1:
+            return replace(self, prev_reserved_tokens=max(0, self.prev_reserved_tokens - tokens),
+                           prev_reserved_usd=max(ZERO, self.prev_reserved_usd - usd))
+        return self
 
 
 # ---- admission checks (pure) -------------------------------------------------------------------
@@ -203,3 +206,58 @@ def check(c: Counters, limits: Limits, tokens: int, usd: Decimal, now: datetime,
         if cap is not None and spent > cap:
             raise QuotaExceeded(f"The {what} ({cap}) of {who} is used up; it resets at {end.isoformat()}.",
                                 retry_after=seconds_until(now, end), headers=rate_headers(c, limits, now))
+
+
+@dataclass(frozen=True)
+class Release:
+    """Reserved room to give back: what a reservation (or a lease) added to the row."""
+
+    minute: str
+    epoch: int
+    requests: int
+    tokens: int
+    usd: Decimal
+
+    def apply(self, counters: Counters) -> Counters:
+        return counters.released(self.minute, self.epoch, self.requests, self.tokens, self.usd)
+
+
+# Picks the room a reservation takes on a counters row (rolled to now), or raises a GatewayError to refuse;
+# returns the counters to add it to (a lease's plan first gives the old lease back) and the room.
+Plan = Callable[[Counters, datetime], tuple[Counters, Release]]
+
+
+def writers(entity: Entity | None) -> list[str]:
+    """The markers of the last counters writes that landed on the row, newest first."""
+    return str(entity.properties.get("writers") or "").split(",") if entity is not None else []
+
+
+def stamped(new: Entity, marker: str, read: Entity | None) -> Entity:
+    """``new`` carrying ``marker`` in front of the row's recent ones (``read``: the row it replaces)."""
+    history = ",".join([marker, *writers(read)][:WRITERS_KEPT])
+    return replace(new, properties={**new.properties, "writers": history})
+
+
+# ---- JSON edge: the usage view ---------------------------------------------------------------------
+
+def usage_document(caller_key: str, tier: Tier | None, c: Counters, limits: Limits, override: Override | None,
+                   now: datetime) -> dict[str, Any]:
+    """JSON for GET /api/v1/usage (money as strings, like every USD amount the gateway emits)."""
+
+    def period(used: Mapping[str, Any], limit: Mapping[str, Any], end: datetime) -> dict[str, Any]:
+        remaining = {k: None if v is None else max(v - used[k], 0 * v) for k, v in limit.items()}
+        return {"used": {k: money_json(v) for k, v in used.items()}, "limit": {k: money_json(v) for k, v in limit.items()},
+                "remaining": {k: money_json(v) for k, v in remaining.items()}, "resets_at": end.isoformat()}
+
+    return {
+        "caller": caller_key, "tier": tier.name if tier else None,
+        "status": override.status if override else "active", "alias": override.alias if override else None,
+        "minute": period({"requests": c.minute_requests, "tokens": c.minute_tokens},
+                         {"requests": limits.requests_per_minute, "tokens": limits.tokens_per_minute},
+                         next_minute(now)),
+        "day": period({"tokens": c.day_tokens, "usd": c.day_usd},
+                      {"tokens": limits.tokens_per_day, "usd": limits.usd_per_day}, next_day(now)),
+        "month": period({"tokens": c.month_tokens, "usd": c.month_usd},
+                        {"tokens": limits.tokens_per_month, "usd": limits.usd_per_month}, next_month(now)),
+        "in_flight": {"tokens": c.in_flight_tokens, "usd": str(c.in_flight_usd)},
+    }

@@ -33,20 +33,20 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .counters import Counters, Limits, check, rate_headers
-from .errors import GatewayError, RateLimited
+from .counters import Counters, Limits, Release, check, rate_headers
+from .errors import GatewayError
 from .identity import Caller
 from .ledger import CostRow, table_key
 from .quota import (
     Admission,
-    Release,
     Reservation,
     Settlement,
     _AlreadySettled,
     _unavailable,
+    background,
     team_partition,
 )
-from .storage.base import Entity, Op, PreconditionFailed, StorageError, TransactionFailed
+from .storage.base import Entity, StorageError
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -172,37 +172,16 @@ class LeasedAdmission(Admission):
                          rate_of: Lease | None = None) -> Lease:
         """Write a block sized like ``res`` (and give back ``old``'s remainder in the same write)."""
         wanted = self._lease_size(rate_of or old)
-        for attempt in self._reserve_attempts():
-            now = self._clock()
-            entity, counters, size = await self._sized(pk, limits, res, who, old, wanted, now, use_known=attempt == 0)
-            admitted = counters.reserve(size * res.tokens, size * res.usd, size)
-            block = Release(res.minute, res.epoch, size, size * res.tokens, size * res.usd)
-            try:
-                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, block))
-            except PreconditionFailed:
-                self._remember(pk, None)  # another instance wrote since: what we knew is stale
-                if attempt:
-                    await self._backoff(attempt)
-                continue
-            clock = self._monotonic()
-            return Lease(res.minute, res.epoch, size, block.tokens, block.usd, size, clock, clock,
-                         block.apply(admitted))
-        raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
 
-    async def _sized(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None, wanted: int,
-                     now: datetime, use_known: bool) -> tuple[Entity | None, Counters, int]:
-        """The row to write, its counters with the old lease given back, and the block that fits. As in
-        strict mode a remembered copy may be stale, so a refusal is only ever made on freshly read numbers."""
-        known = self._known(pk) if use_known else None
-        if known is not None:
-            counters = _without(old, Counters.from_entity(known).rolled(now))
-            try:
-                return known, counters, _fitting_size(counters, limits, res, who, wanted, now)
-            except GatewayError:
-                self._remember(pk, None)
-        entity = await self._get(pk, res)
-        counters = _without(old, Counters.from_entity(entity).rolled(now))
-        return entity, counters, _fitting_size(counters, limits, res, who, wanted, now)
+        def plan(counters: Counters, now: datetime) -> tuple[Counters, Release]:
+            counters = old.release(counters) if old is not None else counters
+            size = _fitting_size(counters, limits, res, who, wanted, now)
+            return counters, Release(res.minute, res.epoch, size, size * res.tokens, size * res.usd)
+
+        admitted, block, _ = await self._reserve_on_row(pk, res, who, plan)
+        clock = self._monotonic()
+        return Lease(res.minute, res.epoch, block.requests, block.tokens, block.usd, block.requests, clock, clock,
+                     block.apply(admitted))
 
     def _lease_size(self, old: Lease | None) -> int:
         """About ``LEASE_HORIZON_SECONDS`` of the rate at which the previous lease was used up."""
@@ -282,24 +261,9 @@ class LeasedAdmission(Admission):
             counters = Counters.from_entity(entity).rolled(self._clock())
             for res, row in batch:
                 counters = counters.settle(res, row.total_tokens, row.cost_usd)
-            new = counters.to_entity(pk)
             if team:
-                return await self._write_counters(entity, new, batch[0][0])
-            new = self._stamped(entity, new)
-            counters_op = Op("insert", new) if entity is None or entity.etag is None else Op("update", new,
-                                                                                             etag=entity.etag)
-            # Rows first: a retry of a batch that already committed fails on op 0 as "exists".
-            ops = [Op("insert", row.to_entity()) for row in rows] + [counters_op]
-            try:
-                written = (await self._store.transact(self._table, ops))[-1]
-                self._markers.pop(pk, None)
-                return written
-            except TransactionFailed as exc:
-                if exc.reason == "exists":
-                    raise _AlreadySettled from exc  # the whole batch landed before: counting it again doubles it
-                if exc.reason in ("precondition", "not_found"):
-                    raise PreconditionFailed(str(exc)) from exc
-                raise
+                return await self._write_counters(entity, counters.to_entity(pk), batch[0][0])
+            return await self._commit_settled(entity, counters.to_entity(pk), rows, batch[0][0])
 
         try:
             await self._until_written(batch[0][0], pk, write, "team flush" if team else "flush")
@@ -337,7 +301,7 @@ class LeasedAdmission(Admission):
         lease = self._leases.pop(pk)  # at once: from here on, this caller's requests take a new lease
         if lease.requests == 0 and lease.tokens == 0 and lease.usd == 0:
             return
-        probe = Reservation(pk, "lease-return", "", None, 0, Decimal(0), lease.minute, lease.epoch)
+        probe = background(pk, "lease-return")
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             released = lease.release(Counters.from_entity(entity).rolled(self._clock()))
@@ -353,10 +317,6 @@ class LeasedAdmission(Admission):
         if journal is None:
             journal = self._journals[pk] = _Journal(team)
         return journal
-
-
-def _without(lease: Lease | None, counters: Counters) -> Counters:
-    return lease.release(counters) if lease is not None else counters
 
 
 def _fitting_size(counters: Counters, limits: Limits, res: Reservation, who: str, wanted: int, now: datetime) -> int:

@@ -31,14 +31,17 @@ from .counters import (
     ZERO,
     Counters,
     Limits,
+    Plan,
+    Release,
     check,
     epoch_of,
     minute_key,
-    next_day,
-    next_minute,
     next_month,
     rate_headers,
     seconds_until,
+    stamped,
+    usage_document,
+    writers,
 )
 from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
@@ -47,7 +50,6 @@ from .overrides import (
     Override,
     get_override,
     merge_override,
-    money_json,
     override_json,
     override_key,
     overrides_table,
@@ -83,10 +85,6 @@ SETTLE_DEADLINE_SECONDS = 30.0
 SETTLE_BACKOFF_CAP_SECONDS = 0.5
 SETTLE_OUTAGE_SECONDS = 10.0  # how long a settle rides out unreachable storage before giving up (logged)
 LATEST_ROWS_KEPT = 10_000  # counters rows remembered per process (a few hundred bytes each)
-# Every counters write carries a fresh marker, and the row keeps the last few. A write whose reply was
-# lost (connection reset, storage failing over) may or may not have landed; the marker tells, so a
-# retry never applies a change twice and a lost reservation is given back instead of blocking budget.
-WRITERS_KEPT = 16
 DOUBT_RESOLVE_SECONDS = 60.0  # how long a process keeps trying to learn whether such a write landed
 
 
@@ -116,20 +114,6 @@ class Reservation:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     accounted: bool = True  # False: admitted fail-open without counters
     round_trips: int = 0  # storage round trips spent on this request so far
-
-
-@dataclass(frozen=True)
-class Release:
-    """Reserved room to give back: what a reservation (or a lease) added to the row."""
-
-    minute: str
-    epoch: int
-    requests: int
-    tokens: int
-    usd: Decimal
-
-    def apply(self, counters: Counters) -> Counters:
-        return counters.released(self.minute, self.epoch, self.requests, self.tokens, self.usd)
 
 
 @dataclass(frozen=True)
@@ -297,16 +281,26 @@ class Admission:
             return await self._admit_locked(pk, limits, res, who)
 
     async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
+        def plan(counters: Counters, now: datetime) -> tuple[Counters, Release]:
+            check(counters, limits, res.tokens, res.usd, now, who)
+            return counters, Release(res.minute, res.epoch, 1, res.tokens, res.usd)
+
+        admitted, _, now = await self._reserve_on_row(pk, res, who, plan)
+        return rate_headers(admitted, limits, now)
+
+    async def _reserve_on_row(self, pk: str, res: Reservation, who: str, plan: Plan
+                              ) -> tuple[Counters, Release, datetime]:
+        """Reserve the room ``plan`` picks on the row (row lock held); returns the counters written, the room
+        and the time of the check. ``plan`` sees the rolled counters and raises a GatewayError to refuse."""
         for attempt in self._reserve_attempts():
             now = self._clock()
-            entity = await self._checked_entity(pk, limits, res, who, now, use_known=attempt == 0)
-            admitted = Counters.from_entity(entity).rolled(now).reserve(res.tokens, res.usd)
+            entity, counters, room = await self._planned(pk, res, now, plan, use_known=attempt == 0)
+            admitted = counters.reserve(room.tokens, room.usd, room.requests)
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
-                self._remember(pk, await self._reserving_write(
-                    pk, entity, admitted.to_entity(pk), res, Release(res.minute, res.epoch, 1, res.tokens, res.usd)))
-                return rate_headers(admitted, limits, now)
+                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, room))
+                return admitted, room, now
             except PreconditionFailed:
                 self._remember(pk, None)  # another instance wrote: what we knew is stale
                 if attempt:  # the first miss is usually just our stale copy: re-read at once
@@ -323,21 +317,19 @@ class Admission:
             yield attempt
             attempt += 1
 
-    async def _checked_entity(self, pk: str, limits: Limits, res: Reservation, who: str, now: datetime,
-                              use_known: bool) -> Entity | None:
-        """The counters row the request fits in, or a refusal. A remembered copy may be stale (a settle on
-        another instance since), which the ETag only catches at write time; so never refuse on it: a
-        refusal is re-checked on freshly read numbers."""
+    async def _planned(self, pk: str, res: Reservation, now: datetime, plan: Plan,
+                       use_known: bool) -> tuple[Entity | None, Counters, Release]:
+        """The counters row to write and what ``plan`` makes of it, or a refusal. A remembered copy may be
+        stale (a settle on another instance since), which the ETag only catches at write time; so never
+        refuse on it: a refusal is re-checked on freshly read numbers."""
         known = self._known(pk) if use_known else None
         if known is not None:
             try:
-                check(Counters.from_entity(known).rolled(now), limits, res.tokens, res.usd, now, who)
-                return known
+                return known, *plan(Counters.from_entity(known).rolled(now), now)
             except GatewayError:
                 self._remember(pk, None)
         entity = await self._get(pk, res)
-        check(Counters.from_entity(entity).rolled(now), limits, res.tokens, res.usd, now, who)
-        return entity
+        return entity, *plan(Counters.from_entity(entity).rolled(now), now)
 
     async def _admit_team(self, team: str, res: Reservation) -> None:
         override = await self._cached_override(team, "team", res)
@@ -363,19 +355,7 @@ class Admission:
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            # Insert first: a retry of a settle that already committed fails on op 0 as "exists".
-            ops = [Op("insert", row.to_entity()), _counters_op(entity, self._stamped(entity, settled.to_entity(pk)))]
-            res.round_trips += 1
-            try:
-                written = (await self._store.transact(self._table, ops))[1]
-                self._markers.pop(pk, None)
-                return written
-            except TransactionFailed as exc:
-                if exc.reason == "exists":
-                    raise _AlreadySettled from exc  # counting it again would double it
-                if exc.reason in ("precondition", "not_found"):
-                    raise PreconditionFailed(str(exc)) from exc
-                raise
+            return await self._commit_settled(entity, settled.to_entity(pk), [row], res)
 
         try:
             await self._until_written(res, table_key(res.caller_key), write, "settle")
@@ -388,6 +368,25 @@ class Admission:
         if res.team:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
+
+    async def _commit_settled(self, read: Entity | None, counters: Entity, rows: list[CostRow],
+                              res: Reservation) -> Entity:
+        """The cost rows and the settled counters row in one entity-group transaction; returns the counters
+        row written. Rows go first: a retry of a transaction that already committed fails on op 0 as
+        "exists" (``_AlreadySettled``), since counting it again would double it."""
+        counters = self._stamped(read, counters)
+        ops = [Op("insert", row.to_entity()) for row in rows] + [_counters_op(read, counters)]
+        res.round_trips += 1
+        try:
+            written = (await self._store.transact(self._table, ops))[-1]
+        except TransactionFailed as exc:
+            if exc.reason == "exists":
+                raise _AlreadySettled from exc
+            if exc.reason in ("precondition", "not_found"):
+                raise PreconditionFailed(str(exc)) from exc
+            raise
+        self._markers.pop(counters.partition_key, None)
+        return written
 
     async def _until_written(self, res: Reservation, pk: str,
                              write: Callable[[Entity | None, str], Awaitable[Entity]], what: str) -> None:
@@ -405,7 +404,7 @@ class Admission:
                 try:
                     if entity is None:
                         entity = await self._get(pk, res)
-                        if doubt is not None and doubt in _writers(entity):
+                        if doubt is not None and doubt in writers(entity):
                             self._remember(pk, entity)  # it had landed: applying it again would count twice
                             return
                     self._remember(pk, await write(entity, pk))
@@ -484,8 +483,7 @@ class Admission:
         """``new`` with a fresh writer marker in front of the row's recent ones."""
         marker = uuid.uuid4().hex[:12]
         self._markers[new.partition_key] = marker
-        history = ",".join([marker, *_writers(read)][:WRITERS_KEPT])
-        return replace(new, properties={**new.properties, "writers": history})
+        return stamped(new, marker, read)
 
     async def _write_counters(self, read: Entity | None, new: Entity, res: Reservation) -> Entity:
         """Conditional write; raises ``PreconditionFailed`` when the row changed (or was created) since ``read``."""
@@ -518,7 +516,7 @@ class Admission:
         """Give back the room of doubtful reserving writes that did land; forget those that did not (a
         marker pushed out of the row's history by many later writes counts as not landed: conservative,
         the room then drops out with its reservation epoch)."""
-        landed = [(m, release) for m, release in self._doubts.pop(pk, []) if m in _writers(entity)]
+        landed = [(m, release) for m, release in self._doubts.pop(pk, []) if m in writers(entity)]
         if not landed or entity is None:
             return entity
         counters = Counters.from_entity(entity).rolled(self._clock())
@@ -545,7 +543,7 @@ class Admission:
 
     async def _resolve(self, pk: str) -> None:
         """Retry the fresh read that settles a doubt until storage answers (a caller may not come back soon)."""
-        probe = Reservation(pk, "doubt", "", None, 0, ZERO, "", 0)
+        probe = background(pk, "doubt")
         started = self._monotonic()
         while self._doubts.get(pk) and self._monotonic() - started < DOUBT_RESOLVE_SECONDS:
             await asyncio.sleep(0.5)
@@ -572,34 +570,10 @@ def _unavailable() -> ServiceUnavailable:
                               code="storage_unavailable", retry_after=5)
 
 
-def _writers(entity: Entity | None) -> list[str]:
-    return str(entity.properties.get("writers") or "").split(",") if entity is not None else []
+def background(pk: str, what: str) -> Reservation:
+    """A stand-in reservation for background writes to a row (round trips and messages only)."""
+    return Reservation(pk, what, "", None, 0, ZERO, "", 0)
 
 
 def _counters_op(read: Entity | None, new: Entity) -> Op:
     return Op("insert", new) if read is None or read.etag is None else Op("update", new, etag=read.etag)
-
-
-# ---- JSON edge: the usage view ---------------------------------------------------------------------
-
-def usage_document(caller_key: str, tier: Tier | None, c: Counters, limits: Limits, override: Override | None,
-                   now: datetime) -> dict[str, Any]:
-    """JSON for GET /api/v1/usage (money as strings, like every USD amount the gateway emits)."""
-
-    def period(used: Mapping[str, Any], limit: Mapping[str, Any], end: datetime) -> dict[str, Any]:
-        remaining = {k: None if v is None else max(v - used[k], 0 * v) for k, v in limit.items()}
-        return {"used": {k: money_json(v) for k, v in used.items()}, "limit": {k: money_json(v) for k, v in limit.items()},
-                "remaining": {k: money_json(v) for k, v in remaining.items()}, "resets_at": end.isoformat()}
-
-    return {
-        "caller": caller_key, "tier": tier.name if tier else None,
-        "status": override.status if override else "active", "alias": override.alias if override else None,
-        "minute": period({"requests": c.minute_requests, "tokens": c.minute_tokens},
-                         {"requests": limits.requests_per_minute, "tokens": limits.tokens_per_minute},
-                         next_minute(now)),
-        "day": period({"tokens": c.day_tokens, "usd": c.day_usd},
-                      {"tokens": limits.tokens_per_day, "usd": limits.usd_per_day}, next_day(now)),
-        "month": period({"tokens": c.month_tokens, "usd": c.month_usd},
-                        {"tokens": limits.tokens_per_month, "usd": limits.usd_per_month}, next_month(now)),
-        "in_flight": {"tokens": c.in_flight_tokens, "usd": str(c.in_flight_usd)},
-    }

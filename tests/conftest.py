@@ -13,7 +13,7 @@ from tools import netguard  # noqa: E402
 
 netguard.install()
 
-pytest_plugins = ["tests.stack_fixture", "tests.azurite_fixture"]
+pytest_plugins = ["tests.stack_fixture", "tests.azurite_fixture", "tests.inproc_simulator"]
 
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:

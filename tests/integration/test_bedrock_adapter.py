@@ -26,22 +26,16 @@ from gateway_lib.routing import RoutePlan, RouteStep
 from gateway_lib.schema import ChatRequest
 from gateway_lib.settings import ProviderSettings
 from gateway_lib.target_health import TargetHealth
-from tests.inproc_simulator import control, reset
+from tests.inproc_simulator import control
 from tools.dev_issuer import DevIssuer
-from tools.provider_simulator import RunningSimulator, start_in_thread
+from tools.provider_simulator import RunningSimulator
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[RunningSimulator]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim: RunningSimulator) -> None:
-    reset(sim)
+@pytest.fixture
+def sim(thread_sim: RunningSimulator) -> RunningSimulator:
+    return thread_sim  # started once per module, reset for each test (tests/inproc_simulator.py)
 
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"

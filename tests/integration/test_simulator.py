@@ -24,23 +24,17 @@ from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 from botocore.exceptions import ClientError, ConnectionClosedError, EventStreamError
 from urllib3.exceptions import ProtocolError
 
-from tests.inproc_simulator import control, reset
+from tests.inproc_simulator import control
 from tools import sim_text
-from tools.provider_simulator import RunningSimulator, start_in_thread
+from tools.provider_simulator import RunningSimulator
 from tools.sim_eventstream import event_frame, exception_frame
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[RunningSimulator]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim: RunningSimulator) -> None:
-    reset(sim)
+@pytest.fixture
+def sim(thread_sim: RunningSimulator) -> RunningSimulator:
+    return thread_sim  # started once per module, reset for each test (tests/inproc_simulator.py)
 
 
 API_VERSION = "2024-10-21"
