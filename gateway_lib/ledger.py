@@ -103,7 +103,7 @@ class CostRow:
         return ledger_row_key(self.time, self.request_id)
 
     def to_entity(self) -> Entity:
-        props = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies
+        props = dict(vars(self))  # shallow: asdict deep-copies
         props["time"] = self.time.astimezone(UTC).strftime(_TIME_FORMAT)
         props["cost_usd"] = format(self.cost_usd, "f")
         props["total_tokens"] = self.total_tokens  # denormalised for ad-hoc queries in Storage Explorer

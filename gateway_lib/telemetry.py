@@ -16,6 +16,7 @@ The catalogue of names, dimensions and KQL lives in docs/telemetry.md.
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import json
 import logging
@@ -23,7 +24,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -84,7 +85,7 @@ class RequestRecord:
 
     def dimensions(self) -> dict[str, str]:
         """customDimensions: App Insights properties are strings, so numbers are rendered here."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies
+        values = dict(vars(self))  # shallow: asdict deep-copies
         values["attempts"] = _attempts_json(self.attempts)
         return {k: _text(v) for k, v in values.items() if v is not None and k != "trace_id"}
 
@@ -434,6 +435,7 @@ _METADATA = re.compile(r"[_\-.](tokens|chars|count|ms|bytes|length|type|encoding
 _LOGRECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+@functools.lru_cache(maxsize=4096)  # the same few dozen names (dimensions, headers) on every request
 def is_sensitive(name: str) -> bool:
     """True for names like Authorization, x-api-key, access_token, prompt, content; not prompt_tokens, content-type."""
     return bool(_SENSITIVE.search(name)) and not _METADATA.search(name)
