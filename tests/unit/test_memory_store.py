@@ -128,6 +128,36 @@ async def failed_transaction_changes_nothing_and_names_the_cause(store: TableSto
 
 
 @contract
+async def transaction_ops_of_every_kind_keep_values_types_and_odd_keys(store: TableStore, table: str) -> None:
+    """Each op kind in one transaction, keys the entity URL must escape, values the wire must type."""
+    pk = "tenant's team/ü".replace("/", "-")  # a quote, a space and non-ASCII in the partition key
+    values = {"n": 7, "big": 2**40, "neg": -(2**63), "whole": 2.0, "f": -0.5, "yes": False, "s": "ü \"q\" ';",
+              "usd": Decimal("1.10")}
+    old = await store.insert(table, Entity(pk, "old row", {"a": 1}))
+    kept = await store.insert(table, Entity(pk, "it's", {"a": 1}))
+    done = await store.transact(table, [
+        Op("insert", Entity(pk, "new", values)),
+        Op("update", Entity(pk, "it's", {"a": 2}), etag=kept.etag),
+        Op("upsert", Entity(pk, "upserted", {"b": 3})),
+        Op("delete", Entity(pk, "old row"), etag=old.etag),
+    ])
+    assert [e.row_key for e in done] == ["new", "it's", "upserted", "old row"]
+    assert all(e.etag for e in done[:3])
+    got = await store.get(table, pk, "new")
+    assert got is not None and got.etag == done[0].etag
+    assert dict(got.properties) == values | {"usd": "1.10"}
+    assert type(got.properties["whole"]) is float and type(got.properties["big"]) is int
+    updated = await store.get(table, pk, "it's")
+    assert updated is not None and updated.properties == {"a": 2} and updated.etag == done[1].etag
+    assert [e.row_key for e in await store.query(table, pk)] == ["it's", "new", "upserted"]
+    with pytest.raises(TransactionFailed) as failed:  # a stale ETag on a delete names that op
+        await store.transact(table, [Op("insert", Entity(pk, "later", {})),
+                                     Op("delete", Entity(pk, "it's"), etag=kept.etag)])
+    assert (failed.value.index, failed.value.reason) == (1, "precondition")
+    assert await store.get(table, pk, "later") is None
+
+
+@contract
 async def transaction_rules_are_checked_before_sending(store: TableStore, table: str) -> None:
     with pytest.raises(ValueError):
         await store.transact(table, [Op("insert", Entity("p", "a", {})), Op("insert", Entity("q", "b", {}))])
