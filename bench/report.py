@@ -1,6 +1,7 @@
 """Turn the harness's results.json and the in-process numbers into the summary: cells, process facts, ratios.
 
-Targets from the issue, checked per store against LiteLLM measured in the same run:
+Targets from the issue, checked per store (and for the SDK floor, to show what the stack alone reaches)
+against LiteLLM measured in the same run:
 added latency <= 1/10 of LiteLLM's, RPS >= 10x, memory <= 1/2, cold start <= 1/4.
 """
 
@@ -29,8 +30,10 @@ def build(peer: dict[str, Any], inprocess: dict[str, Any], command: list[str]) -
         "harness_outdir_stamp": peer.get("stamp"), "pinning": peer.get("pinning"),
         "facts": peer["facts"] | _our_versions(), "harness_args": peer["args"],
         "cells": cells, "gateways": gateways,
-        "vs_litellm": {n: _targets_check(n, cells, gateways) for n in ours if "litellm" in gateways},
-        "vs_floor": {n: _floor(n, cells) for n in ours if "passthru" in gateways},
+        "vs_litellm": {n: _targets_check(n, cells, gateways) for n in [*ours, "sdk-floor"]
+                       if "litellm" in gateways and n in gateways},
+        "vs_floor": {n: _floor(n, cells, "passthru") for n in ours if "passthru" in gateways},
+        "vs_sdk_floor": {n: _floor(n, cells, "sdk-floor") for n in ours if "sdk-floor" in gateways},
         "inprocess": inprocess, "skipped": peer.get("skipped"), "runtime_s": peer.get("runtime_s"),
     }
 
@@ -90,12 +93,12 @@ def _targets_check(name: str, cells: list[Row], gw: dict[str, Row]) -> list[Row]
     return out
 
 
-def _floor(name: str, cells: list[Row]) -> list[Row]:
+def _floor(name: str, cells: list[Row], floor: str) -> list[Row]:
     out = []
     for c in cells:
         if c["target"] != name:
             continue
-        f = _find(cells, "passthru", c["mode"], c["conc"])
+        f = _find(cells, floor, c["mode"], c["conc"])
         if f:
             out.append({"mode": c["mode"], "conc": c["conc"],
                         "added_p50_ms": (c["added_p50_ms"], f["added_p50_ms"]),
@@ -137,8 +140,10 @@ def markdown(s: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---|---|"]
         lines += [f"| {c['metric']} | {_f(c['ours'], 3)} | {_f(c['litellm'], 3)} | {_f(c['ratio'], 3)} | "
                   f"{c['target']} | {'yes' if c['met'] else 'no' if c['met'] is not None else '-'} |" for c in checks]
-    for name, rows in s["vs_floor"].items():
-        lines += ["", f"**{name} vs pass-through floor**", "",
+    floors = [(name, rows, "pass-through floor") for name, rows in s["vs_floor"].items()]
+    floors += [(name, rows, "SDK floor") for name, rows in s.get("vs_sdk_floor", {}).items()]
+    for name, rows, floor in floors:
+        lines += ["", f"**{name} vs {floor}**", "",
                   "| mode | c | added p50 ours / floor ms | p50 above floor ms | RPS ratio | CPU ratio |",
                   "|---|---:|---|---:|---:|---:|"]
         lines += [f"| {r['mode']} | {r['conc']} | {_f(r['added_p50_ms'][0], 3)} / {_f(r['added_p50_ms'][1], 3)} | "

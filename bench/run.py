@@ -1,10 +1,12 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
-    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--skip-inprocess]
+    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--no-sdk-floor]
+                        [--skip-inprocess]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
 2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
-3. Runs the harness: direct, LiteLLM, the pass-through floor and ``ours-<store>``, c=1,8,64,
+3. Runs the harness: direct, LiteLLM, the pass-through floor, the SDK floor (``bench.sdk_floor``)
+   and ``ours-<store>``, c=1,8,64,
    non-streamed and streamed; the harness starts each gateway pinned to CPU 1 and measures
    cold start, RSS and CPU per request.
 4. In-process (``bench.inprocess``): storage round trips per request and a cProfile.
@@ -70,6 +72,12 @@ def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: s
         args += ["--target", "passthru", f"http://127.0.0.1:{port}/v1/chat/completions",
                  "--header", "passthru", f"Authorization: Bearer {PASSTHRU_KEY}",
                  "--start-cmd", "passthru", f"{python} {peer / 'example_passthrough_gateway.py'} --port {port}"]
+    if not a.no_sdk_floor:
+        port = free_port()
+        cmd = ["env", "-C", str(ROOT), "PYTHONUNBUFFERED=1", sys.executable, "-m", "bench.sdk_floor",
+               "--port", str(port), "--upstream", "{upstream}"]
+        args += ["--target", "sdk-floor", f"http://127.0.0.1:{port}/v1/chat/completions",
+                 "--start-cmd", "sdk-floor", shlex.join(cmd)]
     for store in a.stores:
         name, port = f"ours-{store}", free_port()
         args += ["--target", name, f"http://127.0.0.1:{port}/api/v1/chat/completions",
@@ -155,6 +163,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of gateway stores to benchmark: memory, table (strict quota), table-leased")
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--no-floor", action="store_true", help="skip the pass-through floor target")
+    ap.add_argument("--no-sdk-floor", action="store_true",
+                    help="skip the SDK floor (bench.sdk_floor: our server stack and openai client, no pipeline)")
     ap.add_argument("--skip-inprocess", action="store_true", help="no round-trip count and no profile")
     ap.add_argument("--duration", type=int, help="measured seconds per cell (default 10, quick 2)")
     ap.add_argument("--concurrency", help="comma list (default 1,8,64, quick 1,64)")
