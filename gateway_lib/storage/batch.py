@@ -47,18 +47,15 @@ class Failure:
 
 def encode(account_url: str, table: str, ops: Sequence[Op]) -> tuple[bytes, str]:
     """The ``$batch`` body for ``ops`` on ``table`` and its Content-Type."""
-    return body([part(f"{account_url}/{table}", op) for op in ops])
-
-
-def body(parts: Sequence[bytes]) -> tuple[bytes, str]:
-    """The ``$batch`` body around the operations' parts (``part``), and its Content-Type."""
     changeset, batch = f"changeset_{uuid.uuid4()}", f"batch_{uuid.uuid4()}"
-    opening = f"--{changeset}\r\n".encode()
-    return b"".join([
+    table_url = f"{account_url}/{table}"
+    parts = [f"--{changeset}\r\n".encode() + _part(table_url, op) for op in ops]
+    body = b"".join([
         f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode(),
-        b"\r\n".join(opening + p for p in parts),
+        b"\r\n".join(parts),
         f"\r\n--{changeset}--\r\n--{batch}--\r\n".encode(),
-    ]), f"multipart/mixed; boundary={batch}"
+    ])
+    return body, f"multipart/mixed; boundary={batch}"
 
 
 def decode(status: int, content_type: str, body: bytes, ops: int) -> list[str | None] | Failure:
@@ -94,8 +91,7 @@ def entity_json(entity: Entity) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def part(table_url: str, op: Op) -> bytes:
-    """One operation as the ``application/http`` part of a changeset (without its boundary line)."""
+def _part(table_url: str, op: Op) -> bytes:
     e = op.entity
     if op.kind == "insert":  # no echo of the entity: only its ETag is read
         url, extra = table_url, ["Prefer: return-no-content"]
