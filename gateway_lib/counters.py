@@ -128,8 +128,8 @@ class Counters:
 
     def reserve(self, tokens: int, usd: Decimal, requests: int = 1) -> Counters:
         return self._with(minute_requests=self.minute_requests + requests,
-                       minute_tokens=self.minute_tokens + tokens,
-                       reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
+                          minute_tokens=self.minute_tokens + tokens,
+                          reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
 
     def released(self, minute: str, epoch: int, requests: int, tokens: int, usd: Decimal) -> Counters:
         """Give back an unused reservation of ``requests``/``tokens``/``usd`` taken in ``minute``/``epoch``
@@ -143,7 +143,7 @@ class Counters:
     def settle(self, res: Reservation, tokens: int, usd: Decimal) -> Counters:
         """Replace the reservation with actual usage (the reservation may already have expired)."""
         c = self._with(day_tokens=self.day_tokens + tokens, day_usd=self.day_usd + usd,
-                    month_tokens=self.month_tokens + tokens, month_usd=self.month_usd + usd)
+                       month_tokens=self.month_tokens + tokens, month_usd=self.month_usd + usd)
         if c.minute == res.minute:  # the minute's token count becomes actual; a past minute is left alone
             c = c._with(minute_tokens=max(0, c.minute_tokens - res.tokens + tokens))
         return c._unreserved(res.epoch, res.tokens, res.usd)
@@ -152,10 +152,10 @@ class Counters:
         """Take a reservation made in ``epoch`` out of whichever generation still holds it (if any)."""
         if epoch == self.epoch:
             return self._with(reserved_tokens=max(0, self.reserved_tokens - tokens),
-                           reserved_usd=max(ZERO, self.reserved_usd - usd))
+                              reserved_usd=max(ZERO, self.reserved_usd - usd))
         if epoch == self.epoch - 1:
             return self._with(prev_reserved_tokens=max(0, self.prev_reserved_tokens - tokens),
-                           prev_reserved_usd=max(ZERO, self.prev_reserved_usd - usd))
+                              prev_reserved_usd=max(ZERO, self.prev_reserved_usd - usd))
         return self
 
 

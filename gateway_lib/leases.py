@@ -7,9 +7,10 @@ to a request, and one caller's requests queue on its single counters row. Here:
 * **Leases.** A process reserves room for several requests at once on the caller's counters row,
   exactly as strict mode reserves one (the same conditional write, the same limit checks), and admits
   requests from that block locally until it is used up, the minute or reservation epoch turns, or the
-  caller goes idle. The block is sized from the caller's recent rate on this process (about half a
-  second of its traffic, at most ``LEASE_MAX_REQUESTS``); when the row has no room for a block, the
-  process asks for exactly one request's worth, so refusals happen where strict mode refuses.
+  caller goes idle. The block is sized from the caller's recent rate on this process (half a second
+  of its traffic, longer when grants are slow, at most ``LEASE_MAX_REQUESTS``) and takes at most half
+  the room the row has left; when fewer than two requests fit, the process asks for exactly one request's worth, so refusals
+  happen where strict mode refuses.
 * **Write-behind.** A request's settlement (its cost row and its counters change) joins a journal
   that a background task commits every ``FLUSH_INTERVAL_SECONDS``, up to 99 cost rows plus the
   counters row in one entity-group transaction (idempotent per batch, like strict settle per row).
@@ -20,7 +21,9 @@ bound of docs/storage.md is unchanged. What changes: other instances see a lease
 ``LEASE_IDLE_SECONDS``); counters and cost rows lag by up to a flush interval; and a process killed
 without warning loses the journal it had not yet committed (at most ``FLUSH_INTERVAL_SECONDS`` of
 cost rows; its leases drop out with the reservation epochs). A storage outage keeps the journal in
-memory and retries; past ``MAX_PENDING_ROWS`` new requests are refused (503) rather than buffered.
+memory and retries; past ``MAX_PENDING_ROWS`` new requests are refused (503) rather than buffered. A row
+whose journal falls ``JOURNAL_MAX_BEHIND`` rows behind (storage slower than the caller's traffic) makes
+that caller's new requests wait for a commit: write-behind never outruns storage by more than that.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -51,12 +55,26 @@ from .tiers import Tier
 
 log = logging.getLogger(__name__)
 
-LEASE_MAX_REQUESTS = 64
-LEASE_HORIZON_SECONDS = 0.5  # a lease holds about this much of the caller's recent traffic
+LEASE_MAX_REQUESTS = 1024
+# A lease holds about this much of the caller's recent traffic on this process, and at least
+# LEASE_RUNWAY_GRANTS times as long as the last grant took to write (row lock wait included): the successor
+# is reserved at half use, so half a lease must outlast a grant. With Azurite at 64 concurrent requests a
+# grant took ~0.4 s (it queues behind a journal commit on a busy event loop); leases sized for a fixed
+# 0.5 s, at most 64 requests, then ran dry every round and requests waited for grants: p99 0.56 s.
+LEASE_HORIZON_SECONDS = 0.5
+LEASE_HORIZON_MAX_SECONDS = 2.0
+LEASE_RUNWAY_GRANTS = 4
 LEASE_IDLE_SECONDS = 1.0  # an unused remainder goes back to the row after this long
 FLUSH_INTERVAL_SECONDS = 0.05  # also the most a hard crash can lose
 BATCH_ROWS = 99  # an entity-group transaction holds 100 operations: 99 cost rows + the counters row
 MAX_PENDING_ROWS = 20_000
+# Backpressure. One row's journal is committed one transaction at a time, and on a saturated event loop a
+# commit waits behind every request in flight: driven in-process with 64 concurrent requests of one caller,
+# a commit took ~0.45 s for ~85 rows while ~800 requests/s settled, and the journal grew by ~800 rows/s
+# without end (measured). Past this many rows behind (~20 transactions), that row's new requests wait for
+# a commit; past BEHIND_WAIT_SECONDS, 503. A lower bound (4 transactions) made bursts wait for seconds.
+JOURNAL_MAX_BEHIND = 20 * BATCH_ROWS
+BEHIND_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -109,6 +127,7 @@ class _Journal:
     team: bool  # a team's row: counters only (the cost rows live in the callers' partitions)
     entries: list[tuple[Reservation, CostRow]] = field(default_factory=list)
     flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    committed: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified after each batch lands
 
 
 class LeasedAdmission(Admission):
@@ -121,31 +140,53 @@ class LeasedAdmission(Admission):
         self._pending_rows = 0
         self._flush_interval = flush_interval
         self._flusher: asyncio.Task[None] | None = None
-        self._renewals: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        self._tasks: set[asyncio.Task[None]] = set()  # renewals, early flushes: the loop keeps only weak references
+        self._grant_seconds = 0.0  # how long the last lease took to write, waiting for the row included
 
     # -- admission --
 
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
         if self._pending_rows >= MAX_PENDING_ROWS:
             raise _unavailable()  # storage has been down for a while: refuse rather than buffer without end
+        journal = self._journals.get(pk)
+        if journal is not None and len(journal.entries) >= JOURNAL_MAX_BEHIND:
+            await self._caught_up(pk, journal)
         self._start_flusher()
         now = self._monotonic()
         lease = self._leases.get(pk)
         if lease is not None and lease.fits(res):
             headers = rate_headers(lease.take(res, now), limits, self._clock())
-            if lease.requests * 2 < lease.granted and not lease.renewing:
-                # Half used: reserve the successor now, in the background, so no request waits for a grant
+            if lease.requests * 4 < lease.granted * 3 and not lease.renewing:
+                # A quarter used: reserve the successor now, in the background, so no request waits for a grant
                 # (a grant queues behind a journal commit on the row lock: that wait was the p99).
                 lease.renewing = True
-                task = asyncio.get_running_loop().create_task(self._renew(pk, limits, res, who, lease))
-                self._renewals.add(task)
-                task.add_done_callback(self._renewals.discard)
+                self._background(self._renew(pk, limits, res, who, lease))
             return headers
         async with self._row_lock(pk):
             lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
             if lease is not None and lease.fits(res):
                 return rate_headers(lease.take(res, now), limits, self._clock())
-            return await self._grant(pk, limits, res, who, lease)
+            headers = await self._grant(pk, limits, res, who, lease)
+            self._grant_seconds = self._monotonic() - now  # the wait for the row lock included
+            return headers
+
+    async def _caught_up(self, pk: str, journal: _Journal) -> None:
+        """Wait until the row's journal is less than ``JOURNAL_MAX_BEHIND`` rows behind (see there)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BEHIND_WAIT_SECONDS
+        while len(journal.entries) >= JOURNAL_MAX_BEHIND:
+            if not journal.flushing.locked():  # no commit under way: start one now, not at the next tick
+                self._background(self._flush_row(pk))
+            try:
+                async with journal.committed:
+                    await asyncio.wait_for(journal.committed.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _grant(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None) -> dict[str, str]:
         """Write a new lease (returning the old one's remainder in the same write) and admit ``res`` from it."""
@@ -156,6 +197,7 @@ class LeasedAdmission(Admission):
     async def _renew(self, pk: str, limits: Limits, res: Reservation, who: str, current: Lease) -> None:
         """Reserve a successor while ``current`` is still in use; it takes over what is left of ``current``
         the moment it exists (both are room on the row for the same minute and epoch)."""
+        started = self._monotonic()
         try:
             async with self._row_lock(pk):
                 if self._leases.get(pk) is not current:
@@ -163,6 +205,7 @@ class LeasedAdmission(Admission):
                 successor = await self._new_lease(pk, limits, res, who, old=None, rate_of=current)
                 successor.absorb(current)  # same minute and epoch: those of ``res``, which ``current`` fitted
                 self._leases[pk] = successor
+                self._grant_seconds = self._monotonic() - started
         except (GatewayError, StorageError) as exc:  # the request that finds the lease empty will ask itself
             log.debug("lease renewal skipped", extra={"partition": pk, "error": type(exc).__name__})
         finally:
@@ -184,12 +227,13 @@ class LeasedAdmission(Admission):
                      block.apply(admitted))
 
     def _lease_size(self, old: Lease | None) -> int:
-        """About ``LEASE_HORIZON_SECONDS`` of the rate at which the previous lease was used up."""
+        """The rate at which the previous lease was used up, times the horizon (see LEASE_RUNWAY_GRANTS)."""
         if old is None:
             return 1
         used = old.granted - old.requests
         lasted = max(self._monotonic() - old.granted_at, 1e-3)
-        return max(1, min(LEASE_MAX_REQUESTS, math.ceil(used / lasted * LEASE_HORIZON_SECONDS)))
+        horizon = min(LEASE_HORIZON_MAX_SECONDS, max(LEASE_HORIZON_SECONDS, LEASE_RUNWAY_GRANTS * self._grant_seconds))
+        return max(1, min(LEASE_MAX_REQUESTS, math.ceil(used / lasted * horizon)))
 
     async def _undo(self, res: Reservation) -> None:
         """The team refused after the caller was admitted: the request's room goes back to the caller's lease."""
@@ -227,8 +271,8 @@ class LeasedAdmission(Admission):
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        if self._renewals:  # a renewal in flight may still be writing its lease: let it land first
-            await asyncio.gather(*self._renewals, return_exceptions=True)
+        if self._tasks:  # a renewal in flight may still be writing its lease: let it land first
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
         await self._return_leases(idle_for=0.0)
         await super().aclose()
@@ -249,6 +293,8 @@ class LeasedAdmission(Admission):
                                 extra={"rows": len(journal.entries), "error": type(exc).__name__})
                     return
                 del journal.entries[:len(batch)]
+                async with journal.committed:
+                    journal.committed.notify_all()
                 if not journal.team:
                     self._pending_rows -= len(batch)
                     await self._list_callers(batch)
@@ -320,12 +366,15 @@ class LeasedAdmission(Admission):
 
 
 def _fitting_size(counters: Counters, limits: Limits, res: Reservation, who: str, wanted: int, now: datetime) -> int:
-    """The block to reserve: ``wanted`` requests' worth if the row has room, else exactly this request."""
-    if wanted > 1:
+    """The block to reserve: up to ``wanted`` requests' worth, but at most half the room the row has left, so
+    the caller's other instances find room too; exactly this request when fewer than two would fit (the
+    refusal then comes from the same check strict mode makes)."""
+    size = wanted
+    while size > 1:
         try:
-            check(counters, limits, wanted * res.tokens, wanted * res.usd, now, who, wanted)
-            return wanted
+            check(counters, limits, 2 * size * res.tokens, 2 * size * res.usd, now, who, 2 * size)
+            return size
         except GatewayError:
-            pass
+            size //= 2
     check(counters, limits, res.tokens, res.usd, now, who)
     return 1

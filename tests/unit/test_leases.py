@@ -332,3 +332,80 @@ def test_a_half_used_lease_is_renewed_in_the_background_so_requests_never_wait_f
         assert c.minute_requests == 300 and c.in_flight_tokens == 0 and c.day_tokens == 7 * 300
 
     run(scenario())
+
+
+def test_a_lease_takes_at_most_half_the_room_left_so_other_instances_are_served_too() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        first, second = leased(store, clock), leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=40))
+        for i in range(3):  # a busy caller on the first instance: its next lease is sized for many requests
+            assert await serve(first, caller, clock, i)
+        held = (await counters_of(store, caller.key)).minute_requests
+        assert 3 + 1 < held <= 3 + (40 - 3) // 2, f"the first instance holds {held} of 40: a block, at most half the room"
+        served_second = [await serve(second, caller, clock, 100 + i) for i in range(40)]
+        assert served_second[0], "the other instance finds room while the first holds its lease"
+        served_first = [await serve(first, caller, clock, 200 + i) for i in range(40)]
+        await first.aclose()
+        await second.aclose()
+        # Everything the limit allows is served, by one instance or the other, and nothing more.
+        assert 3 + sum(served_second) + sum(served_first) == 40
+        c = await counters_of(store, caller.key)
+        assert c.minute_requests == 40 and c.in_flight_tokens == 0 and len(await cost_rows(store, caller.key)) == 40
+
+    run(scenario())
+
+
+def test_a_journal_that_falls_behind_holds_new_requests_until_a_commit_lands(monkeypatch: Any) -> None:
+    # Write-behind must not outrun storage: on a busy loop a commit can take longer than the caller's
+    # traffic needs to fill another batch, and the journal then grew without end.
+    monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 20)
+
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)  # no flusher tick in tests: only the backpressure starts commits here
+        caller = make_caller(make_tier(requests_per_minute=100_000))
+        real_transact, longest = store.transact, 0
+
+        async def slow_transact(table: str, ops: Any) -> Any:
+            for _ in range(30):
+                await asyncio.sleep(0)  # a slow commit: the workers keep settling meanwhile
+            return await real_transact(table, ops)
+
+        store.transact = slow_transact  # type: ignore[method-assign]
+
+        async def worker(first: int) -> None:
+            nonlocal longest
+            for i in range(first, first + 40):
+                assert await serve(adm, caller, clock, i)
+                longest = max(longest, sum(len(j.entries) for j in adm._journals.values()))
+
+        await asyncio.gather(*(worker(100 * w) for w in range(8)))
+        assert 20 <= longest <= 20 + 8, f"the journal reached {longest} rows behind"
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert len(await cost_rows(store, caller.key)) == 320 == c.minute_requests and c.in_flight_tokens == 0
+
+    run(scenario())
+
+
+def test_a_journal_behind_an_outage_refuses_new_requests_after_a_bounded_wait(monkeypatch: Any) -> None:
+    monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 5)
+    monkeypatch.setattr(leases, "BEHIND_WAIT_SECONDS", 0.05)
+
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller()
+        for i in range(5):
+            assert await serve(adm, caller, clock, i)
+        store.down = True
+        with pytest.raises(ServiceUnavailable) as refused:
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="r9")
+        assert refused.value.code == "storage_unavailable"
+        store.down = False
+        assert await serve(adm, caller, clock, 10), "storage back: the journal drains and requests pass again"
+        await adm.aclose()
+        assert len(await cost_rows(store, caller.key)) == 6
+
+    run(scenario())
