@@ -116,7 +116,9 @@ def _our_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             versions[dist] = "not installed"
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    versions["commit"] = git.stdout.strip() + " (+ uncommitted work in the tree)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    versions["commit"] = git.stdout.strip() + (" (+ uncommitted changes in the tree)" if dirty else "")
     return versions
 
 
