@@ -9,8 +9,8 @@ to a request, and one caller's requests queue on its single counters row. Here:
   requests from that block locally until it is used up, the minute or reservation epoch turns, or the
   caller goes idle. The block is sized from the caller's recent rate on this process (half a second
   of its traffic, longer when grants are slow, at most ``LEASE_MAX_REQUESTS``) and takes at most half
-  the room the row has left; when fewer than two requests fit, the process asks for exactly one request's worth, so refusals
-  happen where strict mode refuses.
+  the room the row has left; when fewer than two requests fit, the process asks for exactly one
+  request's worth, so refusals happen where strict mode refuses.
 * **Write-behind.** A request's settlement (its cost row and its counters change) joins a journal
   that a background task commits every ``FLUSH_INTERVAL_SECONDS``, up to 99 cost rows plus the
   counters row in one entity-group transaction (idempotent per batch, like strict settle per row).
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 LEASE_MAX_REQUESTS = 1024
 # A lease holds about this much of the caller's recent traffic on this process, and at least
 # LEASE_RUNWAY_GRANTS times as long as the last grant took to write (row lock wait included): the successor
-# is reserved at half use, so half a lease must outlast a grant. With Azurite at 64 concurrent requests a
+# is reserved when a quarter is used, and the rest must outlast its grant. With Azurite at 64 concurrent requests a
 # grant took ~0.4 s (it queues behind a journal commit on a busy event loop); leases sized for a fixed
 # 0.5 s, at most 64 requests, then ran dry every round and requests waited for grants: p99 0.56 s.
 LEASE_HORIZON_SECONDS = 0.5
