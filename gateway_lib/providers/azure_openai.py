@@ -154,7 +154,12 @@ def _json_object(value: object) -> dict[str, Any]:
 
 def _events(lines: list[bytes]) -> list[StreamEvent]:
     """The events of complete SSE lines that arrived together, all but the last marked ``more``."""
-    events = [e for e in (_event(_chunk(d), d) for d in map(_sse_data, lines) if d is not None) if e is not None]
+    events = []
+    for line in lines:
+        data = _sse_data(line)
+        event = _event(_chunk(data), data) if data is not None else None
+        if event is not None:
+            events.append(event)
     for event in events[:-1]:
         event.more = True
     return events

@@ -19,7 +19,7 @@ from gateway_lib.leases import LeasedAdmission
 from gateway_lib.quota import team_partition
 from gateway_lib.runtime import build_runtime
 from gateway_lib.settings import Settings
-from gateway_lib.storage.base import TableStore
+from gateway_lib.storage.base import StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_quota import (
     Clock,
@@ -187,8 +187,6 @@ def test_a_batch_whose_reply_was_lost_is_not_counted_twice() -> None:
             result = await real_transact(table, ops)
             if not lost:
                 lost += 1
-                from gateway_lib.storage.base import StorageUnavailable
-
                 raise StorageUnavailable("connection reset after commit")
             return result
 
