@@ -16,6 +16,7 @@ import pytest
 from gateway_lib import leases
 from gateway_lib.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway_lib.leases import LeasedAdmission
+from gateway_lib.ledger import table_key
 from gateway_lib.quota import team_partition
 from gateway_lib.runtime import build_runtime
 from gateway_lib.settings import Settings
@@ -328,6 +329,57 @@ def test_a_half_used_lease_is_renewed_in_the_background_so_requests_never_wait_f
         await adm.aclose()
         c = await counters_of(store, caller.key)
         assert c.minute_requests == 300 and c.in_flight_tokens == 0 and c.day_tokens == 7 * 300
+
+    run(scenario())
+
+
+class GatedStore(MemoryTableStore):
+    """Holds every conditional update at ``gate`` once one is set: a grant caught in the middle of its write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.held = asyncio.Event()
+
+    async def update(self, table: str, entity: Any, etag: str) -> Any:
+        if self.gate is not None:
+            self.held.set()
+            await self.gate.wait()
+        return await super().update(table, entity, etag)
+
+
+def test_a_lease_being_replaced_is_out_of_reach_until_its_remainder_is_given_back() -> None:
+    # Found by the three-host load test (a budget passed by 8e-8 USD): a request too big for the lease asks
+    # for a new one, whose write gives the old remainder back; smaller requests kept taking from the old
+    # lease during that write, admitted on room the row no longer held.
+    async def scenario() -> None:
+        clock, store = Clock(), GatedStore()
+        adm = leased(store, clock)
+        adm._lease_size = lambda old: 10  # type: ignore[method-assign]
+        caller = make_caller()
+        admitted = [await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="a")]
+        store.gate = asyncio.Event()
+        big = asyncio.create_task(adm.reserve(caller, tokens=10, usd=Decimal("0.05"), request_id="b"))
+        await store.held.wait()  # the new lease's write is under way, giving back 9 small requests' room
+        small = [asyncio.create_task(adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"c{i}"))
+                 for i in range(3)]
+        idle_return = asyncio.create_task(adm._return_leases(idle_for=0.0))  # must not give it back twice
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in small), "no request may take from the lease being replaced"
+        store.gate.set()
+        admitted += [await big, *await asyncio.gather(*small)]
+        await idle_return
+        lease = adm._leases[table_key(caller.key)]
+        c = await counters_of(store, caller.key)
+        assert c.in_flight_usd == sum((r.usd for r in admitted), Decimal(0)) + lease.usd, (
+            "the row holds exactly what admitted requests and the live lease hold")
+        assert c.minute_requests == len(admitted) + lease.requests
+        for res in admitted:
+            await adm.settle(res, make_row(caller, res.request_id, clock.now, 3, 4, Decimal("0.0007")))
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.in_flight_usd == 0 and c.day_usd == Decimal("0.0007") * 5 and c.minute_requests == 5
 
     run(scenario())
 
