@@ -126,10 +126,17 @@ class Counters:
         new.__dict__.update(self.__dict__, **changes)
         return new
 
-    def reserve(self, tokens: int, usd: Decimal, requests: int = 1) -> Counters:
-        return self._with(minute_requests=self.minute_requests + requests,
-                          minute_tokens=self.minute_tokens + tokens,
-                          reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
+    def reserve(self, tokens: int, usd: Decimal, requests: int = 1, epoch: int | None = None) -> Counters:
+        """Add in-flight room to the generation of ``epoch`` (the one its settlement will take it from).
+
+        A request whose reservation epoch turned before its write reached the row (it waited for the
+        row, or the row was rolled by another instance) belongs in the previous generation: put in the
+        current one, its settlement would take it from the previous one instead, clamped at zero."""
+        c = self._with(minute_requests=self.minute_requests + requests, minute_tokens=self.minute_tokens + tokens)
+        if epoch == self.epoch - 1:
+            return c._with(prev_reserved_tokens=self.prev_reserved_tokens + tokens,
+                           prev_reserved_usd=self.prev_reserved_usd + usd)
+        return c._with(reserved_tokens=self.reserved_tokens + tokens, reserved_usd=self.reserved_usd + usd)
 
     def released(self, minute: str, epoch: int, requests: int, tokens: int, usd: Decimal) -> Counters:
         """Give back an unused reservation of ``requests``/``tokens``/``usd`` taken in ``minute``/``epoch``

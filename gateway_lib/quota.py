@@ -295,7 +295,7 @@ class Admission:
         for attempt in self._reserve_attempts():
             now = self._clock()
             entity, counters, room = await self._planned(pk, res, now, plan, use_known=attempt == 0)
-            admitted = counters.reserve(room.tokens, room.usd, room.requests)
+            admitted = counters.reserve(room.tokens, room.usd, room.requests, room.epoch)
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway_lib import ledger
-from gateway_lib.counters import EPOCH_SECONDS, Counters
+from gateway_lib.counters import EPOCH_SECONDS, Counters, epoch_of
 from gateway_lib.errors import InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway_lib.identity import Caller
 from gateway_lib.ledger import CostRow, usage_table
@@ -259,6 +259,34 @@ def test_leaked_reservations_expire_after_two_epochs() -> None:
             await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id="still-blocked")
         clock.advance(seconds=EPOCH_SECONDS)
         await adm.reserve(caller, tokens=1000, usd=Decimal(0), request_id="after-expiry")
+
+    run(scenario())
+
+
+def test_a_request_whose_epoch_turns_before_its_write_is_settled_from_the_generation_it_went_to() -> None:
+    # Found by the leased-mode interleaving test: the reservation went into the row's current generation
+    # but carried the epoch of its start, so its settlement took it out of the previous one (clamped at 0),
+    # leaving room held that nobody owned and taking other requests' room early.
+    async def scenario() -> None:
+        boundary = datetime.fromtimestamp((epoch_of(T0) + 1) * EPOCH_SECONDS, UTC)
+        clock = Clock(boundary - timedelta(seconds=1))
+        store, adm = await new_admission(clock=clock)
+        caller = make_caller()
+        await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="held")  # stays in flight
+        ready = adm._ensure_tables
+
+        async def epoch_turns_meanwhile() -> int:
+            trips = await ready()
+            clock.advance(seconds=2)
+            return trips
+
+        adm._ensure_tables = epoch_turns_meanwhile  # type: ignore[method-assign]
+        straddler = await adm.reserve(caller, tokens=300, usd=Decimal("0.03"), request_id="straddler")
+        assert straddler.epoch == epoch_of(T0), "the scenario needs a reservation stamped before the turn"
+        await adm.settle(straddler, make_row(caller, "straddler", clock.now, 3, 4, Decimal("0.02")))
+        c = await counters_of(store, caller.key)
+        assert (c.reserved_tokens, c.prev_reserved_tokens) == (0, 100), "only the held request is in flight"
+        assert c.in_flight_usd == Decimal("0.01") and c.day_usd == Decimal("0.02")
 
     run(scenario())
 
