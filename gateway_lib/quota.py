@@ -21,6 +21,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -377,16 +378,15 @@ class Admission:
         counters = self._stamped(read, counters)
         ops = [Op("insert", row.to_entity()) for row in rows] + [_counters_op(read, counters)]
         res.round_trips += 1
-        try:
-            written = (await self._store.transact(self._table, ops))[-1]
-        except TransactionFailed as exc:
-            if exc.reason == "exists":
-                raise _AlreadySettled from exc
-            if exc.reason in ("precondition", "not_found"):
-                raise PreconditionFailed(str(exc)) from exc
-            raise
-        self._markers.pop(counters.partition_key, None)
-        return written
+        with self._marker_kept_while_unknown(counters.partition_key):
+            try:
+                return (await self._store.transact(self._table, ops))[-1]
+            except TransactionFailed as exc:
+                if exc.reason == "exists":
+                    raise _AlreadySettled from exc
+                if exc.reason in ("precondition", "not_found"):
+                    raise PreconditionFailed(str(exc)) from exc
+                raise
 
     async def _until_written(self, res: Reservation, pk: str,
                              write: Callable[[Entity | None, str], Awaitable[Entity]], what: str) -> None:
@@ -408,6 +408,13 @@ class Admission:
                             self._remember(pk, entity)  # it had landed: applying it again would count twice
                             return
                     self._remember(pk, await write(entity, pk))
+                    return
+                except _AlreadySettled:
+                    if doubt is None:
+                        raise  # a settle of this request made before this call
+                    # This call's own transaction had landed, its marker since pushed out of the row's history
+                    # by later writes: done (raising would skip the rest of the settle, e.g. the team's counters).
+                    self._remember(pk, None)
                     return
                 except StorageUnavailable:
                     # A blip (a storage node failing over, a connection reset) must not cost the cost row.
@@ -489,15 +496,28 @@ class Admission:
         """Conditional write; raises ``PreconditionFailed`` when the row changed (or was created) since ``read``."""
         res.round_trips += 1
         new = self._stamped(read, new)
+        with self._marker_kept_while_unknown(new.partition_key):
+            try:
+                if read is not None and read.etag is not None:
+                    return await self._store.update(self._table, new, read.etag)
+                return await self._store.insert(self._table, new)
+            except EntityExists as exc:  # two first requests raced to create the row: the same as losing the race
+                raise PreconditionFailed(str(exc)) from exc
+
+    @contextmanager
+    def _marker_kept_while_unknown(self, pk: str) -> Iterator[None]:
+        """A counters write's marker outlives the write only when its outcome is unknown (its reply was lost):
+        a marker left behind by a write that surely failed would later be taken for a doubt and looked for
+        instead of the one that matters (a settle then applied twice, found by the interleaving test)."""
+        unknown = False
         try:
-            if read is not None and read.etag is not None:
-                written = await self._store.update(self._table, new, read.etag)
-            else:
-                written = await self._store.insert(self._table, new)
-        except EntityExists as exc:  # two first requests raced to create the row: the same as losing the race
-            raise PreconditionFailed(str(exc)) from exc
-        self._markers.pop(new.partition_key, None)
-        return written
+            yield
+        except StorageUnavailable:
+            unknown = True
+            raise
+        finally:
+            if not unknown:
+                self._markers.pop(pk, None)
 
     async def _reserving_write(self, pk: str, read: Entity | None, new: Entity, res: Reservation,
                                release: Release) -> Entity:

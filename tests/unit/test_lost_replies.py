@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 
+from gateway_lib.counters import WRITERS_KEPT
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.leases import LeasedAdmission
-from gateway_lib.quota import Admission
+from gateway_lib.ledger import table_key, usage_table
+from gateway_lib.quota import Admission, team_partition
 from gateway_lib.storage.base import Entity, StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_leases import leased, serve
-from tests.unit.test_quota import Clock, counters_of, make_caller, new_admission, run
+from tests.unit.test_quota import Clock, counters_of, make_caller, make_row, new_admission, run
 
 
 class LosesReplies(MemoryTableStore):
@@ -121,6 +123,96 @@ def test_a_background_renewal_whose_reply_was_lost_leaks_nothing() -> None:
         await adm.aclose()
         c = await counters_of(store, caller.key)
         assert c.in_flight_tokens == 0 and c.in_flight_usd == 0 and c.minute_requests == served + 20
+
+    run(scenario())
+
+
+class Scripted(MemoryTableStore):
+    """Calls on one partition follow a script of (method, action): "lost" (lands, reply lost), "down" (never
+    reaches the table), "raced" (another instance writes the row first: the call meets a 412). Calls not
+    at the head of the script, or on other partitions, go through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partition = ""
+        self.script: list[tuple[str, str]] = []
+
+    async def _scripted(self, method: str, pk: str, call: Any) -> Any:
+        action = self.script.pop(0)[1] if pk == self.partition and self.script and self.script[0][0] == method else ""
+        if action == "down":
+            raise StorageUnavailable("injected: not reached")
+        if action == "raced":
+            row = await super().get(usage_table("t"), pk, "counters")
+            assert row is not None
+            await super().upsert(usage_table("t"), row)  # same values, new ETag
+        result = await call()
+        if action == "lost":
+            raise StorageUnavailable("injected: reply lost")
+        return result
+
+    async def get(self, table: str, partition_key: str, row_key: str) -> Entity | None:
+        return await self._scripted("get", partition_key, lambda: super(Scripted, self).get(table, partition_key, row_key))
+
+    async def update(self, table: str, entity: Entity, etag: str) -> Entity:
+        return await self._scripted("update", entity.partition_key,
+                                    lambda: super(Scripted, self).update(table, entity, etag))
+
+    async def transact(self, table: str, ops: Any) -> Any:
+        return await self._scripted("transact", ops[0].entity.partition_key,
+                                    lambda: super(Scripted, self).transact(table, ops))
+
+
+def test_a_settle_whose_reply_was_lost_is_recognised_although_a_give_back_failed_meanwhile() -> None:
+    # The settle's re-read also gives back an earlier doubtful reservation; that write met a 412 and the
+    # read after it failed. The give-back's marker was left behind and taken for the settle's: the settle
+    # was applied again, refused as already done, and the team's counters were never settled.
+    async def scenario() -> None:
+        clock, store = Clock(), Scripted()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller(team="blue")
+        store.partition = table_key(caller.key)
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        store.script = [("update", "lost")]
+        with pytest.raises(ServiceUnavailable):  # landed: a doubt to give back on the next read
+            await adm.reserve(caller, tokens=50, usd=Decimal("0.005"), request_id="r2")
+        adm._remember(store.partition, None)
+        store.script = [("get", ""), ("update", "raced"),  # the first read: the give-back meets a 412
+                        ("transact", "lost"),  # the settle lands, its reply is lost
+                        ("get", ""), ("update", "raced"), ("get", "down")]  # the re-read fails the same way
+        done = await adm.settle(res, make_row(caller, "r1", clock.now, 3, 4, Decimal("0.0007")))
+        assert not done.already_settled and store.script == []
+        c = await counters_of(store, caller.key)
+        team = await counters_of(store, team_partition("blue"))
+        assert c.day_usd == team.day_usd == Decimal("0.0007"), "settled once, caller and team"
+        assert c.in_flight_usd == 0 and c.minute_requests == 1, "the doubtful reservation was given back"
+        await adm.aclose()
+
+    run(scenario())
+
+
+def test_a_settle_whose_landing_was_pushed_out_of_the_rows_history_still_settles_the_team() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), Scripted()
+        _, adm = await new_admission(store=store, clock=clock)
+        caller = make_caller(team="blue")
+        store.partition = table_key(caller.key)
+        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        store.script = [("transact", "lost")]
+        real_get = adm._get
+
+        async def get_after_many_writes(pk: str, r: Any) -> Any:  # other instances wrote the row 16 times since
+            if pk == store.partition:
+                for _ in range(WRITERS_KEPT):
+                    await adm._write_counters(await store.get(usage_table("t"), pk, "counters"),
+                                              (await counters_of(store, caller.key)).to_entity(pk), r)
+            return await real_get(pk, r)
+
+        adm._get = get_after_many_writes  # type: ignore[method-assign]
+        done = await adm.settle(res, make_row(caller, "r1", clock.now, 3, 4, Decimal("0.0007")))
+        assert not done.already_settled, "this call's own transaction landed: not a settle made before"
+        team = await counters_of(store, team_partition("blue"))
+        assert team.day_usd == Decimal("0.0007") and team.in_flight_usd == 0, "the team's counters were settled"
+        await adm.aclose()
 
     run(scenario())
 
