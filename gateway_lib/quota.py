@@ -345,7 +345,8 @@ class Admission:
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
-            undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
+            if undone.minute == res.minute:  # a past minute's count is gone already: not the new one's to lower
+                undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             return await self._write_counters(entity, undone.to_entity(pk), res)
 
         await self._until_written(res, table_key(res.caller_key), write, "undo")

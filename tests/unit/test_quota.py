@@ -438,6 +438,32 @@ def test_team_budget_is_shared_and_a_team_refusal_undoes_the_caller_reservation(
     run(scenario())
 
 
+def test_a_team_refusal_after_the_minute_turned_leaves_the_new_minutes_count_alone() -> None:
+    async def scenario() -> None:
+        clock = Clock(T0.replace(second=59))
+        store, adm = await new_admission(clock=clock)
+        _, other = await new_admission(store=store, clock=clock)  # another instance
+        await store.ensure_tables(tables("t"))
+        await put_override(store, "t", "red", Override({"usd_per_day": Decimal("1.00")}), kind="team")
+        alice = make_caller(app="alice", team="red")
+        lookup = adm._cached_override
+
+        async def minute_turns_before_the_team_check(subject: str, kind: str, res: Reservation | None) -> Any:
+            if kind == "team" and res is not None and res.request_id == "a1":
+                clock.advance(seconds=2)  # 12:01:01, and another instance admits a request of the new minute
+                await other.reserve(alice, tokens=10, usd=Decimal("0.20"), request_id="a2")
+            return await lookup(subject, kind, res)
+
+        adm._cached_override = minute_turns_before_the_team_check  # type: ignore[method-assign]
+        with pytest.raises(QuotaExceeded):  # admitted by alice's row in minute 12:00, refused by the team in 12:01
+            await adm.reserve(alice, tokens=10, usd=Decimal("0.90"), request_id="a1")
+        c = await counters_of(store, alice.key)
+        assert (c.minute, c.minute_requests) == ("2025-03-14T12:01", 1), "a2 still counts in the new minute"
+        assert c.in_flight_usd == Decimal("0.20")
+
+    run(scenario())
+
+
 # ---- storage down -------------------------------------------------------------------------------------
 
 def test_storage_down_fails_closed_with_503() -> None:
