@@ -96,8 +96,18 @@ def _store(settings: Settings, credential: Any) -> TableStore:
         from .storage.memory import MemoryTableStore
 
         return MemoryTableStore()
+    table = _table_store(settings, credential)
+    if s.quota_mode == "leased":  # usage is written behind: keep its commits off the request loop
+        from .storage.threaded import StorageThread
+
+        return StorageThread(table)
+    return table
+
+
+def _table_store(settings: Settings, credential: Any) -> TableStore:
     from .storage.azure_tables import AzureTableStore
 
+    s = settings.storage
     if s.connection_string:
         return AzureTableStore.from_connection_string(s.connection_string)
     if credential is None:

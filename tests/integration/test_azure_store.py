@@ -11,6 +11,7 @@ import pytest
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import Entity, StorageError, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
+from gateway_lib.storage.threaded import StorageThread
 from tests.unit.test_memory_store import CONTRACT, Scenario
 from tools.azurite import connection_string, free_port
 
@@ -25,13 +26,15 @@ async def _run(scenario: Scenario, store: TableStore, table: str) -> None:
         await store.aclose()
 
 
-@pytest.mark.parametrize("backend", ["memory", "azurite"])
+@pytest.mark.parametrize("backend", ["memory", "azurite", "azurite-on-storage-thread"])
 @pytest.mark.parametrize("scenario", CONTRACT, ids=[f.__name__ for f in CONTRACT])
 def test_contract(scenario: Scenario, backend: str, request: pytest.FixtureRequest, table_prefix: str) -> None:
     if backend == "memory":
         store: TableStore = MemoryTableStore()
     else:
         store = AzureTableStore.from_connection_string(request.getfixturevalue("azurite_connection_string"))
+        if backend == "azurite-on-storage-thread":  # leased mode's store: the same contract across the thread
+            store = StorageThread(store)
     asyncio.run(_run(scenario, store, table_prefix + "contract"))
 
 

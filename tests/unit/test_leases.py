@@ -20,8 +20,10 @@ from gateway_lib.ledger import table_key
 from gateway_lib.quota import team_partition
 from gateway_lib.runtime import build_runtime
 from gateway_lib.settings import Settings
+from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
+from gateway_lib.storage.threaded import StorageThread
 from tests.unit.test_quota import (
     Clock,
     _no_sleep,
@@ -33,6 +35,7 @@ from tests.unit.test_quota import (
     make_tier,
     run,
 )
+from tools.azurite import connection_string as azurite_connection_string
 
 
 def leased(store: TableStore | None = None, clock: Clock | None = None, **kwargs: Any) -> LeasedAdmission:
@@ -277,6 +280,24 @@ def test_the_runtime_picks_leased_admission_from_settings() -> None:
     assert isinstance(rt.admission, LeasedAdmission)
     with pytest.raises(Exception, match="GATEWAY_QUOTA_MODE"):
         Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "eventual"})
+
+
+def test_leased_mode_keeps_table_storage_on_a_thread_of_its_own_and_strict_mode_does_not() -> None:
+    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+           "GATEWAY_STORAGE_MODE": "table", "GATEWAY_ENVIRONMENT": "test",
+           "GATEWAY_STORAGE_CONNECTION_STRING": azurite_connection_string(9),  # never dialled: clients are lazy
+           "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key", "AZURE_OPENAI_API_KEY": "k"}
+
+    async def stores() -> tuple[object, object]:
+        strict = build_runtime(Settings.from_env(env))
+        leased_rt = build_runtime(Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "leased"}))
+        kinds = (strict.store, leased_rt.store)
+        await strict.aclose()
+        await leased_rt.aclose()
+        return kinds
+
+    strict_store, leased_store = run(stores())
+    assert isinstance(strict_store, AzureTableStore) and isinstance(leased_store, StorageThread)
 
 
 def test_a_flush_commits_what_it_found_and_leaves_later_arrivals_for_the_next_tick() -> None:
