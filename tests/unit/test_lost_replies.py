@@ -14,9 +14,10 @@ import pytest
 
 from gateway_lib.counters import WRITERS_KEPT
 from gateway_lib.errors import ServiceUnavailable
+from gateway_lib.identity import Caller
 from gateway_lib.leases import LeasedAdmission
 from gateway_lib.ledger import table_key, usage_table
-from gateway_lib.quota import Admission, team_partition
+from gateway_lib.quota import Admission, Reservation, team_partition
 from gateway_lib.storage.base import Entity, StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_leases import leased, serve
@@ -162,16 +163,21 @@ class Scripted(MemoryTableStore):
                                     lambda: super(Scripted, self).transact(table, ops))
 
 
+async def _team_caller_with_a_reservation() -> tuple[Clock, Scripted, Admission, Caller, Reservation]:
+    """A caller of team "blue" with request r1 admitted; the store's script applies to the caller's row."""
+    clock, store = Clock(), Scripted()
+    _, adm = await new_admission(store=store, clock=clock)
+    caller = make_caller(team="blue")
+    store.partition = table_key(caller.key)
+    return clock, store, adm, caller, await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+
+
 def test_a_settle_whose_reply_was_lost_is_recognised_although_a_give_back_failed_meanwhile() -> None:
     # The settle's re-read also gives back an earlier doubtful reservation; that write met a 412 and the
     # read after it failed. The give-back's marker was left behind and taken for the settle's: the settle
     # was applied again, refused as already done, and the team's counters were never settled.
     async def scenario() -> None:
-        clock, store = Clock(), Scripted()
-        _, adm = await new_admission(store=store, clock=clock)
-        caller = make_caller(team="blue")
-        store.partition = table_key(caller.key)
-        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        clock, store, adm, caller, res = await _team_caller_with_a_reservation()
         store.script = [("update", "lost")]
         with pytest.raises(ServiceUnavailable):  # landed: a doubt to give back on the next read
             await adm.reserve(caller, tokens=50, usd=Decimal("0.005"), request_id="r2")
@@ -192,11 +198,7 @@ def test_a_settle_whose_reply_was_lost_is_recognised_although_a_give_back_failed
 
 def test_a_settle_whose_landing_was_pushed_out_of_the_rows_history_still_settles_the_team() -> None:
     async def scenario() -> None:
-        clock, store = Clock(), Scripted()
-        _, adm = await new_admission(store=store, clock=clock)
-        caller = make_caller(team="blue")
-        store.partition = table_key(caller.key)
-        res = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="r1")
+        clock, store, adm, caller, res = await _team_caller_with_a_reservation()
         store.script = [("transact", "lost")]
         real_get = adm._get
 
