@@ -25,14 +25,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from bench import report
+from bench import coldstart, report
 from bench.services import ROOT, Services, clean_env, start_command
 from tools.stack import free_port, wait_for_port
 
 # Our gateway's variants and the letter each one's fresh table prefix carries.
 STORE_KEYS = {"memory": "m", "table": "t", "table-leased": "l"}
 PASSTHRU_KEY = "sk-bench-1234"  # example_passthrough_gateway.py's default GW_KEY
+LITELLM_KEY = "sk-bench-1234"  # the harness's default --litellm-master-key
 
 
 def peer_bench_dir() -> Path:
@@ -156,6 +158,41 @@ def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dic
     return results
 
 
+def run_coldstarts(a: argparse.Namespace, services: Services, peer: Path, prefix: str) -> dict[str, Any]:
+    """LiteLLM's and each of our variants' cold start, ``a.cold_starts`` times (bench.coldstart)."""
+    port = free_port()
+    python = bench_root() / "upstream-venv" / "bin" / "python"
+    upstream = subprocess.Popen(["taskset", "-c", "0", str(python), str(peer / "fake_upstream.py"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base, env, token = f"http://127.0.0.1:{port}", clean_env(), services.token()
+
+    def round_(i: int) -> dict[str, coldstart.Target]:
+        targets = {}
+        if not a.skip_litellm:  # started exactly as the harness starts it
+            ll_port = free_port()
+            targets["litellm"] = coldstart.Target(
+                [str(bench_root() / "litellm-venv" / "bin" / "litellm"), "--config", str(peer / "litellm_config.yaml"),
+                 "--host", "127.0.0.1", "--port", str(ll_port), "--num_workers", "1"],
+                f"http://127.0.0.1:{ll_port}/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_KEY}"},
+                env | {"FAKE_UPSTREAM_BASE": base, "LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOG": "ERROR",
+                       "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"})
+        for store in a.stores:
+            gw_port = free_port()
+            settings = services.settings_file(store, f"{prefix}{STORE_KEYS[store]}c{i}")  # fresh tables each time
+            command = shlex.split(start_command(settings, gw_port).replace("{upstream}", base))
+            targets[f"ours-{store}"] = coldstart.Target(command, f"http://127.0.0.1:{gw_port}/api/v1/chat/completions",
+                                                         {"Authorization": f"Bearer {token}"}, env)
+        return targets
+
+    print(f"cold starts: {a.cold_starts} per gateway, interleaved", flush=True)
+    try:
+        wait_for_port(port, 30, upstream)
+        return coldstart.measure([round_(i) for i in range(a.cold_starts)], a.outdir / "coldstarts.log")
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short cells, c=1,64, fewer in-process requests (<= 3 min)")
@@ -166,6 +203,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-sdk-floor", action="store_true",
                     help="skip the SDK floor (bench.sdk_floor: our server stack and openai client, no pipeline)")
     ap.add_argument("--skip-inprocess", action="store_true", help="no round-trip count and no profile")
+    ap.add_argument("--cold-starts", type=int, help="cold starts per gateway for the median (default 5, quick 2; "
+                                                     "0 keeps the harness's single sample)")
     ap.add_argument("--duration", type=int, help="measured seconds per cell (default 10, quick 2)")
     ap.add_argument("--concurrency", help="comma list (default 1,8,64, quick 1,64)")
     ap.add_argument("--modes", default="nonstream,stream")
@@ -178,6 +217,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.warmup = 1 if a.quick else 2
     a.concurrency = a.concurrency or ("1,64" if a.quick else "1,8,64")
     a.requests = a.requests or (200 if a.quick else 1500)
+    a.cold_starts = (2 if a.quick else 5) if a.cold_starts is None else a.cold_starts
     a.retries = 0 if a.quick else 1
     a.quiet_wait_max = 3 if a.quick else 8  # the box is shared: bound the wait for other users' CPU to drop
     a.max_total_s = 140 if a.quick else 660  # the harness's own hard cap; cells past it are skipped
@@ -198,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         token = services.token()
         run_harness(peer, harness_args(a, peer, services, token, prefix), a.outdir / "harness.log")
         inprocess = {} if a.skip_inprocess else run_inprocess(a, services, prefix)
+        cold = run_coldstarts(a, services, peer, prefix) if a.cold_starts else {}
     finally:
         services.stop()
     peer_results = json.loads((a.outdir / "peer" / "results.json").read_text())
-    summary = report.build(peer_results, inprocess, ["python -m bench.run", *(sys.argv[1:] if argv is None else argv)])
+    summary = report.build(peer_results, inprocess, ["python -m bench.run", *(sys.argv[1:] if argv is None else argv)],
+                           cold)
     (a.outdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     text = report.markdown(summary)
     (a.outdir / "summary.md").write_text(text)
