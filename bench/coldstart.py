@@ -13,7 +13,6 @@ import shlex
 import statistics
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,8 @@ def first_200(target: Target, limit_s: float = 180.0) -> float:
                 with urllib.request.urlopen(request, timeout=10) as answer:
                     if answer.status == 200:
                         return time.monotonic() - started
-            except (OSError, urllib.error.HTTPError):
-                pass  # not listening yet, or not ready
+            except OSError:  # not listening yet, or not ready (HTTPError is an OSError too)
+                pass
             time.sleep(0.01)
         raise RuntimeError(f"{shlex.join(target.command)} gave no 200 within {limit_s:.0f} s")
     finally:

@@ -157,7 +157,9 @@ def _events(lines: list[bytes]) -> list[StreamEvent]:
     events = []
     for line in lines:
         data = _sse_data(line)
-        event = _event(_chunk(data), data) if data is not None else None
+        if data is None:
+            continue
+        event = _event(_chunk(data), data)
         if event is not None:
             events.append(event)
     for event in events[:-1]:

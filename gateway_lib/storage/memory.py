@@ -60,7 +60,7 @@ def normalise_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
         # Exact type first: this runs for every property of every row written or read (~30 per counters row).
         if kind is str or kind is bool:
             pass
-        elif kind is int or (isinstance(value, int) and kind is not bool):
+        elif isinstance(value, int):  # bool is handled above
             if not _INT64[0] <= value <= _INT64[1]:
                 raise ValueError(f"property {name!r}: {value} does not fit Edm.Int64")
         elif value is None:

@@ -270,11 +270,14 @@ def test_team_counters_follow_and_a_team_refusal_returns_the_callers_room() -> N
     run(scenario())
 
 
+RUNTIME_ENV = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+               "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test",
+               "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key",
+               "AZURE_OPENAI_API_KEY": "k"}
+
+
 def test_the_runtime_picks_leased_admission_from_settings() -> None:
-    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
-           "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test",
-           "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key",
-           "AZURE_OPENAI_API_KEY": "k"}
+    env = RUNTIME_ENV
     assert Settings.from_env(env).storage.quota_mode == "strict"
     rt = build_runtime(Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "leased"}), store=MemoryTableStore())
     assert isinstance(rt.admission, LeasedAdmission)
@@ -283,10 +286,8 @@ def test_the_runtime_picks_leased_admission_from_settings() -> None:
 
 
 def test_leased_mode_keeps_table_storage_on_a_thread_of_its_own_and_strict_mode_does_not() -> None:
-    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
-           "GATEWAY_STORAGE_MODE": "table", "GATEWAY_ENVIRONMENT": "test",
-           "GATEWAY_STORAGE_CONNECTION_STRING": azurite_connection_string(9),  # never dialled: clients are lazy
-           "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key", "AZURE_OPENAI_API_KEY": "k"}
+    env = RUNTIME_ENV | {"GATEWAY_STORAGE_MODE": "table",  # never dialled: the clients connect lazily
+                         "GATEWAY_STORAGE_CONNECTION_STRING": azurite_connection_string(9)}
 
     async def stores() -> tuple[object, object]:
         strict = build_runtime(Settings.from_env(env))
