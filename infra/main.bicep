@@ -224,7 +224,7 @@ module apim 'app/apim.bicep' = if (deployApim) {
     functionAppName: function.outputs.name
     appInsightsId: monitoring.outputs.applicationInsightsId
     appInsightsConnectionString: monitoring.outputs.connectionString
-    tenantId: split(authTenantIds, ',')[0]
+    tenantIds: filter(map(split(authTenantIds, ','), t => toLower(trim(t))), t => !empty(t))
     audience: gatewayAppIdUri
     audienceClientId: gatewayAppClientId
     allowedClientAppIds: allowedClientAppIds

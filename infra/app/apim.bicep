@@ -14,7 +14,9 @@ param functionAppName string
 param appInsightsId string
 param appInsightsConnectionString string
 
-param tenantId string
+@description('Entra tenant ids whose tokens are accepted (AUTH_TENANT_IDS, as a list).')
+@minLength(1)
+param tenantIds array
 @description('The gateway app ID URI (v1 tokens carry it as aud).')
 param audience string
 @description('The gateway app registration client id (v2 tokens carry it as aud).')
@@ -61,7 +63,6 @@ resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
 }
 
 var plainNamedValues = {
-  'gw-tenant-id': tenantId
   'gw-audience': audience
   'gw-audience-client-id': audienceClientId
   'gw-allowed-client-app-ids': allowedClientAppIds
@@ -140,12 +141,19 @@ resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for
   }
 }]
 
+// The API policy with the trusted tenants written in: validate-jwt takes one <openid-config> per tenant
+// (each one's signing keys) and lists issuers as elements, which named values cannot expand to. The
+// issuers are the ones the function trusts for each tenant (gateway_lib/auth.py): v1 and v2 tokens.
+var openIdConfigs = join(map(tenantIds, t => '<openid-config url="https://login.microsoftonline.com/${t}/v2.0/.well-known/openid-configuration" />'), '')
+var issuers = join(map(tenantIds, t => '<issuer>https://sts.windows.net/${t}/</issuer><issuer>https://login.microsoftonline.com/${t}/v2.0</issuer>'), '')
+var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)
+
 resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
   parent: api
   name: 'policy'
   properties: {
     format: 'rawxml'
-    value: loadTextContent('../apim/policies/api.xml')
+    value: apiPolicyXml
   }
 }
 

@@ -269,8 +269,10 @@ def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> 
     root = ET.parse(POLICIES / "api.xml").getroot()
     inbound = root.find("inbound")
     assert inbound is not None
-    token = inbound.find("validate-azure-ad-token")
+    token = inbound.find("validate-jwt")
     assert token is not None and token.get("failed-validation-httpcode") == "401"
+    assert token.get("require-signed-tokens") == "true" and token.get("require-expiration-time") == "true"
+    assert [a.text for a in token.iterfind("./audiences/audience")] == ["{{gw-audience}}", "{{gw-audience-client-id}}"]
     set_headers = {h.get("name", "").lower(): h for h in inbound.iter("set-header")}
     assert "authorization" not in set_headers  # forwarded unchanged; the function re-validates it
     assert set_headers["x-functions-key"].findtext("value") == "{{gw-function-key}}"
@@ -278,6 +280,51 @@ def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> 
     assert {"x-request-id", "traceparent"} <= set(set_headers)
     assert inbound.find("rate-limit-by-key") is not None and inbound.find("quota-by-key") is not None
     assert int(root.find("./backend/forward-request").get("timeout", "0")) >= 230  # type: ignore[union-attr]
+
+
+def rendered_api_policy(tenants: list[str]) -> ET.Element:
+    """api.xml as apim.bicep deploys it: the per-tenant elements written in by its replace() calls."""
+    text = bicep(INFRA / "app" / "apim.bicep")
+    templates = dict(re.findall(r"var (\w+) = join\(map\(tenantIds, t => '([^']+)'\), ''\)", text))
+    replaces = re.findall(r"'(<!-- gw:[\w-]+ -->)', (\w+)\)", text)
+    assert set(templates) == {"openIdConfigs", "issuers"} and len(replaces) == 2
+    policy = (POLICIES / "api.xml").read_text()
+    for placeholder, var in replaces:
+        assert policy.count(placeholder) == 1, placeholder
+        policy = policy.replace(placeholder, "".join(templates[var].replace("${t}", t) for t in tenants))
+    return ET.fromstring(policy)
+
+
+def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
+    """One openid-config per tenant and each tenant's v1 and v2 issuer: the set gateway_lib.auth accepts."""
+    from gateway_lib.auth import _trusted_issuers
+    from gateway_lib.settings import AuthSettings
+
+    tenants = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"]
+    token = rendered_api_policy(tenants).find("./inbound/validate-jwt")
+    assert token is not None
+    assert [c.get("url") for c in token.iterfind("openid-config")] == [
+        f"https://login.microsoftonline.com/{t}/v2.0/.well-known/openid-configuration" for t in tenants]
+    settings = AuthSettings(tenant_ids=tuple(tenants), allowed_tenants=(), audiences=("api://gw",), extra_issuers=(),
+                            openid_config_url=None, jwks_url=None, algorithms=("RS256",), leeway_seconds=60,
+                            jwks_cache_ttl_seconds=3600, jwks_min_refresh_seconds=60)
+    assert {i.text for i in token.iterfind("./issuers/issuer")} == set(_trusted_issuers(settings))
+    # validate-jwt takes its children in the order of its policy statement.
+    assert [c.tag for c in token] == ["openid-config", "openid-config", "audiences", "issuers"]
+
+
+def test_main_passes_every_trimmed_tenant_to_apim() -> None:
+    apim = block_after(bicep(MAIN), bicep(MAIN).index("module apim "))
+    assert re.search(r"tenantIds: filter\(map\(split\(authTenantIds, ','\), t => toLower\(trim\(t\)\)\), "
+                     r"t => !empty\(t\)\)", apim)
+
+
+def test_api_policy_errors_answer_for_the_token_check_it_runs() -> None:
+    conditions = [w.get("condition", "") for w in ET.parse(POLICIES / "api.xml").getroot().iterfind("./on-error/choose/when")]
+    sources = {m for c in conditions for m in re.findall(r'LastError\.Source == "([\w-]+)"', c)}
+    assert "validate-jwt" in sources
+    inbound = {e.tag for e in ET.parse(POLICIES / "api.xml").getroot().iter()}
+    assert sources <= inbound  # no branch waits for an error from a policy that is not there
 
 
 def test_named_values_used_by_policies_are_defined() -> None:
