@@ -140,6 +140,8 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {c['target']} | {c['mode']} | {c['conc']} | {_f(c['ok_rps'], 1)}{c['flags']} | "
                      f"{_f(c['p50_ms'], 3)} | {_f(c['p99_ms'], 3)} | {c['errors']} | {_f(c['added_p50_ms'], 3)} | "
                      f"{_f(c['added_p99_ms'], 3)} | {_f(c['cpu_ms_per_req'])} | {_f(c['peak_rss_mib'], 0)} |")
+    if s.get("skipped"):  # a cell that was not measured must not read as one that was left out of the table
+        lines += ["", "Not measured: " + "; ".join(f"{t} {m} c={c} ({why})" for t, m, c, why in s["skipped"]) + "."]
     lines += ["", "| gateway | cold start s | idle RSS MiB | peak RSS MiB |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {_cold(g)} | {_f(g['idle_rss_mib'], 1)} | {_f(g['peak_rss_mib'], 1)} |"
               for n, g in s["gateways"].items()]
