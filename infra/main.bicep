@@ -44,6 +44,9 @@ param awsWebIdentityAudience string = ''
 param gatewayModels string = ''
 param gatewayTiers string = ''
 param piiPatterns string = ''
+@allowed(['strict', 'leased'])
+@description('Quota admission (docs/storage.md, ADR 0007): strict writes each cost row before answering; leased takes quota in blocks and writes usage behind (<= 0.05 s of cost rows at risk on a hard crash).')
+param quotaMode string = 'strict'
 @allowed(['none', 'block', 'downgrade'])
 param budgetEnforcement string = 'none'
 param budgetDowngradeAlias string = ''
@@ -197,6 +200,7 @@ module function 'app/function.bicep' = {
     bedrockRegion: bedrockRegion
     awsRoleArn: awsRoleArn
     awsWebIdentityAudience: awsWebIdentityAudience
+    quotaMode: quotaMode
     budgetEnforcement: budgetEnforcement
     budgetDowngradeAlias: budgetDowngradeAlias
     budgetAlertThresholds: budgetAlertThresholds

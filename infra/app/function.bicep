@@ -43,6 +43,9 @@ param bedrockRegion string = 'us-east-1'
 param awsRoleArn string = ''
 param awsWebIdentityAudience string = ''
 
+@allowed(['strict', 'leased'])
+@description('GATEWAY_QUOTA_MODE: strict (reserve and settle per request) or leased (quota in blocks, usage written behind).')
+param quotaMode string = 'strict'
 @allowed(['none', 'block', 'downgrade'])
 param budgetEnforcement string = 'none'
 param budgetDowngradeAlias string = ''
@@ -183,7 +186,7 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
         { name: 'GATEWAY_STORAGE_CONNECTION_STRING', value: '' } // local/Azurite only
         { name: 'GATEWAY_TABLE_ENDPOINT', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }
         { name: 'GATEWAY_TABLE_PREFIX', value: gatewayTablePrefix }
-        { name: 'GATEWAY_QUOTA_MODE', value: 'strict' }
+        { name: 'GATEWAY_QUOTA_MODE', value: quotaMode }
 
         { name: 'BUDGET_ROLLUP_SCHEDULE', value: '0 */5 * * * *' }
         { name: 'BUDGET_ALERT_THRESHOLDS', value: budgetAlertThresholds }

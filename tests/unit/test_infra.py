@@ -179,6 +179,18 @@ def test_azure_openai_uses_the_managed_identity_in_azure() -> None:
     assert re.search(r"'AZURE_CLIENT_ID',\s*value:\s*identityClientId", text)
 
 
+def test_quota_mode_is_a_deployment_parameter_with_the_values_the_gateway_accepts() -> None:
+    """Set in the app settings from a parameter, so choosing leased mode survives the next deployment."""
+    assert re.search(r"'GATEWAY_QUOTA_MODE',\s*value:\s*quotaMode\s*\}", bicep(FUNCTION))
+    for path in (MAIN, FUNCTION):
+        allowed = re.search(r"@allowed\(\[([^\]]*)\]\)\s*(?:@description\('[^']*'\)\s*)?param quotaMode string = 'strict'",
+                            bicep(path))
+        assert allowed is not None, path
+        assert re.findall(r"'(\w+)'", allowed.group(1)) == ["strict", "leased"]  # settings.py: env.choice(...)
+    function_module = next(block for name, _, block in modules_of_main() if name == "function")
+    assert re.search(r"quotaMode:\s*quotaMode", function_module)
+
+
 def test_app_insights_ingestion_uses_entra() -> None:
     assert "Authorization=AAD" in bicep(FUNCTION)
     monitoring = bicep(INFRA / "app" / "monitoring.bicep")
