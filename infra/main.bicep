@@ -228,7 +228,7 @@ module apim 'app/apim.bicep' = if (deployApim) {
     functionAppName: function.outputs.name
     appInsightsId: monitoring.outputs.applicationInsightsId
     appInsightsConnectionString: monitoring.outputs.connectionString
-    tenantIds: filter(map(split(authTenantIds, ','), t => toLower(trim(t))), t => !empty(t))
+    tenantIds: split(toLower(replace(authTenantIds, ' ', '')), ',')
     audience: gatewayAppIdUri
     audienceClientId: gatewayAppClientId
     allowedClientAppIds: allowedClientAppIds

@@ -18,7 +18,14 @@ SHELLCHECK="$(command -v shellcheck || echo "$VENV/bin/shellcheck")"
 status=0
 
 echo "== checkov (bicep) =="
-if ! "$CHECKOV" -d infra --framework bicep --skip-download --quiet --config-file infra/.checkov.yaml; then
+# A template checkov cannot parse is skipped whole, and checkov still exits 0: count that as a failure.
+report="$(mktemp)"
+trap 'rm -f "$report"' EXIT
+if ! "$CHECKOV" -d infra --framework bicep --skip-download --quiet --config-file infra/.checkov.yaml | tee "$report"; then
+  status=1
+fi
+if grep -Eq "Parsing errors: [1-9]" "$report"; then
+  echo "checkov could not parse every template (see 'Error parsing file' above)" >&2
   status=1
 fi
 

@@ -144,9 +144,11 @@ resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for
 // The API policy with the trusted tenants written in: validate-jwt takes one <openid-config> per tenant
 // (each one's signing keys) and lists issuers as elements, which named values cannot expand to. The
 // issuers are the ones the function trusts for each tenant (gateway_lib/auth.py): v1 and v2 tokens.
-var openIdConfigs = join(map(tenantIds, t => '<openid-config url="https://login.microsoftonline.com/${t}/v2.0/.well-known/openid-configuration" />'), '')
-var issuers = join(map(tenantIds, t => '<issuer>https://sts.windows.net/${t}/</issuer><issuer>https://login.microsoftonline.com/${t}/v2.0</issuer>'), '')
-var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)
+// Loops, not lambdas, because checkov's Bicep parser cannot read lambdas; an empty entry (a stray comma in
+// authTenantIds) adds nothing.
+var openIdConfigs = [for t in tenantIds: empty(t) ? '' : '<openid-config url="https://login.microsoftonline.com/${t}/v2.0/.well-known/openid-configuration" />']
+var issuers = [for t in tenantIds: empty(t) ? '' : '<issuer>https://sts.windows.net/${t}/</issuer><issuer>https://login.microsoftonline.com/${t}/v2.0</issuer>']
+var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', join(openIdConfigs, '')), '<!-- gw:issuers -->', join(issuers, ''))
 
 resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
   parent: api

@@ -297,13 +297,13 @@ def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> 
 def rendered_api_policy(tenants: list[str]) -> ET.Element:
     """api.xml as apim.bicep deploys it: the per-tenant elements written in by its replace() calls."""
     text = bicep(INFRA / "app" / "apim.bicep")
-    templates = dict(re.findall(r"var (\w+) = join\(map\(tenantIds, t => '([^']+)'\), ''\)", text))
-    replaces = re.findall(r"'(<!-- gw:[\w-]+ -->)', (\w+)\)", text)
+    templates = dict(re.findall(r"var (\w+) = \[for t in tenantIds: empty\(t\) \? '' : '([^']+)'\]", text))
+    replaces = re.findall(r"'(<!-- gw:[\w-]+ -->)', join\((\w+), ''\)\)", text)
     assert set(templates) == {"openIdConfigs", "issuers"} and len(replaces) == 2
     policy = (POLICIES / "api.xml").read_text()
     for placeholder, var in replaces:
         assert policy.count(placeholder) == 1, placeholder
-        policy = policy.replace(placeholder, "".join(templates[var].replace("${t}", t) for t in tenants))
+        policy = policy.replace(placeholder, "".join(templates[var].replace("${t}", t) for t in tenants if t))
     return ET.fromstring(policy)
 
 
@@ -313,7 +313,7 @@ def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
     from gateway_lib.settings import AuthSettings
 
     tenants = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"]
-    token = rendered_api_policy(tenants).find("./inbound/validate-jwt")
+    token = rendered_api_policy([*tenants, ""]).find("./inbound/validate-jwt")  # "": a trailing comma
     assert token is not None
     assert [c.get("url") for c in token.iterfind("openid-config")] == [
         f"https://login.microsoftonline.com/{t}/v2.0/.well-known/openid-configuration" for t in tenants]
@@ -325,10 +325,15 @@ def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
     assert [c.tag for c in token] == ["openid-config", "openid-config", "audiences", "issuers"]
 
 
-def test_main_passes_every_trimmed_tenant_to_apim() -> None:
+def test_main_passes_every_tenant_to_apim_lowercased_without_spaces() -> None:
     apim = block_after(bicep(MAIN), bicep(MAIN).index("module apim "))
-    assert re.search(r"tenantIds: filter\(map\(split\(authTenantIds, ','\), t => toLower\(trim\(t\)\)\), "
-                     r"t => !empty\(t\)\)", apim)
+    assert re.search(r"tenantIds: split\(toLower\(replace\(authTenantIds, ' ', ''\)\), ','\)", apim)
+
+
+def test_checkov_can_read_the_templates() -> None:
+    """Lambdas (map/filter with =>) make checkov's Bicep parser skip a whole file, silently but for a count."""
+    for path in INFRA.rglob("*.bicep"):
+        assert "=>" not in bicep(path), path
 
 
 def test_api_policy_errors_answer_for_the_token_check_it_runs() -> None:
