@@ -326,11 +326,11 @@ class Admission:
         known = self._known(pk) if use_known else None
         if known is not None:
             try:
-                return known, *plan(Counters.from_entity(known).rolled(now), now)
+                return known, *plan(_rolled_for(known, res, now), now)
             except GatewayError:
                 self._remember(pk, None)
         entity = await self._get(pk, res)
-        return entity, *plan(Counters.from_entity(entity).rolled(now), now)
+        return entity, *plan(_rolled_for(entity, res, now), now)
 
     async def _admit_team(self, team: str, res: Reservation) -> None:
         override = await self._cached_override(team, "team", res)
@@ -584,6 +584,23 @@ class Admission:
 
 class _AlreadySettled(Exception):
     """The request's cost row is already there: an earlier try of this settle committed."""
+
+
+def _rolled_for(entity: Entity | None, res: Reservation, now: datetime) -> Counters:
+    """The row's counters rolled to ``now``, refusing a reservation whose epoch the row no longer holds.
+
+    Room goes into the generation of the reservation's epoch, and its settlement takes it from there. Two
+    turns after that epoch the generation is gone from the row: room added now would land in the current
+    one and never be taken back, held by nobody until it expired (a seeded interleaving test across the
+    storage thread found it). Only a request that waited more than one epoch (15 min, beyond any HTTP
+    timeout) for its reservation, or an instance whose clock lags the row's writer by as much, gets here.
+    """
+    counters = Counters.from_entity(entity).rolled(now)
+    if res.epoch < counters.epoch - 1:
+        log.warning("reservation refused: its epoch is gone from the row (clock skew or a long wait)",
+                    extra={"request_id": res.request_id, "epoch": res.epoch, "row_epoch": counters.epoch})
+        raise ServiceUnavailable("The request waited too long for its quota reservation; retry.", retry_after=1)
+    return counters
 
 
 def _unavailable() -> ServiceUnavailable:

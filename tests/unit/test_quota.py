@@ -291,6 +291,46 @@ def test_a_request_whose_epoch_turns_before_its_write_is_settled_from_the_genera
     run(scenario())
 
 
+@pytest.mark.parametrize("mode", ["strict", "leased"])
+def test_a_reservation_whose_epoch_is_gone_from_the_row_is_refused_and_holds_nothing(mode: str) -> None:
+    # Found by the interleaving test run across the storage thread, whose clock outran storage: a reservation
+    # written two epoch turns after it was stamped landed in the current generation, and its settlement (from
+    # the long-gone generation of its epoch) took nothing back: room held by nobody until it expired.
+    from gateway_lib.leases import LeasedAdmission
+
+    async def scenario() -> None:
+        clock = Clock()
+        store = MemoryTableStore()
+        kind = LeasedAdmission if mode == "leased" else Admission
+        adm = kind(store, make_settings(), clock=clock, sleep=_no_sleep, rng=random.Random(7))
+        caller = make_caller()
+        first = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="first")
+        await adm.settle(first, make_row(caller, "first", clock.now, 3, 4, Decimal("0.005")))
+        await adm.flush()
+        before = await counters_of(store, caller.key)
+        ready = adm._ensure_tables
+
+        async def two_epochs_pass_meanwhile() -> int:  # e.g. an instance whose clock lags the row's writers
+            trips = await ready()
+            clock.advance(seconds=2 * EPOCH_SECONDS + 1)
+            return trips
+
+        if mode == "leased":
+            await adm._return_leases(idle_for=0.0)  # so that the next request asks the row for room
+            await adm.flush()
+            before = await counters_of(store, caller.key)
+        adm._ensure_tables = two_epochs_pass_meanwhile  # type: ignore[method-assign]
+        with pytest.raises(ServiceUnavailable) as refused:
+            await adm.reserve(caller, tokens=300, usd=Decimal("0.03"), request_id="stale")
+        assert refused.value.status == 503 and refused.value.retry_after == 1
+        after = await counters_of(store, caller.key)
+        assert after.in_flight_usd == before.in_flight_usd == 0, "nothing held for a request that was refused"
+        assert after.day_usd == Decimal("0.005")
+        await adm.aclose()
+
+    run(scenario())
+
+
 def test_concurrent_requests_never_lose_an_update_or_pass_a_limit() -> None:
     async def scenario() -> None:
         clock = Clock()
