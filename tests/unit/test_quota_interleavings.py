@@ -5,7 +5,8 @@ admitted requests). That took real processes and luck; here a seeded store makes
 random number of event-loop turns before and after it acts, so concurrent requests of mixed sizes from
 two callers of one team, on three instances, interleave differently per seed with grants, background
 renewals, idle returns, flushes, team refusals and minute and epoch turns; the "lost-replies" cases
-also make 8 % of store calls fail, half of them after the write landed. Before the fixes to lease
+also make 8 % of store calls fail, half of them after the write landed; in the "clocks-120s-apart"
+cases the second and third instances' clocks run 60 s ahead of and behind the first's. Before the fixes to lease
 replacement and to reservation generations, 30 of 30 leased seeds and 1 of 30 strict seeds failed
 here. An earlier version, whose clock ran faster against the store's turns, also found the stale
 writer marker that ``test_lost_replies.py`` now pins.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -81,10 +83,11 @@ class JitterStore(MemoryTableStore):
         return await self._call(super().transact, *args, **kwargs)
 
 
+@pytest.mark.parametrize("skew", [0, 60], ids=["one-clock", "clocks-120s-apart"])
 @pytest.mark.parametrize("faults", [0.0, 0.08], ids=["clean", "lost-replies"])
 @pytest.mark.parametrize("mode", ["strict", "leased"])
 @pytest.mark.parametrize("seed", range(30))
-def test_accounting_holds_under_random_interleavings(mode: str, seed: int, faults: float) -> None:
+def test_accounting_holds_under_random_interleavings(mode: str, seed: int, faults: float, skew: int) -> None:
     async def scenario() -> None:
         rng = random.Random(seed)
         clock, store, now = Clock(), JitterStore(rng), [0.0]
@@ -93,7 +96,10 @@ def test_accounting_holds_under_random_interleavings(mode: str, seed: int, fault
         store.faults = faults
         kind = LeasedAdmission if mode == "leased" else Admission
         extra: dict[str, Any] = {"flush_interval": 3600} if mode == "leased" else {}
-        instances = [kind(store, make_settings(), clock=clock, monotonic=lambda: now[0], sleep=_no_sleep,
+        # The instances' clocks: one clock, or three up to 120 s apart (windows and epochs turn at different
+        # moments on each; the row only ever rolls forward).
+        clocks = [lambda offset=timedelta(seconds=offset): clock.now + offset for offset in (0, skew, -skew)]
+        instances = [kind(store, make_settings(), clock=clocks[i], monotonic=lambda: now[0], sleep=_no_sleep,
                           rng=random.Random(seed + i), **extra) for i in range(3)]
         tier = make_tier(requests_per_minute=100_000, usd_per_day=BUDGET)
         callers = [make_caller(tier, app=f"app{i}", team="blue") for i in range(2)]
