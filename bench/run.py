@@ -24,6 +24,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,40 +135,44 @@ def wait_quiet(max_s: float) -> None:
         print(f"WARNING: starting while {busy:.2f} cores are busy; expect '*' (contended) cells", flush=True)
 
 
-def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dict[str, object]:
-    """Round trips + profile per store, gateway pinned to CPU 1, a fake upstream of our own on CPU 0."""
-    peer, port = peer_bench_dir(), free_port()
+@contextmanager
+def fake_upstream(peer: Path) -> Iterator[str]:
+    """The harness's fake upstream, pinned to CPU 0 (the load generator's core), for our own measurements;
+    yields its base URL."""
+    port = free_port()
     python = bench_root() / "upstream-venv" / "bin" / "python"
     upstream = subprocess.Popen(["taskset", "-c", "0", str(python), str(peer / "fake_upstream.py"), "--port", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results: dict[str, object] = {}
     try:
         wait_for_port(port, 30, upstream)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+
+
+def run_inprocess(a: argparse.Namespace, services: Services, prefix: str) -> dict[str, object]:
+    """Round trips + profile per store, gateway pinned to CPU 1, a fake upstream of our own on CPU 0."""
+    results: dict[str, object] = {}
+    with fake_upstream(peer_bench_dir()) as base:
         for store in a.stores:
             settings = services.settings_file(store, f"{prefix}{STORE_KEYS[store]}p")
             cmd = ["taskset", "-c", "1", sys.executable, "-m", "bench.inprocess", "--settings", str(settings),
-                   "--upstream", f"http://127.0.0.1:{port}", "--key-dir", str(services.workdir / "dev-issuer"),
+                   "--upstream", base, "--key-dir", str(services.workdir / "dev-issuer"),
                    "--requests", str(a.requests), "--profile", str(a.outdir / f"profile-{store}.pstats")]
             print(f"in-process ({store}): {a.requests} requests for CPU, round trips and the profile", flush=True)
             out = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
             if out.returncode != 0:
                 raise SystemExit(f"bench.inprocess failed for {store}:\n{out.stderr[-3000:]}")
             results[store] = json.loads(out.stdout)
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
     return results
 
 
 def run_coldstarts(a: argparse.Namespace, services: Services, peer: Path, prefix: str) -> dict[str, Any]:
     """LiteLLM's and each of our variants' cold start, ``a.cold_starts`` times (bench.coldstart)."""
-    port = free_port()
-    python = bench_root() / "upstream-venv" / "bin" / "python"
-    upstream = subprocess.Popen(["taskset", "-c", "0", str(python), str(peer / "fake_upstream.py"), "--port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base, env, token = f"http://127.0.0.1:{port}", clean_env(), services.token()
+    env, token = clean_env(), services.token()
 
-    def round_(i: int) -> dict[str, coldstart.Target]:
+    def round_(base: str, i: int) -> dict[str, coldstart.Target]:
         targets = {}
         if not a.skip_litellm:  # started exactly as the harness starts it
             ll_port = free_port()
@@ -185,12 +191,8 @@ def run_coldstarts(a: argparse.Namespace, services: Services, peer: Path, prefix
         return targets
 
     print(f"cold starts: {a.cold_starts} per gateway, interleaved", flush=True)
-    try:
-        wait_for_port(port, 30, upstream)
-        return coldstart.measure([round_(i) for i in range(a.cold_starts)], a.outdir / "coldstarts.log")
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
+    with fake_upstream(peer) as base:
+        return coldstart.measure([round_(base, i) for i in range(a.cold_starts)], a.outdir / "coldstarts.log")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

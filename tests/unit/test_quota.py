@@ -306,6 +306,8 @@ def test_a_reservation_whose_epoch_is_gone_from_the_row_is_refused_and_holds_not
         caller = make_caller()
         first = await adm.reserve(caller, tokens=100, usd=Decimal("0.01"), request_id="first")
         await adm.settle(first, make_row(caller, "first", clock.now, 3, 4, Decimal("0.005")))
+        if isinstance(adm, LeasedAdmission):
+            await adm._return_leases(idle_for=0.0)  # so that the next request asks the row for room
         await adm.flush()
         before = await counters_of(store, caller.key)
         ready = adm._ensure_tables
@@ -315,10 +317,6 @@ def test_a_reservation_whose_epoch_is_gone_from_the_row_is_refused_and_holds_not
             clock.advance(seconds=2 * EPOCH_SECONDS + 1)
             return trips
 
-        if mode == "leased":
-            await adm._return_leases(idle_for=0.0)  # so that the next request asks the row for room
-            await adm.flush()
-            before = await counters_of(store, caller.key)
         adm._ensure_tables = two_epochs_pass_meanwhile  # type: ignore[method-assign]
         with pytest.raises(ServiceUnavailable) as refused:
             await adm.reserve(caller, tokens=300, usd=Decimal("0.03"), request_id="stale")
