@@ -22,6 +22,10 @@ param gatewayEnvironment string
 // --- Caller authentication (Entra ID) ---
 @description('Comma-separated Entra tenant ids whose tokens are accepted (AUTH_TENANT_IDS).')
 param authTenantIds string
+@description('Comma-separated exact token issuers trusted besides the tenants\' own (AUTH_EXTRA_ISSUERS), e.g. a sovereign cloud.')
+param authExtraIssuers string = ''
+@description('OpenID configuration whose keys sign the tokens (AUTH_OPENID_CONFIG_URL); empty: the tenants\' public-cloud ones.')
+param authOpenIdConfigUrl string = ''
 @description('The gateway app registration ID URI, e.g. api://ai-gateway.')
 param gatewayAppIdUri string
 @description('The gateway app registration client id (audience of v2 tokens).')
@@ -196,6 +200,8 @@ module function 'app/function.bicep' = {
     piiPatterns: piiPatterns
     authTenantIds: authTenantIds
     authAudiences: '${gatewayAppIdUri},${gatewayAppClientId}'
+    authExtraIssuers: authExtraIssuers
+    authOpenIdConfigUrl: authOpenIdConfigUrl
     azureOpenAiEndpoint: azureOpenAiEndpoint
     bedrockRegion: bedrockRegion
     awsRoleArn: awsRoleArn
@@ -229,6 +235,8 @@ module apim 'app/apim.bicep' = if (deployApim) {
     appInsightsId: monitoring.outputs.applicationInsightsId
     appInsightsConnectionString: monitoring.outputs.connectionString
     tenantIds: split(toLower(replace(authTenantIds, ' ', '')), ',')
+    extraIssuers: split(replace(authExtraIssuers, ' ', ''), ',') // exact strings: case kept
+    openIdConfigUrl: authOpenIdConfigUrl
     audience: gatewayAppIdUri
     audienceClientId: gatewayAppClientId
     allowedClientAppIds: allowedClientAppIds

@@ -17,6 +17,10 @@ param appInsightsConnectionString string
 @description('Entra tenant ids whose tokens are accepted (AUTH_TENANT_IDS, as a list).')
 @minLength(1)
 param tenantIds array
+@description('Exact issuers trusted besides the tenants\' own (AUTH_EXTRA_ISSUERS, as a list), e.g. a sovereign cloud.')
+param extraIssuers array = []
+@description('OpenID configuration whose keys sign the tokens (AUTH_OPENID_CONFIG_URL); empty: each tenant\'s, public cloud.')
+param openIdConfigUrl string = ''
 @description('The gateway app ID URI (v1 tokens carry it as aud).')
 param audience string
 @description('The gateway app registration client id (v2 tokens carry it as aud).')
@@ -141,14 +145,18 @@ resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for
   }
 }]
 
-// The API policy with the trusted tenants written in: validate-jwt takes one <openid-config> per tenant
-// (each one's signing keys) and lists issuers as elements, which named values cannot expand to. The
-// issuers are the ones the function trusts for each tenant (gateway_lib/auth.py): v1 and v2 tokens.
+// The API policy with the trusted issuers written in: validate-jwt takes one <openid-config> per key source
+// and lists issuers as elements, which named values cannot expand to. The sets are the function's
+// (gateway_lib/auth.py): each tenant's v1 and v2 issuers plus the extra ones, and the keys of
+// AUTH_OPENID_CONFIG_URL when it is set (a sovereign cloud), else each tenant's public-cloud keys.
 // Loops, not lambdas, because checkov's Bicep parser cannot read lambdas; an empty entry (a stray comma in
-// authTenantIds) adds nothing.
-var openIdConfigs = [for t in tenantIds: empty(t) ? '' : '<openid-config url="https://login.microsoftonline.com/${t}/v2.0/.well-known/openid-configuration" />']
-var issuers = [for t in tenantIds: empty(t) ? '' : '<issuer>https://sts.windows.net/${t}/</issuer><issuer>https://login.microsoftonline.com/${t}/v2.0</issuer>']
-var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', join(openIdConfigs, '')), '<!-- gw:issuers -->', join(issuers, ''))
+// authTenantIds or authExtraIssuers) adds nothing.
+var tenantOpenIdConfigs = [for t in tenantIds: empty(t) ? '' : '<openid-config url="https://login.microsoftonline.com/${t}/v2.0/.well-known/openid-configuration" />']
+var tenantIssuers = [for t in tenantIds: empty(t) ? '' : '<issuer>https://sts.windows.net/${t}/</issuer><issuer>https://login.microsoftonline.com/${t}/v2.0</issuer>']
+var extraIssuerElements = [for i in extraIssuers: empty(i) ? '' : '<issuer>${i}</issuer>']
+var openIdConfigs = empty(openIdConfigUrl) ? join(tenantOpenIdConfigs, '') : '<openid-config url="${openIdConfigUrl}" />'
+var issuers = '${join(tenantIssuers, '')}${join(extraIssuerElements, '')}'
+var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)
 
 resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
   parent: api

@@ -35,6 +35,7 @@ param authTenantIds string
 param authAudiences string
 param authAllowedTenants string = ''
 param authExtraIssuers string = ''
+param authOpenIdConfigUrl string = ''
 
 param azureOpenAiEndpoint string
 param azureOpenAiApiVersion string = '2024-10-21'
@@ -159,7 +160,7 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
         { name: 'AUTH_ALLOWED_TENANTS', value: authAllowedTenants }
         { name: 'AUTH_AUDIENCES', value: authAudiences }
         { name: 'AUTH_EXTRA_ISSUERS', value: authExtraIssuers }
-        { name: 'AUTH_OPENID_CONFIG_URL', value: '' } // derived from the first tenant
+        { name: 'AUTH_OPENID_CONFIG_URL', value: authOpenIdConfigUrl } // empty: the first tenant's
         { name: 'AUTH_JWKS_URL', value: '' } // discovered from the OpenID configuration
         { name: 'AUTH_ALGORITHMS', value: 'RS256' }
         { name: 'AUTH_LEEWAY_SECONDS', value: '60' }

@@ -10,6 +10,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,40 +295,87 @@ def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> 
     assert int(root.find("./backend/forward-request").get("timeout", "0")) >= 230  # type: ignore[union-attr]
 
 
-def rendered_api_policy(tenants: list[str]) -> ET.Element:
-    """api.xml as apim.bicep deploys it: the per-tenant elements written in by its replace() calls."""
+def rendered_api_policy(tenants: list[str], extra_issuers: list[str] | None = None,
+                        openid_config_url: str = "") -> ET.Element:
+    """api.xml as apim.bicep deploys it, given its three parameters: the loops over tenants and extra
+    issuers rendered from their templates, the two combining expressions pinned as written."""
     text = bicep(INFRA / "app" / "apim.bicep")
-    templates = dict(re.findall(r"var (\w+) = \[for t in tenantIds: empty\(t\) \? '' : '([^']+)'\]", text))
-    replaces = re.findall(r"'(<!-- gw:[\w-]+ -->)', join\((\w+), ''\)\)", text)
-    assert set(templates) == {"openIdConfigs", "issuers"} and len(replaces) == 2
+    loops = {name: (var, over, template) for name, var, over, template in
+             re.findall(r"var (\w+) = \[for (\w+) in (\w+): empty\(\2\) \? '' : '([^']+)'\]", text)}
+    assert set(loops) == {"tenantOpenIdConfigs", "tenantIssuers", "extraIssuerElements"}
+    params = {"tenantIds": tenants, "extraIssuers": extra_issuers or [""], "openIdConfigUrl": openid_config_url}
+
+    def joined(name: str) -> str:
+        var, over, template = loops[name]
+        return "".join(template.replace(f"${{{var}}}", item) for item in params[over] if item)
+
+    assert "var openIdConfigs = empty(openIdConfigUrl) ? join(tenantOpenIdConfigs, '') : " \
+           "'<openid-config url=\"${openIdConfigUrl}\" />'" in text
+    assert "var issuers = '${join(tenantIssuers, '')}${join(extraIssuerElements, '')}'" in text
+    assert "'<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)" in text
+    values = {"<!-- gw:openid-configs -->": (f'<openid-config url="{openid_config_url}" />' if openid_config_url
+                                             else joined("tenantOpenIdConfigs")),
+              "<!-- gw:issuers -->": joined("tenantIssuers") + joined("extraIssuerElements")}
     policy = (POLICIES / "api.xml").read_text()
-    for placeholder, var in replaces:
+    for placeholder, value in values.items():
         assert policy.count(placeholder) == 1, placeholder
-        policy = policy.replace(placeholder, "".join(templates[var].replace("${t}", t) for t in tenants if t))
+        policy = policy.replace(placeholder, value)
     return ET.fromstring(policy)
+
+
+def auth_settings(tenants: list[str], extra_issuers: tuple[str, ...] = ()) -> Any:
+    from gateway_lib.settings import AuthSettings
+
+    return AuthSettings(tenant_ids=tuple(tenants), allowed_tenants=(), audiences=("api://gw",),
+                        extra_issuers=extra_issuers, openid_config_url=None, jwks_url=None, algorithms=("RS256",),
+                        leeway_seconds=60, jwks_cache_ttl_seconds=3600, jwks_min_refresh_seconds=60)
 
 
 def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
     """One openid-config per tenant and each tenant's v1 and v2 issuer: the set gateway_lib.auth accepts."""
     from gateway_lib.auth import _trusted_issuers
-    from gateway_lib.settings import AuthSettings
 
     tenants = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"]
     token = rendered_api_policy([*tenants, ""]).find("./inbound/validate-jwt")  # "": a trailing comma
     assert token is not None
     assert [c.get("url") for c in token.iterfind("openid-config")] == [
         f"https://login.microsoftonline.com/{t}/v2.0/.well-known/openid-configuration" for t in tenants]
-    settings = AuthSettings(tenant_ids=tuple(tenants), allowed_tenants=(), audiences=("api://gw",), extra_issuers=(),
-                            openid_config_url=None, jwks_url=None, algorithms=("RS256",), leeway_seconds=60,
-                            jwks_cache_ttl_seconds=3600, jwks_min_refresh_seconds=60)
-    assert {i.text for i in token.iterfind("./issuers/issuer")} == set(_trusted_issuers(settings))
+    assert {i.text for i in token.iterfind("./issuers/issuer")} == set(_trusted_issuers(auth_settings(tenants)))
     # validate-jwt takes its children in the order of its policy statement.
     assert [c.tag for c in token] == ["openid-config", "openid-config", "audiences", "issuers"]
+
+
+def test_api_policy_trusts_the_extra_issuers_with_the_configured_keys() -> None:
+    """A sovereign cloud: AUTH_EXTRA_ISSUERS and AUTH_OPENID_CONFIG_URL reach APIM as they reach the function."""
+    from gateway_lib.auth import _trusted_issuers
+
+    tenant = "33333333-3333-3333-3333-333333333333"
+    extra = (f"https://login.microsoftonline.us/{tenant}/v2.0", f"https://sts.windows.net/{tenant}/")
+    config = f"https://login.microsoftonline.us/{tenant}/v2.0/.well-known/openid-configuration"
+    token = rendered_api_policy([tenant], [*extra, ""], config).find("./inbound/validate-jwt")
+    assert token is not None
+    assert [c.get("url") for c in token.iterfind("openid-config")] == [config]  # the function's one key source
+    issuers = [i.text for i in token.iterfind("./issuers/issuer")]
+    assert set(issuers) == set(_trusted_issuers(auth_settings([tenant], extra)))
+    assert f"https://login.microsoftonline.us/{tenant}/v2.0" in issuers
 
 
 def test_main_passes_every_tenant_to_apim_lowercased_without_spaces() -> None:
     apim = block_after(bicep(MAIN), bicep(MAIN).index("module apim "))
     assert re.search(r"tenantIds: split\(toLower\(replace\(authTenantIds, ' ', ''\)\), ','\)", apim)
+
+
+def test_main_passes_the_issuer_settings_to_the_function_and_to_apim() -> None:
+    """The same two parameters feed AUTH_EXTRA_ISSUERS / AUTH_OPENID_CONFIG_URL and APIM's validate-jwt."""
+    main = bicep(MAIN)
+    function = block_after(main, main.index("module function "))
+    apim = block_after(main, main.index("module apim "))
+    assert "authExtraIssuers: authExtraIssuers" in function and "authOpenIdConfigUrl: authOpenIdConfigUrl" in function
+    assert "extraIssuers: split(replace(authExtraIssuers, ' ', ''), ',')" in apim  # issuers are exact: no toLower
+    assert "openIdConfigUrl: authOpenIdConfigUrl" in apim
+    settings = bicep(INFRA / "app" / "function.bicep")
+    assert "{ name: 'AUTH_EXTRA_ISSUERS', value: authExtraIssuers }" in settings
+    assert "{ name: 'AUTH_OPENID_CONFIG_URL', value: authOpenIdConfigUrl }" in settings
 
 
 def test_checkov_can_read_the_templates() -> None:
