@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.request import getproxies_environment
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -74,12 +75,12 @@ class AzureTableStore:
     @classmethod
     def from_connection_string(cls, connection_string: str, **options: Any) -> AzureTableStore:
         """Local development and tests (Azurite)."""
-        return cls(TableServiceClient.from_connection_string(connection_string, **{**CLIENT_OPTIONS, **options}))
+        return cls(TableServiceClient.from_connection_string(connection_string, **client_options(options)))
 
     @classmethod
     def from_endpoint(cls, endpoint: str, credential: AsyncTokenCredential, **options: Any) -> AzureTableStore:
         """Azure: ``https://<account>.table.core.windows.net`` reached with a managed identity credential."""
-        return cls(TableServiceClient(endpoint, credential=credential, **{**CLIENT_OPTIONS, **options}))
+        return cls(TableServiceClient(endpoint, credential=credential, **client_options(options)))
 
     async def get(self, table: str, partition_key: str, row_key: str) -> Entity | None:
         try:
@@ -177,6 +178,19 @@ class AzureTableStore:
         if client is None:
             client = self._tables[table] = self._service.get_table_client(table)
         return client
+
+
+def client_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``CLIENT_OPTIONS``, the environment setting below, then the caller's ``overrides``.
+
+    With ``use_env_settings`` (azure-core's default) the aiohttp session trusts the environment, and
+    aiohttp then looks up ``~/.netrc`` and the proxy variables in a worker thread on *every* request:
+    two thread hops per storage call, ~0.3 ms of CPU each call (measured against Azurite: 2.1 -> 1.5 ms
+    per strict reserve and settle; docs/benchmarks.md). Only a proxy needs it, so it is on only when
+    the environment names one (``HTTP(S)_PROXY``/``ALL_PROXY``, any case), and then as before.
+    """
+    proxied = bool(set(getproxies_environment()) - {"no"})
+    return {**CLIENT_OPTIONS, "use_env_settings": proxied, **overrides}
 
 
 @contextmanager

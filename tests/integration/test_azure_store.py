@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
 from gateway_lib.storage.azure_tables import AzureTableStore
-from gateway_lib.storage.base import Entity, StorageError, TableStore
+from gateway_lib.storage.base import Entity, Op, StorageError, StorageUnavailable, TableNotFound, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.storage.threaded import StorageThread
 from tests.unit.test_memory_store import CONTRACT, Scenario
@@ -70,6 +71,75 @@ def test_unresponsive_storage_times_out_within_the_read_timeout() -> None:
             return time.monotonic() - started
 
         assert asyncio.run(scenario()) < 5  # two attempts (retry_total=1) of 0.5 s plus backoff
+
+
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def _without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+def test_storage_calls_hop_to_no_thread_without_a_proxy(azurite_connection_string: str, table_prefix: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trusting the environment makes aiohttp read ~/.netrc and the proxy variables in a worker thread on
+    every request; with no proxy configured, no storage call may leave the event loop's thread."""
+    _without_proxies(monkeypatch)
+
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        hops: list[object] = []
+        run_in_executor = loop.run_in_executor
+
+        def counted(executor: object, func: Any, *args: object) -> Any:
+            hops.append(func)
+            return run_in_executor(executor, func, *args)  # type: ignore[arg-type]
+
+        loop.run_in_executor = counted  # type: ignore[method-assign]  # asyncio.to_thread lands here too
+        store = AzureTableStore.from_connection_string(azurite_connection_string)
+        table = table_prefix + "hops"
+        try:
+            await store.ensure_tables([table])
+            stored = await store.insert(table, Entity("p", "r", {"n": 1}))
+            await store.update(table, Entity("p", "r", {"n": 2}), stored.etag or "*")
+            await store.transact(table, [Op("insert", Entity("p", "s", {"n": 3}))])
+            assert [e.row_key for e in await store.query(table, "p")] == ["r", "s"]
+        finally:
+            await store.aclose()
+        return hops
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_a_proxy_in_the_environment_is_still_used(azurite_connection_string: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY/HTTP_PROXY keep working: with one set (here a loopback port nobody listens on), storage
+    calls go to it, and fail as unavailable, instead of straight to the account."""
+    _without_proxies(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+
+    async def scenario() -> None:
+        store = AzureTableStore.from_connection_string(azurite_connection_string)
+        try:
+            with pytest.raises(StorageUnavailable):
+                await store.get("anytable", "p", "r")
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    monkeypatch.delenv("HTTP_PROXY")
+
+    async def direct() -> None:  # the same call without the proxy reaches the account: the proxy was the cause
+        store = AzureTableStore.from_connection_string(azurite_connection_string)
+        try:
+            with pytest.raises(TableNotFound):
+                await store.get("anytable", "p", "r")
+        finally:
+            await store.aclose()
+
+    asyncio.run(direct())
 
 
 def test_round_trips_are_counted_per_request(azurite_connection_string: str, table_prefix: str) -> None:
