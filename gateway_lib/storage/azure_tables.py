@@ -96,10 +96,17 @@ class AzureTableStore:
         return _stored(entity, meta)
 
     async def update(self, table: str, entity: Entity, etag: str) -> Entity:
-        with _translated():
-            meta = await self._client(table).update_entity(
-                _to_azure(entity), mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified)
-        return _stored(entity, meta)
+        """A conditional replace, written like ``transact`` (ADR 0008). It is strict quota mode's
+        reservation, on every request; the SDK's ``update_entity`` spent more CPU serialising the one
+        row than a whole two-row transaction costs written directly."""
+        client = self._client(table)
+        account = _account(client)
+        status, headers, answer = await self._send(client, "PUT", batch.entity_url(f"{account}/{table}", entity),
+                                                   batch.entity_json(entity),
+                                                   {"Content-Type": "application/json", "If-Match": etag})
+        if status != 204:
+            raise _refused(status, answer)
+        return _stored(entity, {"etag": headers.get("ETag")})
 
     async def upsert(self, table: str, entity: Entity) -> Entity:
         with _translated():
@@ -134,16 +141,12 @@ class AzureTableStore:
         2.7x the CPU for one row, 5x for twenty) and sent through the table client's pipeline."""
         check_transaction(ops)
         client = self._client(table)
-        account = client.url.split("?", 1)[0].rstrip("/")
+        account = _account(client)
         body, content_type = batch.encode(account, table, ops)
-        request = HttpRequest("POST", f"{account}/$batch", content=body, headers={
-            "x-ms-version": client.api_version, "DataServiceVersion": "3.0", "MaxDataServiceVersion": "3.0;NetFx",
-            "Content-Type": content_type, "Accept": "application/json"})
-        with _translated():
-            # stream=True: the pipeline's decode policy would otherwise try to parse multipart as JSON.
-            response = await client._client.send_request(request, stream=True)  # the generated client's raw send
-            answer = await response.read()
-        outcome = batch.decode(response.status_code, response.headers.get("Content-Type", ""), answer, len(ops))
+        status, headers, answer = await self._send(client, "POST", f"{account}/$batch", body,
+                                                   {"Content-Type": content_type, "Accept": "application/json",
+                                                    "MaxDataServiceVersion": "3.0;NetFx"})
+        outcome = batch.decode(status, headers.get("Content-Type", ""), answer, len(ops))
         if isinstance(outcome, batch.Failure):
             raise _failed(outcome)
         return [_stored(op.entity, {"etag": etag}) for op, etag in zip(ops, outcome, strict=True)]
@@ -167,6 +170,19 @@ class AzureTableStore:
         for client in clients:
             await client.close()
         await self._service.close()  # owns the shared transport: closes the aiohttp session
+
+    @staticmethod
+    async def _send(client: TableClient, method: str, url: str, body: bytes,
+                    headers: dict[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+        """A request we wrote ourselves, through the table client's pipeline (signing, x-ms-date, retries,
+        transport): its status, headers and body. A non-2xx answer is returned, not raised."""
+        request = HttpRequest(method, url, content=body, headers={
+            "x-ms-version": client.api_version, "DataServiceVersion": "3.0",
+            "Accept": "application/json;odata=nometadata", **headers})
+        with _translated():
+            # stream=True: the pipeline's decode policy would otherwise try to parse a multipart answer as JSON.
+            response = await client._client.send_request(request, stream=True)  # the generated client's raw send
+            return response.status_code, response.headers, await response.read()
 
     def _client(self, table: str) -> TableClient:
         """The table's client (created once, reused: it shares the service's connection pool).
@@ -256,6 +272,23 @@ def _failed(failure: batch.Failure) -> StorageError:
         return StorageError(f"table storage refused the transaction: {what}")
     reason: Literal["exists", "precondition", "not_found", "other"] = _REASONS.get(failure.code, "other")
     return TransactionFailed(f"{failure.index}: {failure.code}", index=failure.index, reason=reason)
+
+
+def _refused(status: int, answer: bytes) -> StorageError:
+    """A single-entity request's error answer as the store's error, as the SDK's exceptions map in ``_translated``."""
+    code, message = batch.error(answer)
+    what = f"{status} {code or 'no error code'}: {message.splitlines()[0] if message else ''}"
+    if status == 412:
+        return PreconditionFailed(what)
+    if status == 404:
+        return TableNotFound(what) if code == "TableNotFound" else EntityNotFound(what)
+    if status in (408, 500, 502, 503, 504):
+        return StorageUnavailable(f"table storage failed: {what}")
+    return StorageError(f"table storage refused the request: {what}")
+
+
+def _account(client: TableClient) -> str:
+    return client.url.split("?", 1)[0].rstrip("/")
 
 
 def _condition(etag: str | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Entity-group transactions on the wire: the ``$batch`` request body, and reading its answer.
+"""Table service requests written directly: entity-group transactions (the ``$batch`` body and
+reading its answer) and the pieces a single conditional update shares with them.
 
 The format is the Table service's OData batch ("Performing entity group transactions" in the
 Storage REST reference): one ``multipart/mixed`` batch holding one changeset, one
@@ -61,12 +62,12 @@ def encode(account_url: str, table: str, ops: Sequence[Op]) -> tuple[bytes, str]
 def decode(status: int, content_type: str, body: bytes, ops: int) -> list[str | None] | Failure:
     """The new ETag of each operation (None for a delete), or why the transaction was refused."""
     if status != 202:  # the batch itself was refused (malformed, too large, not authorised, unavailable)
-        code, message = _error(body)
+        code, message = error(body)
         return Failure(status, None, code, message)
     responses = _responses(body, content_type.encode("latin-1"))
     for code_, _, payload in responses:
         if not 200 <= code_ < 300:
-            code, message = _error(payload)
+            code, message = error(payload)
             found = _INDEX.match(message)
             return Failure(code_, int(found.group(1)) if found else 0, code, message)
     if len(responses) != ops:
@@ -96,7 +97,7 @@ def _part(table_url: str, op: Op) -> bytes:
     if op.kind == "insert":  # no echo of the entity: only its ETag is read
         url, extra = table_url, ["Prefer: return-no-content"]
     else:
-        url = f"{table_url}(PartitionKey='{_key(e.partition_key)}',RowKey='{_key(e.row_key)}')"
+        url = entity_url(table_url, e)
         # An update is always conditional in a batch: without If-Match it would be an upsert in disguise.
         extra = [] if op.kind == "upsert" else [f"If-Match: {op.etag or '*'}"]
     head = ["Content-Type: application/http", "Content-Transfer-Encoding: binary", "",
@@ -107,6 +108,11 @@ def _part(table_url: str, op: Op) -> bytes:
     payload = entity_json(e)
     head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+def entity_url(table_url: str, entity: Entity) -> str:
+    """The entity's own URL: ``{table}(PartitionKey='…',RowKey='…')``."""
+    return f"{table_url}(PartitionKey='{_key(entity.partition_key)}',RowKey='{_key(entity.row_key)}')"
 
 
 def _key(value: str) -> str:
@@ -139,7 +145,7 @@ def _headers(block: bytes) -> dict[str, str]:
     return {name.strip().lower(): value.strip() for name, sep, value in (line.partition(":") for line in lines) if sep}
 
 
-def _error(payload: bytes) -> tuple[str, str]:
+def error(payload: bytes) -> tuple[str, str]:
     """(code, message) of an OData error body; the raw text when it is not one."""
     try:
         error = json.loads(payload)["odata.error"]

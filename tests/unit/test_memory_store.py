@@ -19,6 +19,7 @@ from gateway_lib.storage.base import (
     Op,
     PreconditionFailed,
     StorageError,
+    TableNotFound,
     TableStore,
     TransactionFailed,
 )
@@ -71,6 +72,21 @@ async def update_replaces_whole_entity_and_missing_row_is_not_found(store: Table
     assert got is not None and dict(got.properties) == {"a": 9}
     with pytest.raises(EntityNotFound):
         await store.update(table, Entity("p", "nope", {"a": 1}), first.etag or "")
+
+
+@contract
+async def update_escapes_odd_keys_keeps_value_types_and_names_a_missing_table(store: TableStore, table: str) -> None:
+    """The single conditional update (written on the wire by the Azure store) as the transaction's update."""
+    pk, rk = "tenant's team ü", "it's (1) + 2%20=;"
+    values = {"n": 2**40, "whole": 2.0, "yes": True, "s": "ü \"q\" ';", "usd": Decimal("0.10")}
+    first = await store.insert(table, Entity(pk, rk, {"a": 1}))
+    second = await store.update(table, Entity(pk, rk, values), first.etag or "")
+    got = await store.get(table, pk, rk)
+    assert got is not None and got.etag == second.etag != first.etag
+    assert dict(got.properties) == values | {"usd": "0.10"}
+    assert type(got.properties["whole"]) is float and type(got.properties["n"]) is int
+    with pytest.raises(TableNotFound):
+        await store.update(table + "missing", Entity(pk, rk, {"a": 1}), second.etag or "")
 
 
 @contract
