@@ -105,7 +105,7 @@ class AzureTableStore:
                                                    batch.entity_json(entity),
                                                    {"Content-Type": "application/json", "If-Match": etag})
         if status != 204:
-            raise _refused(status, answer)
+            raise _refused(status, *batch.error(answer))
         return _stored(entity, {"etag": headers.get("ETag")})
 
     async def upsert(self, table: str, entity: Entity) -> Entity:
@@ -179,10 +179,18 @@ class AzureTableStore:
         request = HttpRequest(method, url, content=body, headers={
             "x-ms-version": client.api_version, "DataServiceVersion": "3.0",
             "Accept": "application/json;odata=nometadata", **headers})
-        with _translated():
-            # stream=True: the pipeline's decode policy would otherwise try to parse a multipart answer as JSON.
-            response = await client._client.send_request(request, stream=True)  # the generated client's raw send
-            return response.status_code, response.headers, await response.read()
+        # Every answer, retried ones included: azure-core's retry policy drops a streamed answer it retries
+        # without closing it, and its pooled connection would then wait for the garbage collector.
+        answers: list[Any] = []
+        try:
+            with _translated():
+                # stream=True: the pipeline's decode policy would otherwise try to parse a multipart answer as JSON.
+                response = await client._client.send_request(  # the generated client's raw send
+                    request, stream=True, raw_response_hook=lambda attempt: answers.append(attempt.http_response))
+                return response.status_code, response.headers, await response.read()
+        finally:
+            for answer in answers:
+                await answer.close()
 
     def _client(self, table: str) -> TableClient:
         """The table's client (created once, reused: it shares the service's connection pool).
@@ -265,24 +273,21 @@ def _stored(entity: Entity, meta: Mapping[str, Any]) -> Entity:
 
 def _failed(failure: batch.Failure) -> StorageError:
     """A refused transaction as the store's error: which operation and why, or why the batch as a whole."""
-    what = f"{failure.status} {failure.code or 'no error code'}: {failure.message.splitlines()[0] if failure.message else ''}"
     if failure.index is None:
-        if failure.status in (408, 500, 502, 503, 504):
-            return StorageUnavailable(f"table storage failed the transaction: {what}")
-        return StorageError(f"table storage refused the transaction: {what}")
+        return _refused(failure.status, failure.code, failure.message)
     reason: Literal["exists", "precondition", "not_found", "other"] = _REASONS.get(failure.code, "other")
     return TransactionFailed(f"{failure.index}: {failure.code}", index=failure.index, reason=reason)
 
 
-def _refused(status: int, answer: bytes) -> StorageError:
-    """A single-entity request's error answer as the store's error, as the SDK's exceptions map in ``_translated``."""
-    code, message = batch.error(answer)
+def _refused(status: int, code: str, message: str) -> StorageError:
+    """An error answer to a request we wrote (a single-entity call, or a batch refused as a whole) as the
+    store's error: the mapping ``_translated`` gives the SDK's exceptions."""
     what = f"{status} {code or 'no error code'}: {message.splitlines()[0] if message else ''}"
     if status == 412:
         return PreconditionFailed(what)
     if status == 404:
         return TableNotFound(what) if code == "TableNotFound" else EntityNotFound(what)
-    if status in (408, 500, 502, 503, 504):
+    if status in (408, 500, 502, 503, 504):  # after the pipeline's own retries
         return StorageUnavailable(f"table storage failed: {what}")
     return StorageError(f"table storage refused the request: {what}")
 

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import socket
+import threading
 import time
 from typing import Any
 
 import pytest
 
 from gateway_lib.storage.azure_tables import AzureTableStore
-from gateway_lib.storage.base import Entity, Op, StorageError, StorageUnavailable, TableNotFound, TableStore
+from gateway_lib.storage.base import (
+    Entity,
+    EntityNotFound,
+    Op,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+    TableNotFound,
+    TableStore,
+)
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.storage.threaded import StorageThread
 from tests.unit.test_memory_store import CONTRACT, Scenario
@@ -71,6 +83,62 @@ def test_unresponsive_storage_times_out_within_the_read_timeout() -> None:
             return time.monotonic() - started
 
         assert asyncio.run(scenario()) < 5  # two attempts (retry_total=1) of 0.5 s plus backoff
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """A Table endpoint that answers every request with one canned status and OData error."""
+
+    status, code = 503, "ServerBusy"
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"odata.error": {"code": self.code, "message": {"value": "canned"}}}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_POST = do_GET = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (503, "ServerBusy", StorageUnavailable), (500, "InternalError", StorageUnavailable),
+    (412, "UpdateConditionNotSatisfied", PreconditionFailed), (404, "ResourceNotFound", EntityNotFound),
+    (404, "TableNotFound", TableNotFound), (403, "AuthorizationFailure", StorageError),
+])
+def test_error_answers_to_our_own_requests_map_like_the_sdks(status: int, code: str,
+                                                             expected: type[StorageError]) -> None:
+    """The conditional update and a batch refused as a whole are written by us, not the SDK: their error
+    answers must become the same store errors the SDK's exceptions do."""
+    handler = type("Handler", (_Answering,), {"status": status, "code": code})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def scenario() -> list[StorageError]:
+        store = AzureTableStore.from_connection_string(connection_string(server.server_address[1]),
+                                                       retry_backoff_factor=0.01)
+        raised = []
+        try:
+            for call in (store.update("t", Entity("p", "r", {"n": 1}), 'W/"1"'),
+                         store.transact("t", [Op("insert", Entity("p", "s", {}))])):
+                with pytest.raises(StorageError) as caught:
+                    await call
+                raised.append(caught.value)
+        finally:
+            await store.aclose()
+        return raised
+
+    try:
+        update_error, batch_error = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert type(update_error) is expected and type(batch_error) is expected
+    assert str(status) in str(update_error) and code in str(update_error)
 
 
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
