@@ -186,28 +186,19 @@ def test_a_proxy_in_the_environment_is_still_used(azurite_connection_string: str
     """HTTPS_PROXY/HTTP_PROXY keep working: with one set (here a loopback port nobody listens on), storage
     calls go to it, and fail as unavailable, instead of straight to the account."""
     _without_proxies(monkeypatch)
+
+    async def get_fails_with(error: type[StorageError]) -> None:
+        store = AzureTableStore.from_connection_string(azurite_connection_string)
+        try:
+            with pytest.raises(error):
+                await store.get("anytable", "p", "r")
+        finally:
+            await store.aclose()
+
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
-
-    async def scenario() -> None:
-        store = AzureTableStore.from_connection_string(azurite_connection_string)
-        try:
-            with pytest.raises(StorageUnavailable):
-                await store.get("anytable", "p", "r")
-        finally:
-            await store.aclose()
-
-    asyncio.run(scenario())
+    asyncio.run(get_fails_with(StorageUnavailable))
     monkeypatch.delenv("HTTP_PROXY")
-
-    async def direct() -> None:  # the same call without the proxy reaches the account: the proxy was the cause
-        store = AzureTableStore.from_connection_string(azurite_connection_string)
-        try:
-            with pytest.raises(TableNotFound):
-                await store.get("anytable", "p", "r")
-        finally:
-            await store.aclose()
-
-    asyncio.run(direct())
+    asyncio.run(get_fails_with(TableNotFound))  # without the proxy the call reaches the account: it was the cause
 
 
 def test_round_trips_are_counted_per_request(azurite_connection_string: str, table_prefix: str) -> None:
