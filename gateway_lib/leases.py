@@ -110,7 +110,11 @@ class Lease:
         self.usd += res.usd
 
     def release(self, counters: Counters) -> Counters:
-        return counters.released(self.minute, self.epoch, self.requests, self.tokens, self.usd)
+        return self.remainder().apply(counters)
+
+    def remainder(self) -> Release:
+        """The unused room, as what giving it back releases on the row."""
+        return Release(self.minute, self.epoch, self.requests, self.tokens, self.usd)
 
     def absorb(self, old: Lease) -> None:
         """Take over ``old``'s unused room (same minute and epoch: the same reservation on the row)."""
@@ -195,14 +199,22 @@ class LeasedAdmission(Admission):
             # meanwhile (a smaller one that still fits) would be admitted on room no longer reserved: the
             # three-host load test saw a budget passed that way. So ``old`` is out of reach until the write ends.
             del self._leases[pk]
+        gives_back = old.remainder() if old is not None else None
         try:
-            lease = await self._new_lease(pk, limits, res, who, old)
+            lease = await self._new_lease(pk, limits, res, who, old, gives_back)
         except GatewayError:  # refused, or lost the ETag race every time: nothing was written, ``old`` stands
             if old is not None:
                 self._leases[pk] = old
             raise
-        # A StorageError leaves ``old`` out: its write may have landed and given the remainder back already;
-        # if it did not, the remainder drops out with its reservation epoch (blocked budget, never overspend).
+        except StorageError:
+            # A write whose reply was lost is in doubt: it may have landed and given ``old``'s room back already.
+            # Its resolver gives that room back once a read shows the write surely did not land (quota._Doubt);
+            # otherwise it drops out with its reservation epoch (blocked budget, never overspend). A failure of
+            # any other kind wrote nothing, so ``old`` still holds its room and stands.
+            in_doubt = any(d.gives_back is gives_back for d in self._doubts.get(pk, ()))
+            if old is not None and not in_doubt:
+                self._leases[pk] = old
+            raise
         self._leases[pk] = lease
         return rate_headers(lease.take(res, self._monotonic()), limits, self._clock())
 
@@ -224,8 +236,8 @@ class LeasedAdmission(Admission):
             current.renewing = False
 
     async def _new_lease(self, pk: str, limits: Limits, res: Reservation, who: str, old: Lease | None,
-                         rate_of: Lease | None = None) -> Lease:
-        """Write a block sized like ``res`` (and give back ``old``'s remainder in the same write)."""
+                         gives_back: Release | None = None, rate_of: Lease | None = None) -> Lease:
+        """Write a block sized like ``res`` (and give back ``old``'s remainder, ``gives_back``, in the same write)."""
         wanted = self._lease_size(rate_of or old)
 
         def plan(counters: Counters, now: datetime) -> tuple[Counters, Release]:
@@ -233,7 +245,7 @@ class LeasedAdmission(Admission):
             size = _fitting_size(counters, limits, res, who, wanted, now)
             return counters, Release(res.minute, res.epoch, size, size * res.tokens, size * res.usd)
 
-        admitted, block, _ = await self._reserve_on_row(pk, res, who, plan)
+        admitted, block, _ = await self._reserve_on_row(pk, res, who, plan, gives_back)
         clock = self._monotonic()
         return Lease(res.minute, res.epoch, block.requests, block.tokens, block.usd, block.requests, clock, clock,
                      block.apply(admitted))

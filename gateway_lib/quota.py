@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .counters import (
     COUNTERS_ROW,
+    WRITERS_KEPT,
     ZERO,
     Counters,
     Limits,
@@ -150,7 +151,7 @@ class Admission:
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
         self._markers: dict[str, str] = {}  # row -> marker of the counters write in flight (row lock held)
-        self._doubts: dict[str, list[tuple[str, Release]]] = {}  # row -> reserving writes of unknown outcome
+        self._doubts: dict[str, list[_Doubt]] = {}  # row -> reserving writes of unknown outcome
         self._resolvers: dict[str, asyncio.Task[None]] = {}
 
     async def effective_alias(self, caller: Caller, alias: str) -> str:
@@ -289,10 +290,11 @@ class Admission:
         admitted, _, now = await self._reserve_on_row(pk, res, who, plan)
         return rate_headers(admitted, limits, now)
 
-    async def _reserve_on_row(self, pk: str, res: Reservation, who: str, plan: Plan
-                              ) -> tuple[Counters, Release, datetime]:
+    async def _reserve_on_row(self, pk: str, res: Reservation, who: str, plan: Plan,
+                              gives_back: Release | None = None) -> tuple[Counters, Release, datetime]:
         """Reserve the room ``plan`` picks on the row (row lock held); returns the counters written, the room
-        and the time of the check. ``plan`` sees the rolled counters and raises a GatewayError to refuse."""
+        and the time of the check. ``plan`` sees the rolled counters and raises a GatewayError to refuse;
+        ``gives_back``: room ``plan`` releases in the same write (a leased grant returns the old lease)."""
         for attempt in self._reserve_attempts():
             now = self._clock()
             entity, counters, room = await self._planned(pk, res, now, plan, use_known=attempt == 0)
@@ -300,7 +302,8 @@ class Admission:
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
-                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, room))
+                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, room,
+                                                               gives_back))
                 return admitted, room, now
             except PreconditionFailed:
                 self._remember(pk, None)  # another instance wrote: what we knew is stale
@@ -522,39 +525,44 @@ class Admission:
                 self._markers.pop(pk, None)
 
     async def _reserving_write(self, pk: str, read: Entity | None, new: Entity, res: Reservation,
-                               release: Release) -> Entity:
+                               release: Release, gives_back: Release | None = None) -> Entity:
         """A write that adds reserved room. If its reply is lost the request is refused (503), so the room must
-        not stay reserved if the write did land: remember it, and find out once storage answers again."""
+        not stay reserved if the write did land: remember it, and find out once storage answers again. If the
+        write also gave room back (``gives_back``) and surely did not land, that room is given back then."""
         try:
             return await self._write_counters(read, new, res)
         except StorageUnavailable:
             marker = self._markers.pop(pk, None)
             if marker is not None:
-                self._doubts.setdefault(pk, []).append((marker, release))
+                latest = next(iter(writers(read)), "")
+                self._doubts.setdefault(pk, []).append(_Doubt(marker, release, latest or None, gives_back))
                 self._start_resolver(pk)
             raise
 
     async def _settle_doubts(self, pk: str, entity: Entity | None, res: Reservation) -> Entity | None:
-        """Give back the room of doubtful reserving writes that did land; forget those that did not (a
-        marker pushed out of the row's history by many later writes counts as not landed: conservative,
-        the room then drops out with its reservation epoch)."""
-        landed = [(m, release) for m, release in self._doubts.pop(pk, []) if m in writers(entity)]
-        if not landed or entity is None:
+        """Give back the room of doubtful reserving writes that did land, and the room that those which surely
+        did not land were to give back; forget the rest (a write whose marker may have been pushed out of the
+        row's history counts as neither: conservative, its room then drops out with its reservation epoch)."""
+        doubts = self._doubts.pop(pk, [])
+        history = writers(entity)
+        landed = [d for d in doubts if d.marker in history]
+        missed = [d for d in doubts if d.gives_back is not None and d not in landed and d.surely_missed(history)]
+        if not (landed or missed) or entity is None:
             return entity
         counters = Counters.from_entity(entity).rolled(self._clock())
-        for _, release in landed:
+        for release in [d.release for d in landed] + [d.gives_back for d in missed if d.gives_back is not None]:
             counters = release.apply(counters)
         try:
             written = await self._write_counters(entity, counters.to_entity(pk), res)
         except PreconditionFailed:  # another instance wrote first: nothing given back yet, try on the next read
-            self._doubts.setdefault(pk, []).extend(landed)
+            self._doubts.setdefault(pk, []).extend(landed + missed)
             return await self._store.get(self._table, pk, COUNTERS_ROW)
         except StorageError:  # unknown again: giving it back twice would be worse than letting it expire
             self._markers.pop(pk, None)
             log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
             raise
         log.info("reservation of a request refused during a storage outage given back",
-                 extra={"partition": pk, "count": len(landed)})
+                 extra={"partition": pk, "count": len(landed) + len(missed)})
         self._remember(pk, written)
         return written
 
@@ -580,6 +588,28 @@ class Admission:
     async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.
         await self._sleep(self._rng.uniform(0, min(cap, 0.01 * 2 ** min(attempt, 16))))
+
+
+@dataclass(frozen=True)
+class _Doubt:
+    """A reserving write whose reply was lost: its marker, the room it reserved, the newest marker of the row
+    it replaced (``latest``) and the room it gave back in the same write, if any."""
+
+    marker: str
+    release: Release
+    latest: str | None
+    gives_back: Release | None
+
+    def surely_missed(self, history: list[str]) -> bool:
+        """Whether the write surely did not land, judged by the row's marker history (newest first, the oldest
+        dropped past ``WRITERS_KEPT``). A conditional write lands right after the row it read, so had it landed,
+        its marker would sit in front of ``latest``: while ``latest`` is still listed, so would be ours. With
+        nothing ever dropped from the history, its absence is proof too."""
+        if self.marker in history:
+            return False
+        if self.latest is not None:
+            return self.latest in history
+        return len([m for m in history if m]) < WRITERS_KEPT
 
 
 class _AlreadySettled(Exception):

@@ -136,12 +136,26 @@ def send(url: str, tok: str, caller: str, request_id: str, stream: bool) -> Sent
 
 def run_load(hosts: list[str], tokens: dict[str, str], phase: str, total: int) -> list[Sent]:
     """``total`` requests, ~40% from the hot caller, every 4th streamed (Bedrock), round-robin across hosts."""
-    jobs = []
-    for i in range(total):
-        caller = HOT if i % 5 in (0, 2) else CALLERS[i % len(CALLERS)]
-        jobs.append((hosts[i % len(hosts)], tokens[caller], caller, f"{phase}-{i:04d}", i % 4 == 3))
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(lambda job: send(*job), jobs))
+        return list(pool.map(lambda i: send(*job(hosts, tokens, phase, i)), range(total)))
+
+
+def run_load_until(hosts: list[str], tokens: dict[str, str], phase: str, done: threading.Event,
+                   most: int) -> list[Sent]:
+    """Requests as ``run_load`` makes them, from workers that each keep sending until ``done`` (or ``most``
+    in all): unlike rounds, no one slow request holds the others back."""
+    numbers = iter(range(most))  # shared: next() on a range iterator is atomic under the GIL
+
+    def worker() -> list[Sent]:
+        return [send(*job(hosts, tokens, phase, i)) for i in numbers if not done.is_set()]
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return [sent for part in pool.map(lambda _: worker(), range(WORKERS)) for sent in part]
+
+
+def job(hosts: list[str], tokens: dict[str, str], phase: str, i: int) -> tuple[str, str, str, str, bool]:
+    caller = HOT if i % 5 in (0, 2) else CALLERS[i % len(CALLERS)]
+    return hosts[i % len(hosts)], tokens[caller], caller, f"{phase}-{i:04d}", i % 4 == 3
 
 
 def check_ledger(stack: Stack, sent: list[Sent],
@@ -258,16 +272,11 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
     # ride out the blip at settle, so none loses its cost row or leaves its reservation behind.
     storage_back = threading.Event()
 
-    def load_across_the_outage() -> list[Sent]:
-        # Rounds until storage is back: a fixed count of requests could finish before the outage starts
-        # (it did, once the hot path got faster), and then nothing would have been tested.
-        sent: list[Sent] = []
-        while not storage_back.is_set() and len(sent) < 12 * 30:
-            sent += run_load(hosts, tokens, f"outage{len(sent):03d}", 30)
-        return sent
-
+    # Workers sending until storage is back. A fixed count of requests could finish before the outage
+    # starts (it did, once the hot path got faster). Rounds of requests could too: one request riding out
+    # the outage at settle held its round, and with it any new admission, until storage was back.
     with ThreadPoolExecutor(1) as background:
-        running = background.submit(load_across_the_outage)
+        running = background.submit(run_load_until, hosts, tokens, "outage", storage_back, 12 * 30)
         time.sleep(0.5)
         load_stack.stop_process("azurite")
         with pytest.raises(requests.ConnectionError):  # really gone, whatever the hosts make of it

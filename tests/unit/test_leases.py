@@ -406,6 +406,66 @@ def test_a_lease_being_replaced_is_out_of_reach_until_its_remainder_is_given_bac
     run(scenario())
 
 
+class ReplyLostStore(MemoryTableStore):
+    """The next conditional update fails as unreachable storage, after landing (``landed``) or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next: bool | None = None  # None: behave; else the next update lands (True) or not (False)
+
+    async def update(self, table: str, entity: Any, etag: str) -> Any:
+        landed, self.fail_next = self.fail_next, None
+        if landed is None:
+            return await super().update(table, entity, etag)
+        if landed:
+            await super().update(table, entity, etag)
+        raise StorageUnavailable("connection reset")
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["write-not-landed", "reply-lost"])
+def test_a_lease_replaced_during_an_outage_gives_its_room_back_exactly_once(landed: bool) -> None:
+    # Found by the three-host load test with load running through a storage outage: a grant whose write failed
+    # dropped the old lease, whose room, given back by that same write, stayed reserved on the row until its
+    # epoch ended (15 min of blocked budget) when the write had not landed.
+    async def scenario() -> None:
+        clock, store = Clock(), ReplyLostStore()
+        adm = leased(store, clock)
+        adm._lease_size = lambda old: 10  # type: ignore[method-assign]
+        caller = make_caller()
+        pk = table_key(caller.key)
+        first = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="a")  # a lease of 10
+        store.fail_next = landed
+        with pytest.raises(ServiceUnavailable):  # too big for the lease: a new grant, whose write fails
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.05"), request_id="b")
+        assert pk not in adm._leases or not landed
+        await adm._resolvers[pk]  # the doubt is settled by the next read that storage answers
+        await adm._return_leases(idle_for=0.0)
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.in_flight_usd) == (first.tokens, first.usd), (
+            "the row holds what the admitted request holds: the old lease's room given back once, the new "
+            "block's (if its write landed) too")
+        await adm.settle(first, make_row(caller, "a", clock.now, 3, 4, Decimal("0.0007")))
+        await adm.aclose()
+        c = await counters_of(store, caller.key)
+        assert c.in_flight_usd == 0 and c.in_flight_tokens == 0 and c.day_usd == Decimal("0.0007")
+
+    run(scenario())
+
+
+def test_a_doubtful_write_counts_as_missed_only_when_the_history_proves_it() -> None:
+    from gateway_lib.counters import WRITERS_KEPT, Release
+    from gateway_lib.quota import _Doubt
+
+    room = Release("m", 1, 1, 10, Decimal("0.001"))
+    after_x = _Doubt("ours", room, "x", room)  # written on a row whose newest marker was "x"
+    assert after_x.surely_missed(["y", "x", "w"])  # "x" still listed: ours would sit in front of it
+    assert not after_x.surely_missed(["ours", "x"])  # it landed
+    assert not after_x.surely_missed([f"m{i}" for i in range(WRITERS_KEPT)])  # "x" pushed out: unknown
+    first = _Doubt("ours", room, None, room)  # the row's first write
+    assert first.surely_missed(["y"]) and first.surely_missed([""])  # nothing ever dropped: proof
+    assert not first.surely_missed([f"m{i}" for i in range(WRITERS_KEPT)])
+
+
 def test_a_lease_takes_at_most_half_the_room_left_so_other_instances_are_served_too() -> None:
     async def scenario() -> None:
         clock, store = Clock(), MemoryTableStore()
