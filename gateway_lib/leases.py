@@ -37,6 +37,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from .counter_rows import AlreadySettled
 from .counters import Counters, Limits, Release, check, rate_headers
 from .errors import GatewayError
 from .identity import Caller
@@ -45,7 +46,6 @@ from .quota import (
     Admission,
     Reservation,
     Settlement,
-    _AlreadySettled,
     _unavailable,
     background,
     team_partition,
@@ -166,7 +166,7 @@ class LeasedAdmission(Admission):
                 lease.renewing = True
                 self._background(self._renew(pk, limits, res, who, lease))
             return headers
-        async with self._row_lock(pk):
+        async with self._rows.lock(pk):
             lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
             if lease is not None and lease.fits(res):
                 return rate_headers(lease.take(res, now), limits, self._clock())
@@ -208,10 +208,10 @@ class LeasedAdmission(Admission):
             raise
         except StorageError:
             # A write whose reply was lost is in doubt: it may have landed and given ``old``'s room back already.
-            # Its resolver gives that room back once a read shows the write surely did not land (quota._Doubt);
+            # Its resolver gives that room back once a read shows the write surely did not land (counter_rows.Doubt);
             # otherwise it drops out with its reservation epoch (blocked budget, never overspend). A failure of
             # any other kind wrote nothing, so ``old`` still holds its room and stands.
-            in_doubt = any(d.gives_back is gives_back for d in self._doubts.get(pk, ()))
+            in_doubt = any(d.gives_back is gives_back for d in self._rows.doubts(pk))
             if old is not None and not in_doubt:
                 self._leases[pk] = old
             raise
@@ -223,7 +223,7 @@ class LeasedAdmission(Admission):
         the moment it exists (both are room on the row for the same minute and epoch)."""
         started = self._monotonic()
         try:
-            async with self._row_lock(pk):
+            async with self._rows.lock(pk):
                 if self._leases.get(pk) is not current:
                     return  # replaced meanwhile: the caller already has a fresh lease
                 successor = await self._new_lease(pk, limits, res, who, old=None, rate_of=current)
@@ -332,13 +332,13 @@ class LeasedAdmission(Admission):
             for res, row in batch:
                 counters = counters.settle(res, row.total_tokens, row.cost_usd)
             if team:
-                return await self._write_counters(entity, counters.to_entity(pk), batch[0][0])
-            return await self._commit_settled(entity, counters.to_entity(pk), rows, batch[0][0])
+                return await self._rows.write(entity, counters.to_entity(pk), batch[0][0])
+            return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0])
 
         try:
-            await self._until_written(batch[0][0], pk, write, "team flush" if team else "flush")
-        except _AlreadySettled:
-            self._remember(pk, None)
+            await self._rows.until_written(batch[0][0], pk, write, "team flush" if team else "flush")
+        except AlreadySettled:
+            self._rows.remember(pk, None)
 
     async def _list_callers(self, batch: list[tuple[Reservation, CostRow]]) -> None:
         res, row = batch[0]
@@ -377,10 +377,10 @@ class LeasedAdmission(Admission):
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             released = lease.release(Counters.from_entity(entity).rolled(self._clock()))
-            return await self._write_counters(entity, released.to_entity(pk), probe)
+            return await self._rows.write(entity, released.to_entity(pk), probe)
 
         try:
-            await self._until_written(probe, pk, write, "lease return")
+            await self._rows.until_written(probe, pk, write, "lease return")
         except StorageError:  # the remainder drops out with its reservation epoch instead
             log.warning("lease remainder not returned", extra={"partition": pk})
 

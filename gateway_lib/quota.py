@@ -17,19 +17,15 @@ import asyncio
 import logging
 import random
 import time
-import uuid
-import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from .counter_rows import AlreadySettled, CounterRows
 from .counters import (
     COUNTERS_ROW,
-    WRITERS_KEPT,
     ZERO,
     Counters,
     Limits,
@@ -41,9 +37,7 @@ from .counters import (
     next_month,
     rate_headers,
     seconds_until,
-    stamped,
     usage_document,
-    writers,
 )
 from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
@@ -60,12 +54,9 @@ from .overrides import (
 from .storage.base import (
     Entity,
     EntityExists,
-    Op,
     PreconditionFailed,
     StorageError,
-    StorageUnavailable,
     TableStore,
-    TransactionFailed,
 )
 from .tiers import Tier
 
@@ -80,14 +71,7 @@ RESERVE_ATTEMPTS = 6
 # row, and that is not the caller's own concurrency (which is what the 429 after losing tells it).
 RESERVE_PATIENCE_SECONDS = 1.0
 SETTLE_ATTEMPTS = 12  # admin override writes
-# The caller's settle is bounded by time, not tries: giving up loses the request's cost row and
-# leaves its reservation on the counters, while a lost *reserve* only costs the caller a 429.
-# Under one caller's heavy concurrency a settle can lose the ETag race dozens of times.
-SETTLE_DEADLINE_SECONDS = 30.0
-SETTLE_BACKOFF_CAP_SECONDS = 0.5
-SETTLE_OUTAGE_SECONDS = 10.0  # how long a settle rides out unreachable storage before giving up (logged)
-LATEST_ROWS_KEPT = 10_000  # counters rows remembered per process (a few hundred bytes each)
-DOUBT_RESOLVE_SECONDS = 60.0  # how long a process keeps trying to learn whether such a write landed
+
 
 
 def tables(prefix: str) -> list[str]:
@@ -135,24 +119,13 @@ class Admission:
         self._store, self._settings = store, settings
         self._prefix = settings.storage.table_prefix
         self._table = usage_table(self._prefix)
-        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
-        self._rng = rng or random.Random()
+        self._clock, self._monotonic = clock, monotonic
         self._ttl = override_ttl
         self._overrides: dict[tuple[str, str], tuple[float, Override | None]] = {}
-        # One lock per counters row *within this process*: requests of one caller on one instance queue
-        # for the row instead of racing for its ETag (64 racers on one row made every write a 412 and
-        # throughput collapse). Across instances the ETag condition still decides; a weak map lets the
-        # lock of an idle caller go away.
-        self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # The counters entity (with its ETag) this process last wrote per row, used optimistically under
-        # the row lock: if no other instance wrote since, a reserve needs no read (2 round trips per
-        # request instead of 3); if one did, the ETag condition fails and we re-read. Bounded LRU.
-        self._latest: OrderedDict[str, Entity] = OrderedDict()
+        self._rows = CounterRows(store, self._table, clock=clock, monotonic=monotonic, sleep=sleep,
+                                 rng=rng or random.Random())
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
-        self._markers: dict[str, str] = {}  # row -> marker of the counters write in flight (row lock held)
-        self._doubts: dict[str, list[_Doubt]] = {}  # row -> reserving writes of unknown outcome
-        self._resolvers: dict[str, asyncio.Task[None]] = {}
 
     async def effective_alias(self, caller: Caller, alias: str) -> str:
         """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
@@ -224,7 +197,7 @@ class Admission:
                 saved = await (put_override(self._store, self._prefix, subject, merged) if current
                                else self._insert_override(subject, merged))
             except (PreconditionFailed, EntityExists):
-                await self._backoff(attempt)
+                await self._rows.backoff(attempt)
                 continue
             self._overrides.pop(("caller", subject), None)  # this instance sees the change at once
             return override_json(subject, saved)
@@ -235,9 +208,7 @@ class Admission:
 
     async def aclose(self) -> None:
         """Nothing to commit (see ``flush``); stop looking for the outcome of lost writes."""
-        for task in self._resolvers.values():
-            task.cancel()
-        self._resolvers.clear()
+        self._rows.aclose()
 
     # -- internals --
 
@@ -259,27 +230,9 @@ class Admission:
         name = row.properties.get("tier") if row else None
         return self._settings.tiers.tiers.get(str(name)) if name else None
 
-    def _known(self, pk: str) -> Entity | None:
-        return self._latest.get(pk)
-
-    def _remember(self, pk: str, entity: Entity | None) -> None:
-        if entity is None or entity.etag is None:
-            self._latest.pop(pk, None)
-            return
-        self._latest[pk] = entity
-        self._latest.move_to_end(pk)
-        while len(self._latest) > LATEST_ROWS_KEPT:
-            self._latest.popitem(last=False)
-
-    def _row_lock(self, pk: str) -> asyncio.Lock:
-        lock = self._row_locks.get(pk)
-        if lock is None:
-            lock = self._row_locks[pk] = asyncio.Lock()
-        return lock
-
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
         """Add the reservation to the row; returns the x-ratelimit-* headers."""
-        async with self._row_lock(pk):
+        async with self._rows.lock(pk):
             return await self._admit_locked(pk, limits, res, who)
 
     async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
@@ -302,13 +255,13 @@ class Admission:
             try:
                 # The ETag condition is what makes check-then-write safe across instances: if another
                 # request was admitted or settled since our read, our check used stale numbers -> 412.
-                self._remember(pk, await self._reserving_write(pk, entity, admitted.to_entity(pk), res, room,
+                self._rows.remember(pk, await self._rows.reserving_write(pk, entity, admitted.to_entity(pk), res, room,
                                                                gives_back))
                 return admitted, room, now
             except PreconditionFailed:
-                self._remember(pk, None)  # another instance wrote: what we knew is stale
+                self._rows.remember(pk, None)  # another instance wrote: what we knew is stale
                 if attempt:  # the first miss is usually just our stale copy: re-read at once
-                    await self._backoff(attempt)
+                    await self._rows.backoff(attempt)
         # Only this caller's own concurrency keeps winning the race: ask it to slow down (429, not 503).
         raise RateLimited(f"Too many concurrent requests for {who}; retry shortly.", retry_after=1)
 
@@ -326,13 +279,13 @@ class Admission:
         """The counters row to write and what ``plan`` makes of it, or a refusal. A remembered copy may be
         stale (a settle on another instance since), which the ETag only catches at write time; so never
         refuse on it: a refusal is re-checked on freshly read numbers."""
-        known = self._known(pk) if use_known else None
+        known = self._rows.known(pk) if use_known else None
         if known is not None:
             try:
                 return known, *plan(_rolled_for(known, res, now), now)
             except GatewayError:
-                self._remember(pk, None)
-        entity = await self._get(pk, res)
+                self._rows.remember(pk, None)
+        entity = await self._rows.get(pk, res)
         return entity, *plan(_rolled_for(entity, res, now), now)
 
     async def _admit_team(self, team: str, res: Reservation) -> None:
@@ -350,9 +303,9 @@ class Admission:
             undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
             if undone.minute == res.minute:  # a past minute's count is gone already: not the new one's to lower
                 undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
-            return await self._write_counters(entity, undone.to_entity(pk), res)
+            return await self._rows.write(entity, undone.to_entity(pk), res)
 
-        await self._until_written(res, table_key(res.caller_key), write, "undo")
+        await self._rows.until_written(res, table_key(res.caller_key), write, "undo")
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
@@ -360,11 +313,11 @@ class Admission:
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            return await self._commit_settled(entity, settled.to_entity(pk), [row], res)
+            return await self._rows.commit(entity, settled.to_entity(pk), [row], res)
 
         try:
-            await self._until_written(res, table_key(res.caller_key), write, "settle")
-        except _AlreadySettled:
+            await self._rows.until_written(res, table_key(res.caller_key), write, "settle")
+        except AlreadySettled:
             return Settlement(True, res.round_trips)
         try:  # list the caller for the budget rollup (once per process; retried on its next request if this fails)
             res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
@@ -374,83 +327,16 @@ class Admission:
             await self._settle_team(res, row)
         return Settlement(False, res.round_trips)
 
-    async def _commit_settled(self, read: Entity | None, counters: Entity, rows: list[CostRow],
-                              res: Reservation) -> Entity:
-        """The cost rows and the settled counters row in one entity-group transaction; returns the counters
-        row written. Rows go first: a retry of a transaction that already committed fails on op 0 as
-        "exists" (``_AlreadySettled``), since counting it again would double it."""
-        counters = self._stamped(read, counters)
-        ops = [Op("insert", row.to_entity()) for row in rows] + [_counters_op(read, counters)]
-        res.round_trips += 1
-        with self._marker_kept_while_unknown(counters.partition_key):
-            try:
-                return (await self._store.transact(self._table, ops))[-1]
-            except TransactionFailed as exc:
-                if exc.reason == "exists":
-                    raise _AlreadySettled from exc
-                if exc.reason in ("precondition", "not_found"):
-                    raise PreconditionFailed(str(exc)) from exc
-                raise
-
-    async def _until_written(self, res: Reservation, pk: str,
-                             write: Callable[[Entity | None, str], Awaitable[Entity]], what: str) -> None:
-        """Apply ``write`` to a counters row until it lands, under the row lock.
-
-        Bounded by time, not tries: giving up loses the request's cost row and leaves its reservation
-        behind, while the loser of a race only has to re-read and go again.
-        """
-        async with self._row_lock(pk):
-            entity = self._known(pk)
-            started = self._monotonic()
-            deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
-            doubt: str | None = None  # marker of a write whose reply was lost
-            while True:
-                try:
-                    if entity is None:
-                        entity = await self._get(pk, res)
-                        if doubt is not None and doubt in writers(entity):
-                            self._remember(pk, entity)  # it had landed: applying it again would count twice
-                            return
-                    self._remember(pk, await write(entity, pk))
-                    return
-                except _AlreadySettled:
-                    if doubt is None:
-                        raise  # a settle of this request made before this call
-                    # This call's own transaction had landed, its marker since pushed out of the row's history
-                    # by later writes: done (raising would skip the rest of the settle, e.g. the team's counters).
-                    self._remember(pk, None)
-                    return
-                except StorageUnavailable:
-                    # A blip (a storage node failing over, a connection reset) must not cost the cost row.
-                    # A write whose reply was lost may have committed: re-read, and its marker on the row
-                    # (or, for a settle, the cost row's key) says so.
-                    doubt = self._markers.pop(pk, None) or doubt
-                    if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
-                        raise
-                    self._remember(pk, None)
-                    entity = None
-                    await self._sleep(min(1.0, 0.05 * 2 ** min(outages, 5)))
-                    outages += 1
-                except PreconditionFailed as exc:  # another instance wrote since: redo on fresh numbers
-                    if self._monotonic() >= deadline:
-                        raise StorageError(f"{what} of {res.request_id} kept losing the ETag race for "
-                                           f"{SETTLE_DEADLINE_SECONDS:.0f} s ({attempt + 1} tries)") from exc
-                    self._remember(pk, None)
-                    entity = None
-                    if attempt:  # the first miss is usually just our stale copy: re-read at once
-                        await self._backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
-                    attempt += 1
-
     async def _settle_team(self, res: Reservation, row: CostRow) -> None:
         """Team counters follow the caller's; a loss here under-counts the team until the rollup, which sums
         the cost rows (authoritative), so it is logged rather than raised."""
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            return await self._write_counters(entity, settled.to_entity(pk), res)
+            return await self._rows.write(entity, settled.to_entity(pk), res)
 
         try:
-            await self._until_written(res, team_partition(res.team or ""), write, "team settle")
+            await self._rows.until_written(res, team_partition(res.team or ""), write, "team settle")
         except StorageError:
             log.error("team counters not settled", extra={"request_id": res.request_id, "team": res.team})
 
@@ -484,136 +370,6 @@ class Admission:
         self._overrides[(kind, subject)] = (self._monotonic(), value)
         return value
 
-    async def _get(self, pk: str, res: Reservation) -> Entity | None:
-        """A fresh read of the row (row lock held); settles any doubt about this process's earlier writes."""
-        res.round_trips += 1
-        entity = await self._store.get(self._table, pk, COUNTERS_ROW)
-        return await self._settle_doubts(pk, entity, res) if self._doubts.get(pk) else entity
-
-    def _stamped(self, read: Entity | None, new: Entity) -> Entity:
-        """``new`` with a fresh writer marker in front of the row's recent ones."""
-        marker = uuid.uuid4().hex[:12]
-        self._markers[new.partition_key] = marker
-        return stamped(new, marker, read)
-
-    async def _write_counters(self, read: Entity | None, new: Entity, res: Reservation) -> Entity:
-        """Conditional write; raises ``PreconditionFailed`` when the row changed (or was created) since ``read``."""
-        res.round_trips += 1
-        new = self._stamped(read, new)
-        with self._marker_kept_while_unknown(new.partition_key):
-            try:
-                if read is not None and read.etag is not None:
-                    return await self._store.update(self._table, new, read.etag)
-                return await self._store.insert(self._table, new)
-            except EntityExists as exc:  # two first requests raced to create the row: the same as losing the race
-                raise PreconditionFailed(str(exc)) from exc
-
-    @contextmanager
-    def _marker_kept_while_unknown(self, pk: str) -> Iterator[None]:
-        """A counters write's marker outlives the write only when its outcome is unknown (its reply was lost):
-        a marker left behind by a write that surely failed would later be taken for a doubt and looked for
-        instead of the one that matters: the interleaving test caught a settle retried after its own write had
-        landed, refused as "already settled", that skipped the team's counters (an undo would count twice)."""
-        unknown = False
-        try:
-            yield
-        except StorageUnavailable:
-            unknown = True
-            raise
-        finally:
-            if not unknown:
-                self._markers.pop(pk, None)
-
-    async def _reserving_write(self, pk: str, read: Entity | None, new: Entity, res: Reservation,
-                               release: Release, gives_back: Release | None = None) -> Entity:
-        """A write that adds reserved room. If its reply is lost the request is refused (503), so the room must
-        not stay reserved if the write did land: remember it, and find out once storage answers again. If the
-        write also gave room back (``gives_back``) and surely did not land, that room is given back then."""
-        try:
-            return await self._write_counters(read, new, res)
-        except StorageUnavailable:
-            marker = self._markers.pop(pk, None)
-            if marker is not None:
-                latest = next(iter(writers(read)), "")
-                self._doubts.setdefault(pk, []).append(_Doubt(marker, release, latest or None, gives_back))
-                self._start_resolver(pk)
-            raise
-
-    async def _settle_doubts(self, pk: str, entity: Entity | None, res: Reservation) -> Entity | None:
-        """Give back the room of doubtful reserving writes that did land, and the room that those which surely
-        did not land were to give back; forget the rest (a write whose marker may have been pushed out of the
-        row's history counts as neither: conservative, its room then drops out with its reservation epoch)."""
-        doubts = self._doubts.pop(pk, [])
-        history = writers(entity)
-        landed = [d for d in doubts if d.marker in history]
-        missed = [d for d in doubts if d.gives_back is not None and d not in landed and d.surely_missed(history)]
-        if not (landed or missed) or entity is None:
-            return entity
-        counters = Counters.from_entity(entity).rolled(self._clock())
-        for release in [d.release for d in landed] + [d.gives_back for d in missed if d.gives_back is not None]:
-            counters = release.apply(counters)
-        try:
-            written = await self._write_counters(entity, counters.to_entity(pk), res)
-        except PreconditionFailed:  # another instance wrote first: nothing given back yet, try on the next read
-            self._doubts.setdefault(pk, []).extend(landed + missed)
-            return await self._store.get(self._table, pk, COUNTERS_ROW)
-        except StorageError:  # unknown again: giving it back twice would be worse than letting it expire
-            self._markers.pop(pk, None)
-            log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
-            raise
-        log.info("reservation of a request refused during a storage outage given back",
-                 extra={"partition": pk, "count": len(landed) + len(missed)})
-        self._remember(pk, written)
-        return written
-
-    def _start_resolver(self, pk: str) -> None:
-        task = self._resolvers.get(pk)
-        if task is None or task.done():
-            self._resolvers[pk] = asyncio.get_running_loop().create_task(self._resolve(pk), name="quota-doubt")
-
-    async def _resolve(self, pk: str) -> None:
-        """Retry the fresh read that settles a doubt until storage answers (a caller may not come back soon)."""
-        probe = background(pk, "doubt")
-        started = self._monotonic()
-        while self._doubts.get(pk) and self._monotonic() - started < DOUBT_RESOLVE_SECONDS:
-            await asyncio.sleep(0.5)
-            try:
-                async with self._row_lock(pk):
-                    self._remember(pk, await self._get(pk, probe))
-            except StorageError:
-                continue
-        if self._doubts.pop(pk, None):
-            log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
-
-    async def _backoff(self, attempt: int, cap: float = 0.2) -> None:
-        # Full jitter: instances that collided once must not collide again in lock-step.
-        await self._sleep(self._rng.uniform(0, min(cap, 0.01 * 2 ** min(attempt, 16))))
-
-
-@dataclass(frozen=True)
-class _Doubt:
-    """A reserving write whose reply was lost: its marker, the room it reserved, the newest marker of the row
-    it replaced (``latest``) and the room it gave back in the same write, if any."""
-
-    marker: str
-    release: Release
-    latest: str | None
-    gives_back: Release | None
-
-    def surely_missed(self, history: list[str]) -> bool:
-        """Whether the write surely did not land, judged by the row's marker history (newest first, the oldest
-        dropped past ``WRITERS_KEPT``). A conditional write lands right after the row it read, so had it landed,
-        its marker would sit in front of ``latest``: while ``latest`` is still listed, so would be ours. With
-        nothing ever dropped from the history, its absence is proof too."""
-        if self.marker in history:
-            return False
-        if self.latest is not None:
-            return self.latest in history
-        return len([m for m in history if m]) < WRITERS_KEPT
-
-
-class _AlreadySettled(Exception):
-    """The request's cost row is already there: an earlier try of this settle committed."""
 
 
 def _rolled_for(entity: Entity | None, res: Reservation, now: datetime) -> Counters:
@@ -642,7 +398,3 @@ def _unavailable() -> ServiceUnavailable:
 def background(pk: str, what: str) -> Reservation:
     """A stand-in reservation for background writes to a row (round trips and messages only)."""
     return Reservation(pk, what, "", None, 0, ZERO, "", 0)
-
-
-def _counters_op(read: Entity | None, new: Entity) -> Op:
-    return Op("insert", new) if read is None or read.etag is None else Op("update", new, etag=read.etag)

@@ -438,7 +438,7 @@ def test_a_lease_replaced_during_an_outage_gives_its_room_back_exactly_once(land
         with pytest.raises(ServiceUnavailable):  # too big for the lease: a new grant, whose write fails
             await adm.reserve(caller, tokens=10, usd=Decimal("0.05"), request_id="b")
         assert pk not in adm._leases or not landed
-        await adm._resolvers[pk]  # the doubt is settled by the next read that storage answers
+        await adm._rows._resolvers[pk]  # the doubt is settled by the next read that storage answers
         await adm._return_leases(idle_for=0.0)
         c = await counters_of(store, caller.key)
         assert (c.in_flight_tokens, c.in_flight_usd) == (first.tokens, first.usd), (
@@ -453,15 +453,15 @@ def test_a_lease_replaced_during_an_outage_gives_its_room_back_exactly_once(land
 
 
 def test_a_doubtful_write_counts_as_missed_only_when_the_history_proves_it() -> None:
+    from gateway_lib.counter_rows import Doubt
     from gateway_lib.counters import WRITERS_KEPT, Release
-    from gateway_lib.quota import _Doubt
 
     room = Release("m", 1, 1, 10, Decimal("0.001"))
-    after_x = _Doubt("ours", room, "x", room)  # written on a row whose newest marker was "x"
+    after_x = Doubt("ours", room, "x", room)  # written on a row whose newest marker was "x"
     assert after_x.surely_missed(["y", "x", "w"])  # "x" still listed: ours would sit in front of it
     assert not after_x.surely_missed(["ours", "x"])  # it landed
     assert not after_x.surely_missed([f"m{i}" for i in range(WRITERS_KEPT)])  # "x" pushed out: unknown
-    first = _Doubt("ours", room, None, room)  # the row's first write
+    first = Doubt("ours", room, None, room)  # the row's first write
     assert first.surely_missed(["y"]) and first.surely_missed([""])  # nothing ever dropped: proof
     assert not first.surely_missed([f"m{i}" for i in range(WRITERS_KEPT)])
 

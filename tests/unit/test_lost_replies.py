@@ -44,7 +44,7 @@ class LosesReplies(MemoryTableStore):
 
 async def _resolved(adm: Admission) -> None:
     for _ in range(200):  # the resolver's first look is 0.5 s after the loss
-        if not adm._doubts:
+        if not adm._rows._doubts:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the doubt was never settled")
@@ -181,7 +181,7 @@ def test_a_settle_whose_reply_was_lost_is_recognised_although_a_give_back_failed
         store.script = [("update", "lost")]
         with pytest.raises(ServiceUnavailable):  # landed: a doubt to give back on the next read
             await adm.reserve(caller, tokens=50, usd=Decimal("0.005"), request_id="r2")
-        adm._remember(store.partition, None)
+        adm._rows.remember(store.partition, None)
         store.script = [("get", ""), ("update", "raced"),  # the first read: the give-back meets a 412
                         ("transact", "lost"),  # the settle lands, its reply is lost
                         ("get", ""), ("update", "raced"), ("get", "down")]  # the re-read fails the same way
@@ -200,16 +200,16 @@ def test_a_settle_whose_landing_was_pushed_out_of_the_rows_history_still_settles
     async def scenario() -> None:
         clock, store, adm, caller, res = await _team_caller_with_a_reservation()
         store.script = [("transact", "lost")]
-        real_get = adm._get
+        real_get = adm._rows.get
 
         async def get_after_many_writes(pk: str, r: Any) -> Any:  # other instances wrote the row 16 times since
             if pk == store.partition:
                 for _ in range(WRITERS_KEPT):
-                    await adm._write_counters(await store.get(usage_table("t"), pk, "counters"),
-                                              (await counters_of(store, caller.key)).to_entity(pk), r)
+                    await adm._rows.write(await store.get(usage_table("t"), pk, "counters"),
+                                           (await counters_of(store, caller.key)).to_entity(pk), r)
             return await real_get(pk, r)
 
-        adm._get = get_after_many_writes  # type: ignore[method-assign]
+        adm._rows.get = get_after_many_writes  # type: ignore[method-assign,assignment]
         done = await adm.settle(res, make_row(caller, "r1", clock.now, 3, 4, Decimal("0.0007")))
         assert not done.already_settled, "this call's own transaction landed: not a settle made before"
         team = await counters_of(store, team_partition("blue"))

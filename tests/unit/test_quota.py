@@ -610,7 +610,7 @@ def test_a_settle_rides_out_a_short_storage_outage() -> None:
         res = await adm.reserve(caller, tokens=100, usd=Decimal("0.1"), request_id="blip")
         store.down = True
         sleeps = 0
-        real_sleep = adm._sleep
+        real_sleep = adm._rows._sleep
 
         async def sleep_then_recover(seconds: float) -> None:
             nonlocal sleeps
@@ -619,7 +619,7 @@ def test_a_settle_rides_out_a_short_storage_outage() -> None:
                 store.down = False
             await real_sleep(0)
 
-        adm._sleep = sleep_then_recover
+        adm._rows._sleep = sleep_then_recover
         await adm.settle(res, make_row(caller, "blip", clock.now, 10, 5, Decimal("0.002")))
         c = await counters_of(store, caller.key)
         assert sleeps == 3 and c.in_flight_tokens == 0 and c.day_usd == Decimal("0.002")
