@@ -20,6 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import strict_json
 from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from .identity import Caller
 from .storage.base import StorageError
@@ -78,7 +79,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_body")
     try:
-        return json.loads(body)
+        return strict_json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidRequest(f"The request body is not valid JSON{where}.", code="invalid_json") from None

@@ -28,6 +28,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .. import strict_json
 from ..catalog import Target
 from ..errors import InvalidRequest, ProviderError
 from ..schema import ChatRequest, Message
@@ -146,8 +147,8 @@ def _tool_result(message: Message, index: int) -> Block:
 
 def _tool_arguments(arguments: str, index: int) -> dict[str, Any]:
     try:
-        value = json.loads(arguments or "{}")
-    except json.JSONDecodeError:
+        value = strict_json.loads(arguments or "{}")
+    except (json.JSONDecodeError, InvalidRequest):
         value = None
     if not isinstance(value, dict):
         raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string.",

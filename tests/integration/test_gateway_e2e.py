@@ -126,6 +126,14 @@ BAD_INPUT = [
     ("n above one", json.dumps(hello(n=2)), "application/json", 400, "invalid_value", "n"),
     ("unknown field", json.dumps(hello(max_token=5)), "application/json", 400, "unknown_parameter", "max_token"),
     ("unknown model", json.dumps(hello(model="gpt-17")), "application/json", 404, "model_not_found", "model"),
+    # What Python's parser takes but JSON does not, and no SDK can send on:
+    ("NaN", json.dumps(hello(temperature=float("nan"))), "application/json", 400, "invalid_json", None),
+    ("Infinity in a free-form field", json.dumps(hello(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"maximum": float("inf")}}})), "application/json", 400, "invalid_json", None),
+    ("number past a double", b'{"model": "gpt-4o-mini", "top_p": 1e400, "messages": [{"role": "user", '
+     b'"content": "x"}]}', "application/json", 400, "invalid_json", None),
+    ("lone surrogate", b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "application/json", 400, "invalid_json", None),
 ]
 
 
@@ -142,6 +150,20 @@ def test_bad_input_gets_its_exact_status_and_openai_error_shape(
     assert error["param"] == param
     assert response.headers["x-request-id"]
     assert sim.total() == 0, "bad input must never reach a provider"
+
+
+def test_input_no_provider_could_be_sent_counts_against_no_target(base_url: str, token: str, sim) -> None:
+    # A lone surrogate in a free-form field used to pass validation and fail inside the SDK: a 503 that
+    # counted as a failure of every target, so the next caller's "chat-default" went to its fallback.
+    unsendable = (b'{"model": "chat-default", "messages": [{"role": "user", "content": "x"}], '
+                  b'"response_format": {"type": "json_schema", "json_schema": {"name": "\\udfff"}}}')
+    for _ in range(6):
+        assert _post(base_url, token, unsendable).status_code == 400
+    response = requests.post(f"{base_url}/v1/chat/completions", json=hello(model="chat-default"), timeout=30,
+                             headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    assert response.headers["x-gateway-provider"] == "azure_openai"
+    assert sim.total() == 1
 
 
 def test_body_over_the_cap_is_rejected_before_parsing(base_url: str, token: str) -> None:

@@ -133,10 +133,12 @@ def test_data_url_images_become_image_blocks() -> None:
     assert kwargs["messages"][0]["content"][1] == {"image": {"format": "png", "source": {"bytes": b"\x89PNG"}}}
 
 
-def test_invalid_tool_call_arguments_are_a_400() -> None:
-    with pytest.raises(InvalidRequest):
+@pytest.mark.parametrize("arguments", ["not json", "[1]", '{"x": NaN}', '{"x": 1e999}', '{"x": "\\ud800"}'])
+def test_invalid_tool_call_arguments_are_a_400(arguments: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
         build(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}])
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}])
+    assert refused.value.param == "messages.1.tool_calls"
 
 
 # ---------------------------------------------------------------- response

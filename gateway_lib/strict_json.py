@@ -1,0 +1,56 @@
+"""JSON as RFC 8259 has it, for what callers send.
+
+Python's parser also takes NaN, Infinity, numbers past a double (1e400 becomes inf) and lone UTF-16
+surrogates ("\\ud800"). None of them can be sent on: the SDKs refuse to encode them, and failing
+there looked like a provider failure (a 503 that counted against every target's circuit breaker).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from .errors import InvalidRequest
+
+_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate escape, paired or not
+_ESCAPE_BYTES = re.compile(_ESCAPE.pattern.encode())
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """Parse ``text``; raises ``json.JSONDecodeError``/``UnicodeDecodeError`` for what is not JSON at all and
+    ``InvalidRequest`` (400 ``invalid_json``) for what Python takes but JSON does not."""
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    escaped = _ESCAPE.search(text) if isinstance(text, str) else _ESCAPE_BYTES.search(text)
+    if escaped:  # rare: only then walk the document
+        _no_lone_surrogates(value)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"The JSON contains {name}, which JSON does not allow.", code="invalid_json")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest(f"The number {text[:40]} is out of range.", code="invalid_json")
+    return value
+
+
+def _no_lone_surrogates(value: Any) -> None:
+    pending = [value]  # a loop, not recursion: the parser allows deeper nesting than a recursive walk would
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("The JSON contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+                                     "its pair); send valid Unicode.", code="invalid_json") from None
