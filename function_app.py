@@ -18,38 +18,42 @@ from gateway_lib import api
 # callers are still authenticated by their Entra token inside every handler.
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
+# Routes carry their "api/" themselves (host.json's routePrefix is ""): the Functions host refuses any
+# route *template* that starts with "admin" or "runtime", whatever the prefix, because its own management
+# API lives there. "admin/limits" would not register in Azure; "api/admin/limits" does, at the same URL.
 
-@app.route(route="v1/chat/completions", methods=["POST"])
+
+@app.route(route="api/v1/chat/completions", methods=["POST"])
 async def chat_completions(req: Request) -> Response:
     return await api.chat_completions(req)
 
 
-@app.route(route="v1/models", methods=["GET"])
+@app.route(route="api/v1/models", methods=["GET"])
 async def list_models(req: Request) -> Response:
     return await api.list_models(req)
 
 
-@app.route(route="generate", methods=["POST"])
+@app.route(route="api/generate", methods=["POST"])
 async def generate(req: Request) -> Response:
     return await api.generate(req)
 
 
-@app.route(route="v1/usage", methods=["GET"])
+@app.route(route="api/v1/usage", methods=["GET"])
 async def usage(req: Request) -> Response:
     return await api.usage(req)
 
 
-@app.route(route="admin/limits", methods=["GET", "PUT"])
+@app.route(route="api/admin/limits", methods=["GET", "PUT"])
 async def admin_limits(req: Request) -> Response:
     return await api.admin_limits(req)
 
 
-@app.route(route="admin/alerts", methods=["GET"])
+@app.route(route="api/admin/alerts", methods=["GET"])
 async def admin_alerts(req: Request) -> Response:
     return await api.admin_alerts(req)
 
 
-@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@app.route(route="api/health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 async def health(req: Request) -> Response:
     return await api.health(req)
 

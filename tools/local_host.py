@@ -3,8 +3,10 @@
 Azure Functions Core Tools cannot be installed here, so this host reads the
 ``FunctionApp`` object itself (``app.get_functions()``), never a second route list.
 For every HTTP trigger it mounts ``/{routePrefix}/{route}`` (routePrefix from host.json,
-``api`` by default) with the declared methods, and calls the user function with the
-Starlette request exactly as the HTTP-streams worker does. Like ``func start``,
+``api`` by default; this app sets it to "" and spells ``api/`` in its routes) with the
+declared methods, and calls the user function with the Starlette request exactly as the
+HTTP-streams worker does. A route the real host would refuse (one starting with "admin"
+or "runtime") is refused here too, so the tests see what Azure would. Like ``func start``,
 non-HTTP functions run on demand through ``POST /admin/functions/{name}``, and
 function keys are not enforced locally.
 
@@ -64,9 +66,21 @@ def http_functions(functions: list[Any]) -> list[tuple[str, str, list[str], Call
         if getattr(trigger, "type", None) != "httpTrigger":
             continue
         methods = [getattr(m, "value", str(m)).upper() for m in (trigger.methods or ["GET", "POST"])]
-        found.append((fn.get_function_name(), trigger.route or fn.get_function_name(), methods,
-                      fn.get_user_function()))
+        route = trigger.route or fn.get_function_name()
+        check_route(fn.get_function_name(), route)
+        found.append((fn.get_function_name(), route, methods, fn.get_user_function()))
     return found
+
+
+RESERVED_ROUTE_STARTS = ("admin", "runtime")  # the Functions host's own APIs
+
+
+def check_route(name: str, route: str) -> None:
+    """Refuse what the Functions host refuses: a route template starting with "admin" or "runtime" (any case,
+    whatever the routePrefix) conflicts with its built-in routes, and that function never registers."""
+    if route.lstrip("/").lower().startswith(RESERVED_ROUTE_STARTS):
+        raise ValueError(f"function '{name}': route '{route}' conflicts with the Functions host's built-in routes "
+                         f"(templates starting with {' or '.join(RESERVED_ROUTE_STARTS)} are reserved)")
 
 
 def other_functions(functions: list[Any]) -> dict[str, tuple[str, Callable[..., Any]]]:

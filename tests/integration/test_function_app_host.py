@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 EXPECTED_HTTP = {
-    "chat_completions": ("v1/chat/completions", {"POST"}, "function"),
-    "list_models": ("v1/models", {"GET"}, "function"),
-    "generate": ("generate", {"POST"}, "function"),
-    "usage": ("v1/usage", {"GET"}, "function"),
-    "admin_limits": ("admin/limits", {"GET", "PUT"}, "function"),
-    "admin_alerts": ("admin/alerts", {"GET"}, "function"),
-    "health": ("health", {"GET"}, "anonymous"),
+    "chat_completions": ("api/v1/chat/completions", {"POST"}, "function"),
+    "list_models": ("api/v1/models", {"GET"}, "function"),
+    "generate": ("api/generate", {"POST"}, "function"),
+    "usage": ("api/v1/usage", {"GET"}, "function"),
+    "admin_limits": ("api/admin/limits", {"GET", "PUT"}, "function"),
+    "admin_alerts": ("api/admin/alerts", {"GET"}, "function"),
+    "health": ("api/health", {"GET"}, "anonymous"),
 }
 
 
@@ -62,10 +62,27 @@ def test_the_app_registers_exactly_the_documented_functions(functions: dict[str,
 def test_local_host_serves_the_same_routes_as_the_index(functions: dict[str, Any]) -> None:
     import function_app
 
-    app = local_host.build_app(function_app.app, prefix="api", functions=list(functions.values()))
+    app = local_host.build_app(function_app.app, functions=list(functions.values()))  # routePrefix from host.json
     served = {(r.path, frozenset(r.methods or ()) - {"HEAD"}) for r in app.routes if not r.path.startswith("/admin/f")}
-    indexed = {(f"/api/{route}", frozenset(methods)) for route, methods, _ in EXPECTED_HTTP.values()}
+    indexed = {(f"/{route}", frozenset(methods)) for route, methods, _ in EXPECTED_HTTP.values()}
     assert served == indexed
+    assert all(path.startswith("/api/") for path, _ in served)
+
+
+@pytest.mark.parametrize("route", ["admin/limits", "Admin/x", "administration/y", "/runtime/z"])
+def test_the_local_host_refuses_a_route_the_functions_host_reserves(route: str) -> None:
+    # The real host fails such a function at startup ("The specified route conflicts with one or more built
+    # in routes"), whatever the routePrefix; the stand-in must not serve it either, or no test would notice.
+    import azure.functions as func
+
+    reserved = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+    @reserved.route(route=route, methods=["GET"])
+    async def handler(req: Any) -> Any:  # never called
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="conflicts with the Functions host's built-in routes"):
+        local_host.build_app(reserved, functions=local_host.indexed(reserved))
 
 
 def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
