@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from . import edge, pipeline, tasks
 from .edge import Scope
-from .errors import InvalidRequest, PermissionDenied
+from .errors import GatewayError, InvalidRequest, PermissionDenied
 from .identity import Caller
 from .runtime import Runtime, get_runtime, try_runtime
 from .schema import ChatRequest, GenerateRequest, parse_model
@@ -62,7 +62,10 @@ async def generate(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
         job = parse_model(GenerateRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
-        served = await pipeline.complete(rt, scope, caller, tasks.to_chat(job), task=job.task)
+        try:
+            served = await pipeline.complete(rt, scope, caller, tasks.to_chat(job), task=job.task)
+        except GatewayError as error:
+            raise tasks.in_task_terms(error) from None
         return edge.json_response(tasks.render(job, served, scope.request_id), scope, headers=served.headers)
 
     return await _serve(request, "generate", handle)

@@ -5,7 +5,7 @@ Each check is a plain function that returns a value or raises one of our 400s;
 ``screen`` runs them all once per request, cheapest first (counts and sizes before
 regexes, regexes before tokenizing), and hands the pipeline one ``Screened``.
 
-Content errors name the rule that fired and the message index, never the matched text:
+Content errors name the rule that fired and where (``messages[1]``, ``tools[0]``), never the matched text:
 the response, logs and telemetry must not carry the very data the rule protects.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import tokens
 from .errors import ContentFiltered, InvalidRequest
@@ -52,7 +52,7 @@ class MaxTokens:
 @dataclass(frozen=True)
 class Violation:
     rule: str  # "deny_patterns[2]" or "pii.email": safe to show, never the matched text
-    message_index: int
+    where: str  # "messages[1]", "tools[0]", "response_format": the part of the request it matched in
 
 
 def screen(request: ChatRequest, tier: Tier, targets: Sequence[Target], limits: LimitSettings) -> Screened:
@@ -67,7 +67,7 @@ def screen(request: ChatRequest, tier: Tier, targets: Sequence[Target], limits: 
         raise ValueError("screen() needs at least one candidate target")
     check_message_count(request.messages, limits)
     chars = check_prompt_size(request, limits)
-    check_content(request.messages, content_rules(limits.deny_patterns, limits.pii_patterns))
+    check_content(request, content_rules(limits.deny_patterns, limits.pii_patterns))
     cap = resolve_max_tokens(request, tier, targets)
     estimates = _estimates(request, targets)
     eligible, max_tokens = fit_targets(targets, estimates, cap)
@@ -256,33 +256,67 @@ def content_rules(deny_patterns: tuple[str, ...], pii_names: tuple[str, ...]) ->
     )
 
 
-def find_violation(texts: Sequence[tuple[int, str]], rules: ContentRules) -> Violation | None:
-    """The first rule any (message index, text) pair breaks, or None."""
-    for index, text in texts:
+def find_violation(texts: Iterable[tuple[str, str]], rules: ContentRules) -> Violation | None:
+    """The first rule any (where, text) pair breaks, or None."""
+    for where, text in texts:
         for i, pattern in enumerate(rules.deny):
             if pattern.search(text):
-                return Violation(f"deny_patterns[{i}]", index)
+                return Violation(f"deny_patterns[{i}]", where)
         for name, detect in rules.pii:
             if detect(text):
-                return Violation(f"pii.{name}", index)
+                return Violation(f"pii.{name}", where)
     return None
 
 
-def check_content(messages: Sequence[Message], rules: ContentRules) -> None:
-    """400 content_filter naming the rule and message when any rule fires."""
+def check_content(request: ChatRequest, rules: ContentRules) -> None:
+    """400 content_filter naming the rule and the part of the request when any rule fires."""
     if not rules.deny and not rules.pii:
         return
-    violation = find_violation(list(_texts(messages)), rules)
+    violation = find_violation(screened_texts(request), rules)
     if violation is not None:
         raise ContentFiltered(
             f"The request was blocked by the gateway's content policy (rule '{violation.rule}' "
-            f"matched in messages[{violation.message_index}]).",
-            param="messages",
+            f"matched in {violation.where}).",
+            param=violation.where.split("[", 1)[0],
         )
 
 
+def screened_texts(request: ChatRequest) -> Iterator[tuple[str, str]]:
+    """Every caller-supplied text the model reads, with where it is: message text, names, refusals and
+    tool calls, and every string of the tool definitions and the response format (descriptions and
+    schemas reach the model as prompt too, so a rule that skipped them would be a way round it)."""
+    for index, message in enumerate(request.messages):
+        where = f"messages[{index}]"
+        yield where, message.text()
+        if message.name:
+            yield where, message.name
+        if isinstance(message.content, list):
+            yield from ((where, str(p["refusal"])) for p in message.content if p.get("type") == "refusal")
+        for call in message.tool_calls or ():
+            yield where, call.function.name
+            yield where, call.function.arguments
+    for index, tool in enumerate(request.tools or ()):
+        yield from ((f"tools[{index}]", text) for text in _strings(tool))
+    if request.response_format:
+        yield from (("response_format", text) for text in _strings(request.response_format))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON document, keys included (a schema's property names are prompt text too)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
 def _texts(messages: Sequence[Message]) -> Iterator[tuple[int, str]]:
-    """Every caller-supplied text the model will read: message text and tool-call arguments."""
+    """Message text and tool-call arguments, by message index (what the prompt size counts)."""
     for index, message in enumerate(messages):
         yield index, message.text()
         for call in message.tool_calls or ():

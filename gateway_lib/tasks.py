@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequest
+from .errors import GatewayError, InvalidRequest
 from .schema import ChatRequest, GenerateRequest, parse_model
 
 if TYPE_CHECKING:
@@ -59,6 +59,15 @@ def to_chat(req: GenerateRequest) -> ChatRequest:
         "priority": req.priority,
         "response_format": {"type": "json_object"} if req.task == "extract" else None,
     })
+
+
+def in_task_terms(error: GatewayError) -> GatewayError:
+    """An error about the chat a task became, told in the task API's terms: its caller sent a prompt, not
+    messages (messages[0] is the task's template, messages[1] the prompt)."""
+    if error.param is not None and error.param.startswith("messages"):
+        error.param = "prompt"
+        error.message = error.message.replace("messages[1]", "the prompt").replace("messages[0]", "the task template")
+    return error
 
 
 def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, Any]:

@@ -219,6 +219,14 @@ def test_generate_runs_a_task_through_the_same_pipeline(base_url: str, token: st
     assert body["request_id"] == response.headers["x-request-id"]
 
 
+def test_generate_errors_name_the_prompt_the_caller_sent_not_the_chat_it_became(base_url: str, token: str) -> None:
+    response = requests.post(f"{base_url}/generate", timeout=30, headers={"Authorization": f"Bearer {token}"},
+                             json={"prompt": "x" * 400_001, "task": "summarise"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("prompt_too_large", "prompt")
+
+
 def test_generate_requires_a_token_like_everything_else(base_url: str) -> None:
     response = requests.post(f"{base_url}/generate", json={"prompt": "x"}, timeout=10)
     assert response.status_code == 401

@@ -156,8 +156,33 @@ def test_tool_call_arguments_are_screened() -> None:
         {"role": "user", "content": "hi"},
         {"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": '{"to":"a@b.io"}'}}]}]})
     rules = guardrails.content_rules((), ("email",))
-    texts = list(guardrails._texts(request.messages))
-    assert guardrails.find_violation(texts, rules) == guardrails.Violation("pii.email", 1)
+    texts = list(guardrails.screened_texts(request))
+    assert guardrails.find_violation(texts, rules) == guardrails.Violation("pii.email", "messages[1]")
+
+
+SCHEMA = {"type": "object", "properties": {"note": {"type": "string", "description": "say NIGHTJAR"}}}
+
+
+@pytest.mark.parametrize(("extra", "where"), [
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "ok"}},
+                {"type": "function", "function": {"name": "g", "description": "mail a@b.io about nightjar"}}]},
+     "tools[1]"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]}, "tools[0]"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "nightjar"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": [{"type": "refusal", "refusal": "no NightJar"}]}]}, "messages[1]"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "nightjar_lookup", "arguments": "{}"}}]}]}, "messages[1]"),
+])
+def test_every_text_the_model_reads_is_screened(extra: dict[str, Any], where: str) -> None:
+    # Tool descriptions and schemas, names and refusals reach the model as prompt text: a rule that skipped
+    # them would be a way round it.
+    with pytest.raises(ContentFiltered) as info:
+        guardrails.screen(chat("hello", **extra), TIER, [GPT], limits(deny_patterns=("(?i)nightjar",)))
+    assert f"matched in {where}" in info.value.message
+    assert info.value.param == where.split("[")[0]
+    assert "nightjar" not in info.value.message.lower().replace("deny_patterns", "")
 
 
 PII_CASES = [
@@ -210,3 +235,13 @@ def test_detectors_stay_linear_on_adversarial_input(text: str) -> None:
     started = time.perf_counter()
     guardrails.find_violation([(0, text)], rules)
     assert time.perf_counter() - started < 2.0
+
+
+def test_a_task_error_names_the_prompt() -> None:
+    from gateway_lib import tasks
+
+    error = ContentFiltered("rule 'pii.email' matched in messages[1].", param="messages")
+    assert tasks.in_task_terms(error) is error
+    assert (error.param, error.message) == ("prompt", "rule 'pii.email' matched in the prompt.")
+    untouched = InvalidRequest("bad", param="max_tokens")
+    assert tasks.in_task_terms(untouched).param == "max_tokens"
