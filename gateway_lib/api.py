@@ -160,7 +160,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not lo <= int(raw) <= hi:  # "²".isdigit() too
         raise InvalidRequest(f"Query parameter '{name}' must be an integer in {lo}..{hi}.", param=name)
     return int(raw)
 

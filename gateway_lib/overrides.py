@@ -7,7 +7,8 @@ a short per-process cache (see ``quota.OVERRIDE_TTL_SECONDS``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,8 @@ from .storage.base import Entity, TableStore
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month",
                "usd_per_day", "usd_per_month")
 STATUSES = ("active", "blocked", "downgraded")
+REASON_MAX_CHARS = 500
+LIMIT_MAX = 10**15  # far above any real limit; keeps a typo from storing a number no counter compares well with
 
 
 def overrides_table(prefix: str) -> str:
@@ -94,39 +97,54 @@ def override_json(subject: str, override: Override | None) -> dict[str, Any]:
             "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by}
 
 
-def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime) -> Override:
+def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime,
+                   aliases: Collection[str] = ()) -> Override:
     """Apply an admin PUT: limits present are set (null removes one), absent fields are kept.
 
     Keeping absent fields means an admin changing a limit never lifts a budget block by accident.
+    ``aliases``: the catalogue's model aliases, one of which a downgrade must name.
     """
     if not isinstance(body, Mapping) or set(body) - {"limits", "status", "alias", "reason"}:
         raise InvalidRequest("Body must be an object with 'limits', 'status', 'alias' and/or 'reason'.")
+    changes = body.get("limits") or {}
+    if not isinstance(changes, Mapping):
+        raise InvalidRequest("'limits' must be an object of limit names to values (null removes one).",
+                             param="limits")
     base = current or Override()
     limits = dict(base.limits)
-    for name, value in (body.get("limits") or {}).items():
+    for name, value in changes.items():
         if value is None:
             limits.pop(name, None)
         else:
             limits[name] = _limit_value(name, value)
     status = body.get("status", base.status)
     alias = body.get("alias", base.alias if status == "downgraded" else None)
-    try:
-        return Override(limits, status, alias, body.get("reason", base.reason), now.isoformat(), base.etag,
-                        changed_by)
-    except ValueError as exc:
+    reason = body.get("reason", base.reason)
+    if status not in STATUSES or (status == "downgraded" and not alias):
         raise InvalidRequest(f"Invalid override: status must be one of {', '.join(STATUSES)} "
-                             "('downgraded' needs an 'alias').", param="status") from exc
+                             "('downgraded' needs an 'alias').", param="status")
+    if alias is not None and (not isinstance(alias, str) or alias not in aliases):
+        raise InvalidRequest(f"'alias' must name one of the catalogue's model aliases: {', '.join(sorted(aliases))}.",
+                             param="alias")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_MAX_CHARS):
+        raise InvalidRequest(f"'reason' must be a string of at most {REASON_MAX_CHARS} characters.", param="reason")
+    return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by)
 
 
 def _limit_value(name: str, value: Any) -> int | Decimal:
     if name not in LIMIT_NAMES:
         raise InvalidRequest(f"Unknown limit '{name}'; known: {', '.join(LIMIT_NAMES)}.", param=f"limits.{name}")
-    try:
-        parsed = Decimal(str(value)) if name.startswith("usd") else int(value)
-    except (InvalidOperation, ValueError, TypeError):
-        parsed = -1
+    parsed: int | Decimal = -1
+    if isinstance(value, bool):
+        pass  # True is an int to Python, not a limit to anyone
+    elif name.startswith("usd"):
+        if isinstance(value, (str, int, float)):
+            with contextlib.suppress(InvalidOperation):
+                parsed = Decimal(str(value))
+    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):  # 1e6 is an integer too
+        parsed = int(value)
     finite = not isinstance(parsed, Decimal) or parsed.is_finite()
-    if isinstance(value, bool) or not finite or not parsed > 0:
+    if not finite or not parsed > 0 or parsed > LIMIT_MAX:
         kind = "decimal string" if name.startswith("usd") else "integer"
         raise InvalidRequest(f"Limit '{name}' must be a positive {kind}.", param=f"limits.{name}")
     return parsed

@@ -191,7 +191,7 @@ class Admission:
         await self._ensure_tables()
         for attempt in range(SETTLE_ATTEMPTS):
             current = await get_override(self._store, self._prefix, subject)
-            merged = merge_override(current, body, changed_by, self._clock())
+            merged = merge_override(current, body, changed_by, self._clock(), self._settings.catalogue.aliases)
             try:
                 # Conditional (or insert): budget enforcement may set status at the same moment.
                 saved = await (put_override(self._store, self._prefix, subject, merged) if current

@@ -206,6 +206,26 @@ def test_only_admins_read_others_usage_and_edit_limits(q_stack: Stack) -> None:
                         timeout=10).json()["limits"] == {}, "the refused PUT must not have written anything"
 
 
+@pytest.mark.parametrize(("path", "params", "body", "param"), [
+    ("/admin/alerts", {"limit": "\u00b2"}, None, "limit"),  # "²".isdigit() is true; int("²") is not a number
+    ("/admin/alerts", {"days": "\u2460"}, None, "days"),
+    ("/admin/limits", {"caller": "x"}, {"limits": [1, 2]}, "limits"),
+    ("/admin/limits", {"caller": "x"}, {"limits": {"tokens_per_day": 1.9}}, "limits.tokens_per_day"),
+    ("/admin/limits", {"caller": "x"}, {"reason": {"a": 1}}, "reason"),
+    ("/admin/limits", {"caller": "x"}, {"status": "downgraded", "alias": "no-such-model"}, "alias"),
+])
+def test_admin_routes_answer_bad_input_with_a_400_naming_it(q_stack: Stack, path: str, params: dict,
+                                                             body: dict | None, param: str) -> None:
+    admin = {"Authorization": f"Bearer {token(q_stack, 'q-admin', 'Gateway.Admin')}"}
+    call = requests.put if body is not None else requests.get
+    response = call(f"{q_stack.base_url}{path}", params=params, json=body, headers=admin, timeout=10)
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["param"] == param
+    if body is not None:
+        assert requests.get(f"{q_stack.base_url}/admin/limits", params={"caller": "x"}, headers=admin,
+                            timeout=10).json()["status"] == "active", "nothing was stored"
+
+
 def test_admin_raising_a_callers_limit_takes_effect(q_stack: Stack, qsim: Sim) -> None:
     tok = token(q_stack, "q-raised", "Test.Rate3")
     key = caller_key(q_stack, tok)

@@ -444,10 +444,28 @@ def test_admin_put_merges_and_validates() -> None:
         assert saved["updated_by"] == "admin3"
         stored = await get_override(store, "t", key)
         assert stored is not None and stored.limits == {"usd_per_day": Decimal("2.50")}
-        for bad in ({"limits": {"rpm": 1}}, {"limits": {"tokens_per_day": -1}}, {"status": "downgraded"},
-                    {"limits": {"usd_per_day": "NaN"}}, {"oops": 1}):
-            with pytest.raises(InvalidRequest):
+        bad_input = [  # (body, the param the 400 names)
+            ({"limits": {"rpm": 1}}, "limits.rpm"), ({"limits": {"tokens_per_day": -1}}, "limits.tokens_per_day"),
+            ({"limits": {"tokens_per_day": 1.9}}, "limits.tokens_per_day"),
+            ({"limits": {"tokens_per_day": True}}, "limits.tokens_per_day"),
+            ({"limits": {"tokens_per_day": "12"}}, "limits.tokens_per_day"),
+            ({"limits": {"tokens_per_day": 10**16}}, "limits.tokens_per_day"),
+            ({"limits": {"usd_per_day": "NaN"}}, "limits.usd_per_day"),
+            ({"limits": {"usd_per_day": [1]}}, "limits.usd_per_day"),
+            ({"limits": [1, 2]}, "limits"), ({"limits": "abc"}, "limits"),
+            ({"status": "downgraded"}, "status"), ({"status": "paused"}, "status"),
+            ({"status": "downgraded", "alias": 5}, "alias"), ({"status": "downgraded", "alias": "no-such"}, "alias"),
+            ({"reason": {"a": 1}}, "reason"), ({"reason": "x" * 501}, "reason"),
+            ({"oops": 1}, None),
+        ]
+        for bad, param in bad_input:
+            with pytest.raises(InvalidRequest) as refused:
                 await adm.put_overrides(key, bad, changed_by="admin")
+            assert refused.value.param == param, bad
+        saved = await adm.put_overrides(key, {"limits": {"tokens_per_day": 1e6, "usd_per_month": 12.5}},
+                                        changed_by="admin")
+        assert saved["limits"] == {"usd_per_day": "2.50", "tokens_per_day": 1_000_000, "usd_per_month": "12.5"}
+        assert saved["status"] == "blocked", "nothing above was stored"
 
     run(scenario())
 
