@@ -4,6 +4,10 @@ Unknown top-level fields are **rejected** with 400 ``unknown_parameter`` (as Ope
 does), so a typo such as ``max_token`` never silently changes behaviour. Unknown keys
 inside a message are ignored: SDKs echo assistant messages back with extra keys
 (``refusal``, ``audio``) and rejecting them would break multi-turn chats.
+
+Types are strict, as OpenAI's are: ``"stream": "yes"``, ``"max_tokens": true`` or
+``"temperature": "1.5"`` are 400s, not coerced (an int is still a valid float). Errors
+name the parameter the way OpenAI does: ``messages[0].content``.
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ Priority = Literal["low_cost", "low_latency", "quality"]
 
 
 class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str
     arguments: str = ""
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Role
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -50,14 +54,14 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """OpenAI Chat Completions request, plus the gateway's routing hints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1)
@@ -68,7 +72,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = None
     user: str | None = Field(default=None, max_length=256)
-    stream: bool = False
+    stream: bool = False  # null is accepted and means false, as OpenAI has it
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -80,6 +84,11 @@ class ChatRequest(BaseModel):
     # Gateway extensions (ignored by OpenAI clients that do not send them).
     provider_hint: ProviderHint | None = None
     priority: Priority | None = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, stream: Any) -> Any:
+        return False if stream is None else stream
 
     @field_validator("n")
     @classmethod
@@ -97,10 +106,13 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_token_cap(self) -> ChatRequest:
+        # Raised as our own error (pydantic passes it through) so that it names the parameter.
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("send max_tokens or max_completion_tokens, not both")
+            raise InvalidRequest("Invalid value for 'max_completion_tokens': send max_tokens or max_completion_tokens, "
+                                 "not both.", code="invalid_value", param="max_completion_tokens")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidRequest("Invalid value for 'stream_options': only allowed when 'stream' is true.",
+                                 code="invalid_value", param="stream_options")
         return self
 
     @property
@@ -115,7 +127,7 @@ class ChatRequest(BaseModel):
 class GenerateRequest(BaseModel):
     """The task API: a prompt plus a named task template."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1)
     task: Literal["chat", "summarise", "extract", "classify", "rewrite"] = "chat"
@@ -140,13 +152,57 @@ def parse_model(model: type[BaseModel], payload: Any) -> Any:
 
 
 def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors(include_url=False, include_input=False)[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    param = loc or None
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    param = _param(first["loc"]) or None
     if first["type"] == "extra_forbidden":
-        return InvalidRequest(f"Unrecognized request argument supplied: {loc}", code="unknown_parameter", param=param)
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", code="unknown_parameter", param=param)
     if first["type"] == "missing":
-        return InvalidRequest(f"Missing required parameter: '{loc}'.", code="missing_required_parameter", param=param)
+        return InvalidRequest(f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param)
+    union = _union_at(first["loc"])
+    if union is not None:  # one error per alternative of a union (str | list, ...): say which were tried
+        alternatives = [e for e in errors if tuple(e["loc"][:union]) == tuple(first["loc"][:union])]
+        deepest = max(alternatives, key=lambda e: len(_fields(e["loc"])))
+        if len(_fields(deepest["loc"])) > len(_fields(first["loc"])):  # the caller chose a branch; it failed inside
+            first, param = deepest, _param(deepest["loc"])
+        else:
+            kinds = " or ".join(dict.fromkeys(_kind(e["loc"][union]) for e in alternatives))
+            return InvalidRequest(f"Invalid type for '{param}': expected {kinds}.", code="invalid_type", param=param)
+    if first["type"] in _TYPE_ERRORS:
+        return InvalidRequest(f"Invalid type for '{param}': expected {_TYPE_ERRORS[first['type']]}.",
+                              code="invalid_type", param=param)
     message = str(first["msg"]).removeprefix("Value error, ")
-    where = f"'{loc}'" if loc else "the request"
+    where = f"'{param}'" if param else "the request"
     return InvalidRequest(f"Invalid value for {where}: {message}.", code="invalid_value", param=param)
+
+
+# pydantic puts the alternative's name into an error's location inside a union ("str", "list[str]", a model name)
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+          "list[str]": "an array of strings", "list[dict[str,any]]": "an array of objects", "dict[str,any]": "an object"}
+
+_TYPE_ERRORS = {"string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
+                "dict_type": "an object", "model_type": "an object", "list_type": "an array"}
+
+
+def _is_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _KINDS or "[" in part or part[:1].isupper())
+
+
+def _union_at(loc: tuple[int | str, ...]) -> int | None:
+    return next((i for i, part in enumerate(loc) if _is_tag(part)), None)
+
+
+def _kind(tag: int | str) -> str:
+    return _KINDS.get(str(tag), str(tag))
+
+
+def _fields(loc: tuple[int | str, ...]) -> list[int | str]:
+    return [part for part in loc if not _is_tag(part)]
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """OpenAI's spelling of a location: ``messages[0].content``."""
+    out = ""
+    for part in _fields(loc):
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

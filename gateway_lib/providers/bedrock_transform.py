@@ -119,7 +119,7 @@ def _content_blocks(content: str | list[dict[str, Any]] | None, index: int) -> l
             blocks.append(_image_block(part.get("image_url"), index))
         else:
             raise InvalidRequest(f"Content part type '{kind}' is not supported for this model.",
-                                 code="unsupported_content", param=f"messages.{index}.content")
+                                 code="unsupported_content", param=f"messages[{index}].content")
     return blocks
 
 
@@ -127,7 +127,7 @@ def _image_block(image_url: Any, index: int) -> Block:
     url = image_url.get("url", "") if isinstance(image_url, dict) else str(image_url or "")
     header, _, data = url.partition(",")
     mime = header.removeprefix("data:").removesuffix(";base64")
-    param = f"messages.{index}.content"
+    param = f"messages[{index}].content"
     if not header.startswith("data:") or not header.endswith(";base64") or mime not in _IMAGE_FORMATS:
         raise InvalidRequest("Images must be base64 data URLs (png, jpeg, gif or webp) for this model.",
                              code="unsupported_content", param=param)
@@ -141,7 +141,7 @@ def _image_block(image_url: Any, index: int) -> Block:
 def _tool_result(message: Message, index: int) -> Block:
     if not message.tool_call_id:
         raise InvalidRequest("A 'tool' message needs 'tool_call_id'.", code="missing_required_parameter",
-                             param=f"messages.{index}.tool_call_id")
+                             param=f"messages[{index}].tool_call_id")
     return {"toolResult": {"toolUseId": message.tool_call_id, "content": [{"text": message.text() or "(no output)"}]}}
 
 
@@ -152,7 +152,7 @@ def _tool_arguments(arguments: str, index: int) -> dict[str, Any]:
         value = None
     if not isinstance(value, dict):
         raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string.",
-                             code="invalid_value", param=f"messages.{index}.tool_calls")
+                             code="invalid_value", param=f"messages[{index}].tool_calls")
     return value
 
 
@@ -192,7 +192,7 @@ def _tool_spec(tool: dict[str, Any], index: int) -> dict[str, Any]:
     function = tool.get("function")
     if tool.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
         raise InvalidRequest("Only tools of type 'function' with a name are supported.", code="invalid_value",
-                             param=f"tools.{index}")
+                             param=f"tools[{index}]")
     spec: dict[str, Any] = {"name": function["name"],
                             "inputSchema": {"json": function.get("parameters") or {"type": "object", "properties": {}}}}
     if function.get("description"):

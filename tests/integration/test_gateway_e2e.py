@@ -120,12 +120,27 @@ BAD_INPUT = [
      "missing_required_parameter", "model"),
     ("empty messages", json.dumps(hello(messages=[])), "application/json", 400, "invalid_value", "messages"),
     ("bad role", json.dumps(hello(messages=[{"role": "robot", "content": "x"}])), "application/json", 400,
-     "invalid_value", "messages.0.role"),
+     "invalid_value", "messages[0].role"),
     ("temperature too high", json.dumps(hello(temperature=3)), "application/json", 400, "invalid_value",
      "temperature"),
     ("n above one", json.dumps(hello(n=2)), "application/json", 400, "invalid_value", "n"),
     ("unknown field", json.dumps(hello(max_token=5)), "application/json", 400, "unknown_parameter", "max_token"),
     ("unknown model", json.dumps(hello(model="gpt-17")), "application/json", 404, "model_not_found", "model"),
+    # Types are strict, as OpenAI's are, and a union's error names the field, not pydantic's branch:
+    ("content of the wrong type", json.dumps(hello(messages=[{"role": "user", "content": 5}])), "application/json",
+     400, "invalid_type", "messages[0].content"),
+    ("a bad content part", json.dumps(hello(messages=[{"role": "user", "content": [5]}])), "application/json",
+     400, "invalid_type", "messages[0].content[0]"),
+    ("stop of the wrong type", json.dumps(hello(stop=5)), "application/json", 400, "invalid_type", "stop"),
+    ("stream as a string", json.dumps(hello(stream="yes")), "application/json", 400, "invalid_type", "stream"),
+    ("max_tokens as a boolean", json.dumps(hello(max_tokens=True)), "application/json", 400, "invalid_type",
+     "max_tokens"),
+    ("temperature as a string", json.dumps(hello(temperature="1.5")), "application/json", 400, "invalid_type",
+     "temperature"),
+    ("both token caps", json.dumps(hello(max_tokens=5, max_completion_tokens=5)), "application/json", 400,
+     "invalid_value", "max_completion_tokens"),
+    ("stream_options without stream", json.dumps(hello(stream_options={"include_usage": True})),
+     "application/json", 400, "invalid_value", "stream_options"),
     # What Python's parser takes but JSON does not, and no SDK can send on:
     ("NaN", json.dumps(hello(temperature=float("nan"))), "application/json", 400, "invalid_json", None),
     ("Infinity in a free-form field", json.dumps(hello(response_format={"type": "json_schema", "json_schema": {
@@ -150,6 +165,13 @@ def test_bad_input_gets_its_exact_status_and_openai_error_shape(
     assert error["param"] == param
     assert response.headers["x-request-id"]
     assert sim.total() == 0, "bad input must never reach a provider"
+
+
+def test_null_stream_means_not_streamed_as_in_openai(base_url: str, token: str) -> None:
+    response = requests.post(f"{base_url}/v1/chat/completions", json=hello(stream=None, temperature=1), timeout=30,
+                             headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
 
 
 def test_input_no_provider_could_be_sent_counts_against_no_target(base_url: str, token: str, sim) -> None:

@@ -122,7 +122,7 @@ def test_json_response_format_is_a_system_instruction() -> None:
 def test_remote_image_urls_are_rejected_with_400() -> None:
     with pytest.raises(InvalidRequest) as info:
         build(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
-    assert info.value.status == 400 and info.value.param == "messages.0.content"
+    assert info.value.status == 400 and info.value.param == "messages[0].content"
 
 
 def test_data_url_images_become_image_blocks() -> None:
@@ -138,7 +138,7 @@ def test_invalid_tool_call_arguments_are_a_400(arguments: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
         build(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}])
-    assert refused.value.param == "messages.1.tool_calls"
+    assert refused.value.param == "messages[1].tool_calls"
 
 
 # ---------------------------------------------------------------- response
