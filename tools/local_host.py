@@ -23,14 +23,16 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("local_host")
@@ -116,10 +118,10 @@ def _admin_endpoint(functions: dict[str, tuple[str, Callable[..., Any]]]) -> Cal
     return invoke
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-                        status_code=status, headers={"x-request-id": str(uuid.uuid4())})
+                        status_code=status, headers={"x-request-id": str(uuid.uuid4()), **(headers or {})})
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -127,7 +129,23 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    return _error(405, f"Method {request.method} is not allowed on {request.url.path}")
+    # Starlette's exception carries the Allow header, which a 405 must send (RFC 9110).
+    return _error(405, f"Method {request.method} is not allowed on {request.url.path}", getattr(exc, "headers", None))
+
+
+class _TrailingSlashOptional:
+    """ASP.NET Core routing (the Functions host) matches a route with or without a trailing slash; Starlette
+    would answer the slash with a bare redirect instead."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            raw = scope.get("raw_path") or path.encode()
+            scope = dict(scope, path=path.rstrip("/") or "/", raw_path=raw.rstrip(b"/") or b"/")
+        await self.app(scope, receive, send)
 
 
 def build_app(function_app: Any, prefix: str | None = None, functions: list[Any] | None = None) -> Starlette:
@@ -138,7 +156,7 @@ def build_app(function_app: Any, prefix: str | None = None, functions: list[Any]
               for name, route, methods, fn in http_functions(functions)]
     routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed},
-                     lifespan=_lifespan)
+                     middleware=[Middleware(_TrailingSlashOptional)], lifespan=_lifespan)
 
 
 @contextlib.asynccontextmanager

@@ -167,6 +167,17 @@ def test_bad_input_gets_its_exact_status_and_openai_error_shape(
     assert sim.total() == 0, "bad input must never reach a provider"
 
 
+def test_the_local_host_routes_like_the_functions_host(base_url: str, token: str) -> None:
+    wrong_method = requests.get(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                                timeout=10)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    slash = requests.post(f"{base_url}/v1/chat/completions/", json=hello(), timeout=30, allow_redirects=False,
+                          headers={"Authorization": f"Bearer {token}"})
+    assert slash.status_code == 200, "ASP.NET Core routing takes a trailing slash as the same route"
+
+
 def test_null_stream_means_not_streamed_as_in_openai(base_url: str, token: str) -> None:
     response = requests.post(f"{base_url}/v1/chat/completions", json=hello(stream=None, temperature=1), timeout=30,
                              headers={"Authorization": f"Bearer {token}"})
