@@ -91,8 +91,16 @@ def _too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body exceeds the {max_bytes}-byte limit.")
 
 
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:  # a lone surrogate from upstream: escaped, since the call is already paid for
+            return json.dumps(content, separators=(",", ":")).encode()
+
+
 def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(body, status_code=status, headers=scope.headers() | (headers or {}))
+    return _JSON(body, status_code=status, headers=scope.headers() | (headers or {}))
 
 
 def error_response(error: GatewayError, scope: Scope) -> Response:

@@ -162,3 +162,14 @@ def test_events_that_arrived_together_go_out_in_one_write_and_raw_json_as_receiv
     assert writes[0].count(b"data: ") == 3 and writes[1].count(b"data: ") == 3
     assert b'"content": "w0"' in writes[0], "relayed byte for byte (the upstream's own spacing)"
     assert b'"content":"w0"' in writes[1], "re-encoded when there is no raw JSON"
+
+
+def test_an_answer_with_a_lone_surrogate_is_escaped_not_a_500() -> None:
+    # Upstream JSON may carry "\ud800" escapes; the call is paid for by then, so the answer must still go out.
+    from gateway_lib.edge import Scope, json_response
+
+    response = json_response({"text": "x\ud800y", "name": "é"}, Scope(request_id="r", trace_id="t", traceparent="p",
+                                                                       route="chat"))
+    assert response.body == b'{"text":"x\\ud800y","name":"\\u00e9"}'
+    assert json_response({"name": "é"}, Scope(request_id="r", trace_id="t", traceparent="p",
+                                              route="chat")).body == '{"name":"é"}'.encode()
