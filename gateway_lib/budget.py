@@ -39,7 +39,7 @@ Clock = Callable[[], datetime]
 # the checkpoint never moves past a row that is still in flight (it would be skipped forever).
 SETTLE_LAG = timedelta(minutes=2)
 MIN_SLICE = 10  # floor of rows per caller per round; the slice is max_rows / callers above that
-TIMER_BUDGET = timedelta(minutes=4)  # under the Functions 5-minute default and the 5-minute schedule
+TIMER_BUDGET = timedelta(minutes=4)  # under host.json's functionTimeout (10 min) and the 5-minute schedule
 CONFLICT_RETRIES = 8
 
 

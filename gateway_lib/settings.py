@@ -148,7 +148,7 @@ class BudgetSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    environment: str  # local | dev | prod
+    environment: str  # local | dev | test | prod (validated; nothing branches on it)
     catalogue: Catalogue
     tiers: TierPolicy
     auth: AuthSettings

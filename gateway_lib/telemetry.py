@@ -43,7 +43,7 @@ TAG_KEYS = ("provider", "model", "tier", "status", "route")
 EVENT_FALLBACK = "GatewayFallback"
 EVENT_REJECTED = "GatewayRejected"
 RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})  # the gateway's own 429; upstream 429s are "rate_limited"
-BUDGET_CODES = frozenset({"insufficient_quota", "budget_exceeded"})
+BUDGET_CODES = frozenset({"insufficient_quota"})  # spent token/USD caps and callers blocked by budget enforcement
 REJECTION_EVENT_CODES = RATE_LIMIT_CODES | BUDGET_CODES | {"content_filter"}
 _ATTEMPT_KEYS = ("target", "provider", "outcome", "status", "latency_ms")  # upstream error text never passes
 

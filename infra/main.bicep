@@ -26,6 +26,8 @@ param authTenantIds string
 param authExtraIssuers string = ''
 @description('OpenID configuration whose keys sign the tokens (AUTH_OPENID_CONFIG_URL); empty: the tenants\' public-cloud ones.')
 param authOpenIdConfigUrl string = ''
+@description('Comma-separated allow-list on the token tenant claim, tid (AUTH_ALLOWED_TENANTS); empty: the tenants in authTenantIds.')
+param authAllowedTenants string = ''
 @description('The gateway app registration ID URI, e.g. api://ai-gateway.')
 param gatewayAppIdUri string
 @description('The gateway app registration client id (audience of v2 tokens).')
@@ -36,6 +38,8 @@ param allowedClientAppIds string = '*'
 // --- Providers ---
 @description('Azure OpenAI endpoint, e.g. https://my-aoai.openai.azure.com/')
 param azureOpenAiEndpoint string
+@description('Azure OpenAI data-plane API version (AZURE_OPENAI_API_VERSION).')
+param azureOpenAiApiVersion string = '2024-10-21'
 @description('Existing Azure OpenAI accounts the gateway may call: [{ name, resourceGroup }].')
 param azureOpenAiAccounts array = []
 param bedrockRegion string = 'us-east-1'
@@ -48,6 +52,12 @@ param awsWebIdentityAudience string = ''
 param gatewayModels string = ''
 param gatewayTiers string = ''
 param piiPatterns string = ''
+@description('JSON list of regexes (GATEWAY_DENY_PATTERNS); a match is a 400 content_filter. Empty: none.')
+param denyPatterns string = ''
+@minValue(1)
+@maxValue(230)
+@description('Provider call budget in seconds (GATEWAY_UPSTREAM_TIMEOUT_SECONDS); at most 230 s, the HTTP response limit of the Functions front end.')
+param upstreamTimeoutSeconds int = 120
 @allowed(['strict', 'leased'])
 @description('Quota admission (docs/storage.md, ADR 0007): strict writes each cost row before answering; leased takes quota in blocks and writes usage behind (<= 0.05 s of cost rows at risk on a hard crash).')
 param quotaMode string = 'strict'
@@ -198,11 +208,15 @@ module function 'app/function.bicep' = {
     gatewayTiers: gatewayTiers
     gatewayTablePrefix: tablePrefix
     piiPatterns: piiPatterns
+    denyPatterns: denyPatterns
+    upstreamTimeoutSeconds: upstreamTimeoutSeconds
     authTenantIds: authTenantIds
+    authAllowedTenants: authAllowedTenants
     authAudiences: '${gatewayAppIdUri},${gatewayAppClientId}'
     authExtraIssuers: authExtraIssuers
     authOpenIdConfigUrl: authOpenIdConfigUrl
     azureOpenAiEndpoint: azureOpenAiEndpoint
+    azureOpenAiApiVersion: azureOpenAiApiVersion
     bedrockRegion: bedrockRegion
     awsRoleArn: awsRoleArn
     awsWebIdentityAudience: awsWebIdentityAudience
@@ -264,7 +278,7 @@ output AZURE_FUNCTION_NAME string = function.outputs.name
 output FUNCTION_APP_URL string = function.outputs.url
 output FUNCTION_API_BASE_URL string = '${function.outputs.url}/api'
 output GATEWAY_IDENTITY_CLIENT_ID string = gatewayIdentity.outputs.clientId
-// The object id AWS trusts as `sub` (infra/aws/bedrock-web-identity-role.yaml).
+// The object id AWS trusts as `sub` (infra/aws/bedrock-web-identity-role.json).
 output GATEWAY_IDENTITY_PRINCIPAL_ID string = gatewayIdentity.outputs.principalId
 output APIM_GATEWAY_URL string = deployApim ? apim.outputs.gatewayUrl : ''
 output CHAT_COMPLETIONS_URL string = deployApim ? '${apim.outputs.apiBaseUrl}/v1/chat/completions' : ''

@@ -17,7 +17,7 @@
 # never on the command line or the terminal. Exit status: the number of failed checks (0 = all passed).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 if [[ $# -ne 2 || "$1" == "-h" || "$1" == "--help" ]]; then
   usage >&2

@@ -89,12 +89,37 @@ def local_settings() -> dict[str, str]:
     return json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
 
 
-def modules_of_main() -> list[tuple[str, Path, str]]:
-    text = bicep(MAIN)
+def modules_of_main(text: str | None = None) -> list[tuple[str, Path, str]]:
+    text = bicep(MAIN) if text is None else strip_comments(text)
     modules = []
     for m in re.finditer(r"^module\s+(\w+)\s+'([^']+)'\s*=", text, re.M):
         modules.append((m.group(1), (INFRA / m.group(2)).resolve(), block_after(text, m.end())))
     return modules
+
+
+def passed_params(module_block: str) -> set[str]:
+    """The top-level names in a module call's params: { ... } (4-space indent, as main.bicep is formatted)."""
+    params_block = block_after(module_block, module_block.index("params:"))
+    return set(re.findall(r"^ {4}(\w+)\s*:", params_block, re.M))
+
+
+def function_params_main_does_not_pass(main_text: str) -> set[str]:
+    block = next(block for _, path, block in modules_of_main(main_text) if path == FUNCTION)
+    return set(declared_params(FUNCTION)) - passed_params(block)
+
+
+README = ROOT / "README.md"
+
+
+def readme_setting_names(text: str | None = None) -> list[str]:
+    """The names in the first column of README's configuration table (`A` / `B` rows name two)."""
+    text = README.read_text() if text is None else text
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    names: list[str] = []
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            names += re.findall(r"`(\w+)`", row.split("|")[1])
+    return names
 
 
 # --- settings drift: SETTING_NAMES <-> function.bicep <-> local.settings.example.json ---
@@ -117,6 +142,33 @@ def test_function_bicep_sets_no_setting_the_gateway_does_not_know() -> None:
 
 def test_local_settings_example_has_no_setting_the_gateway_does_not_know() -> None:
     assert set(local_settings()) - set(SETTING_NAMES) - set(PLATFORM_SETTING_NAMES) == set()
+
+
+# --- settings drift: SETTING_NAMES <-> README's configuration table ---
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_gateway_setting_is_in_the_readme_table(name: str) -> None:
+    assert name in readme_setting_names()
+
+
+def test_readme_table_lists_no_setting_the_gateway_does_not_know() -> None:
+    # Host settings (PLATFORM_SETTING_NAMES) may be listed too; they are documented below the table.
+    assert set(readme_setting_names()) - set(SETTING_NAMES) - set(PLATFORM_SETTING_NAMES) == set()
+
+
+def test_readme_table_lists_each_setting_once() -> None:
+    names = readme_setting_names()
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_readme_table_parser_sees_a_missing_or_unknown_name() -> None:
+    text = README.read_text()
+    assert "| `GATEWAY_QUOTA_MODE` |" in text
+    dropped = readme_setting_names(text.replace("| `GATEWAY_QUOTA_MODE` |", "| quota mode |"))
+    assert "GATEWAY_QUOTA_MODE" not in dropped and len(dropped) == len(readme_setting_names()) - 1
+    added = readme_setting_names(text.replace("| `GATEWAY_QUOTA_MODE` |", "| `GATEWAY_QUOTA_MODE` / `GATEWAY_NOPE` |"))
+    assert "GATEWAY_NOPE" in added
 
 
 def test_function_bicep_sets_each_app_setting_once() -> None:
@@ -226,6 +278,18 @@ def test_module_calls_pass_declared_params_and_every_required_one(module: tuple[
     assert {p for p, has_default in declared.items() if not has_default} - passed == set(), "required, not passed"
 
 
+def test_main_passes_every_param_function_bicep_declares() -> None:
+    """A function.bicep param main.bicep does not pass keeps its default: its app setting (e.g.
+    GATEWAY_DENY_PATTERNS) could then not be set by any deployment. Each one needs a main.bicep param."""
+    assert function_params_main_does_not_pass(MAIN.read_text()) == set()
+
+
+def test_the_pass_through_check_sees_a_param_main_does_not_pass() -> None:
+    text = MAIN.read_text()
+    assert "    denyPatterns: denyPatterns\n" in text
+    assert function_params_main_does_not_pass(text.replace("    denyPatterns: denyPatterns\n", "")) == {"denyPatterns"}
+
+
 @pytest.mark.parametrize("path", PARAMETER_FILES, ids=lambda p: p.name)
 def test_parameter_files_match_main_params(path: Path) -> None:
     doc = json.loads(path.read_text())
@@ -235,6 +299,15 @@ def test_parameter_files_match_main_params(path: Path) -> None:
     assert given - set(declared) == set(), "unknown parameters"
     required = {p for p, has_default in declared.items() if not has_default}
     assert required - given == set(), "required parameters missing"
+
+
+@pytest.mark.parametrize("path", PARAMETER_FILES, ids=lambda p: p.name)
+def test_azure_openai_endpoint_is_an_account_the_gateway_is_granted(path: Path) -> None:
+    """AZURE_OPENAI_ENDPOINT serves every target without an endpoint of its own: the identity needs a role there."""
+    params = json.loads(path.read_text())["parameters"]
+    host = params["azureOpenAiEndpoint"]["value"].split("://", 1)[-1].split("/", 1)[0]
+    accounts = {account["name"] for account in params.get("azureOpenAiAccounts", {}).get("value", [])}
+    assert host.split(".", 1)[0] in accounts
 
 
 def test_there_are_dev_and_prod_parameter_files() -> None:
