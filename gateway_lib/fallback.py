@@ -2,7 +2,10 @@
 
 Fallback moves on at once (no sleep) after a *retryable* ``ProviderError``; never
 after a non-retryable one (the caller's own mistake would fail everywhere) and never
-once a stream has produced its first event (bytes may be on the wire).
+once a stream has produced its first event (bytes may be on the wire). A target that
+cannot take the request at all (an ``InvalidRequest`` from its adapter: Bedrock and a
+remote image URL, a model without tools) is passed over; the 400 stands only if no
+target of the plan could take it.
 
 Targets whose circuit is cooling down are skipped. One exception: when *every*
 target is cooling down, the one closest to recovery is tried once, unless its
@@ -24,7 +27,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, TypeVar
 
 from .catalog import Target
-from .errors import ProviderError, RateLimited, ServiceUnavailable
+from .errors import InvalidRequest, ProviderError, RateLimited, ServiceUnavailable
 from .providers.base import CallContext, Completion, Provider, StreamEvent
 from .routing import RoutePlan, RouteStep
 from .schema import ChatRequest
@@ -38,7 +41,7 @@ T = TypeVar("T")
 class Attempt:
     target_id: str
     provider: str
-    outcome: str  # ok | <ProviderError.kind> | circuit_open | unconfigured
+    outcome: str  # ok | <ProviderError.kind> | circuit_open | unconfigured | unsupported
     upstream_status: int | None = None
     latency_ms: float = 0.0
     retry_after: float | None = None
@@ -112,10 +115,15 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
                          call: Callable[[Provider, Target], Awaitable[T]]) -> tuple[T, Target, list[Attempt]]:
     attempts: list[Attempt] = []
     last: ProviderError | None = None
+    unsupported: InvalidRequest | None = None  # the first target that could not take the request, and why
     for step in _admitted(plan, providers, health, attempts):
         started = clock()
         try:
             result = await _attempt(providers[step.target.provider], step.target, health, call)
+        except InvalidRequest as error:
+            attempts.append(Attempt(step.target.id, step.target.provider, "unsupported"))
+            unsupported = unsupported or error
+            continue
         except ProviderError as error:
             attempts.append(_failed(step.target, error, clock() - started))
             if not error.retryable:
@@ -127,6 +135,9 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         health.record_success(step.target.id, latency_ms)
         attempts.append(Attempt(step.target.id, step.target.provider, "ok", 200, latency_ms))
         return result, step.target, attempts
+    if unsupported is not None and last is None:  # no target failed; those called could not take it: the caller's 400
+        unsupported.attempts = attempts
+        raise unsupported
     exhausted = _exhausted(plan, attempts, last, health, clock())
     exhausted.attempts = attempts
     raise exhausted
@@ -179,7 +190,7 @@ def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | N
     waits = [view.status(t.id).retry_in(now) for t in plan.targets]
     retry_after = float(max(1, math.ceil(min(waits, default=1.0))))
     n, alias = len(plan.steps), plan.alias
-    failures = [a for a in attempts if a.outcome not in ("ok", "circuit_open", "unconfigured")]
+    failures = [a for a in attempts if a.outcome not in ("ok", "circuit_open", "unconfigured", "unsupported")]
     if last is None:
         reason = "cooling down after recent failures" if attempts else "not configured"
         return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable ({reason}).",

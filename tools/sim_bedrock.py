@@ -87,11 +87,30 @@ def _validated(request: Request) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise BedrockError(400, "A conversation must start with a user message. Try again with a conversation "
                                 "that starts with a user message.")
+    _check_conversation(messages, has_tools=bool(body.get("toolConfig")))
     max_tokens = (body.get("inferenceConfig") or {}).get("maxTokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise BedrockError(400, "1 validation error detected: Value at 'inferenceConfig.maxTokens' failed to "
                                 "satisfy constraint: Member must have value greater than or equal to 1")
     return body
+
+
+def _check_conversation(messages: list[Any], has_tools: bool) -> None:
+    """The conversation rules Bedrock enforces (its own messages): a gateway that breaks them must fail here."""
+    if not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+        raise BedrockError(400, "A conversation must start with a user message. Try again with a conversation "
+                                "that starts with a user message.")
+    for i, turn in enumerate(messages):
+        if i and turn.get("role") == messages[i - 1].get("role"):
+            raise BedrockError(400, "A conversation must alternate between user and assistant roles. Make sure the "
+                                    "conversation alternates between user and assistant roles and try again.")
+        for j, block in enumerate(turn.get("content") or ()):
+            if "text" in block and not str(block["text"]).strip():
+                raise BedrockError(400, f"The text field in the ContentBlock object at messages.{i}.content.{j} is "
+                                        "blank. Add text to the text field, and try again.")
+            if ("toolUse" in block or "toolResult" in block) and not has_tools:
+                raise BedrockError(400, "The toolConfig field must be defined when using toolUse and toolResult "
+                                        "content blocks.")
 
 
 def _request_id() -> dict[str, str]:

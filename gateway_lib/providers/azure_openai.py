@@ -236,6 +236,9 @@ def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
     if status >= 500 or status == 408:
         return ProviderError(f"Azure OpenAI failed with {status} ({detail})", provider=NAME, kind="server_error",
                              retryable=True, upstream_status=status, retry_after=retry_after)
+    if status == 404:  # DeploymentNotFound or an unknown api-version: our configuration, not the caller's request
+        return ProviderError(f"Azure OpenAI has no such deployment ({detail})", provider=NAME, kind="server_error",
+                             retryable=True, upstream_status=status)
     if status in (401, 403):
         return ProviderError("the gateway's credentials were refused by Azure OpenAI", provider=NAME, kind="auth",
                              retryable=True, upstream_status=status)

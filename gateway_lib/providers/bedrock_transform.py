@@ -50,6 +50,7 @@ _MALFORMED_STOPS = ("malformed_model_output", "malformed_tool_use")
 _IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/gif": "gif",
                   "image/webp": "webp"}
 _JSON_INSTRUCTION = "Respond with a single valid JSON object and nothing else: no prose, no code fences."
+_CONVERSATION_START = "(start of the conversation)"
 
 Block = dict[str, Any]
 Turn = dict[str, Any]
@@ -62,12 +63,17 @@ def to_converse_request(request: ChatRequest, target: Target, ctx: CallContext) 
     """OpenAI request -> keyword arguments for ``converse``/``converse_stream``."""
     system, turns = split_messages(request.messages)
     system += _response_format_instruction(request.response_format)
+    has_tool_blocks = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
+    if has_tool_blocks and not request.tools:
+        # Bedrock wants a toolConfig whenever the history holds tool blocks; OpenAI lets a caller replay a tool
+        # exchange and then ask without tools. Offering tools the caller did not would let the model call them,
+        # so the exchange goes as text.
+        turns, has_tool_blocks = _tool_blocks_as_text(turns), False
     kwargs: dict[str, Any] = {"modelId": target.deployment, "messages": turns}
     if system:
         kwargs["system"] = [{"text": text} for text in system]
     if inference := inference_config(request, ctx):
         kwargs["inferenceConfig"] = inference
-    has_tool_blocks = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
     if tool_config := _tool_config(request.tools, request.tool_choice, has_tool_blocks):
         if not target.supports_tools:
             raise InvalidRequest(f"Model '{target.model}' does not support tools.", code="tools_unsupported",
@@ -93,7 +99,24 @@ def split_messages(messages: Iterable[Message]) -> tuple[list[str], list[Turn]]:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    if not turns or turns[0]["role"] != "user":
+        # Converse requires a user turn first; OpenAI takes an assistant greeting (or instructions alone) first.
+        turns.insert(0, {"role": "user", "content": [{"text": _CONVERSATION_START}]})
     return system, turns
+
+
+def _tool_blocks_as_text(turns: list[Turn]) -> list[Turn]:
+    def text(block: Block) -> Block:
+        if "toolUse" in block:
+            use = block["toolUse"]
+            return {"text": f"[called tool {use['name']} (id {use['toolUseId']}) with {json.dumps(use['input'])}]"}
+        if "toolResult" in block:
+            result = block["toolResult"]
+            output = " ".join(str(c.get("text", "")) for c in result["content"])
+            return {"text": f"[result of tool call {result['toolUseId']}: {output}]"}
+        return block
+
+    return [{"role": t["role"], "content": [text(b) for b in t["content"]]} for t in turns]
 
 
 def _blocks(message: Message, index: int) -> list[Block]:
@@ -180,7 +203,8 @@ def _tool_config(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any
         config["toolChoice"] = {"auto": {}}
     elif choice == "required":
         config["toolChoice"] = {"any": {}}
-    elif isinstance(choice, dict) and choice.get("type") == "function" and choice.get("function", {}).get("name"):
+    elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str) and choice["function"]["name"]):
         config["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
     else:
         raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or a named function.",
@@ -190,7 +214,8 @@ def _tool_config(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any
 
 def _tool_spec(tool: dict[str, Any], index: int) -> dict[str, Any]:
     function = tool.get("function")
-    if tool.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
+    if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+            or not function["name"]:
         raise InvalidRequest("Only tools of type 'function' with a name are supported.", code="invalid_value",
                              param=f"tools[{index}]")
     spec: dict[str, Any] = {"name": function["name"],
@@ -207,8 +232,11 @@ def _response_format_instruction(response_format: dict[str, Any] | None) -> list
     if kind == "json_object":
         return [_JSON_INSTRUCTION]
     if kind == "json_schema":
-        schema = (response_format or {}).get("json_schema", {}).get("schema", {})
-        return [f"{_JSON_INSTRUCTION} The object must match this JSON Schema: {json.dumps(schema)}"]
+        spec = (response_format or {}).get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest("response_format.json_schema must be an object with a 'schema' object.",
+                                 code="invalid_value", param="response_format.json_schema")
+        return [f"{_JSON_INSTRUCTION} The object must match this JSON Schema: {json.dumps(spec.get('schema', {}))}"]
     raise InvalidRequest(f"response_format type '{kind}' is not supported.", code="invalid_value",
                          param="response_format")
 
@@ -270,8 +298,7 @@ class StreamTranslator:
         for key, value in event.items():
             if key.endswith("Exception"):
                 raise error_from_aws(key, None, str((value or {}).get("message", "")))
-        out = [] if self._started else [self._chunk({"role": "assistant", "content": ""})]
-        self._started = True
+        out: list[StreamEvent] = []
         if "contentBlockStart" in event:
             out += self._block_start(event["contentBlockStart"])
         elif "contentBlockDelta" in event:
@@ -281,6 +308,11 @@ class StreamTranslator:
         elif "metadata" in event:
             usage = usage_from(event["metadata"].get("usage"))
             out.append(StreamEvent({**self._base, "choices": [], "usage": usage.as_openai()}, usage=usage))
+        if out and not self._started:
+            # The role chunk goes out with the first output, not on messageStart: until a chunk is yielded the
+            # stream can still fall back, and a failure right after messageStart should (nothing was produced).
+            out.insert(0, self._chunk({"role": "assistant", "content": ""}))
+            self._started = True
         return out
 
     def _block_start(self, start: Mapping[str, Any]) -> list[StreamEvent]:
@@ -300,8 +332,10 @@ class StreamTranslator:
         block = delta_event.get("contentBlockIndex", 0)
         if tool is None or block not in self._tool_index:
             return []  # reasoning, citations and the like have no OpenAI chunk
-        call = {"index": self._tool_index[block], "function": {"arguments": tool.get("input", "")}}
-        return [self._chunk({"tool_calls": [call]})]
+        arguments = str(tool.get("input", ""))
+        call = {"index": self._tool_index[block], "function": {"arguments": arguments}}
+        # ``text`` is what a cut stream is billed from: the arguments are model output too (as on Azure).
+        return [StreamEvent(self._chunk({"tool_calls": [call]}).chunk, text=arguments)]
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> StreamEvent:
         return StreamEvent({**self._base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})

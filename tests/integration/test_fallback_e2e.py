@@ -26,8 +26,9 @@ from tools.stack import Ports, Stack
 pytestmark = pytest.mark.integration
 
 UPSTREAM_TIMEOUT_S = 1  # the settings' minimum: a slow primary costs one second, not two minutes
-AZURE_SCENARIOS = ("s500", "s503", "slow", "alldown", "all429", "badreq", "cut", "cutraw", "logs", "cutfirst")
-BEDROCK_SCENARIOS = ("brkcut",)
+AZURE_SCENARIOS = ("s500", "s503", "slow", "alldown", "all429", "badreq", "cut", "cutraw", "logs", "cutfirst",
+                   "nodeploy")
+BEDROCK_SCENARIOS = ("brkcut", "brkstart")
 
 
 def _catalogue() -> str:
@@ -42,10 +43,11 @@ def _catalogue() -> str:
                 doc["targets"][target_id] = {**templates[provider], "deployment": target_id}
             doc["aliases"][f"fb-{name}"] = {"targets": ids, "description": f"fallback scenario {name}"}
     # Across providers: Azure, then Bedrock, then Azure again (the shape of chat-default).
-    mixed = {"fb-mixed-a": "azure_openai", "fb-mixed-b": "bedrock", "fb-mixed-c": "azure_openai"}
-    for target_id, provider in mixed.items():
-        doc["targets"][target_id] = {**templates[provider], "deployment": target_id}
-    doc["aliases"]["fb-mixed"] = {"targets": list(mixed), "description": "fallback across providers"}
+    for alias in ("fb-mixed", "fb-img"):
+        mixed = {f"{alias}-a": "azure_openai", f"{alias}-b": "bedrock", f"{alias}-c": "azure_openai"}
+        for target_id, provider in mixed.items():
+            doc["targets"][target_id] = {**templates[provider], "deployment": target_id}
+        doc["aliases"][alias] = {"targets": list(mixed), "description": "fallback across providers"}
     return json.dumps(doc)
 
 
@@ -209,6 +211,51 @@ def test_stream_failing_before_its_first_event_falls_back(fsim: Sim, sdk: openai
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text
     assert (fsim.count("fb-cutfirst-a"), fsim.count("fb-cutfirst-b")) == (1, 1)
+
+
+def test_a_missing_azure_deployment_falls_back_instead_of_blaming_the_caller(fsim: Sim, sdk: openai.OpenAI) -> None:
+    # 404 DeploymentNotFound is the gateway's configuration, not the caller's request: the next target serves it.
+    fsim.fault(mode="status", status=404, target="fb-nodeploy-a")
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-nodeploy"))
+    assert raw.headers["x-gateway-target"] == "fb-nodeploy-b"
+    assert (fsim.count("fb-nodeploy-a"), fsim.count("fb-nodeploy-b")) == (1, 1)
+
+
+def test_a_target_that_cannot_take_the_request_is_passed_over_end_to_end(fsim: Sim, sdk: openai.OpenAI) -> None:
+    # A remote image URL: Azure takes it, Bedrock cannot. With the first Azure target throttled, the request must
+    # reach the second Azure target instead of ending on Bedrock's 400.
+    fsim.fault(mode="status", status=429, target="fb-img-a", count=1)
+    image = {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                          {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-img", messages=[image]))
+    assert raw.headers["x-gateway-target"] == "fb-img-c"
+    assert (fsim.count("fb-img-a"), fsim.count("fb-img-b"), fsim.count("fb-img-c")) == (1, 0, 1)
+
+
+def test_a_bedrock_stream_failing_right_after_message_start_falls_back(fsim: Sim, sdk: openai.OpenAI) -> None:
+    # messageStart carries no output: nothing was sent to the caller yet, so the next target may still serve it.
+    fsim.fault(mode="status", status=503, after_chunks=1, target="fb-brkstart-a", count=1)
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-brkstart", stream=True))
+    assert raw.headers["x-gateway-target"] == "fb-brkstart-b"
+    with raw.parse() as stream:
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert (fsim.count("fb-brkstart-a"), fsim.count("fb-brkstart-b")) == (1, 1)
+
+
+def test_bedrock_serves_an_assistant_first_conversation_and_a_replayed_tool_exchange(fsim: Sim,
+                                                                                    sdk: openai.OpenAI) -> None:
+    # The simulator enforces Converse's rules (user turn first, toolConfig with tool blocks), as Bedrock does.
+    conversation = [
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4 C, rain"},
+        {"role": "user", "content": "Summarise that in one line."}]
+    raw = sdk.chat.completions.with_raw_response.create(**ask("chat-default", messages=conversation),
+                                                        extra_body={"provider_hint": "bedrock"})
+    assert raw.headers["x-gateway-provider"] == "bedrock"
+    assert raw.parse().choices[0].message.content
 
 
 def test_bedrock_stream_parses_through_the_sdk(fsim: Sim, sdk: openai.OpenAI) -> None:

@@ -133,6 +133,50 @@ def test_data_url_images_become_image_blocks() -> None:
     assert kwargs["messages"][0]["content"][1] == {"image": {"format": "png", "source": {"bytes": b"\x89PNG"}}}
 
 
+def test_an_assistant_greeting_first_gets_a_user_turn_before_it() -> None:
+    # Converse requires a user turn first; chat UIs often open with the assistant's greeting.
+    kwargs = build(messages=[{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Hi! How can I help?"},
+                             {"role": "user", "content": "Tell me a joke"}])
+    assert [t["role"] for t in kwargs["messages"]] == ["user", "assistant", "user"]
+    assert kwargs["messages"][0]["content"][0]["text"].strip()
+    only_system = build(messages=[{"role": "system", "content": "Write a haiku."}])
+    assert [t["role"] for t in only_system["messages"]] == ["user"]
+
+
+TOOL_EXCHANGE = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "4 C, rain"},
+    {"role": "user", "content": "Summarise that."},
+]
+
+
+def test_a_tool_exchange_replayed_without_tools_goes_as_text() -> None:
+    # Bedrock wants toolConfig whenever tool blocks are present; offering tools the caller did not would let the
+    # model call them.
+    kwargs = build(messages=TOOL_EXCHANGE)
+    assert "toolConfig" not in kwargs
+    blocks = [b for t in kwargs["messages"] for b in t["content"]]
+    assert all(set(b) == {"text"} for b in blocks)
+    assert any("get_weather" in b["text"] and "Oslo" in b["text"] for b in blocks)
+    assert any("4 C, rain" in b["text"] for b in blocks)
+    with_tools = build(tools=[WEATHER_TOOL], messages=TOOL_EXCHANGE)
+    assert "toolConfig" in with_tools and any("toolUse" in b for t in with_tools["messages"] for b in t["content"])
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": None}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+     "response_format.json_schema"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": 5}}]}, "tools[0]"),
+])
+def test_shapes_the_schema_lets_through_are_a_400_not_a_crash(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        build(messages=[{"role": "user", "content": "x"}], **extra)
+    assert refused.value.param == param
+
+
 @pytest.mark.parametrize("arguments", ["not json", "[1]", '{"x": NaN}', '{"x": 1e999}', '{"x": "\\ud800"}'])
 def test_invalid_tool_call_arguments_are_a_400(arguments: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
@@ -224,6 +268,22 @@ def test_exception_event_mid_stream_raises_provider_error() -> None:
     with pytest.raises(ProviderError) as info:
         translator.translate({"throttlingException": {"message": "slow down"}})
     assert info.value.kind == "rate_limited" and info.value.retryable
+
+
+def test_message_start_alone_yields_nothing_so_a_failure_after_it_can_still_fall_back() -> None:
+    # The fallback commits to a target at its first chunk; messageStart carries no model output.
+    translator = StreamTranslator(TARGET, completion_id="c", created=1)
+    assert translator.translate({"messageStart": {"role": "assistant"}}) == []
+    assert translator.translate({"contentBlockStart": {"start": {}, "contentBlockIndex": 0}}) == []
+    first = translator.translate({"contentBlockDelta": {"delta": {"text": "Hi"}, "contentBlockIndex": 0}})
+    assert [e.chunk["choices"][0]["delta"] for e in first] == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
+
+
+def test_streamed_tool_arguments_count_as_output_for_a_cut_stream() -> None:
+    # A stream cut before its usage event is billed from the streamed text: tool arguments are output too.
+    out = translate_all(fixture("converse_stream_tool_use.json"))
+    streamed = "".join(e.text for e in out)
+    assert '{"city"' in streamed.replace(" ", "") and "Oslo" in streamed
 
 
 # ---------------------------------------------------------------- errors

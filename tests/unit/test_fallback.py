@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway_lib.catalog import Price, Target
-from gateway_lib.errors import ProviderError, RateLimited, ServiceUnavailable
+from gateway_lib.errors import InvalidRequest, ProviderError, RateLimited, ServiceUnavailable
 from gateway_lib.fallback import complete_with_fallback, open_stream_with_fallback
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
 from gateway_lib.routing import RoutePlan, RouteStep
@@ -121,6 +121,34 @@ def test_non_retryable_error_is_raised_without_fallback() -> None:
     with pytest.raises(ProviderError) as info:
         complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
     assert info.value is bad and provider.calls == ["a"]
+
+
+def test_a_target_that_cannot_take_the_request_is_passed_over() -> None:
+    # E.g. Bedrock and a remote image URL: the next target may take it, and the target is not at fault.
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    cannot = InvalidRequest("Images must be base64 data URLs for this model.", code="unsupported_content")
+    provider = FakeProvider({"a": rate_limited(), "b": cannot, "c": "from c"})
+    _, chosen, attempts = complete(make_plan("a", "b", "c"), provider, health, clock)
+    assert chosen.id == "c" and provider.calls == ["a", "b", "c"]
+    assert [a.outcome for a in attempts] == ["rate_limited", "unsupported", "ok"]
+    assert health.view().status("b").circuit == "closed", "no failure counted against b"
+
+
+def test_the_400_stands_when_no_target_could_take_the_request() -> None:
+    clock = FakeClock()
+    first = InvalidRequest("no tools here", code="tools_unsupported", param="tools")
+    provider = FakeProvider({"a": first, "b": InvalidRequest("nor here", code="tools_unsupported")})
+    with pytest.raises(InvalidRequest) as info:
+        complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
+    assert info.value is first and [a.outcome for a in info.value.attempts] == ["unsupported", "unsupported"]
+
+
+def test_unsupported_and_failed_targets_end_in_the_failures_status() -> None:
+    clock = FakeClock()
+    provider = FakeProvider({"a": rate_limited(5), "b": InvalidRequest("no", code="unsupported_content")})
+    with pytest.raises(RateLimited):  # the target that could take it is throttled: back off, as the 429 says
+        complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
 
 
 def test_all_targets_failing_is_503_naming_the_count_and_last_error() -> None:
