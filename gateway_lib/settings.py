@@ -138,7 +138,7 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class BudgetSettings:
-    rollup_schedule: str  # NCRONTAB; the timer trigger reads it as %BUDGET_ROLLUP_SCHEDULE%
+    rollup_schedule: str  # NCRONTAB, checked for its six fields; the timer trigger binds %BUDGET_ROLLUP_SCHEDULE% itself
     alert_thresholds: tuple[int, ...]  # percent of budget
     enforcement: str  # none | block | downgrade
     downgrade_alias: str | None
@@ -272,8 +272,12 @@ def _budget(env: _Env) -> BudgetSettings:
             parsed.append(int(item))
         else:
             env.problems.append(f"BUDGET_ALERT_THRESHOLDS: '{item}' must be a whole percent between 1 and 1000")
+    schedule = env.text("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *"
+    if len(schedule.split()) != 6:  # the host would refuse the timer; /api/health says why
+        env.problems.append(f"BUDGET_ROLLUP_SCHEDULE: '{schedule}' is not an NCRONTAB expression (six fields: "
+                            "second minute hour day month day-of-week)")
     return BudgetSettings(
-        rollup_schedule=env.text("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *",
+        rollup_schedule=schedule,
         alert_thresholds=tuple(sorted(set(parsed))),
         enforcement=env.choice("BUDGET_ENFORCEMENT", ("none", "block", "downgrade"), "none"),
         downgrade_alias=env.text("BUDGET_DOWNGRADE_ALIAS"),

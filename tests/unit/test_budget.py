@@ -595,3 +595,14 @@ def test_the_timer_entry_builds_its_dependencies_from_the_runtime(monkeypatch: p
     report = run(go())
     assert report.rows_applied == 1 and report.alerts_delivered >= 1
     assert events[0][0] == "BudgetAlert" and events[0][2]["spend_usd"] == 0.6
+
+
+def test_a_rollup_schedule_that_is_not_ncrontab_is_a_configuration_problem() -> None:
+    from gateway_lib.settings import ConfigError, Settings
+
+    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+           "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
+           "AZURE_OPENAI_AUTH": "api_key", "AZURE_OPENAI_API_KEY": "k"}
+    assert Settings.from_env(env | {"BUDGET_ROLLUP_SCHEDULE": "0 0 * * * *"}).budget.rollup_schedule == "0 0 * * * *"
+    with pytest.raises(ConfigError, match="BUDGET_ROLLUP_SCHEDULE"):
+        Settings.from_env(env | {"BUDGET_ROLLUP_SCHEDULE": "*/5 * * * *"})  # five-field cron: the host wants six
