@@ -241,7 +241,12 @@ async def deliver_pending(
             if deadline and clock and clock() >= deadline:
                 report.pending += 1
                 continue
-            await _deliver_one(store, prefix, month, marker.properties["alert"], by_name, now, report)
+            try:
+                await _deliver_one(store, prefix, month, marker.properties["alert"], by_name, now, report)
+            except Exception as exc:  # one alert's trouble must not hold back the others (nor the rollup)
+                report.pending += 1
+                report.failures.append(f"{marker.properties.get('alert')}: {type(exc).__name__}")
+                log.exception("alert delivery step failed", extra={"alert": marker.properties.get("alert")})
     return report
 
 
@@ -305,7 +310,8 @@ async def _lease(
 async def _finish(store: TableStore, prefix: str, alert: Alert, now: datetime, report: DeliveryReport) -> None:
     table = alerts_table(prefix)
     if alert.pending_sinks:
-        backoff = min(timedelta(minutes=1) * 2 ** (alert.attempts - 1), MAX_BACKOFF)
+        # The exponent is capped before it is used: 2**41 minutes overflows timedelta (a sink down ~36 h).
+        backoff = min(timedelta(minutes=1) * 2 ** min(max(alert.attempts - 1, 0), 16), MAX_BACKOFF)
         await store.update(table, replace(alert, next_attempt_at=now + backoff).to_entity(), alert.etag or "*")
         report.pending += 1
         return
@@ -322,15 +328,17 @@ async def list_alerts(
     now = now or datetime.now(UTC)
     found: list[Alert] = []
     month = _month_start(now)
-    # Partitions are months of the alert's period; a day alert is created within its month
-    # and a month alert after its start, so months before ``since`` hold nothing newer.
-    for _ in range(13):  # at most a year back: bounded reads for an admin endpoint
+    # Partitions are months of the alert's period. An alert is created in its period or soon after it (the
+    # rollup lags; a backlog run may raise last month's alerts in this one), so the month before ``since``
+    # is read too; older months hold nothing created since.
+    oldest = _previous_month(_month_start(since))
+    for _ in range(14):  # at most a year back: bounded reads for an admin endpoint
         try:
             rows = await store.query(alerts_table(prefix), _month(month), row_key_from="alert|", row_key_to="alert}")
         except TableNotFound:  # the table appears with the first alert the rollup raises
             return []
         found.extend(a for a in map(Alert.from_entity, rows) if a.created >= since)
-        if month <= _month_start(since):
+        if month <= oldest:
             break
         month = _previous_month(month)
     found.sort(key=lambda a: a.created, reverse=True)

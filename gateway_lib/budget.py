@@ -40,6 +40,7 @@ Clock = Callable[[], datetime]
 SETTLE_LAG = timedelta(minutes=2)
 MIN_SLICE = 10  # floor of rows per caller per round; the slice is max_rows / callers above that
 TIMER_BUDGET = timedelta(minutes=4)  # under host.json's functionTimeout (10 min) and the 5-minute schedule
+AFTER_AGGREGATION_SHARE = 0.25  # of a run's time kept for lifting restrictions and delivering alerts
 CONFLICT_RETRIES = 8
 
 
@@ -175,6 +176,13 @@ class _Run:
     def out_of_time(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
+    def done_aggregating(self) -> bool:
+        """Aggregation stops with a quarter of the run's time left, so lifting expired restrictions and
+        delivering alerts still get to run when a backlog would take the whole budget."""
+        if self.deadline is None:
+            return False
+        return self.clock() >= self.deadline - (self.deadline - self.report.started) * AFTER_AGGREGATION_SHARE
+
 
 async def run_rollup(
     store: TableStore, settings: BudgetSettings, budgets: BudgetLookup, clock: Clock, sinks: Sequence[AlertSink],
@@ -237,7 +245,7 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
     try:
         while active:
             for caller in list(active):
-                if remaining <= 0 or run.out_of_time():
+                if remaining <= 0 or run.done_aggregating():
                     run.report.backlog = True
                     run.report.stopped_early = remaining > 0
                     return
@@ -372,13 +380,17 @@ async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, as_of
     for (pk, period), agg in aggregates.items():
         if pk == caller_pk(caller.key):
             await _check(run, "caller", caller.key, period, agg.spend, budget.for_period(period))
-            # Enforce only in the current period: a backlog row from yesterday must not block today.
-            if as_of < period_end(period) and crossed_thresholds(agg.spend, budget.for_period(period), [100]):
+            # Enforce only in the current period (by the clock, not the rows' time): a backlog row from
+            # yesterday, or the 00:01 run's rows of 23:59, must not block today.
+            if run.clock() < period_end(period) and crossed_thresholds(agg.spend, budget.for_period(period), [100]):
                 await _restrict(run, caller.key, period_end(period))
         elif pk.startswith("team|") and "|by|" not in period:
             team = unquote(pk.split("|", 1)[1])
             await _check(run, "team", team, period, agg.spend, (await run.budgets.team_budget(team)).for_period(period))
-    await _forecast(run, caller.key, budget, aggregates, as_of)
+    try:
+        await _forecast(run, caller.key, budget, aggregates, as_of)
+    except ArithmeticError:  # a forecast is advice: it must never stop the rollup of this or any other caller
+        log.exception("burn-rate forecast failed", extra={"caller": caller.key})
 
 
 async def _check(run: _Run, scope: alerting.AlertScope, subject: str, period: str, spend: Decimal,

@@ -67,7 +67,7 @@ class OverrideEnforcer:
             changed = replace(current or overrides.Override(), status=status,
                               alias=self._alias if status == "downgraded" else None,
                               reason=f"budget spent; until {until.isoformat()}",
-                              updated_at=self._clock().isoformat(), updated_by=self.BY)
+                              updated_at=self._clock().isoformat(), updated_by=self.BY, status_by=self.BY)
             try:
                 await self._write(caller_key, changed)
                 return True
@@ -95,10 +95,10 @@ class OverrideEnforcer:
     async def _lift(self, caller_key: str) -> int:
         for _ in range(CONFLICT_RETRIES):
             current = await overrides.get_override(self._store, self._prefix, caller_key)
-            if current is None or current.status == "active" or current.updated_by != self.BY:
+            if current is None or current.status == "active" or current.status_by != self.BY:
                 return 0
             lifted = replace(current, status="active", alias=None, reason="budget period ended",
-                             updated_at=self._clock().isoformat())
+                             updated_at=self._clock().isoformat(), updated_by=self.BY, status_by=self.BY)
             try:
                 await overrides.put_override(self._store, self._prefix, caller_key, lifted)
                 return 1

@@ -40,6 +40,7 @@ class Override:
     updated_at: str | None = None
     etag: str | None = None
     updated_by: str | None = None  # caller key of the admin (or "budget" for enforcement)
+    status_by: str | None = None  # who set ``status``: only a status the budget set is lifted by it
 
     def __post_init__(self) -> None:
         unknown = set(self.limits) - set(LIMIT_NAMES)
@@ -48,14 +49,15 @@ class Override:
 
     def properties(self) -> dict[str, Any]:
         return {**self.limits, "status": self.status, "alias": self.alias, "reason": self.reason,
-                "updated_at": self.updated_at, "updated_by": self.updated_by}
+                "updated_at": self.updated_at, "updated_by": self.updated_by, "status_by": self.status_by}
 
     @classmethod
     def from_entity(cls, entity: Entity) -> Override:
         p = entity.properties
         limits = {n: (Decimal(str(p[n])) if n.startswith("usd") else int(p[n])) for n in LIMIT_NAMES if n in p}
+        # Rows written before status_by existed: whoever wrote last set the status.
         return cls(limits, str(p.get("status", "active")), p.get("alias"), p.get("reason"), p.get("updated_at"),
-                   entity.etag, p.get("updated_by"))
+                   entity.etag, p.get("updated_by"), p.get("status_by") or p.get("updated_by"))
 
 
 def override_key(subject: str, kind: str) -> tuple[str, str]:
@@ -94,7 +96,8 @@ def money_json(value: Any) -> Any:
 def override_json(subject: str, override: Override | None) -> dict[str, Any]:
     o = override or Override()
     return {"caller": subject, "limits": {k: money_json(v) for k, v in o.limits.items()}, "status": o.status,
-            "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by}
+            "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by,
+            "status_by": o.status_by}
 
 
 def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime,
@@ -128,7 +131,9 @@ def merge_override(current: Override | None, body: Mapping[str, Any], changed_by
                              param="alias")
     if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_MAX_CHARS):
         raise InvalidRequest(f"'reason' must be a string of at most {REASON_MAX_CHARS} characters.", param="reason")
-    return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by)
+    # An admin changing a limit leaves a budget block the budget's to lift; one setting the status owns it.
+    status_by = changed_by if "status" in body else base.status_by
+    return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by, status_by)
 
 
 def _limit_value(name: str, value: Any) -> int | Decimal:

@@ -45,5 +45,9 @@ def forecast_exhaustion(
         return None
     seconds = Decimal(max(as_of - window_start, MIN_FORECAST_WINDOW).total_seconds())
     rate = recent_spend / seconds
-    at = as_of + timedelta(seconds=float((budget - month_spend) / rate))
-    return at if at < next_month(as_of.astimezone(UTC)) else None
+    left = (budget - month_spend) / rate  # seconds until the budget runs out
+    month_end = next_month(as_of.astimezone(UTC))
+    # Compared before building a datetime: a tiny rate puts the date past year 9999 (OverflowError).
+    if left >= Decimal((month_end - as_of).total_seconds()):
+        return None
+    return as_of + timedelta(seconds=float(left))
