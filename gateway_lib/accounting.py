@@ -71,8 +71,9 @@ class Accounting:
 
     def estimate_streamed_usage(self, target: Target | None, text: str) -> Usage:
         """Usage of a stream that ended without a usage event: the prompt estimate plus what was streamed."""
-        tokenizer = target.tokenizer if target else "o200k_base"
-        return Usage(self.screened.prompt_tokens, tokens.count_text(text, tokenizer))
+        if target is None:
+            return Usage(self.screened.prompt_tokens, tokens.count_text(text, "o200k_base"))
+        return Usage(self.screened.prompt_tokens_for(target.tokenizer), tokens.count_text(text, target.tokenizer))
 
     async def finish(self, target: Target | None, usage: Usage, *, status: str,
                      error: GatewayError | None = None) -> Decimal:

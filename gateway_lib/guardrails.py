@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,11 @@ class Screened:
     requested_max_tokens: int | None
     eligible: tuple[str, ...]  # ids of the given targets the request fits, in the given order
     prompt_chars: int
+    estimates: Mapping[str, int] = field(default_factory=dict)  # prompt tokens per tokenizer
+
+    def prompt_tokens_for(self, tokenizer: str) -> int:
+        """The served target's own estimate (a cut stream is billed with it), else the reserved maximum."""
+        return self.estimates.get(tokenizer, self.prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def screen(request: ChatRequest, tier: Tier, targets: Sequence[Target], limits: 
     return Screened(
         prompt_tokens=max(estimates[t.tokenizer] for t in eligible), max_tokens=max_tokens,
         clamped=cap.clamped, defaulted=cap.defaulted, requested_max_tokens=request.requested_max_tokens,
-        eligible=tuple(t.id for t in eligible), prompt_chars=chars,
+        eligible=tuple(t.id for t in eligible), prompt_chars=chars, estimates=estimates,
     )
 
 

@@ -69,7 +69,10 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
     # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
     # httpx2 (under the openai SDK) adds a line per upstream call. The request record says it all once.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # At DEBUG the SDKs log whole request and response bodies (prompts, completions) and, for botocore,
+    # signed headers and STS replies with session credentials: never below WARNING, whatever the root says.
+    for name in ("httpx2", "httpx", "httpcore", "openai", "botocore", "boto3", "urllib3", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     install_privacy_filter()
     # Building the BPE tables takes ~0.3 s: do it beside the first request rather than inside it.
     # Only o200k (the GPT-4o family); cl100k (+31 MiB) loads on the first Claude/GPT-4 estimate.

@@ -51,7 +51,10 @@ class _Exporter:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     issuer = DevIssuer(tmp_path_factory.mktemp("issuer"))
-    with start_in_thread() as simulator, JwksServer(issuer) as jwks:
+    with start_in_thread() as simulator, JwksServer(issuer) as jwks, pytest.MonkeyPatch.context() as env:
+        # The simulator's static keys through the standard AWS chain (nothing may fall through to IMDS).
+        env.setenv("AWS_ACCESS_KEY_ID", "local-simulator")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "local-simulator-secret")
         values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
         values.update({"AUTH_JWKS_URL": jwks.jwks_url, "AZURE_OPENAI_ENDPOINT": simulator.url,
                        "BEDROCK_ENDPOINT_URL": simulator.url, "GATEWAY_STORAGE_MODE": "memory",
@@ -102,6 +105,9 @@ def test_no_prompt_completion_or_token_reaches_logs_metrics_events_or_rows(world
         "stream": _chat(world, token, _prompt() | {"stream": True})[0],
         "validation": _chat(world, token, _prompt() | {"temperature": 9})[0],
         "content_filter": _chat(world, token, _prompt("forbidden-topic"))[0],
+        # botocore logs whole request and response bodies at DEBUG: the runtime must keep it quiet.
+        "bedrock": _chat(world, token, _prompt() | {"model": "claude-3-haiku"})[0],
+        "bedrock_stream": _chat(world, token, _prompt() | {"model": "claude-3-haiku", "stream": True})[0],
     }
     faults.add({"mode": "status", "status": 400, "message": f"bad prompt: {CANARY}", "count": 1})
     statuses["provider_400"] = _chat(world, token, _prompt())[0]
@@ -109,8 +115,8 @@ def test_no_prompt_completion_or_token_reaches_logs_metrics_events_or_rows(world
     statuses["provider_500"] = _chat(world, token, _prompt())[0]
     faults.add({"mode": "cut", "after_chunks": 3, "count": 1})
     statuses["stream_cut"] = _chat(world, token, _prompt() | {"stream": True})[0]
-    assert statuses == {"success": 200, "stream": 200, "validation": 400, "content_filter": 400,
-                        "provider_400": 400, "provider_500": 503, "stream_cut": 200}
+    assert statuses == {"success": 200, "stream": 200, "validation": 400, "content_filter": 400, "bedrock": 200,
+                        "bedrock_stream": 200, "provider_400": 400, "provider_500": 503, "stream_cut": 200}
 
     rows = [repr(dict(e.properties)) for table in world["store"]._tables.values() for e in table.values()]
     assert any('"status": "ok"' in r or "'status': 'ok'" in r for r in rows), "cost rows were written"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import guardrails
+from gateway_lib import guardrails, tokens
 from gateway_lib.catalog import Price, Target
 from gateway_lib.errors import ContentFiltered, InvalidRequest
 from gateway_lib.schema import ChatRequest
@@ -245,3 +245,13 @@ def test_a_task_error_names_the_prompt() -> None:
     assert (error.param, error.message) == ("prompt", "rule 'pii.email' matched in the prompt.")
     untouched = InvalidRequest("bad", param="max_tokens")
     assert tasks.in_task_terms(untouched).param == "max_tokens"
+
+
+def test_a_cut_stream_is_billed_with_the_served_targets_own_prompt_estimate() -> None:
+    # The reservation takes the largest estimate among the route's targets; the bill is the served one's.
+    screened = guardrails.screen(chat("Summarise the quarterly report for the board, please. " * 40), TIER,
+                                 [GPT, CLAUDE], LIMITS)
+    gpt, claude = screened.prompt_tokens_for("o200k_base"), screened.prompt_tokens_for("claude")
+    assert gpt < claude == screened.prompt_tokens
+    assert gpt == tokens.count_chat_prompt(chat("Summarise the quarterly report for the board, please. " * 40).messages,
+                                           "o200k_base")
