@@ -247,6 +247,10 @@ def _response_format_instruction(response_format: dict[str, Any] | None) -> list
 def from_converse_response(response: Mapping[str, Any], target: Target, *, completion_id: str,
                            created: int) -> Completion:
     """A Converse response -> an OpenAI ``chat.completion``."""
+    if not isinstance(response.get("output", {}).get("message"), dict) or "stopReason" not in response:
+        # botocore hands back what it could parse of a truncated body (often nothing): not an empty answer
+        raise ProviderError("Bedrock returned an unreadable response.", provider=PROVIDER, kind="malformed",
+                            retryable=True)
     finish = finish_reason(response.get("stopReason"))
     blocks = response.get("output", {}).get("message", {}).get("content", [])
     text = "".join(b["text"] for b in blocks if "text" in b)

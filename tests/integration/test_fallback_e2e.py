@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 UPSTREAM_TIMEOUT_S = 1  # the settings' minimum: a slow primary costs one second, not two minutes
 AZURE_SCENARIOS = ("s500", "s503", "slow", "alldown", "all429", "badreq", "cut", "cutraw", "logs", "cutfirst",
                    "nodeploy")
-BEDROCK_SCENARIOS = ("brkcut", "brkstart")
+BEDROCK_SCENARIOS = ("brkcut", "brkstart", "brkmal")
 
 
 def _catalogue() -> str:
@@ -256,6 +256,16 @@ def test_bedrock_serves_an_assistant_first_conversation_and_a_replayed_tool_exch
                                                         extra_body={"provider_hint": "bedrock"})
     assert raw.headers["x-gateway-provider"] == "bedrock"
     assert raw.parse().choices[0].message.content
+
+
+def test_an_unreadable_bedrock_answer_is_an_upstream_failure_not_an_empty_answer(fsim: Sim,
+                                                                                  sdk: openai.OpenAI) -> None:
+    # botocore returns what it could parse of a truncated body (nothing): that must not be a free, empty 200.
+    fsim.fault(mode="malformed", target="fb-brkmal-a", count=1)
+    raw = sdk.chat.completions.with_raw_response.create(**ask("fb-brkmal"))
+    assert raw.headers["x-gateway-target"] == "fb-brkmal-b"
+    completion = raw.parse()
+    assert completion.choices[0].message.content and completion.usage and completion.usage.completion_tokens > 0
 
 
 def test_bedrock_stream_parses_through_the_sdk(fsim: Sim, sdk: openai.OpenAI) -> None:
