@@ -53,6 +53,8 @@ class Authenticator:
         self._keys = keys if keys is not None else JwksCache.from_settings(settings)
         self._issuers = _trusted_issuers(settings)
         self._allowed_tenants = frozenset(t.lower() for t in settings.allowed_tenants or settings.tenant_ids)
+        # The first of AUTH_TENANT_IDS is the gateway's home tenant: only its admins administer the gateway.
+        self._admin_tenants = frozenset(t.lower() for t in settings.tenant_ids[:1])
         self._verified = _VerifiedTokens(clock, settings.leeway_seconds)
 
     async def authenticate(
@@ -62,7 +64,7 @@ class Authenticator:
         try:
             token = bearer_token(headers, query)
             claims = await self._verified_claims(token)
-            return caller_from_claims(claims, self._policy, label)
+            return caller_from_claims(claims, self._policy, label, admin_tenants=self._admin_tenants)
         except AuthenticationFailed as exc:
             exc.headers.setdefault("WWW-Authenticate", _challenge("invalid_token", exc.message))
             raise

@@ -13,8 +13,13 @@ from .identity import Caller
 from .tiers import Tier, TierPolicy
 
 
-def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str | None = None) -> Caller:
-    """Build the caller from verified claims; 401 when identity claims are missing, 403 without a tier."""
+def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str | None = None,
+                       admin_tenants: frozenset[str] | None = None) -> Caller:
+    """Build the caller from verified claims; 401 when identity claims are missing, 403 without a tier.
+
+    ``admin_tenants``: the tenants whose admin role counts (the gateway's home tenant). A partner tenant
+    of a multi-tenant deployment assigns roles in its own directory; its "admin" must not administer
+    everyone's limits. None: no restriction (single-tenant use and tests)."""
     app_id = _text(claims, "azp") or _text(claims, "appid")  # v2 names the client azp, v1 appid
     if app_id is None:
         raise AuthenticationFailed("token lacks the client application claim (azp or appid)")
@@ -22,6 +27,8 @@ def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str
     if tenant_id is None:
         raise AuthenticationFailed("token lacks the tenant claim (tid)")
     roles = _roles(claims)
+    if admin_tenants is not None and tenant_id.lower() not in admin_tenants:
+        roles = roles - {policy.admin_role}
     scopes = frozenset((_text(claims, "scp") or "").split())
     user_id = _user_id(claims, delegated=bool(scopes))
     return Caller(
@@ -53,8 +60,12 @@ def _user_id(claims: Mapping[str, Any], *, delegated: bool) -> str | None:
 
 
 def _tier(roles: frozenset[str], scopes: frozenset[str], policy: TierPolicy) -> Tier:
+    # Roles assigned to the user (or the app) decide; a delegated scope only stands in when no role maps.
+    # Every delegated token carries the scope: if it counted beside roles, a user assigned a lower tier
+    # would always get the scope's.
     matched = {policy.role_tiers[r] for r in roles if r in policy.role_tiers}
-    matched |= {policy.scope_tiers[s] for s in scopes if s in policy.scope_tiers}
+    if not matched:
+        matched = {policy.scope_tiers[s] for s in scopes if s in policy.scope_tiers}
     ranked = [name for name in policy.tier_order if name in matched] + sorted(matched - set(policy.tier_order))
     for name in ranked:
         if name in policy.tiers:

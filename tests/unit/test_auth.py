@@ -259,3 +259,15 @@ def test_starlette_headers_are_read_case_insensitively() -> None:
     auth, _ = authenticator()
     headers = Headers(raw=[(b"authorization", f"Bearer {ISSUER.token()}".encode())])
     assert authenticate(auth, headers).tier.name == "standard"
+
+
+def test_an_admin_of_a_second_trusted_tenant_is_not_the_gateways_admin() -> None:
+    # Multi-tenant: the partner's own admins assign roles in the partner's directory. Only the home tenant
+    # (the first of AUTH_TENANT_IDS) administers the gateway.
+    home, partner = ISSUER.tenant, OTHER_TENANT
+    auth, _ = authenticator(tenant_ids=(home, partner))
+    assert authenticate(auth, bearer(ISSUER.token(roles=["Gateway.Admin"]))).is_admin
+    partner_admin = ISSUER.token({"iss": f"https://login.microsoftonline.com/{partner}/v2.0", "tid": partner},
+                                 roles=["Gateway.Admin", "Gateway.Standard"])
+    caller = authenticate(auth, bearer(partner_admin))
+    assert not caller.is_admin and caller.tier.name == "standard"

@@ -115,3 +115,23 @@ def test_label_is_recorded_but_not_identity(policy: TierPolicy) -> None:
     caller = caller_from_claims(app_only(), policy, label="apim-sub-marketing")
     assert caller.label == "apim-sub-marketing"
     assert "apim" not in caller.key
+
+
+def test_a_users_assigned_role_decides_the_tier_and_the_scope_only_stands_in_without_one(policy: TierPolicy) -> None:
+    # Every delegated token carries Gateway.Invoke: if it counted beside roles, no user could be given basic.
+    assert caller_from_claims(delegated(roles=["Gateway.Basic"]), policy).tier.name == "basic"
+    assert caller_from_claims(delegated(roles=["Gateway.Premium"]), policy).tier.name == "premium"
+    assert caller_from_claims(delegated(), policy).tier.name == "standard"
+
+
+PARTNER = "22222222-0000-4000-8000-000000000de0"
+
+
+def test_only_the_home_tenants_admins_administer_the_gateway(policy: TierPolicy) -> None:
+    home = frozenset({TID})
+    assert caller_from_claims(app_only(roles=["Gateway.Admin"]), policy, admin_tenants=home).is_admin
+    partner = caller_from_claims(app_only(tid=PARTNER, roles=["Gateway.Admin", "Gateway.Standard"]), policy,
+                                 admin_tenants=home)
+    assert not partner.is_admin and partner.tier.name == "standard"
+    with pytest.raises(PermissionDenied):  # a partner's admin role alone grants nothing here
+        caller_from_claims(app_only(tid=PARTNER, roles=["Gateway.Admin"]), policy, admin_tenants=home)
