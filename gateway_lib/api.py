@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -130,7 +131,9 @@ async def health(request: Request) -> Response:
     scope = edge.begin(request, "health")
     rt, problems = try_runtime()
     checks: dict[str, dict[str, object]] = {
-        "configuration": {"status": "ok"} if rt else {"status": "error", "problems": problems},
+        # Anonymous: the settings at fault by name only. Messages can quote values (a URL with a secret in it);
+        # they are in the function's log and in the 503 the first real request gets.
+        "configuration": {"status": "ok"} if rt else {"status": "error", "settings": _setting_names(problems)},
     }
     if rt is not None:
         try:
@@ -149,6 +152,11 @@ async def budget_rollup(past_due: bool) -> None:
     from . import budget
 
     await budget.rollup_timer_entry(past_due)
+
+
+def _setting_names(problems: list[str]) -> list[str]:
+    names = (re.match(r"[A-Z][A-Z0-9_]+", p) for p in problems)
+    return sorted({m.group(0) for m in names if m} or {"configuration"})
 
 
 def _require_admin(caller: Caller) -> None:

@@ -157,7 +157,8 @@ class JwksCache:
         if self._discovered_url is None:
             assert self._openid_config_url is not None
             document = await asyncio.to_thread(self._fetch, self._openid_config_url)
-            self._discovered_url = _http_url(document.get("jwks_uri"))
+            self._discovered_url = _http_url(document.get("jwks_uri"),
+                                             https=self._openid_config_url.lower().startswith("https://"))
         return self._discovered_url
 
     def _pyjwk(self, kid: str, alg: str | None) -> jwt.PyJWK:
@@ -187,7 +188,10 @@ def _usable_keys(document: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return usable
 
 
-def _http_url(value: Any) -> str:
-    if not isinstance(value, str) or urlparse(value).scheme not in ("http", "https"):
-        raise ValueError("OpenID configuration has no http(s) jwks_uri")
+def _http_url(value: Any, https: bool) -> str:
+    """The discovered jwks_uri: https when the configuration came over https (no downgrade to plain http,
+    where the signing keys could be swapped in transit); plain http only for a local issuer."""
+    allowed = ("https",) if https else ("http", "https")
+    if not isinstance(value, str) or urlparse(value).scheme not in allowed:
+        raise ValueError(f"OpenID configuration has no {' or '.join(allowed)} jwks_uri")
     return value

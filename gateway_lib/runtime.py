@@ -131,8 +131,9 @@ def get_runtime() -> Runtime:
     if _runtime is None or (_runtime.loop is not None and _runtime.loop is not loop):
         try:
             settings = get_settings()
-        except ConfigError:
-            log.error("gateway configuration is invalid; see /api/health for the problems")
+        except ConfigError as exc:
+            # The full list goes to the operator's log; the anonymous /api/health names the settings only.
+            log.error("gateway configuration is invalid", extra={"problems": exc.problems})
             raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
                                      code="configuration_error") from None
         rt = build_runtime(settings)

@@ -295,6 +295,9 @@ def _cross_checks(s: Settings, env: _Env) -> None:
         env.problems.append("AZURE_OPENAI_AUTH=api_key is for local development only; use managed_identity in Azure")
     if on_azure and s.storage.mode == "memory":
         env.problems.append("GATEWAY_STORAGE_MODE=memory keeps quotas per process; it is refused in Azure")
+    for name, url in (("AUTH_JWKS_URL", s.auth.jwks_url), ("AUTH_OPENID_CONFIG_URL", s.auth.openid_config_url)):
+        if on_azure and url and not url.lower().startswith("https://"):  # keys over plain http can be swapped
+            env.problems.append(f"{name} must be an https URL in Azure")
     if bool(p.aws_role_arn) != bool(p.aws_web_identity_audience):
         env.problems.append("AWS_ROLE_ARN and AWS_WEB_IDENTITY_AUDIENCE go together (keyless Bedrock federation)")
     if s.catalogue is None or s.tiers is None:
@@ -372,7 +375,8 @@ class _Env:
         if value is not None:
             parsed = urlparse(value)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                self.problems.append(f"{name}: '{value}' is not an http(s) URL")
+                # The value is not quoted: a webhook URL carries its secret in the path.
+                self.problems.append(f"{name}: not an http(s) URL (scheme://host/...)")
                 return None
         return value
 

@@ -168,3 +168,25 @@ def test_timer_function_invoked_like_the_host(functions: dict[str, Any], wired: 
             set_runtime(None)
 
     asyncio.run(run())
+
+
+def test_health_names_the_settings_at_fault_without_their_values(functions: dict[str, Any],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # /api/health is anonymous: a misconfigured webhook URL (its secret is in the path) must not be echoed.
+    from gateway_lib import settings as settings_module
+
+    values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    values |= {"GATEWAY_STORAGE_MODE": "memory", "ALERT_WEBHOOK_URL": "hooks.example.com/services/T0/B0/S3CR3T",
+               "AUTH_JWKS_URL": "http://127.0.0.1:9/keys"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    settings_module.get_settings.cache_clear()
+    set_runtime(None)
+    try:
+        response = asyncio.run(functions["health"].get_user_function()(_request("GET", "/api/health", None)))
+    finally:
+        settings_module.get_settings.cache_clear()
+    body = bytes(response.body).decode()
+    assert response.status_code == 503
+    assert json.loads(body)["checks"]["configuration"] == {"status": "error", "settings": ["ALERT_WEBHOOK_URL"]}
+    assert "S3CR3T" not in body and "hooks.example.com" not in body

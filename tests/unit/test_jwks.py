@@ -244,3 +244,29 @@ def test_a_jwk_without_alg_is_bound_to_the_requested_algorithm(endpoint: FakeEnd
 def test_a_url_is_required() -> None:
     with pytest.raises(ValueError):
         JwksCache()
+
+
+def test_discovery_over_https_never_downgrades_to_a_plain_http_jwks_uri(endpoint: FakeEndpoint, clock: Clock) -> None:
+    # Keys fetched over plain http could be swapped in transit: a https configuration must point at https keys.
+    plain = "http://keys.example/discovery/v2.0/keys"
+    served = endpoint.__call__
+
+    def downgrading(url: str) -> Mapping[str, Any]:
+        return {"issuer": "https://login.example/tenant/v2.0", "jwks_uri": plain} if url == OPENID_URL else served(url)
+
+    keys = cache(downgrading, clock, jwks_url=None, openid_config_url=OPENID_URL)  # type: ignore[arg-type]
+    with pytest.raises(JwksUnavailable):
+        asyncio.run(keys.get_key(endpoint.issuer.kid))
+    assert plain not in endpoint.urls
+
+
+def test_signing_key_urls_must_be_https_in_azure() -> None:
+    from gateway_lib.settings import ConfigError, Settings
+
+    env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+           "GATEWAY_TABLE_ENDPOINT": "https://acct.table.core.windows.net", "AZURE_OPENAI_ENDPOINT": "https://a.example",
+           "WEBSITE_INSTANCE_ID": "instance-1"}
+    Settings.from_env(env | {"AUTH_JWKS_URL": "https://keys.example/keys"})
+    for name in ("AUTH_JWKS_URL", "AUTH_OPENID_CONFIG_URL"):
+        with pytest.raises(ConfigError, match=f"{name} must be an https URL in Azure"):
+            Settings.from_env(env | {name: "http://keys.example/keys"})
