@@ -66,8 +66,10 @@ param budgetEnforcement string = 'none'
 param budgetDowngradeAlias string = ''
 param budgetAlertThresholds string = '50,80,100'
 @secure()
-@description('Alert webhook URL (kept in Key Vault); empty for none.')
+@description('Alert webhook URL (kept in Key Vault); pass it when storing or rotating it, empty otherwise.')
 param alertWebhookUrl string = ''
+@description('Whether the app reads the webhook secret from Key Vault. Not derived from alertWebhookUrl: a redeploy that does not pass the secret must keep the setting (it would blank it and silence alerts).')
+param alertWebhookEnabled bool = false
 
 // --- Scale ---
 param maximumInstanceCount int = 100
@@ -164,6 +166,7 @@ module keyVault 'app/keyvault.bicep' = {
     location: location
     tags: tags
     alertWebhookUrl: alertWebhookUrl
+    alertWebhookEnabled: alertWebhookEnabled
   }
 }
 

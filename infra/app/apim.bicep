@@ -156,7 +156,11 @@ var tenantIssuers = [for t in tenantIds: empty(t) ? '' : '<issuer>https://sts.wi
 var extraIssuerElements = [for i in extraIssuers: empty(i) ? '' : '<issuer>${i}</issuer>']
 var openIdConfigs = empty(openIdConfigUrl) ? join(tenantOpenIdConfigs, '') : '<openid-config url="${openIdConfigUrl}" />'
 var issuers = '${join(tenantIssuers, '')}${join(extraIssuerElements, '')}'
-var apiPolicyXml = replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)
+// quota-by-key exists on the classic tiers only (Developer, Basic, Standard, Premium); a v2 tier would refuse
+// the policy. There the gateway's own Table Storage quotas are the long-window limit.
+var classicTier = !endsWith(toLower(skuName), 'v2')
+var quotaPolicy = classicTier ? '<quota-by-key calls="{{gw-quota-calls}}" renewal-period="{{gw-quota-period}}" counter-key=\'@(context.Subscription?.Id ?? context.Request.IpAddress)\' />' : ''
+var apiPolicyXml = replace(replace(replace(loadTextContent('../apim/policies/api.xml'), '<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers), '<!-- gw:quota (quota-by-key on the classic tiers only: the v2 tiers do not have it) -->', quotaPolicy)
 
 resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
   parent: api

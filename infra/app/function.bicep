@@ -203,6 +203,24 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
   }
 }
 
+// Deployments use Entra (the deploy script's az login) and the identity-based deployment container: basic
+// (user/password) publishing credentials for SCM and FTP have no user, so they are switched off.
+resource scmBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-11-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+resource ftpBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-11-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
 output id string = site.id
 output name string = site.name
 output defaultHostName string = site.properties.defaultHostName

@@ -7,6 +7,8 @@ param tags object = {}
 @secure()
 @description('Alert webhook URL; stored as a secret when non-empty.')
 param alertWebhookUrl string = ''
+@description('The app reads the secret (true once it has been stored; it stays true on redeploys without the URL).')
+param alertWebhookEnabled bool = false
 
 resource vault 'Microsoft.KeyVault/vaults@2024-11-01' = {
   name: name
@@ -48,4 +50,4 @@ output id string = vault.id
 output name string = vault.name
 output uri string = vault.properties.vaultUri
 // The secret's URI (no version: the app picks up rotations). Empty when no webhook is configured.
-output alertWebhookSecretUri string = empty(alertWebhookUrl) ? '' : '${vault.properties.vaultUri}secrets/alert-webhook-url'
+output alertWebhookSecretUri string = (alertWebhookEnabled || !empty(alertWebhookUrl)) ? '${vault.properties.vaultUri}secrets/alert-webhook-url' : ''

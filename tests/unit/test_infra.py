@@ -364,12 +364,25 @@ def test_api_policy_validates_the_token_and_keeps_the_authorization_header() -> 
     assert set_headers["x-functions-key"].findtext("value") == "{{gw-function-key}}"
     assert set_headers["x-apim-subscription"].get("exists-action") == "override"  # never client-supplied
     assert {"x-request-id", "traceparent"} <= set(set_headers)
-    assert inbound.find("rate-limit-by-key") is not None and inbound.find("quota-by-key") is not None
+    assert inbound.find("rate-limit-by-key") is not None
     assert int(root.find("./backend/forward-request").get("timeout", "0")) >= 230  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("sku", "quota"), [("Developer", True), ("Premium", True), ("StandardV2", False),
+                                            ("BasicV2", False)])
+def test_quota_by_key_only_where_the_tier_has_it(sku: str, quota: bool) -> None:
+    # The v2 tiers do not have quota-by-key (Microsoft's policy reference: Developer | Basic | Standard |
+    # Premium); a policy naming it would be refused on prod's StandardV2.
+    inbound = rendered_api_policy(["11111111-1111-1111-1111-111111111111"], sku=sku).find("inbound")
+    assert inbound is not None and inbound.find("rate-limit-by-key") is not None
+    found = inbound.find("quota-by-key")
+    assert (found is not None) == quota
+    if found is not None:
+        assert found.get("calls") == "{{gw-quota-calls}}" and found.get("counter-key", "").startswith("@(")
+
+
 def rendered_api_policy(tenants: list[str], extra_issuers: list[str] | None = None,
-                        openid_config_url: str = "") -> ET.Element:
+                        openid_config_url: str = "", sku: str = "Developer") -> ET.Element:
     """api.xml as apim.bicep deploys it, given its three parameters: the loops over tenants and extra
     issuers rendered from their templates, the two combining expressions pinned as written."""
     text = bicep(INFRA / "app" / "apim.bicep")
@@ -386,9 +399,15 @@ def rendered_api_policy(tenants: list[str], extra_issuers: list[str] | None = No
            "'<openid-config url=\"${openIdConfigUrl}\" />'" in text
     assert "var issuers = '${join(tenantIssuers, '')}${join(extraIssuerElements, '')}'" in text
     assert "'<!-- gw:openid-configs -->', openIdConfigs), '<!-- gw:issuers -->', issuers)" in text
+    assert "var classicTier = !endsWith(toLower(skuName), 'v2')" in text
+    quota = re.search(r"var quotaPolicy = classicTier \? '((?:[^'\\]|\\')*)' : ''", text)
+    assert quota is not None
+    quota_placeholder = "<!-- gw:quota (quota-by-key on the classic tiers only: the v2 tiers do not have it) -->"
+    assert f"'{quota_placeholder}', quotaPolicy)" in text
     values = {"<!-- gw:openid-configs -->": (f'<openid-config url="{openid_config_url}" />' if openid_config_url
                                              else joined("tenantOpenIdConfigs")),
-              "<!-- gw:issuers -->": joined("tenantIssuers") + joined("extraIssuerElements")}
+              "<!-- gw:issuers -->": joined("tenantIssuers") + joined("extraIssuerElements"),
+              quota_placeholder: quota.group(1).replace("\\'", "'") if not sku.lower().endswith("v2") else ""}
     policy = (POLICIES / "api.xml").read_text()
     for placeholder, value in values.items():
         assert policy.count(placeholder) == 1, placeholder
@@ -458,12 +477,14 @@ def test_checkov_can_read_the_templates() -> None:
 
 
 def test_api_policy_errors_answer_for_the_token_check_it_runs() -> None:
-    root = ET.parse(POLICIES / "api.xml").getroot()
+    root = rendered_api_policy(["11111111-1111-1111-1111-111111111111"], sku="Developer")
     conditions = [w.get("condition", "") for w in root.iterfind("./on-error/choose/when")]
     sources = {m for c in conditions for m in re.findall(r'LastError\.Source == "([\w-]+)"', c)}
     assert "validate-jwt" in sources
     inbound = {e.tag for e in root.find("inbound").iter()}  # type: ignore[union-attr]
     assert sources <= inbound  # no branch waits for an error from a policy the request never runs
+    reasons = {m for c in conditions for m in re.findall(r'LastError\.Reason == "(\w+)"', c)}
+    assert reasons == {"RateLimitExceeded", "QuotaExceeded"}  # APIM's documented reasons, whatever the source name
 
 
 def test_named_values_used_by_policies_are_defined() -> None:
@@ -506,3 +527,14 @@ def test_aws_role_trusts_only_the_gateway_identity_for_bedrock_invoke() -> None:
     assert provider["Url"] == {"Fn::Sub": "https://sts.windows.net/${TenantId}/"}
     actions = role["Policies"][0]["PolicyDocument"]["Statement"][0]["Action"]
     assert sorted(actions) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+
+
+def test_a_redeploy_without_the_webhook_secret_keeps_the_apps_reference_to_it() -> None:
+    # The reference came from the secret's value, so a deploy without ALERT_WEBHOOK_URL blanked the app setting
+    # (alerts silently stopped). It follows a plain flag now, which the parameter files keep.
+    vault = bicep(INFRA / "app" / "keyvault.bicep")
+    assert ("output alertWebhookSecretUri string = (alertWebhookEnabled || !empty(alertWebhookUrl)) ? "
+            "'${vault.properties.vaultUri}secrets/alert-webhook-url' : ''") in vault
+    main = bicep(MAIN)
+    assert "param alertWebhookEnabled bool = false" in main
+    assert "alertWebhookEnabled: alertWebhookEnabled" in block_after(main, main.index("module keyVault "))
