@@ -91,8 +91,14 @@ class AzureTableStore:
         return _entity(found)
 
     async def insert(self, table: str, entity: Entity) -> Entity:
-        with _translated():
-            meta = await self._client(table).create_entity(_to_azure(entity))
+        answers: list[Any] = []
+        try:
+            with _translated():
+                meta = await self._client(table).create_entity(_to_azure(entity), raw_response_hook=answers.append)
+        except EntityExists as exc:
+            if _retried(answers):
+                raise _outcome_unknown("insert") from exc
+            raise
         return _stored(entity, meta)
 
     async def update(self, table: str, entity: Entity, etag: str) -> Entity:
@@ -101,10 +107,12 @@ class AzureTableStore:
         row than a whole two-row transaction costs written directly."""
         client = self._client(table)
         account = _account(client)
-        status, headers, answer = await self._send(client, "PUT", batch.entity_url(f"{account}/{table}", entity),
-                                                   batch.entity_json(entity),
-                                                   {"Content-Type": "application/json", "If-Match": etag})
+        status, headers, answer, attempts = await self._send(
+            client, "PUT", batch.entity_url(f"{account}/{table}", entity), batch.entity_json(entity),
+            {"Content-Type": "application/json", "If-Match": etag})
         if status != 204:
+            if attempts > 1 and status == 412:
+                raise _outcome_unknown("conditional update")
             raise _refused(status, *batch.error(answer))
         return _stored(entity, {"etag": headers.get("ETag")})
 
@@ -122,6 +130,8 @@ class AzureTableStore:
         self, table: str, partition_key: str | None = None, *, row_key_from: str | None = None,
         row_key_to: str | None = None, limit: int | None = None,
     ) -> list[Entity]:
+        if limit is not None and limit <= 0:
+            return []  # as the memory store: the loop below checks the limit after taking a row
         clauses, params = _filter(partition_key, row_key_from, row_key_to)
         client = self._client(table)
         out: list[Entity] = []
@@ -143,10 +153,12 @@ class AzureTableStore:
         client = self._client(table)
         account = _account(client)
         body, content_type = batch.encode(account, table, ops)
-        status, headers, answer = await self._send(client, "POST", f"{account}/$batch", body,
+        status, headers, answer, attempts = await self._send(client, "POST", f"{account}/$batch", body,
                                                    {"Content-Type": content_type, "Accept": "application/json",
                                                     "MaxDataServiceVersion": "3.0;NetFx"})
         outcome = batch.decode(status, headers.get("Content-Type", ""), answer, len(ops))
+        if isinstance(outcome, batch.Failure) and attempts > 1 and outcome.status in (409, 412):
+            raise _outcome_unknown("transaction")
         if isinstance(outcome, batch.Failure):
             raise _failed(outcome)
         return [_stored(op.entity, {"etag": etag}) for op, etag in zip(ops, outcome, strict=True)]
@@ -173,9 +185,10 @@ class AzureTableStore:
 
     @staticmethod
     async def _send(client: TableClient, method: str, url: str, body: bytes,
-                    headers: dict[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+                    headers: dict[str, str]) -> tuple[int, Mapping[str, str], bytes, int]:
         """A request we wrote ourselves, through the table client's pipeline (signing, x-ms-date, retries,
-        transport): its status, headers and body. A non-2xx answer is returned, not raised."""
+        transport): its status, headers, body and how many attempts it took. A non-2xx answer is returned,
+        not raised."""
         request = HttpRequest(method, url, content=body, headers={
             "x-ms-version": client.api_version, "DataServiceVersion": "3.0",
             "Accept": "application/json;odata=nometadata", **headers})
@@ -186,11 +199,11 @@ class AzureTableStore:
             with _translated():
                 # stream=True: the pipeline's decode policy would otherwise try to parse a multipart answer as JSON.
                 response = await client._client.send_request(  # the generated client's raw send
-                    request, stream=True, raw_response_hook=lambda attempt: answers.append(attempt.http_response))
-                return response.status_code, response.headers, await response.read()
+                    request, stream=True, raw_response_hook=answers.append)
+                return response.status_code, response.headers, await response.read(), 2 if _retried(answers) else 1
         finally:
             for answer in answers:
-                await answer.close()
+                await answer.http_response.close()
 
     def _client(self, table: str) -> TableClient:
         """The table's client (created once, reused: it shares the service's connection pool).
@@ -271,9 +284,25 @@ def _stored(entity: Entity, meta: Mapping[str, Any]) -> Entity:
     return Entity(entity.partition_key, entity.row_key, normalise_properties(entity.properties), etag=meta.get("etag"))
 
 
+def _retried(answers: list[Any]) -> bool:
+    """Whether the retry policy sent the request more than once: more than one answer came back, or the last
+    one carries the history of attempts that failed without one (a lost reply). azure-core's per-call
+    request hook cannot tell: it runs for the first attempt only."""
+    return len(answers) > 1 or bool(answers and answers[-1].context.get("history"))
+
+
+def _outcome_unknown(what: str) -> StorageUnavailable:
+    """A write the SDK retried and whose retry was refused as "exists" or "changed since": the first attempt
+    may have landed (its reply was lost, or the service answered 500 "may or may not have succeeded"), and
+    the refusal is then our own write. Reporting it as a lost race would have the caller apply it again
+    (a reservation counted twice); as unavailable, the writer-marker check decides (counter_rows.py)."""
+    return StorageUnavailable(f"{what}: retried after a lost or failed reply, and the retry was refused; "
+                              "outcome unknown")
+
+
 def _failed(failure: batch.Failure) -> StorageError:
     """A refused transaction as the store's error: which operation and why, or why the batch as a whole."""
-    if failure.index is None:
+    if failure.index is None or failure.code == "TableNotFound":  # the table, not an operation: as the SDK says
         return _refused(failure.status, failure.code, failure.message)
     reason: Literal["exists", "precondition", "not_found", "other"] = _REASONS.get(failure.code, "other")
     return TransactionFailed(f"{failure.index}: {failure.code}", index=failure.index, reason=reason)

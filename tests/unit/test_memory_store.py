@@ -190,6 +190,8 @@ async def a_missing_table_is_a_storage_error_not_a_missing_row(store: TableStore
     with pytest.raises(StorageError) as raised:
         await store.get(table + "missing", "p", "r")
     assert not isinstance(raised.value, EntityNotFound)
+    with pytest.raises(TableNotFound):  # a transaction too (the service answers 202 with the 404 inside)
+        await store.transact(table + "missing", [Op("insert", Entity("p", "r", {}))])
 
 
 @contract
