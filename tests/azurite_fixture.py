@@ -19,8 +19,9 @@ from tools.azurite import BINARY, Azurite, free_port
 
 
 def _require_node() -> None:
+    # A failure, not a skip: a run without Azurite would pass while testing none of the storage paths.
     if not BINARY.exists() and shutil.which("npm") is None:
-        pytest.skip("Azurite is not installed and npm is unavailable (Node 18+ needed)")
+        pytest.fail("Azurite is not installed and npm is unavailable (Node 18+ needed; `make test` installs it)")
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,11 @@ def test_same_request_is_served_by_bedrock_when_hinted(base_url: str, token: str
             "extra_body": {"provider_hint": "bedrock"}}  # gateway extensions travel in the SDK's extra_body
     sdk = client(base_url, token)
     if stream:
-        chunks = list(sdk.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+        streamed = sdk.chat.completions.with_raw_response.create(**body, stream=True,
+                                                                 stream_options={"include_usage": True})
+        assert streamed.headers["x-gateway-provider"] == "bedrock"
+        with streamed.parse() as events:
+            chunks = list(events)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
         return

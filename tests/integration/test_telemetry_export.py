@@ -168,7 +168,7 @@ def test_dead_collector_never_raises_and_never_blocks_the_caller() -> None:
     time.sleep(0.3)  # let the exporter threads fail a few times
     tel.flush(timeout=1.0)
     tel.close(timeout=1.0)
-    assert per_call < 0.005
+    assert per_call < 0.05  # a hang check, not a speed target: the export runs on its own thread
 
 
 def test_hanging_collector_does_not_block_the_caller() -> None:
@@ -182,7 +182,9 @@ def test_hanging_collector_does_not_block_the_caller() -> None:
         started = time.perf_counter()
         tel.close(timeout=1.0)
         closing = time.perf_counter() - started
-    assert per_call < 0.005
+    # Hang checks, not speed targets: a call that waited for the collector would take its 0.5 s timeout (10x
+    # this bound), and close() must give up on a collector that never answers.
+    assert per_call < 0.05
     assert closing < 10.0
 
 

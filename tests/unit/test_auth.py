@@ -271,3 +271,20 @@ def test_an_admin_of_a_second_trusted_tenant_is_not_the_gateways_admin() -> None
                                  roles=["Gateway.Admin", "Gateway.Standard"])
     caller = authenticate(auth, bearer(partner_admin))
     assert not caller.is_admin and caller.tier.name == "standard"
+
+
+def test_a_cached_verification_ends_with_the_tokens_expiry_not_the_caches_ttl() -> None:
+    # Verified tokens are cached by digest; a hit must still honour exp (+ leeway), or an expired token would
+    # be accepted for as long as it sat in the cache.
+    from gateway_lib.auth import VERIFIED_TOKEN_TTL_SECONDS, _VerifiedTokens
+
+    now = [1000.0]
+    cache = _VerifiedTokens(lambda: now[0], leeway=10)
+    cache.put(b"soon", {"exp": 1010})  # exp + leeway (1020) comes before the cache's own TTL ends the entry
+    cache.put(b"late", {"exp": 1000 + 10 * VERIFIED_TOKEN_TTL_SECONDS})
+    now[0] = 1019.0
+    assert cache.get(b"soon") == {"exp": 1010}  # within exp + leeway
+    now[0] = 1020.0
+    assert cache.get(b"soon") is None and cache.get(b"late") is not None
+    now[0] = 1000 + VERIFIED_TOKEN_TTL_SECONDS
+    assert cache.get(b"late") is None  # and never past the cache's TTL: revocations and key rotations show

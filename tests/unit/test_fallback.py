@@ -306,3 +306,11 @@ def test_errors_carry_the_attempts_for_accounting() -> None:
     with pytest.raises(ServiceUnavailable) as info:
         complete(make_plan("a"), FakeProvider({"a": server_error()}), TargetHealth(clock), clock)
     assert [a.outcome for a in info.value.attempts] == ["server_error"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("kind", "status"), [("auth", 502), ("server_error", 502), ("timeout", 504),
+                                              ("rate_limited", 429), ("bad_request", 400)])
+def test_a_provider_failure_shows_the_caller_its_own_status(kind: str, status: int) -> None:
+    # Our credentials failing upstream is not the caller's authentication failing: a 502, never a 401.
+    error = ProviderError("x", provider="fake", kind=kind, retryable=kind != "bad_request")
+    assert error.status == status

@@ -67,6 +67,13 @@ def test_prompt_over_the_character_cap_is_rejected() -> None:
     assert (error.status, error.code, error.param) == (400, "prompt_too_large", "messages")
 
 
+def test_the_caps_themselves_are_allowed() -> None:
+    # The limits are "at most": exactly the cap passes, one more does not (above).
+    exactly = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}] * 8})
+    assert guardrails.screen(exactly, TIER, [GPT], LIMITS).prompt_chars == 8
+    assert guardrails.check_prompt_size(chat("x" * 10_000), LIMITS) == 10_000
+
+
 # --- max_tokens ----------------------------------------------------------------------------------
 
 
@@ -233,8 +240,10 @@ def test_unknown_detector_names_are_configuration_problems() -> None:
 def test_detectors_stay_linear_on_adversarial_input(text: str) -> None:
     rules = guardrails.content_rules((), guardrails.PII_DETECTOR_NAMES)
     started = time.perf_counter()
-    guardrails.find_violation([(0, text)], rules)
-    assert time.perf_counter() - started < 2.0
+    guardrails.find_violation([("messages[0]", text)], rules)
+    # A hang check, not a speed target: a backtracking pattern takes hours on these inputs, a linear one
+    # milliseconds.
+    assert time.perf_counter() - started < 10.0
 
 
 def test_a_task_error_names_the_prompt() -> None:

@@ -19,7 +19,7 @@ from gateway_lib.leases import LeasedAdmission
 from gateway_lib.ledger import table_key
 from gateway_lib.quota import team_partition
 from gateway_lib.runtime import build_runtime
-from gateway_lib.settings import Settings
+from gateway_lib.settings import ConfigError, Settings
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
@@ -281,7 +281,7 @@ def test_the_runtime_picks_leased_admission_from_settings() -> None:
     assert Settings.from_env(env).storage.quota_mode == "strict"
     rt = build_runtime(Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "leased"}), store=MemoryTableStore())
     assert isinstance(rt.admission, LeasedAdmission)
-    with pytest.raises(Exception, match="GATEWAY_QUOTA_MODE"):
+    with pytest.raises(ConfigError, match="GATEWAY_QUOTA_MODE"):
         Settings.from_env(env | {"GATEWAY_QUOTA_MODE": "eventual"})
 
 
@@ -541,3 +541,24 @@ def test_a_journal_behind_an_outage_refuses_new_requests_after_a_bounded_wait(mo
         assert len(await cost_rows(store, caller.key)) == 6
 
     run(scenario())
+
+
+def test_a_lease_fits_a_request_only_within_its_minute_epoch_and_room() -> None:
+    from gateway_lib.counters import Counters
+    from gateway_lib.leases import Lease
+    from gateway_lib.quota import Reservation
+
+    lease = Lease(minute="2026-03-10T10:00", epoch=7, requests=2, tokens=100, usd=Decimal("0.01"), granted=2,
+                  granted_at=0.0, used_at=0.0, seen=Counters())
+
+    def res(**changes: Any) -> Reservation:
+        base = {"tokens": 100, "usd": Decimal("0.01"), "minute": "2026-03-10T10:00", "epoch": 7}
+        values = base | changes
+        return Reservation("k", "r", "standard", None, values["tokens"], values["usd"], values["minute"],
+                           values["epoch"])
+
+    assert lease.fits(res())  # exactly the room left
+    assert not lease.fits(res(tokens=101))  # token room: past it the caller's token limits would be overspent
+    assert not lease.fits(res(usd=Decimal("0.0101")))
+    assert not lease.fits(res(minute="2026-03-10T10:01"))  # a new minute: the per-minute limits start again
+    assert not lease.fits(res(epoch=8))

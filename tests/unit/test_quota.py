@@ -644,3 +644,56 @@ def test_a_settle_rides_out_a_short_storage_outage() -> None:
         assert [r.request_id for r in await cost_rows(store, caller.key)] == ["blip"]
 
     run(scenario())
+
+
+def test_windows_only_roll_forward_so_a_lagging_clock_never_resets_a_newer_day() -> None:
+    # Another instance, whose clock is ahead, already wrote today's counters: ours, seconds behind at
+    # midnight, must not wipe the day's spend (the daily budget could then be spent twice).
+    from gateway_lib.counters import Counters
+
+    today = Counters(minute="2026-03-11T00:00", minute_requests=3, minute_tokens=30, day="2026-03-11",
+                     day_tokens=300, day_usd=Decimal("0.5"), month="2026-03", month_tokens=900,
+                     month_usd=Decimal("2"))
+    lagging = today.rolled(datetime(2026, 3, 10, 23, 59, 58, tzinfo=UTC))
+    assert (lagging.minute_requests, lagging.day_usd, lagging.month_usd) == (3, Decimal("0.5"), Decimal("2"))
+    moved_on = today.rolled(datetime(2026, 3, 11, 0, 1, tzinfo=UTC))
+    assert (moved_on.minute_requests, moved_on.day_usd) == (0, Decimal("0.5"))
+
+
+def test_losing_the_etag_race_every_time_is_a_429_for_the_callers_own_concurrency() -> None:
+    from gateway_lib.storage.base import PreconditionFailed
+
+    class AlwaysRaced(MemoryTableStore):
+        async def update(self, table: str, entity: Any, etag: str) -> Any:
+            raise PreconditionFailed("another instance wrote")
+
+    async def scenario() -> None:
+        store = AlwaysRaced()
+        _, adm = await new_admission(store=store)
+        caller = make_caller()
+        await adm.reserve(caller, tokens=1, usd=Decimal("0.001"), request_id="first")  # creates the row
+        with pytest.raises(RateLimited) as refused:
+            await adm.reserve(caller, tokens=1, usd=Decimal("0.001"), request_id="second")
+        assert refused.value.status == 429 and refused.value.retry_after == 1
+
+    run(scenario())
+
+
+def test_an_override_update_is_conditional_on_the_etag_it_read() -> None:
+    # The admin route and budget enforcement edit the same row; neither may silently undo the other.
+    from gateway_lib.overrides import Override, get_override, put_override
+    from gateway_lib.storage.base import PreconditionFailed
+
+    async def scenario() -> None:
+        store = MemoryTableStore()
+        await store.ensure_tables(["toverrides"])
+        await put_override(store, "t", "c", Override(status="active"))
+        read = await get_override(store, "t", "c")
+        assert read is not None and read.etag
+        await put_override(store, "t", "c", replace(read, status="blocked", status_by="budget"))
+        with pytest.raises(PreconditionFailed):
+            await put_override(store, "t", "c", replace(read, reason="admin edit on a stale read"))
+        stored = await get_override(store, "t", "c")
+        assert stored is not None and stored.status == "blocked"
+
+    run(scenario())
