@@ -251,6 +251,7 @@ module apim 'app/apim.bicep' = if (deployApim) {
     functionAppName: function.outputs.name
     appInsightsId: monitoring.outputs.applicationInsightsId
     appInsightsConnectionString: monitoring.outputs.connectionString
+    workspaceId: monitoring.outputs.workspaceId
     tenantIds: split(toLower(replace(authTenantIds, ' ', '')), ',')
     extraIssuers: split(replace(authExtraIssuers, ' ', ''), ',') // exact strings: case kept
     openIdConfigUrl: authOpenIdConfigUrl
@@ -261,6 +262,17 @@ module apim 'app/apim.bicep' = if (deployApim) {
     quotaCalls: apimQuotaCallsPerDay
   }
   dependsOn: [rbac]
+}
+
+module diagnostics 'app/diagnostics.bicep' = {
+  name: 'diagnostics'
+  scope: rg
+  params: {
+    workspaceId: monitoring.outputs.workspaceId
+    keyVaultName: keyVault.outputs.name
+    storageAccountName: storage.outputs.name
+    functionAppName: function.outputs.name
+  }
 }
 
 module workbook 'app/workbook.bicep' = {

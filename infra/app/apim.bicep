@@ -6,6 +6,8 @@ param tags object = {}
 @allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'PremiumV2', 'Premium'])
 param skuName string = 'StandardV2'
 param skuCapacity int = 1
+@description('Log Analytics workspace for the gateway log; empty for none.')
+param workspaceId string = ''
 param publisherEmail string
 param publisherName string
 param identityId string
@@ -224,6 +226,19 @@ resource diagnostics 'Microsoft.ApiManagement/service/apis/diagnostics@2024-05-0
       request: { headers: ['x-request-id'], body: { bytes: 0 } }
       response: { headers: ['x-request-id'], body: { bytes: 0 } }
     }
+  }
+}
+
+// APIM's gateway log to Log Analytics (request metadata; bodies are not logged: the API's diagnostic
+// keeps 0 bytes of them).
+resource gatewayLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = if (!empty(workspaceId)) {
+  name: 'gateway-to-log-analytics'
+  scope: apim
+  properties: {
+    workspaceId: workspaceId
+    logs: [
+      { category: 'GatewayLogs', enabled: true }
+    ]
   }
 }
 

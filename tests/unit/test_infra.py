@@ -538,3 +538,20 @@ def test_a_redeploy_without_the_webhook_secret_keeps_the_apps_reference_to_it() 
     main = bicep(MAIN)
     assert "param alertWebhookEnabled bool = false" in main
     assert "alertWebhookEnabled: alertWebhookEnabled" in block_after(main, main.index("module keyVault "))
+
+
+def test_audit_logs_go_to_log_analytics() -> None:
+    # Key Vault secret reads, writes and deletes on the quota and ledger tables, the function host's log and
+    # APIM's gateway log: the audit trail a regulated deployment is asked for.
+    diagnostics = bicep(INFRA / "app" / "diagnostics.bicep")
+    scoped = dict(re.findall(r"resource \w+ 'Microsoft\.Insights/diagnosticSettings@[\w-]+' = \{[^}]*?scope: (\w+)"
+                             r"[\s\S]*?category: '(\w+)'", diagnostics))
+    assert scoped == {"vault": "AuditEvent", "tables": "StorageWrite", "site": "FunctionAppLogs"}
+    assert "category: 'StorageDelete'" in diagnostics
+    main = bicep(MAIN)
+    wiring = block_after(main, main.index("module diagnostics "))
+    for param in ("workspaceId: monitoring.outputs.workspaceId", "keyVaultName: keyVault.outputs.name",
+                  "storageAccountName: storage.outputs.name", "functionAppName: function.outputs.name"):
+        assert param in wiring
+    assert "workspaceId: monitoring.outputs.workspaceId" in block_after(main, main.index("module apim "))
+    assert "category: 'GatewayLogs'" in bicep(INFRA / "app" / "apim.bicep")
