@@ -15,7 +15,11 @@ or in-process with ``start_in_thread()``. Tests steer it over HTTP:
 * ``GET /_sim/stats`` (per-target counts, last request's redacted headers and body, STS claims),
   ``POST /_sim/reset`` (clear stats), ``GET|POST /_sim/config`` (latency, STS audience and expiry...).
 
-Token counts follow the rule documented in ``tools.sim_text``.
+Token counts follow the rule documented in ``tools.sim_text``. Words in the last user message
+steer the answer (``tools.sim_text``): ``CALL_TOOL`` (a tool call, when tools are offered),
+``SIM_REPLY_WORDS=500`` (a long reply), ``SIM_FILTER_PROMPT`` (Azure's input filter refuses the
+prompt: 400 ``content_filter``), ``SIM_FILTER_OUTPUT`` (the output filter stops the answer half-way:
+Azure ``finish_reason: content_filter``, Bedrock ``stopReason: content_filtered``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,13 @@ FINGERPRINT = "fp_sim0001"
 _SAFE = {"filtered": False, "severity": "safe"}
 FILTER_RESULTS = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
 PROMPT_FILTER = [{"prompt_index": 0, "content_filter_results": FILTER_RESULTS}]
-_FINISH = {"end": "stop", "stop": "stop", "length": "length"}
+# What a filter that fired reports: one category over the deployment's threshold.
+FILTER_HIT = {**FILTER_RESULTS, "violence": {"filtered": True, "severity": "medium"}}
+PROMPT_FILTERED_MESSAGE = (
+    "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+    "Please modify your prompt and retry. To learn more about our content filtering policies please read our "
+    "documentation: https://go.microsoft.com/fwlink/?linkid=2198766")
+_FINISH = {"end": "stop", "stop": "stop", "length": "length", "filtered": "content_filter"}
 _ERRORS: dict[int, tuple[str, str]] = {
     400: ("BadRequest", "The request was invalid."),
     401: ("401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a "
@@ -65,6 +71,9 @@ async def handle_chat(request: Request, deployment: str, state: SimState, send: 
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         await send_json(send, 400, _invalid("'messages' is a required property and must be a non-empty array."))
         return
+    if sim_text.prompt_filtered(_last_user_text(body)):
+        await send_json(send, 400, prompt_filtered_body(), _response_headers())
+        return
     fault = await take_fault(state, PROVIDER, deployment)
     stream = bool(body.get("stream"))
     if fault and (not stream or (fault.mode == "status" and fault.after_chunks is None)):
@@ -103,6 +112,13 @@ def error_body(status: int, retry_after: float | None = None, message: str | Non
     text = message or default.format(retry=math.ceil(retry_after or 1))
     return {"error": {"code": code, "message": text, "type": "invalid_request_error" if status < 500 else
                       "server_error", "param": None}}
+
+
+def prompt_filtered_body() -> dict[str, Any]:
+    """Azure's answer when the input filter refuses the prompt (the same for streamed requests)."""
+    return {"error": {"message": PROMPT_FILTERED_MESSAGE, "type": None, "param": "prompt", "code": "content_filter",
+                      "status": 400, "innererror": {"code": "ResponsibleAIPolicyViolation",
+                                                    "content_filter_result": FILTER_HIT}}}
 
 
 def _retry_headers(retry_after: float | None) -> dict[str, str]:
@@ -192,11 +208,13 @@ def _tool_call(tools: list[dict[str, Any]], choice: Any, prompt: str) -> dict[st
 
 
 def completion_body(answer: Answer, model: str) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
+    filtered = answer.finish_reason == "content_filter"
+    # A filtered answer is withheld when not streamed; the tokens generated are still billed.
+    message: dict[str, Any] = {"role": "assistant", "content": None if filtered else answer.content, "refusal": None}
     if answer.tool_call:
         message["tool_calls"] = [answer.tool_call]
     choice = {"index": 0, "message": message, "finish_reason": answer.finish_reason, "logprobs": None,
-              "content_filter_results": FILTER_RESULTS}
+              "content_filter_results": FILTER_HIT if filtered else FILTER_RESULTS}
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:29]}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": answer.usage(), "system_fingerprint": FINGERPRINT,
             "prompt_filter_results": PROMPT_FILTER}
@@ -211,7 +229,10 @@ def stream_frames(answer: Answer, model: str, include_usage: bool) -> list[bytes
     chunks: list[dict[str, Any]] = [{"choices": [], "created": 0, "id": "", "model": "", "object": "",
                                      "prompt_filter_results": PROMPT_FILTER}]
     chunks += [_delta_chunk(base, delta) for delta in _deltas(answer)]
-    chunks.append(_delta_chunk(base, {}, answer.finish_reason))
+    last = _delta_chunk(base, {}, answer.finish_reason)
+    if answer.finish_reason == "content_filter":  # the chunk that ends a filtered stream says what fired
+        last["choices"][0]["content_filter_results"] = FILTER_HIT
+    chunks.append(last)
     if include_usage:
         chunks.append({**base, "choices": [], "usage": answer.usage()})
     return [b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]

@@ -21,7 +21,7 @@ from .sim_http import Request, Send, StreamFaultFrames, drop_connection, send_by
 from .sim_state import Fault, SimState, take_fault
 
 PROVIDER = "bedrock"
-_STOP = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence"}
+_STOP = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence", "filtered": "content_filtered"}
 _ERROR_TYPES = {
     400: "ValidationException", 403: "AccessDeniedException", 404: "ResourceNotFoundException",
     408: "ModelTimeoutException", 424: "ModelErrorException", 429: "ThrottlingException",

@@ -23,9 +23,14 @@ MAX_REPLY_WORDS = 100_000
 # Put "SIM_REPLY_WORDS=500" in the last user message to get a long reply (benchmarks).
 REPLY_WORDS_RE = re.compile(r"SIM_REPLY_WORDS=(\d+)")
 TOOL_TRIGGER = "CALL_TOOL"
+# Content safety, on either provider: the prompt is refused by the input filter (Azure's 400
+# ``content_filter``), or the answer is cut part-way by the output filter (Azure's
+# ``finish_reason: content_filter``, Bedrock's ``stopReason: content_filtered``).
+FILTER_PROMPT_TRIGGER = "SIM_FILTER_PROMPT"
+FILTER_OUTPUT_TRIGGER = "SIM_FILTER_OUTPUT"
 FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
-Finish = Literal["end", "length", "stop"]
+Finish = Literal["end", "length", "stop", "filtered"]
 
 
 def count_tokens(text: str) -> int:
@@ -43,7 +48,7 @@ class Reply:
     """Generated text split into stream pieces, and why generation stopped."""
 
     pieces: tuple[str, ...]
-    finish: Finish  # end: natural end; length: max tokens hit; stop: a stop sequence hit
+    finish: Finish  # end: natural end; length: max tokens hit; stop: a stop sequence hit; filtered: cut by safety
 
     @property
     def text(self) -> str:
@@ -64,6 +69,8 @@ def make_reply(prefix: str, prompt: str, max_tokens: int | None, stops: list[str
     pieces = _pieces(text)
     if max_tokens is not None and len(pieces) > max_tokens:
         pieces, finish = pieces[:max_tokens], "length"
+    if FILTER_OUTPUT_TRIGGER in prompt:  # generation ran this far, then the output filter stopped it
+        pieces, finish = pieces[:max(1, len(pieces) // 2)], "filtered"
     return Reply(pieces=pieces, finish=finish)
 
 
@@ -88,6 +95,10 @@ def _full_reply(prefix: str, prompt: str) -> str:
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+def prompt_filtered(prompt: str) -> bool:
+    return FILTER_PROMPT_TRIGGER in prompt
 
 
 def wants_tool(prompt: str, tool_count: int) -> bool:

@@ -243,8 +243,10 @@ def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
         return ProviderError("the gateway's credentials were refused by Azure OpenAI", provider=NAME, kind="auth",
                              retryable=True, upstream_status=status)
     if status == 400 and "content_filter" in detail:
-        return ProviderError("the provider's content filter rejected the request", provider=NAME,
-                             kind="content_filter", retryable=False, upstream_status=status)
+        # A policy decision about this prompt, not an outage: never retried on another target.
+        return ProviderError("Azure OpenAI's content filter refused the prompt; change the messages and retry",
+                             provider=NAME, kind="content_filter", retryable=False, upstream_status=status,
+                             param="messages")
     return ProviderError(f"Azure OpenAI rejected the request: {detail}", provider=NAME, kind="bad_request",
                          retryable=False, upstream_status=status)
 
