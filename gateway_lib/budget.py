@@ -38,6 +38,8 @@ Clock = Callable[[], datetime]
 # visible a moment after a later-stamped one. Reading only rows older than this lag means
 # the checkpoint never moves past a row that is still in flight (it would be skipped forever).
 SETTLE_LAG = timedelta(minutes=2)
+assert ledger.LATE_AFTER * 1.5 < SETTLE_LAG, "rows committed on time must land before the settle lag passes them"
+CHECKPOINTS, LATE_CHECKPOINTS = "checkpoint", "late-checkpoint"  # rollup partitions: the ledger's, the index's
 MIN_SLICE = 10  # floor of rows per caller per round; the slice is max_rows / callers above that
 TIMER_BUDGET = timedelta(minutes=4)  # under host.json's functionTimeout (10 min) and the 5-minute schedule
 AFTER_AGGREGATION_SHARE = 0.25  # of a run's time kept for lifting restrictions and delivering alerts
@@ -96,17 +98,23 @@ class Enforcer(Protocol):
 class CostRow:
     """What the rollup needs from one ledger row."""
 
-    row_key: str
+    row_key: str  # the ledger RowKey, or the late index's key for a row that came through it
     settled_at: datetime
     cost: Decimal
     tokens: int
     team: str | None
     provider: str | None
     model: str | None
+    late: bool = False  # from the late index: ``row_key`` is measured against ``late_applied_to``
 
     @classmethod
     def of(cls, row: ledger.CostRow) -> CostRow:
         return cls(row.row_key, row.time, row.cost_usd, row.total_tokens, row.team, row.provider, row.model)
+
+    @classmethod
+    def of_late(cls, late: ledger.LateRow) -> CostRow:
+        r = late.row
+        return cls(late.key, r.time, r.cost_usd, r.total_tokens, r.team, r.provider, r.model, late=True)
 
 
 @dataclass
@@ -115,6 +123,7 @@ class RollupReport:
     callers: int = 0
     callers_processed: int = 0
     rows_applied: int = 0
+    late_rows_applied: int = 0  # through the late index
     backlog: bool = False  # the run ended (row budget or deadline) before every caller was drained
     stopped_early: bool = False  # the deadline ended the run; the next one resumes
     alerts_raised: list[str] = field(default_factory=list)
@@ -131,17 +140,25 @@ class Aggregate:
     requests: int = 0
     first_at: datetime | None = None
     applied_to: str = ""  # last ledger RowKey folded in: the idempotency watermark
+    late_applied_to: str = ""  # the same for the late index (its keys are in commit order)
+
+    def fresh(self, rows: Sequence[CostRow]) -> list[CostRow]:
+        """The rows this aggregate has not folded in yet, each judged by its own watermark."""
+        return [r for r in rows if r.row_key > (self.late_applied_to if r.late else self.applied_to)]
 
     def plus(self, rows: Sequence[CostRow]) -> Aggregate:
         return Aggregate(
             spend=self.spend + sum((r.cost for r in rows), Decimal(0)),
             tokens=self.tokens + sum(r.tokens for r in rows), requests=self.requests + len(rows),
-            first_at=self.first_at or min(r.settled_at for r in rows), applied_to=max(r.row_key for r in rows),
+            first_at=min(filter(None, (self.first_at, *(r.settled_at for r in rows)))),
+            applied_to=max([self.applied_to, *(r.row_key for r in rows if not r.late)]),
+            late_applied_to=max([self.late_applied_to, *(r.row_key for r in rows if r.late)]),
         )
 
     def props(self) -> dict[str, Any]:
-        return {"spend": str(self.spend), "tokens": self.tokens, "requests": self.requests,
-                "first_at": self.first_at.isoformat() if self.first_at else None, "applied_to": self.applied_to}
+        props = {"spend": str(self.spend), "tokens": self.tokens, "requests": self.requests,
+                 "first_at": self.first_at.isoformat() if self.first_at else None, "applied_to": self.applied_to}
+        return props | ({"late_applied_to": self.late_applied_to} if self.late_applied_to else {})
 
     @classmethod
     def of(cls, entity: Entity | None) -> Aggregate:
@@ -150,7 +167,8 @@ class Aggregate:
         p = entity.properties
         first = p.get("first_at")
         return cls(Decimal(p.get("spend", "0")), int(p.get("tokens", 0)), int(p.get("requests", 0)),
-                   datetime.fromisoformat(first) if first else None, p.get("applied_to", ""))
+                   datetime.fromisoformat(first) if first else None, p.get("applied_to", ""),
+                   p.get("late_applied_to", ""))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -239,8 +257,8 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
     """
     remaining = run.settings.rollup_max_rows
     slice_size = max(MIN_SLICE, remaining // max(len(callers), 1))
-    checkpoints = {e.row_key: str(e.properties.get("after", ""))
-                   for e in await query_all(run.store, run.table, "checkpoint")}
+    checkpoints = await _checkpoints(run, CHECKPOINTS)
+    late_checkpoints = await _checkpoints(run, LATE_CHECKPOINTS)
     active, last_served = list(callers), None
     try:
         while active:
@@ -249,9 +267,15 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
                     run.report.backlog = True
                     run.report.stopped_early = remaining > 0
                     return
-                after = checkpoints.get(key_part(caller.key), "")
-                used, drained, checkpoints[key_part(caller.key)] = await _roll_caller(
-                    run, caller, after, min(slice_size, remaining))
+                part, limit = key_part(caller.key), min(slice_size, remaining)
+                used, drained, checkpoints[part] = await _roll_caller(run, caller, checkpoints.get(part, ""), limit)
+                if drained:  # caught up with the ledger: now its late index (usually one empty read)
+                    if used >= limit:
+                        drained = False  # the index waits for this caller's next slice
+                    else:
+                        late_used, drained, late_checkpoints[part] = await _roll_late(
+                            run, caller, late_checkpoints.get(part, ""), limit - used)
+                        used += late_used
                 remaining -= max(used, 1)
                 last_served = caller.key
                 if drained:
@@ -263,27 +287,50 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
 
 async def _roll_caller(run: _Run, caller: CallerInfo, after: str, limit: int) -> tuple[int, bool, str]:
     """Apply one slice of a caller's rows; returns (rows read, drained, new checkpoint)."""
-    fetched = [CostRow.of(r) async for r in ledger.iter_cost_rows(run.store, run.prefix, caller.key,
-                                                                    after or None, limit)]
-    rows = [r for r in fetched if r.settled_at < run.cutoff]
-    drained = len(fetched) < limit or len(rows) < len(fetched)
-    if not rows:
+    fetched = [r async for r in ledger.iter_cost_rows(run.store, run.prefix, caller.key, after or None, limit)]
+    window = [r for r in fetched if r.time < run.cutoff]
+    drained = len(fetched) < limit or len(window) < len(fetched)
+    if not window:
         return len(fetched), drained, after
-    aggregates = await _apply(run, caller.key, rows)
-    await _evaluate(run, caller, aggregates, as_of=run.cutoff if drained else rows[-1].settled_at)
-    await _advance_checkpoint(run, caller.key, rows[-1].row_key)  # last: everything above is idempotent
+    # A late row is counted through its twin in the late index (_roll_late), never here: whether this
+    # read saw it is chance, the index is not. It still moves the checkpoint like any other row.
+    rows = [CostRow.of(r) for r in window if not r.late]
+    if rows:
+        aggregates = await _apply(run, caller.key, rows)
+        await _evaluate(run, caller, aggregates, as_of=run.cutoff if drained else rows[-1].settled_at)
+    await _advance_checkpoint(run, CHECKPOINTS, caller.key, window[-1].row_key)  # last: the rest is idempotent
     run.report.callers_processed += 1
     run.report.rows_applied += len(rows)
-    return len(rows), drained, rows[-1].row_key
+    return len(window), drained, window[-1].row_key
 
 
-async def _advance_checkpoint(run: _Run, caller_key: str, row_key: str) -> None:
+async def _roll_late(run: _Run, caller: CallerInfo, after: str, limit: int) -> tuple[int, bool, str]:
+    """Apply one slice of the caller's late index: rows committed after the rollup may have passed their
+    settle time (a leased journal that waited out an outage). The index's keys are in commit order and the
+    same settle lag applies to them, so this checkpoint never passes an entry that is still in flight."""
+    fetched = [r async for r in ledger.iter_late_rows(run.store, run.prefix, caller.key, after or None, limit)]
+    window = [r for r in fetched if r.committed_at < run.cutoff]
+    drained = len(fetched) < limit or len(window) < len(fetched)
+    if not window:
+        return len(fetched), drained, after
+    aggregates = await _apply(run, caller.key, [CostRow.of_late(r) for r in window])
+    await _evaluate(run, caller, aggregates, as_of=run.cutoff)
+    await _advance_checkpoint(run, LATE_CHECKPOINTS, caller.key, window[-1].key)
+    run.report.late_rows_applied += len(window)
+    return len(window), drained, window[-1].key
+
+
+async def _checkpoints(run: _Run, partition: str) -> dict[str, str]:
+    return {e.row_key: str(e.properties.get("after", "")) for e in await query_all(run.store, run.table, partition)}
+
+
+async def _advance_checkpoint(run: _Run, partition: str, caller_key: str, row_key: str) -> None:
     """Move forward only: a slower concurrent run must not drag the checkpoint back."""
     for _ in range(CONFLICT_RETRIES):
-        current = await run.store.get(run.table, "checkpoint", key_part(caller_key))
+        current = await run.store.get(run.table, partition, key_part(caller_key))
         if current and str(current.properties.get("after", "")) >= row_key:
             return
-        entity = Entity("checkpoint", key_part(caller_key), {"after": row_key, "at": run.clock().isoformat()})
+        entity = Entity(partition, key_part(caller_key), {"after": row_key, "at": run.clock().isoformat()})
         try:
             if current is None:
                 await run.store.insert(run.table, entity)
@@ -329,7 +376,7 @@ async def _apply_one(run: _Run, pk: str, rk: str, rows: Sequence[CostRow]) -> Ag
     for _ in range(CONFLICT_RETRIES):
         entity = await run.store.get(run.table, pk, rk)
         current = Aggregate.of(entity)
-        fresh = [r for r in rows if r.row_key > current.applied_to]
+        fresh = current.fresh(rows)
         if not fresh:
             return current
         updated = current.plus(fresh)

@@ -15,7 +15,7 @@ import random
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -163,16 +163,18 @@ class CounterRows:
                 self._start_resolver(pk)
             raise
 
-    async def commit(self, read: Entity | None, counters: Entity, rows: list[CostRow], counted: Counted) -> Entity:
-        """The cost rows and the settled counters row in one entity-group transaction; returns the counters
-        row written. Rows go first: a retry of a transaction that already committed fails on op 0 as
-        "exists" (``AlreadySettled``), since counting it again would double it."""
+    async def commit(self, read: Entity | None, counters: Entity, rows: list[CostRow], counted: Counted,
+                     index: Sequence[Entity] = ()) -> Entity:
+        """The cost rows (and their late-index twins) and the settled counters row in one entity-group
+        transaction; returns the counters row written. Rows go first: a retry of a transaction that already
+        committed fails on op 0 as "exists" (``AlreadySettled``), since counting it again would double it."""
         counters = self._stamped(read, counters)
         new = Op("insert", counters) if read is None or read.etag is None else Op("update", counters, etag=read.etag)
+        inserts = [Op("insert", r.to_entity()) for r in rows] + [Op("insert", e) for e in index]
         counted.round_trips += 1
         with self._marker_kept_while_unknown(counters.partition_key):
             try:
-                return (await self._store.transact(self._table, [Op("insert", r.to_entity()) for r in rows] + [new]))[-1]
+                return (await self._store.transact(self._table, [*inserts, new]))[-1]
             except TransactionFailed as exc:
                 if exc.reason == "exists":
                     raise AlreadySettled from exc

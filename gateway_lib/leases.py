@@ -14,6 +14,8 @@ to a request, and one caller's requests queue on its single counters row. Here:
 * **Write-behind.** A request's settlement (its cost row and its counters change) joins a journal
   that a background task commits every ``FLUSH_INTERVAL_SECONDS``, up to 99 cost rows plus the
   counters row in one entity-group transaction (idempotent per batch, like strict settle per row).
+  A row committed over ``ledger.LATE_AFTER`` after it settled (after an outage) is marked late and
+  indexed for the budget rollup in the same transaction (docs/budgets.md, "Rows committed late").
 
 Each request is still admitted against its reserved worst case on the shared row, so the overspend
 bound of docs/storage.md is unchanged. What changes: other instances see a lease as in-flight spend
@@ -32,7 +34,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -41,7 +43,7 @@ from .counter_rows import AlreadySettled
 from .counters import Counters, Limits, Release, check, rate_headers
 from .errors import GatewayError
 from .identity import Caller
-from .ledger import CostRow, table_key
+from .ledger import LATE_AFTER, CostRow, late_twin, table_key
 from .quota import (
     Admission,
     Reservation,
@@ -67,6 +69,7 @@ LEASE_RUNWAY_GRANTS = 4
 LEASE_IDLE_SECONDS = 1.0  # an unused remainder goes back to the row after this long
 FLUSH_INTERVAL_SECONDS = 0.05  # also the most a hard crash can lose
 BATCH_ROWS = 99  # an entity-group transaction holds 100 operations: 99 cost rows + the counters row
+LATE_BATCH_ROWS = 49  # late rows come with their twins: 49 rows + 49 twins + the counters row
 MAX_PENDING_ROWS = 20_000
 # Backpressure. One row's journal is committed one transaction at a time, and on a saturated event loop a
 # commit waits behind every request in flight: driven in-process with 64 concurrent requests of one caller,
@@ -308,10 +311,13 @@ class LeasedAdmission(Admission):
         async with journal.flushing:
             owed = len(journal.entries)
             while owed > 0:
+                now = self._clock()
                 batch = journal.entries[:min(owed, BATCH_ROWS)]
+                if not journal.team and any(_late(row, now) for _, row in batch):
+                    batch = batch[:LATE_BATCH_ROWS]  # each late row brings its twin into the transaction
                 owed -= len(batch)
                 try:
-                    await self._commit(pk, batch, journal.team)
+                    await self._commit(pk, batch, journal.team, now)
                 except StorageError as exc:  # kept: the next tick retries the same batch
                     log.warning("usage journal not committed; retrying",
                                 extra={"rows": len(journal.entries), "error": type(exc).__name__})
@@ -323,9 +329,16 @@ class LeasedAdmission(Admission):
                     self._pending_rows -= len(batch)
                     await self._list_callers(batch)
 
-    async def _commit(self, pk: str, batch: list[tuple[Reservation, CostRow]], team: bool) -> None:
-        """One transaction: the batch's cost rows and the counters row settled for all of them."""
-        rows = [] if team else [row for _, row in batch]
+    async def _commit(self, pk: str, batch: list[tuple[Reservation, CostRow]], team: bool, now: datetime) -> None:
+        """One transaction: the batch's cost rows and the counters row settled for all of them.
+
+        A row settled over ``LATE_AFTER`` ago (the journal waited out an outage) may land behind the
+        budget rollup's checkpoint: it is marked late and indexed by this commit's time, so the rollup
+        counts it once, through the index. A retry after a lost reply builds new twins, but the
+        transaction that landed first makes the retry fail on its rows (``AlreadySettled``).
+        """
+        rows = [] if team else [replace(row, late=True) if _late(row, now) else row for _, row in batch]
+        index = [late_twin(row, now) for row in rows if row.late]
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             counters = Counters.from_entity(entity).rolled(self._clock())
@@ -333,7 +346,7 @@ class LeasedAdmission(Admission):
                 counters = counters.settle(res, row.total_tokens, row.cost_usd)
             if team:
                 return await self._rows.write(entity, counters.to_entity(pk), batch[0][0])
-            return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0])
+            return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0], index)
 
         try:
             await self._rows.until_written(batch[0][0], pk, write, "team flush" if team else "flush")
@@ -389,6 +402,10 @@ class LeasedAdmission(Admission):
         if journal is None:
             journal = self._journals[pk] = _Journal(team)
         return journal
+
+
+def _late(row: CostRow, now: datetime) -> bool:
+    return row.time < now - LATE_AFTER
 
 
 def _fitting_size(counters: Counters, limits: Limits, res: Reservation, who: str, wanted: int, now: datetime) -> int:

@@ -5,6 +5,12 @@ counters, so that settling a request (counters + cost row) is one entity-group
 transaction. Row keys sort by settle time: ``led|{settled_at}|{request_id}``. The
 ``{prefix}callers`` directory lists every caller partition, so the budget rollup reads
 partitions by key and never scans the table.
+
+A row committed more than ``LATE_AFTER`` after its settle time (a leased journal that
+waited out a storage outage) may land behind the budget rollup's checkpoint. It is
+written with ``late = True`` and, in the same transaction, a twin under
+``lat|{committed_at}|{request_id}``: keys in commit order, which the rollup reads after a
+checkpoint of their own (docs/budgets.md). The twin is an index entry, not a second cost row.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import suppress
 from dataclasses import MISSING, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +28,11 @@ from .storage.base import Entity, EntityExists, TableStore
 
 LEDGER_PREFIX = "led|"
 _LEDGER_END = "led}"  # "}" sorts right after "|": the end of the ledger key range
+LATE_PREFIX = "lat|"
+_LATE_END = "lat}"
+# A row committed later than this after its settle time goes through the late index. Must stay well
+# under the rollup's settle lag (2 minutes), which covers every row committed on time.
+LATE_AFTER = timedelta(seconds=60)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width (27 chars), so keys sort by time
 _KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
 _PAGE = 1000
@@ -46,6 +57,10 @@ def table_key(value: str) -> str:
 
 def ledger_row_key(settled_at: datetime, request_id: str) -> str:
     return f"{LEDGER_PREFIX}{settled_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{table_key(request_id)}"
+
+
+def late_row_key(committed_at: datetime, request_id: str) -> str:
+    return f"{LATE_PREFIX}{committed_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{table_key(request_id)}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class CostRow:
     attempts: int = 0  # provider attempts, fallbacks included
     error_code: str | None = None
     accounted: bool = True  # False: admitted fail-open while quota storage was down (not in the counters)
+    late: bool = False  # committed over LATE_AFTER after ``time``: the rollup counts it through its twin
 
     @classmethod
     def for_caller(cls, caller: Caller, **values: Any) -> CostRow:
@@ -107,6 +123,8 @@ class CostRow:
         props["time"] = self.time.astimezone(UTC).strftime(_TIME_FORMAT)
         props["cost_usd"] = format(self.cost_usd, "f")
         props["total_tokens"] = self.total_tokens  # denormalised for ad-hoc queries in Storage Explorer
+        if not self.late:
+            del props["late"]  # the rare case carries the column; absent reads back as False
         return Entity(self.partition_key, self.row_key, props)
 
     @classmethod
@@ -120,6 +138,21 @@ class CostRow:
         return cls(**values)
 
 
+def late_twin(row: CostRow, committed_at: datetime) -> Entity:
+    """The late index's entry for ``row``: the row's columns under a key in commit order."""
+    entity = row.to_entity()
+    return Entity(entity.partition_key, late_row_key(committed_at, row.request_id),
+                  {**entity.properties, "ledger_key": entity.row_key,
+                   "committed_at": committed_at.astimezone(UTC).strftime(_TIME_FORMAT)})
+
+
+@dataclass(frozen=True)
+class LateRow:
+    key: str  # the twin's RowKey: the late index's checkpoint
+    committed_at: datetime
+    row: CostRow
+
+
 async def iter_cost_rows(
     store: TableStore, prefix: str, caller_key: str, after_row_key: str | None = None, limit: int = _PAGE,
 ) -> AsyncIterator[CostRow]:
@@ -127,13 +160,28 @@ async def iter_cost_rows(
 
     A rollup checkpoints the last ``row_key`` it processed and passes it back next run.
     """
-    start = f"{after_row_key} " if after_row_key else LEDGER_PREFIX  # keys cannot hold control chars: " " is next
+    async for entity in _range(store, prefix, caller_key, LEDGER_PREFIX, _LEDGER_END, after_row_key, limit):
+        yield CostRow.from_entity(entity)
+
+
+async def iter_late_rows(
+    store: TableStore, prefix: str, caller_key: str, after_key: str | None = None, limit: int = _PAGE,
+) -> AsyncIterator[LateRow]:
+    """The caller's late index in commit order, strictly after ``after_key``, at most ``limit``."""
+    async for entity in _range(store, prefix, caller_key, LATE_PREFIX, _LATE_END, after_key, limit):
+        committed = datetime.strptime(str(entity.properties["committed_at"]), _TIME_FORMAT).replace(tzinfo=UTC)
+        yield LateRow(entity.row_key, committed, CostRow.from_entity(entity))
+
+
+async def _range(store: TableStore, prefix: str, caller_key: str, first: str, end: str, after: str | None,
+                 limit: int) -> AsyncIterator[Entity]:
+    start = f"{after} " if after else first  # keys cannot hold control chars: " " is next
     remaining = limit
     while remaining > 0:
         page = await store.query(usage_table(prefix), table_key(caller_key), row_key_from=start,
-                                 row_key_to=_LEDGER_END, limit=min(remaining, _PAGE))
+                                 row_key_to=end, limit=min(remaining, _PAGE))
         for entity in page:
-            yield CostRow.from_entity(entity)
+            yield entity
         if len(page) < min(remaining, _PAGE):
             return
         remaining -= len(page)

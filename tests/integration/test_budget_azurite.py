@@ -38,6 +38,9 @@ from tests.unit.test_budget import (
     scenario_concurrent_runs,
     scenario_crash_then_resume,
     scenario_failing_sink_retried,
+    scenario_late_rows,
+    scenario_late_rows_crash_then_resume,
+    scenario_leased_outage_then_rollup,
     scenario_thresholds_once,
     set_budget,
     stored_alerts,
@@ -120,6 +123,25 @@ def test_backlog_is_bounded_per_run_and_drains_across_runs(azurite_connection_st
 def test_a_crash_mid_run_resumes_from_the_checkpoint(azurite_connection_string: str, table_prefix: str,
                                                      crash_at: int) -> None:
     on_azurite(azurite_connection_string, lambda store: scenario_crash_then_resume(store, table_prefix, crash_at))
+
+
+def test_rows_committed_late_count_once_through_the_late_index(azurite_connection_string: str,
+                                                               table_prefix: str) -> None:
+    on_azurite(azurite_connection_string, lambda store: scenario_late_rows(store, table_prefix))
+
+
+def test_a_leased_instance_back_from_an_outage_has_its_rows_rolled_up(azurite_connection_string: str,
+                                                                      table_prefix: str) -> None:
+    on_azurite(azurite_connection_string, lambda store: scenario_leased_outage_then_rollup(store, table_prefix))
+
+
+@pytest.mark.parametrize("crash_at", [2, 11, 19, 27, 34])
+def test_a_crash_while_folding_late_rows_resumes_exactly(azurite_connection_string: str, table_prefix: str,
+                                                         crash_at: int) -> None:
+    async def scenario(store: TableStore) -> None:
+        assert await scenario_late_rows_crash_then_resume(store, table_prefix, crash_at), "the crash must strike"
+
+    on_azurite(azurite_connection_string, scenario)
 
 
 def test_a_failing_webhook_is_retried_next_run_then_marked_sent(azurite_connection_string: str, table_prefix: str,

@@ -22,9 +22,10 @@ from gateway_lib.alerts import Alert
 from gateway_lib.budget import Budget, RollupReport, run_rollup
 from gateway_lib.enforcement import OverrideBudgets, OverrideEnforcer
 from gateway_lib.settings import BudgetSettings
-from gateway_lib.storage.base import Entity, Op, TableStore
+from gateway_lib.storage.base import Entity, Op, StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
+from tests.unit import test_quota
 
 T0 = datetime(2026, 3, 10, tzinfo=UTC)
 TENANT = "00000000-0000-4000-8000-000000000de0"
@@ -80,8 +81,12 @@ async def prepare(store: TableStore, prefix: str) -> None:
 
 async def write_cost(store: TableStore, prefix: str, app: str, at: datetime, usd: str, *, team: str | None = None,
                      provider: str = "azure_openai", model: str = "gpt-4o-mini", tier: str = "untiered",
-                     ) -> ledger.CostRow:
-    """A cost row in the agreed layout, plus the caller directory entry, as settling a request leaves them."""
+                     committed_late_at: datetime | None = None) -> ledger.CostRow:
+    """A cost row in the agreed layout, plus the caller directory entry, as settling a request leaves them.
+
+    ``committed_late_at``: as a leased journal commits a row after an outage, marked late and with its
+    twin in the late index, in one transaction.
+    """
     values: dict[str, Any] = dict(
         request_id=str(uuid.uuid4()), time=at, caller_key=caller_key(app), app_id=app, tenant_id=TENANT,
         user_id=None, team=team, label=None, route="chat.completions", task=None, alias=model, provider=provider,
@@ -91,7 +96,12 @@ async def write_cost(store: TableStore, prefix: str, app: str, at: datetime, usd
     )
     names = {f.name for f in dataclasses.fields(ledger.CostRow)}  # the ledger's columns, as it defines them
     row = ledger.CostRow(**{k: v for k, v in values.items() if k in names})
-    await store.insert(ledger.usage_table(prefix), row.to_entity())
+    if committed_late_at is None:
+        await store.insert(ledger.usage_table(prefix), row.to_entity())
+    else:
+        row = dataclasses.replace(row, late=True)
+        await store.transact(ledger.usage_table(prefix), [Op("insert", row.to_entity()),
+                                                          Op("insert", ledger.late_twin(row, committed_late_at))])
     # "untiered" is no tier of the policy: budgets come from overrides only, unless a test says otherwise.
     await ledger.CallerDirectory(store, prefix).register(row.caller_key, team, tier, at)
     return row
@@ -208,7 +218,137 @@ async def scenario_backlog_across_runs(store: TableStore, prefix: str) -> None:
     assert await caller_month_spend(store, prefix, "aa-hot") == Decimal("1.00")
 
 
+async def scenario_late_rows(store: TableStore, prefix: str) -> None:
+    """Rows a leased journal committed after an outage, behind and ahead of the checkpoint, count once."""
+    await prepare(store, prefix)
+    await set_budget(store, prefix, caller_key("a"), day="10")
+    for i in range(4):
+        await write_cost(store, prefix, "a", T0 + timedelta(minutes=i), "1", team="ml")
+    clock = FakeClock(T0 + timedelta(hours=1))
+    assert (await rollup(store, prefix, clock)).rows_applied == 4  # the checkpoint is now past T0+3min
+    committed = clock.now
+    for at, usd in ((T0 + timedelta(seconds=90), "2"), (T0 + timedelta(seconds=150), "3"),
+                    (T0 + timedelta(minutes=57), "4")):  # the last one is ahead of the checkpoint
+        await write_cost(store, prefix, "a", at, usd, team="ml", committed_late_at=committed)
+    clock.advance(minutes=1)
+    early = await rollup(store, prefix, clock)
+    # Its index entries are still inside the settle lag; the ledger pass skips the late row it can see.
+    assert (early.rows_applied, early.late_rows_applied) == (0, 0)
+    assert await caller_month_spend(store, prefix, "a") == Decimal("4")
+    clock.advance(minutes=5)
+    assert (await rollup(store, prefix, clock)).late_rows_applied == 3
+    for pk, rk in ((budget.caller_pk(caller_key("a")), "day|20260310"), (budget.caller_pk(caller_key("a")),
+                   "month|202603"), (budget.team_pk("ml"), "month|202603"),
+                   (budget.model_pk("azure_openai", "gpt-4o-mini"), "month|202603")):
+        agg = await aggregate(store, prefix, pk, rk)
+        assert (agg.spend, agg.requests) == (Decimal("13"), 7), (pk, rk)
+    assert sorted(a.threshold or 0 for a in await stored_alerts(store, prefix)) == [50, 80, 100]
+    clock.advance(minutes=5)
+    again = await rollup(store, prefix, clock)
+    assert (again.rows_applied, again.late_rows_applied) == (0, 0)
+    assert await caller_month_spend(store, prefix, "a") == Decimal("13")
+    # The two watermarks are apart: rows on time after the late ones still count.
+    await write_cost(store, prefix, "a", clock.now, "0.5", team="ml")
+    clock.advance(minutes=5)
+    assert (await rollup(store, prefix, clock)).rows_applied == 1
+    assert await caller_month_spend(store, prefix, "a") == Decimal("13.5")
+
+
+async def scenario_late_rows_crash_then_resume(store: TableStore, prefix: str, crash_at: int) -> bool:
+    """Crash a run that folds late rows in at its ``crash_at``-th write; True when it got that far."""
+    await prepare(store, prefix)
+    for i in range(3):
+        await write_cost(store, prefix, "a", T0 + timedelta(minutes=i), "1", team="ml")
+        await write_cost(store, prefix, "b", T0 + timedelta(minutes=i), "1", team="ml")
+    clock = FakeClock(T0 + timedelta(hours=1))
+    await rollup(store, prefix, clock)
+    for app in ("a", "b"):
+        await write_cost(store, prefix, app, T0 + timedelta(seconds=30), "5", team="ml", committed_late_at=clock.now)
+        await write_cost(store, prefix, app, T0 + timedelta(minutes=59), "7", team="ml", committed_late_at=clock.now)
+    await write_cost(store, prefix, "a", clock.now, "11", team="ml")  # on time, folded by the same run
+    clock.advance(minutes=5)
+    crashing = CrashingStore(store, crash_at)
+    with contextlib.suppress(RuntimeError):
+        await rollup(crashing, prefix, clock)  # type: ignore[arg-type]
+    clock.advance(minutes=5)
+    await rollup(store, prefix, clock)
+    assert await caller_month_spend(store, prefix, "a") == Decimal("26")
+    assert await caller_month_spend(store, prefix, "b") == Decimal("15")
+    team = await aggregate(store, prefix, budget.team_pk("ml"), "month|202603")
+    assert (team.spend, team.requests) == (Decimal("41"), 11)
+    return crashing.writes >= crash_at
+
+
+class Severed:
+    """One instance's view of a shared store, with an outage of its own."""
+
+    def __init__(self, inner: TableStore) -> None:
+        self.inner, self.down = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in ("get", "query", "insert", "update", "upsert", "delete", "transact", "ensure_tables"):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StorageUnavailable("this instance cannot reach storage")
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+async def scenario_leased_outage_then_rollup(store: TableStore, prefix: str) -> None:
+    """The gap the late index closes, with the real journal: instance A waits out an outage while
+    instance B serves the same caller, the rollup moves past A's rows, then A commits them."""
+    from tests.unit.test_leases import leased, serve  # the leased journal's own test helpers
+    from tests.unit.test_quota import make_caller
+
+    await prepare(store, prefix)
+    clock, severed = FakeClock(T0 + timedelta(hours=9)), Severed(store)
+    a = leased(severed, clock, prefix, monotonic=iter(range(10**9)).__next__)  # type: ignore[arg-type]
+    b = leased(store, clock, prefix)  # type: ignore[arg-type]
+    caller = make_caller()
+    for i in range(3):
+        assert await serve(a, caller, clock, i, cost="0.25")  # type: ignore[arg-type]
+    severed.down = True
+    await a.flush()  # kept in A's journal
+    clock.advance(minutes=1)
+    for i in range(3, 5):
+        assert await serve(b, caller, clock, i, cost="0.5")  # type: ignore[arg-type]
+    await b.flush()
+    clock.advance(minutes=3)
+    first = await rollup(store, prefix, clock)
+    assert first.rows_applied == 2  # B's rows; the checkpoint is past A's settle times now
+    severed.down = False
+    await a.flush()  # four minutes after they settled: late
+    clock.advance(minutes=3)
+    second = await rollup(store, prefix, clock)
+    assert (second.rows_applied, second.late_rows_applied) == (0, 3)
+    await a.aclose()
+    await b.aclose()
+    spend = await aggregate(store, prefix, budget.caller_pk(caller.key), "day|20260310")
+    assert (spend.spend, spend.requests) == (Decimal("1.75"), 5), "every row counted once"
+    counters = await test_quota.counters_of(store, caller.key, prefix)
+    assert counters.day_usd == spend.spend, "counters, ledger and rollup agree"
+
+
 # --- tests ---------------------------------------------------------------------------------------
+
+
+def test_rows_committed_late_count_once_through_the_late_index() -> None:
+    run(scenario_late_rows(MemoryTableStore(), "gw"))
+
+
+def test_a_crash_at_any_write_while_folding_late_rows_resumes_without_double_counting() -> None:
+    crash_at = 1
+    while run(scenario_late_rows_crash_then_resume(MemoryTableStore(), "gw", crash_at)):
+        crash_at += 1
+    assert crash_at > 20, f"the run made only {crash_at - 1} writes: the scenario lost its late rows"
+
+
+def test_a_leased_instance_back_from_an_outage_has_its_rows_rolled_up() -> None:
+    run(scenario_leased_outage_then_rollup(MemoryTableStore(), "t"))
 
 
 def test_each_threshold_alerts_once_per_period_across_runs() -> None:

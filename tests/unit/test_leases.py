@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import leases
+from gateway_lib import leases, ledger
 from gateway_lib.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway_lib.leases import LeasedAdmission
 from gateway_lib.ledger import table_key
@@ -38,8 +38,9 @@ from tests.unit.test_quota import (
 from tools.azurite import connection_string as azurite_connection_string
 
 
-def leased(store: TableStore | None = None, clock: Clock | None = None, **kwargs: Any) -> LeasedAdmission:
-    return LeasedAdmission(store or MemoryTableStore(), make_settings(), clock=clock or Clock(), sleep=_no_sleep,
+def leased(store: TableStore | None = None, clock: Clock | None = None, prefix: str = "t",
+           **kwargs: Any) -> LeasedAdmission:
+    return LeasedAdmission(store or MemoryTableStore(), make_settings(prefix), clock=clock or Clock(), sleep=_no_sleep,
                            rng=random.Random(7), flush_interval=3600, **kwargs)  # tests flush by hand
 
 
@@ -172,6 +173,71 @@ def test_a_journal_survives_a_storage_outage_and_lands_once() -> None:
         c = await counters_of(store, caller.key)
         assert sorted(r.request_id for r in rows) == [f"r{i}" for i in range(5)]
         assert c.day_tokens == 35 and c.in_flight_tokens == 0
+
+    run(scenario())
+
+
+def test_rows_committed_after_an_outage_are_marked_late_and_indexed_once_each() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock, monotonic=ticking())
+        caller = make_caller(make_tier(requests_per_minute=10_000))
+        for i in range(120):  # more late rows than fit one transaction with their twins
+            assert await serve(adm, caller, clock, i)
+        store.down = True
+        await adm.flush()  # kept for the next tick
+        store.down = False
+        clock.advance(minutes=3)  # the outage outlasted LATE_AFTER: the rollup may have passed these rows
+        transactions: list[int] = []
+        real_transact = store.transact
+
+        async def counted(table: str, ops: Any) -> Any:
+            transactions.append(len(ops))
+            return await real_transact(table, ops)
+
+        store.transact = counted  # type: ignore[method-assign]
+        assert await serve(adm, caller, clock, 120)  # settled just now: on time
+        await adm.flush()
+        await adm.aclose()
+        rows = {r.request_id: r for r in await cost_rows(store, caller.key)}
+        index = [r async for r in ledger.iter_late_rows(store, "t", caller.key, limit=10_000)]
+        assert len(rows) == 121 and not rows["r120"].late
+        assert all(rows[f"r{i}"].late for i in range(120))
+        assert sorted(x.row.request_id for x in index) == sorted(f"r{i}" for i in range(120)), "one twin per late row"
+        assert all(x.committed_at == clock.now and x.row.cost_usd == rows[x.row.request_id].cost_usd for x in index)
+        assert max(transactions) <= 100, transactions
+        c = await counters_of(store, caller.key)
+        assert c.day_tokens == 7 * 121 and c.in_flight_tokens == 0, "twins are an index, not usage"
+
+    run(scenario())
+
+
+def test_a_late_batch_whose_reply_was_lost_leaves_one_twin_per_row() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller()
+        for i in range(3):
+            assert await serve(adm, caller, clock, i)
+        clock.advance(minutes=2)
+        real_transact = store.transact
+        lost = 0
+
+        async def committed_but_reply_lost(table: str, ops: Any) -> Any:
+            nonlocal lost
+            result = await real_transact(table, ops)
+            if not lost:
+                lost += 1
+                clock.advance(seconds=1)  # the retry builds twins under a later commit time
+                raise StorageUnavailable("connection reset after commit")
+            return result
+
+        store.transact = committed_but_reply_lost  # type: ignore[method-assign]
+        await adm.flush()
+        await adm.aclose()
+        index = [r async for r in ledger.iter_late_rows(store, "t", caller.key, limit=100)]
+        assert lost == 1 and sorted(x.row.request_id for x in index) == ["r0", "r1", "r2"]
+        assert (await counters_of(store, caller.key)).day_tokens == 21
 
     run(scenario())
 
