@@ -519,6 +519,6 @@ async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
     )
     log.info("budget rollup finished", extra={"custom_dimensions": {
         "past_due": timer_past_due, "callers": report.callers, "rows": report.rows_applied,
-        "backlog": report.backlog, "stopped_early": report.stopped_early, "alerts": len(report.alerts_raised),
+        "late_rows": report.late_rows_applied, "backlog": report.backlog, "stopped_early": report.stopped_early, "alerts": len(report.alerts_raised),
         "pending": report.alerts_pending, "restricted": len(report.restricted), "lifted": report.lifted}})
     return report
