@@ -290,8 +290,8 @@ async def _roll_caller(run: _Run, caller: CallerInfo, after: str, limit: int) ->
     fetched = [r async for r in ledger.iter_cost_rows(run.store, run.prefix, caller.key, after or None, limit)]
     window = [r for r in fetched if r.time < run.cutoff]
     drained = len(fetched) < limit or len(window) < len(fetched)
-    if not window:
-        return len(fetched), drained, after
+    if not window:  # caught up: what was read is still inside the settle lag (charged as a visit)
+        return 0, drained, after
     # A late row is counted through its twin in the late index (_roll_late), never here: whether this
     # read saw it is chance, the index is not. It still moves the checkpoint like any other row.
     rows = [CostRow.of(r) for r in window if not r.late]
@@ -519,6 +519,7 @@ async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
     )
     log.info("budget rollup finished", extra={"custom_dimensions": {
         "past_due": timer_past_due, "callers": report.callers, "rows": report.rows_applied,
-        "late_rows": report.late_rows_applied, "backlog": report.backlog, "stopped_early": report.stopped_early, "alerts": len(report.alerts_raised),
-        "pending": report.alerts_pending, "restricted": len(report.restricted), "lifted": report.lifted}})
+        "late_rows": report.late_rows_applied, "backlog": report.backlog, "stopped_early": report.stopped_early,
+        "alerts": len(report.alerts_raised), "pending": report.alerts_pending, "restricted": len(report.restricted),
+        "lifted": report.lifted}})
     return report

@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -68,8 +68,10 @@ LEASE_HORIZON_MAX_SECONDS = 2.0
 LEASE_RUNWAY_GRANTS = 4
 LEASE_IDLE_SECONDS = 1.0  # an unused remainder goes back to the row after this long
 FLUSH_INTERVAL_SECONDS = 0.05  # also the most a hard crash can lose
-BATCH_ROWS = 99  # an entity-group transaction holds 100 operations: 99 cost rows + the counters row
+TRANSACTION_OPS = 100  # the most an entity-group transaction holds
+BATCH_ROWS = TRANSACTION_OPS - 1  # 99 cost rows + the counters row
 LATE_BATCH_ROWS = 49  # late rows come with their twins: 49 rows + 49 twins + the counters row
+LATE_CUT_MARGIN = timedelta(seconds=15)  # a batch with rows about to be late is cut small already
 MAX_PENDING_ROWS = 20_000
 # Backpressure. One row's journal is committed one transaction at a time, and on a saturated event loop a
 # commit waits behind every request in flight: driven in-process with 64 concurrent requests of one caller,
@@ -127,12 +129,15 @@ class Lease:
         old.requests, old.tokens, old.usd = 0, 0, Decimal(0)
 
 
+Entry = tuple[Reservation, CostRow]  # a settlement waiting in a journal
+
+
 @dataclass
 class _Journal:
     """Settlements of one counters row waiting to be committed, oldest first."""
 
     team: bool  # a team's row: counters only (the cost rows live in the callers' partitions)
-    entries: list[tuple[Reservation, CostRow]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
     flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
     committed: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified after each batch lands
 
@@ -311,49 +316,73 @@ class LeasedAdmission(Admission):
         async with journal.flushing:
             owed = len(journal.entries)
             while owed > 0:
-                now = self._clock()
                 batch = journal.entries[:min(owed, BATCH_ROWS)]
-                if not journal.team and any(_late(row, now) for _, row in batch):
+                soon = self._clock() + LATE_CUT_MARGIN
+                if not journal.team and any(_late(row, soon) for _, row in batch):
                     batch = batch[:LATE_BATCH_ROWS]  # each late row brings its twin into the transaction
                 owed -= len(batch)
                 try:
-                    await self._commit(pk, batch, journal.team, now)
-                except StorageError as exc:  # kept: the next tick retries the same batch
+                    done = await self._commit(pk, batch, journal.team)
+                except StorageError as exc:  # kept: the next tick retries (a batch cut afresh from the journal)
                     log.warning("usage journal not committed; retrying",
                                 extra={"rows": len(journal.entries), "error": type(exc).__name__})
                     return
-                del journal.entries[:len(batch)]
+                if not done:
+                    return  # the batch no longer fits one transaction: the next tick cuts it smaller
+                gone = {id(entry) for entry in done}
+                journal.entries[:] = [entry for entry in journal.entries if id(entry) not in gone]
                 async with journal.committed:
                     journal.committed.notify_all()
                 if not journal.team:
-                    self._pending_rows -= len(batch)
+                    self._pending_rows -= len(done)
                     await self._list_callers(batch)
 
-    async def _commit(self, pk: str, batch: list[tuple[Reservation, CostRow]], team: bool, now: datetime) -> None:
-        """One transaction: the batch's cost rows and the counters row settled for all of them.
+    async def _commit(self, pk: str, batch: list[Entry], team: bool) -> list[Entry]:
+        """One transaction: the batch's cost rows and the counters row settled for all of them. Returns the
+        entries that are now committed: the batch, or those of its rows an earlier commit had landed, or
+        nothing when the batch has to be cut smaller.
 
-        A row settled over ``LATE_AFTER`` ago (the journal waited out an outage) may land behind the
-        budget rollup's checkpoint: it is marked late and indexed by this commit's time, so the rollup
-        counts it once, through the index. A retry after a lost reply builds new twins, but the
+        A row settled over ``LATE_AFTER`` ago (the journal waited out an outage) may land behind the budget
+        rollup's checkpoint: it is marked late and indexed by this attempt's time, so the rollup counts it
+        once, through the index. Decided at each attempt, under the row lock: a wait for the lock must not
+        let a row judged on time land late. A retry after a lost reply builds new twins, but the
         transaction that landed first makes the retry fail on its rows (``AlreadySettled``).
         """
-        rows = [] if team else [replace(row, late=True) if _late(row, now) else row for _, row in batch]
-        index = [late_twin(row, now) for row in rows if row.late]
-
         async def write(entity: Entity | None, pk: str) -> Entity:
             counters = Counters.from_entity(entity).rolled(self._clock())
             for res, row in batch:
                 counters = counters.settle(res, row.total_tokens, row.cost_usd)
             if team:
                 return await self._rows.write(entity, counters.to_entity(pk), batch[0][0])
+            now = self._clock()
+            rows = [replace(row, late=True) if _late(row, now) else row for _, row in batch]
+            index = [late_twin(row, now) for row in rows if row.late]
+            if len(rows) + len(index) + 1 > TRANSACTION_OPS:
+                raise _CutSmaller
             return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0], index)
 
         try:
             await self._rows.until_written(batch[0][0], pk, write, "team flush" if team else "flush")
+        except _CutSmaller:
+            return []
         except AlreadySettled:
+            # An earlier commit whose reply was lost landed some of these rows, and its outcome was not
+            # known when this batch was cut: a tick that gave up on it, then a batch cut differently
+            # (more rows since, or fewer once they were late). Exactly the rows found landed are done.
             self._rows.remember(pk, None)
+            return await self._landed(pk, batch)
+        return batch
 
-    async def _list_callers(self, batch: list[tuple[Reservation, CostRow]]) -> None:
+    async def _landed(self, pk: str, batch: list[Entry]) -> list[Entry]:
+        keys = sorted(row.row_key for _, row in batch)
+        found = await self._store.query(self._table, pk, row_key_from=keys[0], row_key_to=f"{keys[-1]} ")
+        present = {entity.row_key for entity in found}
+        landed = [entry for entry in batch if entry[1].row_key in present]
+        log.warning("usage journal batch partly committed earlier; committing the rest",
+                    extra={"partition": pk, "landed": len(landed), "batch": len(batch)})
+        return landed
+
+    async def _list_callers(self, batch: list[Entry]) -> None:
         res, row = batch[0]
         try:  # the rollup's caller directory (remembered per process: 0 round trips after the first)
             await self._directory.register(res.caller_key, res.team, res.tier, row.time)
@@ -402,6 +431,10 @@ class LeasedAdmission(Admission):
         if journal is None:
             journal = self._journals[pk] = _Journal(team)
         return journal
+
+
+class _CutSmaller(Exception):
+    """Rows of the batch became late while it waited for its row: with their twins it no longer fits."""
 
 
 def _late(row: CostRow, now: datetime) -> bool:

@@ -347,6 +347,59 @@ def test_a_crash_at_any_write_while_folding_late_rows_resumes_without_double_cou
     assert crash_at > 20, f"the run made only {crash_at - 1} writes: the scenario lost its late rows"
 
 
+def test_a_caught_up_caller_whose_newest_rows_are_inside_the_lag_still_has_its_late_index_read() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        clock = FakeClock(T0 + timedelta(hours=1))
+        await write_cost(store, "gw", "a", T0, "1")
+        await rollup(store, "gw", clock)  # the checkpoint is at T0
+        await write_cost(store, "gw", "a", T0 - timedelta(seconds=30), "5",  # behind it
+                         committed_late_at=clock.now - timedelta(minutes=4))
+        for second in range(10):  # a full slice of rows, every one still inside the settle lag
+            await write_cost(store, "gw", "a", clock.now - timedelta(seconds=50 - second), "0.01")
+        report = await rollup(store, "gw", clock, cfg=settings(rollup_max_rows=10))
+        assert (report.rows_applied, report.late_rows_applied, report.backlog) == (0, 1, False)
+        assert await caller_month_spend(store, "gw", "a") == Decimal("6")
+
+    run(go())
+
+
+def test_a_row_judged_on_time_that_then_waits_for_its_row_lock_is_still_counted() -> None:
+    # Whether a row is late is decided when its transaction is sent, under the row lock, not when the
+    # batch is cut: here the lock is held for 20 s by then, while another instance's row is rolled up.
+    async def go() -> None:
+        from tests.unit.test_leases import leased, serve
+
+        store = MemoryTableStore()
+        await prepare(store, "t")
+        clock = FakeClock(T0 + timedelta(hours=9))
+        a, b = leased(store, clock), leased(store, clock)  # type: ignore[arg-type]
+        caller = test_quota.make_caller()
+        assert await serve(a, caller, clock, 0, cost="0.25")  # type: ignore[arg-type]
+        clock.advance(seconds=59)
+        [pk] = a._journals
+        lock = a._rows.lock(pk)
+        await lock.acquire()
+        flush = asyncio.create_task(a.flush())  # the batch is cut now: r0 is 59 s old
+        await asyncio.sleep(0.01)  # the flush reaches the lock
+        clock.advance(seconds=20)
+        assert await serve(b, caller, clock, 1, cost="0.5")  # type: ignore[arg-type]
+        await b.flush()
+        clock.advance(minutes=3)
+        await rollup(store, "t", clock)  # the checkpoint passes r1, and r0's key with it
+        lock.release()
+        await flush
+        clock.advance(minutes=5)
+        await rollup(store, "t", clock)
+        await a.aclose()
+        await b.aclose()
+        spend = await aggregate(store, "t", budget.caller_pk(caller.key), "day|20260310")
+        assert (spend.spend, spend.requests) == (Decimal("0.75"), 2)
+
+    run(go())
+
+
 def test_a_leased_instance_back_from_an_outage_has_its_rows_rolled_up() -> None:
     run(scenario_leased_outage_then_rollup(MemoryTableStore(), "t"))
 

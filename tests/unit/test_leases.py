@@ -212,6 +212,41 @@ def test_rows_committed_after_an_outage_are_marked_late_and_indexed_once_each() 
     run(scenario())
 
 
+@pytest.mark.parametrize("minutes_later", [0, 2])
+def test_a_batch_that_landed_unconfirmed_and_is_then_cut_differently_loses_no_row(minutes_later: int) -> None:
+    # A batch lands but its reply is lost and storage stays away past the flush's patience: the journal keeps
+    # it. The next tick cuts afresh: a longer batch (requests served since) or, once late, 49-row ones, which
+    # overlap the landed rows only in part. Exactly the rows that landed are done; the rest are committed.
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock, monotonic=ticking())
+        caller = make_caller(make_tier(requests_per_minute=10_000))
+        for i in range(50):
+            assert await serve(adm, caller, clock, i)
+        real_transact = store.transact
+
+        async def landed_then_outage(table: str, ops: Any) -> Any:
+            await real_transact(table, ops)
+            store.transact = real_transact  # type: ignore[method-assign]
+            store.down = True
+            raise StorageUnavailable("connection reset after commit")
+
+        store.transact = landed_then_outage  # type: ignore[method-assign]
+        await adm.flush()
+        store.down = False
+        clock.advance(minutes=minutes_later)
+        for i in range(50, 80):
+            assert await serve(adm, caller, clock, i)
+        await adm.flush()
+        await adm.aclose()
+        rows = await cost_rows(store, caller.key)
+        c = await counters_of(store, caller.key)
+        assert sorted(r.request_id for r in rows) == sorted(f"r{i}" for i in range(80))
+        assert c.day_tokens == 7 * 80 and c.in_flight_tokens == 0, "every settlement applied once"
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("late", [False, True])
 def test_a_batch_whose_reply_was_lost_is_not_counted_twice(late: bool) -> None:
     async def scenario() -> None:
