@@ -103,18 +103,24 @@ class Accounting:
     def _row(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
              error: GatewayError | None) -> CostRow:
         c, s = self.caller, self.screened
+        where = target or self._last_sent_to()  # an error row still says which provider refused it
         return CostRow(
             request_id=self.scope.request_id, time=datetime.now(UTC), caller_key=c.key, app_id=c.app_id,
             user_id=c.user_id, tenant_id=c.tenant_id, team=c.team, label=self.scope.label, route=self.scope.route,
-            task=self.task, alias=self.alias, provider=target.provider if target else None,
-            model=target.model if target else None, deployment=target.deployment if target else None,
-            region=target.region if target else None, prompt_tokens_estimated=s.prompt_tokens,
+            task=self.task, alias=self.alias, provider=where.provider if where else None,
+            model=where.model if where else None, deployment=where.deployment if where else None,
+            region=where.region if where else None, prompt_tokens_estimated=s.prompt_tokens,
             completion_tokens_estimated=s.max_tokens, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, cost_usd=cost,
             price_version=self.rt.settings.catalogue.version, latency_ms=round(self.scope.elapsed_ms(), 1),
             status=status, http_status=error.status if error else 200, attempts=len(self.attempts),
             error_code=error.code if error else None,
         )
+
+    def _last_sent_to(self) -> Target | None:
+        """The target of the last attempt the request was sent to."""
+        sent = [a.target_id for a in self.attempts if a.sent]
+        return next((t for t in self.plan.targets if sent and t.id == sent[-1]), None)
 
     def _record(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
                 error: GatewayError | None) -> None:

@@ -37,6 +37,9 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 
+_SKIPPED = frozenset({"circuit_open", "unconfigured", "unsupported"})  # outcomes of a target not tried
+
+
 @dataclass(frozen=True)
 class Attempt:
     target_id: str
@@ -45,6 +48,11 @@ class Attempt:
     upstream_status: int | None = None
     latency_ms: float = 0.0
     retry_after: float | None = None
+
+    @property
+    def sent(self) -> bool:
+        """The request went to this target (False: skipped by its breaker, its config or its features)."""
+        return self.outcome not in _SKIPPED
 
     def as_dict(self) -> dict[str, Any]:
         """The telemetry shape (``target``, ``status``: the names the request record uses)."""
@@ -190,7 +198,7 @@ def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | N
     waits = [view.status(t.id).retry_in(now) for t in plan.targets]
     retry_after = float(max(1, math.ceil(min(waits, default=1.0))))
     n, alias = len(plan.steps), plan.alias
-    failures = [a for a in attempts if a.outcome not in ("ok", "circuit_open", "unconfigured", "unsupported")]
+    failures = [a for a in attempts if a.sent and a.outcome != "ok"]
     if last is None:
         reason = "cooling down after recent failures" if attempts else "not configured"
         return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable ({reason}).",

@@ -78,7 +78,7 @@ class CostRow:
     route: str  # e.g. chat.completions
     task: str | None
     alias: str | None  # the model alias served (after any budget downgrade)
-    provider: str | None  # None when no provider was reached
+    provider: str | None  # who served it; on an error the last provider it was sent to; None: not sent
     model: str | None
     deployment: str | None
     region: str | None

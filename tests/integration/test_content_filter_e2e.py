@@ -58,6 +58,8 @@ def test_a_prompt_the_azure_filter_refuses_is_a_400_content_filter_and_not_sent_
     row = cost_row(stack, token, response.headers["x-request-id"])
     assert (row.status, row.http_status, row.error_code, row.cost_usd) == ("error", 400, "content_filter", 0)
     assert row.attempts == 1
+    assert (row.provider, row.model, row.deployment) == ("azure_openai", "gpt-4o-mini", "gpt-4o-mini"), \
+        "the row names the provider that refused it"
 
     # The refusal says nothing about the target's health: the next request is served by it.
     again = post(stack, token, ask("chat-default", "an ordinary question"))

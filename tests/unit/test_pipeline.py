@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.responses import StreamingResponse
 from gateway_lib import pipeline
 from gateway_lib.catalog import Target
 from gateway_lib.edge import Scope
-from gateway_lib.errors import InternalError
+from gateway_lib.errors import InternalError, ProviderError, ServiceUnavailable
 from gateway_lib.identity import Caller
 from gateway_lib.ledger import usage_table
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
@@ -87,7 +88,7 @@ async def _counters(rt: Runtime, caller: Caller) -> tuple[Counters, list[dict[st
 
 
 def _chat(**extra: Any) -> ChatRequest:
-    return ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], **extra)
+    return ChatRequest(**{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], **extra})
 
 
 def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> None:
@@ -100,6 +101,38 @@ def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> No
         assert counters.in_flight_tokens == 0 and counters.day_usd == 0
         assert len(ledger) == 1 and ledger[0]["status"] == "error"
         assert ledger[0]["http_status"] == InternalError.status
+
+    asyncio.run(run())
+
+
+class Overloaded:
+    """Every target answers 503."""
+
+    name = "azure_openai"
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        raise ProviderError("overloaded", provider=target.provider, kind="server_error", retryable=True,
+                            upstream_status=503)
+
+    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_request_every_target_refused_leaves_a_row_naming_the_last_provider_it_was_sent_to() -> None:
+    async def run() -> None:
+        rt = _runtime(Overloaded())
+        caller = _caller(rt)
+        # chat-default: Azure East US, Bedrock, then Azure Sweden Central.
+        with pytest.raises(ServiceUnavailable):
+            await pipeline.complete(rt, _scope(), caller, _chat(model="chat-default"))
+        _, ledger = await _counters(rt, caller)
+        assert len(ledger) == 1 and ledger[0]["status"] == "error" and ledger[0]["attempts"] == 3
+        row = ledger[0]
+        assert (row["provider"], row["model"], row["region"]) == ("azure_openai", "gpt-4o-mini", "swedencentral")
+        assert Decimal(row["cost_usd"]) == 0 and row["completion_tokens"] == 0
 
     asyncio.run(run())
 
