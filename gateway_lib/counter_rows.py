@@ -176,8 +176,10 @@ class CounterRows:
             try:
                 return (await self._store.transact(self._table, [*inserts, new]))[-1]
             except TransactionFailed as exc:
-                if exc.reason == "exists":
+                if exc.reason == "exists" and exc.index is not None and exc.index < len(inserts):
                     raise AlreadySettled from exc
+                if exc.reason == "exists":  # the counters row, inserted by another writer since our read
+                    raise PreconditionFailed(str(exc)) from exc
                 if exc.reason in ("precondition", "not_found"):
                     raise PreconditionFailed(str(exc)) from exc
                 raise

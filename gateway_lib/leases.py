@@ -34,7 +34,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -43,7 +43,7 @@ from .counter_rows import AlreadySettled
 from .counters import Counters, Limits, Release, check, rate_headers
 from .errors import GatewayError
 from .identity import Caller
-from .ledger import LATE_AFTER, CostRow, late_twin, table_key
+from .ledger import CostRow, as_committed, is_late, table_key
 from .quota import (
     Admission,
     Reservation,
@@ -318,17 +318,19 @@ class LeasedAdmission(Admission):
             while owed > 0:
                 batch = journal.entries[:min(owed, BATCH_ROWS)]
                 soon = self._clock() + LATE_CUT_MARGIN
-                if not journal.team and any(_late(row, soon) for _, row in batch):
+                if not journal.team and any(is_late(row, soon) for _, row in batch):
                     batch = batch[:LATE_BATCH_ROWS]  # each late row brings its twin into the transaction
-                owed -= len(batch)
                 try:
                     done = await self._commit(pk, batch, journal.team)
                 except StorageError as exc:  # kept: the next tick retries (a batch cut afresh from the journal)
                     log.warning("usage journal not committed; retrying",
                                 extra={"rows": len(journal.entries), "error": type(exc).__name__})
                     return
+                if done is None:
+                    continue  # its rows turned late while it waited: cut again at once (a late cut always fits)
                 if not done:
-                    return  # the batch no longer fits one transaction: the next tick cuts it smaller
+                    return  # refused, yet none of its rows is there: the next tick reads the row afresh
+                owed -= len(done)  # rows an earlier commit had not landed stay owed: a shutdown flush commits them
                 gone = {id(entry) for entry in done}
                 journal.entries[:] = [entry for entry in journal.entries if id(entry) not in gone]
                 async with journal.committed:
@@ -337,16 +339,18 @@ class LeasedAdmission(Admission):
                     self._pending_rows -= len(done)
                     await self._list_callers(batch)
 
-    async def _commit(self, pk: str, batch: list[Entry], team: bool) -> list[Entry]:
+    async def _commit(self, pk: str, batch: list[Entry], team: bool) -> list[Entry] | None:
         """One transaction: the batch's cost rows and the counters row settled for all of them. Returns the
-        entries that are now committed: the batch, or those of its rows an earlier commit had landed, or
-        nothing when the batch has to be cut smaller.
+        entries that are now committed: the batch, or those of its rows an earlier commit had landed; None
+        when the batch has to be cut smaller.
 
         A row settled over ``LATE_AFTER`` ago (the journal waited out an outage) may land behind the budget
         rollup's checkpoint: it is marked late and indexed by this attempt's time, so the rollup counts it
         once, through the index. Decided at each attempt, under the row lock: a wait for the lock must not
         let a row judged on time land late. A retry after a lost reply builds new twins, but the
-        transaction that landed first makes the retry fail on its rows (``AlreadySettled``).
+        transaction that landed first makes the retry fail on its rows (``AlreadySettled``). Such a refusal
+        is always settled by reading which rows exist, even after this call's own attempt was in doubt: the
+        rows found may be those of an earlier, differently cut batch that landed unconfirmed.
         """
         async def write(entity: Entity | None, pk: str) -> Entity:
             counters = Counters.from_entity(entity).rolled(self._clock())
@@ -354,18 +358,19 @@ class LeasedAdmission(Admission):
                 counters = counters.settle(res, row.total_tokens, row.cost_usd)
             if team:
                 return await self._rows.write(entity, counters.to_entity(pk), batch[0][0])
-            now = self._clock()
-            rows = [replace(row, late=True) if _late(row, now) else row for _, row in batch]
-            index = [late_twin(row, now) for row in rows if row.late]
+            rows, index = as_committed([row for _, row in batch], self._clock())
             if len(rows) + len(index) + 1 > TRANSACTION_OPS:
                 raise _CutSmaller
-            return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0], index)
+            try:
+                return await self._rows.commit(entity, counters.to_entity(pk), rows, batch[0][0], index)
+            except AlreadySettled as exc:  # not for until_written, which would take it for its own doubted attempt
+                raise _Refused from exc
 
         try:
             await self._rows.until_written(batch[0][0], pk, write, "team flush" if team else "flush")
         except _CutSmaller:
-            return []
-        except AlreadySettled:
+            return None
+        except _Refused:
             # An earlier commit whose reply was lost landed some of these rows, and its outcome was not
             # known when this batch was cut: a tick that gave up on it, then a batch cut differently
             # (more rows since, or fewer once they were late). Exactly the rows found landed are done.
@@ -433,12 +438,12 @@ class LeasedAdmission(Admission):
         return journal
 
 
+class _Refused(Exception):
+    """The batch's commit was refused as "exists": ``_landed`` finds out which of its rows are there."""
+
+
 class _CutSmaller(Exception):
     """Rows of the batch became late while it waited for its row: with their twins it no longer fits."""
-
-
-def _late(row: CostRow, now: datetime) -> bool:
-    return row.time < now - LATE_AFTER
 
 
 def _fitting_size(counters: Counters, limits: Limits, res: Reservation, who: str, wanted: int, now: datetime) -> int:

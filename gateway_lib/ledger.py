@@ -9,16 +9,16 @@ partitions by key and never scans the table.
 A row committed more than ``LATE_AFTER`` after its settle time (a leased journal that
 waited out a storage outage) may land behind the budget rollup's checkpoint. It is
 written with ``late = True`` and, in the same transaction, a twin under
-``lat|{committed_at}|{request_id}``: keys in commit order, which the rollup reads after a
+``lat|{committed_at}|{settled_at}|{request_id}``: keys in commit order, which the rollup reads after a
 checkpoint of their own (docs/budgets.md). The twin is an index entry, not a second cost row.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -59,8 +59,10 @@ def ledger_row_key(settled_at: datetime, request_id: str) -> str:
     return f"{LEDGER_PREFIX}{settled_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{table_key(request_id)}"
 
 
-def late_row_key(committed_at: datetime, request_id: str) -> str:
-    return f"{LATE_PREFIX}{committed_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{table_key(request_id)}"
+def late_row_key(committed_at: datetime, ledger_key: str) -> str:
+    """``lat|{committed_at}|{settled_at}|{request_id}``: in commit order, and one per cost row even when a client
+    reuses its request id (it may send its own ``x-request-id``) within one commit."""
+    return f"{LATE_PREFIX}{committed_at.astimezone(UTC).strftime(_TIME_FORMAT)}|{ledger_key.removeprefix(LEDGER_PREFIX)}"
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,22 @@ class CostRow:
         return cls(**values)
 
 
+def is_late(row: CostRow, committed_at: datetime) -> bool:
+    return row.time < committed_at - LATE_AFTER
+
+
+def as_committed(rows: Sequence[CostRow], committed_at: datetime) -> tuple[list[CostRow], list[Entity]]:
+    """The rows as a transaction at ``committed_at`` writes them: a row settled over ``LATE_AFTER`` before is
+    marked late, and its twin in the late index goes into the same transaction. Decide it at each attempt,
+    under the row's lock: a wait for the lock must not let a row judged on time land late."""
+    marked = [replace(row, late=True) if is_late(row, committed_at) else row for row in rows]
+    return marked, [late_twin(row, committed_at) for row in marked if row.late]
+
+
 def late_twin(row: CostRow, committed_at: datetime) -> Entity:
     """The late index's entry for ``row``: the row's columns under a key in commit order."""
     entity = row.to_entity()
-    return Entity(entity.partition_key, late_row_key(committed_at, row.request_id),
+    return Entity(entity.partition_key, late_row_key(committed_at, entity.row_key),
                   {**entity.properties, "ledger_key": entity.row_key,
                    "committed_at": committed_at.astimezone(UTC).strftime(_TIME_FORMAT)})
 

@@ -41,7 +41,7 @@ from .counters import (
 )
 from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
-from .ledger import CALLERS_PARTITION, CallerDirectory, CostRow, callers_table, table_key, usage_table
+from .ledger import CALLERS_PARTITION, CallerDirectory, CostRow, as_committed, callers_table, table_key, usage_table
 from .overrides import (
     Override,
     get_override,
@@ -313,7 +313,9 @@ class Admission:
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             settled = Counters.from_entity(entity).rolled(row.time).settle(res, row.total_tokens, row.cost_usd)
-            return await self._rows.commit(entity, settled.to_entity(pk), [row], res)
+            # A settle that waited out an outage (or a long queue for the row) commits late, as a journal may.
+            rows, index = as_committed([row], self._clock())
+            return await self._rows.commit(entity, settled.to_entity(pk), rows, res, index)
 
         try:
             await self._rows.until_written(res, table_key(res.caller_key), write, "settle")

@@ -212,11 +212,15 @@ def test_rows_committed_after_an_outage_are_marked_late_and_indexed_once_each() 
     run(scenario())
 
 
+@pytest.mark.parametrize("then", ["tick", "blip", "shutdown"])
 @pytest.mark.parametrize("minutes_later", [0, 2])
-def test_a_batch_that_landed_unconfirmed_and_is_then_cut_differently_loses_no_row(minutes_later: int) -> None:
+def test_a_batch_that_landed_unconfirmed_and_is_then_cut_differently_loses_no_row(minutes_later: int,
+                                                                                  then: str) -> None:
     # A batch lands but its reply is lost and storage stays away past the flush's patience: the journal keeps
-    # it. The next tick cuts afresh: a longer batch (requests served since) or, once late, 49-row ones, which
-    # overlap the landed rows only in part. Exactly the rows that landed are done; the rest are committed.
+    # it. The next flush cuts afresh: a longer batch (requests served since) or, once late, 49-row ones, which
+    # overlap the landed rows only in part. Exactly the rows that landed are done; the rest are committed,
+    # also when that flush's own first attempt is lost before it lands ("blip": the refusal that follows is
+    # not its own attempt's doing) and when it is a shutdown's one flush, with no tick after it.
     async def scenario() -> None:
         clock, store = Clock(), MemoryTableStore()
         adm = leased(store, clock, monotonic=ticking())
@@ -231,18 +235,74 @@ def test_a_batch_that_landed_unconfirmed_and_is_then_cut_differently_loses_no_ro
             store.down = True
             raise StorageUnavailable("connection reset after commit")
 
+        async def reset_before_it_lands(table: str, ops: Any) -> Any:
+            store.transact = real_transact  # type: ignore[method-assign]
+            raise StorageUnavailable("connection reset before commit")
+
         store.transact = landed_then_outage  # type: ignore[method-assign]
         await adm.flush()
         store.down = False
         clock.advance(minutes=minutes_later)
         for i in range(50, 80):
             assert await serve(adm, caller, clock, i)
-        await adm.flush()
+        if then == "blip":
+            store.transact = reset_before_it_lands  # type: ignore[method-assign]
+        if then != "shutdown":
+            await adm.flush()
         await adm.aclose()
         rows = await cost_rows(store, caller.key)
         c = await counters_of(store, caller.key)
         assert sorted(r.request_id for r in rows) == sorted(f"r{i}" for i in range(80))
         assert c.day_tokens == 7 * 80 and c.in_flight_tokens == 0, "every settlement applied once"
+        assert not any(j.entries for j in adm._journals.values())
+
+    run(scenario())
+
+
+def test_a_shutdown_whose_batch_turns_late_while_it_waits_for_its_row_commits_every_row() -> None:
+    # 99 rows, 40 s old when the shutdown's flush cuts them into one batch (on time even 15 s ahead). The row
+    # is locked for 30 s (a lease write riding out a slow store): at its attempt the rows are late and, with
+    # their twins, no longer fit one transaction. It is cut again at once: a shutdown has no next tick.
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=10_000))
+        for i in range(99):
+            assert await serve(adm, caller, clock, i)
+        clock.advance(seconds=40)
+        lock = adm._rows.lock(table_key(caller.key))
+        await lock.acquire()
+        closing = asyncio.create_task(adm.aclose())
+        await asyncio.sleep(0.01)  # its flush has cut the batch and waits for the row
+        clock.advance(seconds=30)
+        lock.release()
+        await closing
+        rows = await cost_rows(store, caller.key)
+        index = [r async for r in ledger.iter_late_rows(store, "t", caller.key, limit=1000)]
+        assert (len(rows), len(index)) == (99, 99) and all(r.late for r in rows)
+        assert not any(j.entries for j in adm._journals.values())
+
+    run(scenario())
+
+
+def test_requests_that_share_a_request_id_get_a_late_twin_each() -> None:
+    # The request id may be the client's own x-request-id: a client retrying with the same id settles two
+    # rows (their keys differ by settle time). Committed late together, each needs a twin of its own: a
+    # twin keyed by request id alone would put one key twice in the transaction, refused on every tick.
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock, monotonic=ticking())
+        caller = make_caller(make_tier(requests_per_minute=10_000))
+        for _ in range(2):
+            res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="client-retry")
+            await adm.settle(res, make_row(caller, "client-retry", clock.now, 3, 4, Decimal("0.0007")))
+            clock.advance(seconds=1)
+        clock.advance(minutes=3)  # an outage: committed late
+        view = await adm.usage_view(caller)  # reads its own writes: commits the journal first
+        rows = await cost_rows(store, caller.key)
+        index = [r async for r in ledger.iter_late_rows(store, "t", caller.key, limit=100)]
+        assert len(rows) == 2 and sorted(x.row.time for x in index) == sorted(r.time for r in rows)
+        assert view["day"]["used"]["tokens"] == 14 and view["in_flight"]["tokens"] == 0
 
     run(scenario())
 

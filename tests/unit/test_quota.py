@@ -697,3 +697,30 @@ def test_an_override_update_is_conditional_on_the_etag_it_read() -> None:
         assert stored is not None and stored.status == "blocked"
 
     run(scenario())
+
+
+def test_a_commit_that_finds_its_counters_row_created_since_its_read_redoes_it_instead_of_calling_it_settled() -> None:
+    # Only a cost row that exists means "already settled"; a counters row another writer inserted since
+    # the read (the transaction's last op) is a lost race, redone on fresh numbers.
+    from types import SimpleNamespace
+
+    from gateway_lib.counter_rows import AlreadySettled
+    from gateway_lib.storage.base import PreconditionFailed
+
+    async def scenario() -> None:
+        store, adm = await new_admission()
+        await store.ensure_tables([usage_table("t")])
+        caller = make_caller()
+        pk = ledger.table_key(caller.key)
+        await store.insert(usage_table("t"), Counters().to_entity(pk))  # created by another instance
+        row = make_row(caller, "r1", T0, 3, 4, Decimal("0.0007"))
+        counted = SimpleNamespace(request_id="r1", round_trips=0)
+        with pytest.raises(PreconditionFailed):
+            await adm._rows.commit(None, Counters().to_entity(pk), [row], counted)
+        await adm._rows.commit(await store.get(usage_table("t"), pk, "counters"), Counters().to_entity(pk),
+                               [row], counted)
+        with pytest.raises(AlreadySettled):  # the same row again: settled
+            await adm._rows.commit(await store.get(usage_table("t"), pk, "counters"), Counters().to_entity(pk),
+                                   [row], counted)
+
+    run(scenario())
