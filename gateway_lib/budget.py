@@ -269,13 +269,10 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
                     return
                 part, limit = key_part(caller.key), min(slice_size, remaining)
                 used, drained, checkpoints[part] = await _roll_caller(run, caller, checkpoints.get(part, ""), limit)
-                if drained:  # caught up with the ledger: now its late index (usually one empty read)
-                    if used >= limit:
-                        drained = False  # the index waits for this caller's next slice
-                    else:
-                        late_used, drained, late_checkpoints[part] = await _roll_late(
-                            run, caller, late_checkpoints.get(part, ""), limit - used)
-                        used += late_used
+                if drained:  # caught up with the ledger (so used < limit): now its late index, usually one empty read
+                    late_used, drained, late_checkpoints[part] = await _roll_late(
+                        run, caller, late_checkpoints.get(part, ""), limit - used)
+                    used += late_used
                 remaining -= max(used, 1)
                 last_served = caller.key
                 if drained:
