@@ -8,11 +8,12 @@ streaming path can call it from a ``finally`` without double counting.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import pricing, tokens
 from .catalog import Target
@@ -33,6 +34,20 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger("gateway.accounting")
+T = TypeVar("T")
+
+_pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancelled request: kept from the GC
+
+
+async def shielded(task: asyncio.Future[T]) -> T:
+    """Await ``task`` even if the awaiting request is cancelled; the task then completes in the background."""
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        log.info("request cancelled; its settlement continues in the background")
+        raise
 
 
 @dataclass
@@ -69,18 +84,24 @@ class Accounting:
             headers["x-gateway-max-tokens-clamped"] = str(self.screened.max_tokens)
         return headers | (self.reservation.headers if self.reservation else {})
 
-    def estimate_streamed_usage(self, target: Target | None, text: str) -> Usage:
-        """Usage of a stream that ended without a usage event: the prompt estimate plus what was streamed."""
+    def estimate_usage(self, target: Target | None, text: str) -> Usage:
+        """Usage the upstream did not report (a stream cut or abandoned before its usage event, an answer
+        without ``usage``): the prompt estimate plus what was answered, counted with the target's tokenizer."""
         if target is None:
             return Usage(self.screened.prompt_tokens, tokens.count_text(text, "o200k_base"))
         return Usage(self.screened.prompt_tokens_for(target.tokenizer), tokens.count_text(text, target.tokenizer))
 
     async def finish(self, target: Target | None, usage: Usage, *, status: str,
                      error: GatewayError | None = None) -> Decimal:
-        """Settle to the actual usage; returns the request's cost."""
+        """Settle to the actual usage; returns the request's cost. Runs to the end even if the request is
+        cancelled meanwhile (the caller hung up, the host timed it out): a settle cut short would leave the
+        reservation in flight and the request without its cost row."""
         if self._finished:
             return Decimal(0)
         self._finished = True
+        return await shielded(asyncio.ensure_future(self._settle(target, usage, status, error)))
+
+    async def _settle(self, target: Target | None, usage: Usage, status: str, error: GatewayError | None) -> Decimal:
         assert self.reservation is not None  # the pipeline reserves before any path can finish
         cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
         row = self._row(target, usage, cost, status, error)

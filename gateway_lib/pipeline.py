@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,8 +63,10 @@ async def complete(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
     acct.attempts = result.attempts
     scope.upstream_ms = result.upstream_ms
     headers = acct.response_headers(result.target)
-    cost = await acct.finish(result.target, result.completion.usage, status="ok")
-    return Served(result.completion.body, result.target, result.completion.usage, cost, headers)
+    # An answer without usage (a proxy or a model that leaves it out) is billed from its text, not as free.
+    usage = result.completion.usage or acct.estimate_usage(result.target, _answer_text(result.completion.body))
+    cost = await acct.finish(result.target, usage, status="ok")
+    return Served(result.completion.body, result.target, usage, cost, headers)
 
 
 async def _admit(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
@@ -92,7 +94,7 @@ async def _released_on_failure(acct: Accounting) -> AsyncIterator[None]:
         await acct.finish_error(error)
         raise
     except asyncio.CancelledError:
-        await _shielded(asyncio.ensure_future(acct.finish_error(ClientDisconnected())))
+        await acct.finish_error(ClientDisconnected())
         raise
     except Exception:
         await acct.finish_error(InternalError())
@@ -107,18 +109,42 @@ async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallCon
     acct.attempts = opened.attempts
     acct.scope.upstream_ms = opened.upstream_ms
     body = _sse_body(acct, chat, opened.first, opened.events)
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers=acct.scope.headers() | SSE_HEADERS | acct.response_headers(opened.target))
+
+    async def settle_unstarted() -> None:  # the body settles the request itself if it ever starts
+        await opened.events.aclose()
+        usage = acct.estimate_usage(opened.target, opened.first.text)  # the upstream was asked and answered
+        await acct.finish(opened.target, usage, status="client_disconnected")
+
+    return _SettledStream(body, settle_unstarted, media_type="text/event-stream",
+                          headers=acct.scope.headers() | SSE_HEADERS | acct.response_headers(opened.target))
+
+
+class _SettledStream(StreamingResponse):
+    """A stream that settles its request however the server ends it. A server whose first send fails (the
+    caller gone before the headers; ASGI 2.4 servers raise there) never iterates the body, and a generator
+    that never started runs no ``finally``; one whose send fails mid-stream leaves the body suspended."""
+
+    def __init__(self, content: AsyncGenerator[bytes, None], settle_unstarted: Callable[[], Awaitable[None]],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._body, self._settle_unstarted = content, settle_unstarted
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()  # a started body settles in its own ``finally``; else a no-op
+            await self._settle_unstarted()  # a no-op if the body settled
 
 
 async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
-                    events: AsyncGenerator[StreamEvent, None]) -> AsyncIterator[bytes]:
+                    events: AsyncGenerator[StreamEvent, None]) -> AsyncGenerator[bytes, None]:
     target = acct.served_by
     usage: Usage | None = None
     streamed: list[str] = []
     frames: list[bytes] = []  # written together when the upstream delivered them together
     status = "client_disconnected"  # what it stays if the caller hangs up (the generator is closed)
-    error: ProviderError | None = None
+    error: GatewayError | None = None
     try:
         async with aclosing(_timed(first, events, acct)) as stream:
             async for event in stream:
@@ -138,11 +164,14 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
         # Bytes already went out, so no fallback: tell the caller plainly instead of truncating silently.
         status, error = "upstream_cut", exc
         yield b"".join(frames) + sse(exc.body())
+    except Exception as exc:  # a bug (e.g. in translating a provider's events): an error event, never silence
+        log.error("stream failed: %s", type(exc).__name__)  # the type only: messages may quote content
+        status, error = "error", InternalError()
+        yield b"".join(frames) + sse(error.body())
     finally:
         if usage is None:  # cut or abandoned: count what was streamed so the spend is not lost
-            usage = acct.estimate_streamed_usage(target, "".join(streamed))
-        settle = asyncio.ensure_future(acct.finish(target, usage, status=status, error=error))
-        await _shielded(settle)
+            usage = acct.estimate_usage(target, "".join(streamed))
+        await acct.finish(target, usage, status=status, error=error)
 
 
 async def _timed(first: StreamEvent, rest: AsyncGenerator[StreamEvent, None],
@@ -173,15 +202,14 @@ def _visible_chunk(event: StreamEvent, include_usage: bool) -> dict | None:
     return {k: v for k, v in chunk.items() if k != "usage"}
 
 
-_pending: set[asyncio.Future] = set()
-
-
-async def _shielded(task: asyncio.Future) -> None:
-    """Await a settlement even if the request is being cancelled (the caller hung up)."""
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        log.info("stream cancelled; settlement continues in the background")
-        raise
+def _answer_text(body: dict[str, Any]) -> str:
+    """What a whole answer generated: its content, tool-call names and arguments (for a usage estimate)."""
+    parts: list[str] = []
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {} if isinstance(choice, dict) else {}
+        content = message.get("content")
+        parts.append(content if isinstance(content, str) else "")
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {} if isinstance(call, dict) else {}
+            parts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
+    return "".join(parts)

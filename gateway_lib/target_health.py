@@ -52,6 +52,7 @@ class TargetStatus:
 
 
 UNKNOWN = TargetStatus()
+MAX_UPSTREAM_HOLD = 600.0  # seconds: a Retry-After beyond this (a proxy's odd header) is not honoured in full
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ class TargetHealth:
             return HealthView(MappingProxyType(dict(self._statuses)))
 
     def admit(self, target_id: str, *, force: bool = False) -> bool:
-        """May a call go to this target now? A half-open target hands out its one probe slot."""
+        """May a call go to this target now? A half-open target hands out its one probe slot. ``force`` (every
+        target of the route is cooling down) probes before the cooldown ends, but still one call at a time:
+        the callers who arrive meanwhile must not all pile onto a failing upstream."""
         with self._lock:
             now = self._clock()
             self._expire_leases(now)
@@ -93,7 +96,7 @@ class TargetHealth:
             circuit = status.circuit_at(now)
             if circuit == "closed":
                 return True
-            if not force and not status.admits_at(now):
+            if status.probe_taken or (not force and not status.admits_at(now)):
                 return False
             self._statuses[target_id] = replace(status, circuit="half_open", probe_taken=True)
             self._probe_started[target_id] = now
@@ -113,7 +116,8 @@ class TargetHealth:
             now = self._clock()
             status = self._statuses.get(target_id, UNKNOWN)
             failures = status.failures + 1
-            cooldown = retry_after if retry_after else min(self._base * 2 ** (failures - 1), self._cap)
+            cooldown = min(retry_after, MAX_UPSTREAM_HOLD) if retry_after else min(
+                self._base * 2 ** (failures - 1), self._cap)
             self._statuses[target_id] = TargetStatus(
                 latency_ms=status.latency_ms, circuit="open", open_until=now + cooldown,
                 upstream_hold=bool(retry_after), failures=failures)

@@ -16,7 +16,7 @@ from ..catalog import Target
 from ..errors import ProviderError
 from ..schema import ChatRequest
 from ..settings import ProviderSettings
-from .base import CallContext, Completion, StreamEvent, Usage
+from .base import CallContext, Completion, StreamEvent, seconds, usage_of
 
 NAME = "azure_openai"
 _PATH = "/chat/completions"  # the Azure client prefixes /openai/deployments/{model}
@@ -48,9 +48,7 @@ class AzureOpenAIProvider:
                                                   options={"headers": _headers(ctx)}))
         except Exception as exc:
             raise _translate(exc) from exc
-        usage = body.get("usage") or {}
-        return Completion(body=body, usage=Usage(int(usage.get("prompt_tokens", 0)),
-                                                 int(usage.get("completion_tokens", 0))))
+        return Completion(body=body, usage=usage_of(body.get("usage"), "prompt_tokens", "completion_tokens"))
 
     async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
         import openai
@@ -193,7 +191,7 @@ def _event(chunk: dict[str, Any], raw: bytes | None = None) -> StreamEvent | Non
     text = "".join(str((c.get("delta") or {}).get("content") or "") for c in choices)
     text += "".join(str(((tc.get("function") or {}).get("arguments")) or "")
                     for c in choices for tc in (c.get("delta") or {}).get("tool_calls") or [])
-    parsed = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))) if usage else None
+    parsed = usage_of(usage, "prompt_tokens", "completion_tokens")
     return StreamEvent(chunk=chunk, usage=parsed, text=text, raw=raw)
 
 
@@ -262,12 +260,8 @@ def _upstream_message(exc: Any) -> str:
 
 def _retry_after(headers: Any) -> float | None:
     for name in ("retry-after-ms", "retry-after"):
-        raw = headers.get(name) if headers is not None else None
-        if raw:
-            try:
-                value = float(raw)
-            except ValueError:
-                continue
+        value = seconds(headers.get(name) if headers is not None else None)
+        if value is not None:
             return value / 1000 if name == "retry-after-ms" else value
     return None
 

@@ -8,6 +8,7 @@ failure leaves them as a ``ProviderError`` that says whether a fallback may foll
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,12 +40,32 @@ class CallContext:
     max_tokens: int | None = None  # the effective cap after guardrails (may be clamped)
 
 
+def seconds(raw: str | None) -> float | None:
+    """A Retry-After delay in seconds: a finite number >= 0, else None (an HTTP-date is rare upstream, and
+    "inf" or "nan" would hold a target's circuit open for the life of the process)."""
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+def usage_of(reported: Any, prompt_key: str, completion_key: str) -> Usage | None:
+    """An upstream's usage object, or None when it is missing or unreadable: never read as zero tokens."""
+    if not isinstance(reported, dict):
+        return None
+    prompt, completion = reported.get(prompt_key), reported.get(completion_key)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+        return None
+    return Usage(prompt, completion)  # type: ignore[arg-type]  # checked just above
+
+
 @dataclass
 class Completion:
     """A whole (non-streamed) answer in OpenAI ``chat.completion`` shape."""
 
     body: dict[str, Any]
-    usage: Usage
+    usage: Usage | None  # None: the upstream reported none (the pipeline bills an estimate instead)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..errors import ProviderError
 from ..schema import ChatRequest
 from ..settings import ProviderSettings
 from .aws_credentials import FederationError, TokenProvider, botocore_session, build_credentials
-from .base import CallContext, Completion, StreamEvent
+from .base import CallContext, Completion, StreamEvent, seconds
 from .bedrock_transform import PROVIDER, StreamTranslator, error_from_aws, from_converse_response, to_converse_request
 
 if TYPE_CHECKING:
@@ -172,8 +172,4 @@ def _from_client_error(exc: Any) -> ProviderError:
 
 
 def _retry_after(headers: dict[str, str]) -> float | None:
-    raw = headers.get("retry-after") or headers.get("x-amzn-retry-after")
-    try:
-        return max(0.0, float(raw)) if raw else None
-    except ValueError:
-        return None  # an HTTP-date: rare upstream, and the backoff default is safe
+    return seconds(headers.get("retry-after") or headers.get("x-amzn-retry-after"))

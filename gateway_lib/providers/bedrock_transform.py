@@ -32,7 +32,7 @@ from .. import strict_json
 from ..catalog import Target
 from ..errors import InvalidRequest, ProviderError
 from ..schema import ChatRequest, Message
-from .base import CallContext, Completion, StreamEvent, Usage
+from .base import CallContext, Completion, StreamEvent, Usage, usage_of
 
 PROVIDER = "bedrock"
 
@@ -260,7 +260,9 @@ def from_converse_response(response: Mapping[str, Any], target: Target, *, compl
         message["tool_calls"] = tool_calls
     usage = usage_from(response.get("usage"))
     body = {"id": completion_id, "object": "chat.completion", "created": created, "model": target.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage.as_openai()}
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage.as_openai()
     return Completion(body=body, usage=usage)
 
 
@@ -271,9 +273,8 @@ def finish_reason(stop_reason: str | None) -> str:
     return FINISH_REASONS.get(stop_reason or "", "stop")
 
 
-def usage_from(usage: Mapping[str, Any] | None) -> Usage:
-    usage = usage or {}
-    return Usage(prompt_tokens=int(usage.get("inputTokens", 0)), completion_tokens=int(usage.get("outputTokens", 0)))
+def usage_from(usage: Any) -> Usage | None:
+    return usage_of(usage, "inputTokens", "outputTokens")
 
 
 def _tool_call(tool_use: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,7 +312,8 @@ class StreamTranslator:
             out.append(self._chunk({}, finish_reason(event["messageStop"].get("stopReason"))))
         elif "metadata" in event:
             usage = usage_from(event["metadata"].get("usage"))
-            out.append(StreamEvent({**self._base, "choices": [], "usage": usage.as_openai()}, usage=usage))
+            if usage is not None:  # else the pipeline estimates it from what was streamed
+                out.append(StreamEvent({**self._base, "choices": [], "usage": usage.as_openai()}, usage=usage))
         if out and not self._started:
             # The role chunk goes out with the first output, not on messageStart: until a chunk is yielded the
             # stream can still fall back, and a failure right after messageStart should (nothing was produced).

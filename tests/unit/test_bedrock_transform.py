@@ -12,7 +12,7 @@ import pytest
 
 from gateway_lib.catalog import Price, Target
 from gateway_lib.errors import InvalidRequest, ProviderError
-from gateway_lib.providers.base import CallContext
+from gateway_lib.providers.base import CallContext, Usage, usage_of
 from gateway_lib.providers.bedrock_transform import (
     StreamTranslator,
     error_from_aws,
@@ -311,3 +311,16 @@ def test_aws_error_codes_map_to_provider_error_kinds(code: str, status: int | No
 def test_only_validation_errors_show_upstream_text() -> None:
     assert "arn:aws" not in error_from_aws("AccessDeniedException", 403, "arn:aws:iam::123:role/x").message
     assert "too long" in error_from_aws("ValidationException", 400, "input is too long").message
+
+
+@pytest.mark.parametrize("usage", [None, {}, {"inputTokens": "12", "outputTokens": 3}, {"inputTokens": -1,
+                                                                                      "outputTokens": 3}])
+def test_usage_that_is_missing_or_unreadable_is_reported_as_unknown_not_as_zero(usage: Any) -> None:
+    response = dict(fixture("converse_text.json"))
+    if usage is None:
+        response.pop("usage", None)
+    else:
+        response["usage"] = usage
+    completion = from_converse_response(response, TARGET, completion_id="c", created=1)
+    assert completion.usage is None and "usage" not in completion.body  # the pipeline bills an estimate
+    assert usage_of({"prompt_tokens": 7, "completion_tokens": 2}, "prompt_tokens", "completion_tokens") == Usage(7, 2)

@@ -190,6 +190,40 @@ def test_when_everything_cools_down_the_closest_to_recovery_is_tried_once() -> N
     assert chosen.id == "a" and provider.calls == ["a"]
 
 
+def test_callers_arriving_while_everything_cools_down_send_one_probe_at_a_time() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a")
+    calls = 0
+
+    class Struggling(FakeProvider):
+        async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.02)  # slow, then failing again
+            raise server_error()
+
+    async def fifty() -> list[Any]:
+        return await asyncio.gather(*(complete_with_fallback(make_plan("a", unavailable=("a",)),
+                                                             {"fake": Struggling({})}, REQUEST, CTX, health, clock)
+                                      for _ in range(50)), return_exceptions=True)
+
+    outcomes = run(fifty())
+    assert calls == 1, f"{calls} concurrent calls went to a target that is cooling down"
+    assert all(isinstance(o, ServiceUnavailable) for o in outcomes)
+
+
+def test_a_retry_after_of_infinity_is_a_429_with_a_finite_wait() -> None:
+    from gateway_lib.providers import azure_openai
+
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    provider = FakeProvider({"a": azure_openai._status_error(429, {"retry-after": "1e999"}, "429: slow down")})
+    with pytest.raises(RateLimited) as info:
+        complete(make_plan("a"), provider, health, clock)
+    assert info.value.retry_after is not None and 1 <= info.value.retry_after <= 60
+
+
 def test_an_upstream_retry_after_is_honoured_even_as_last_resort() -> None:
     clock = FakeClock()
     health = TargetHealth(clock)

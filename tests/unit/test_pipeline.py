@@ -60,10 +60,10 @@ class Chatty:
         pass
 
 
-def _runtime(provider: Any) -> Runtime:
+def _runtime(provider: Any, store: MemoryTableStore | None = None) -> Runtime:
     values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     values["GATEWAY_STORAGE_MODE"] = "memory"
-    rt = build_runtime(Settings.from_env(values), store=MemoryTableStore())
+    rt = build_runtime(Settings.from_env(values), store=store or MemoryTableStore())
     rt.providers = {"azure_openai": provider, "bedrock": provider}
     return rt
 
@@ -206,3 +206,121 @@ def test_an_answer_with_a_lone_surrogate_is_escaped_not_a_500() -> None:
     assert response.body == b'{"text":"x\\ud800y","name":"\\u00e9"}'
     assert json_response({"name": "é"}, Scope(request_id="r", trace_id="t", traceparent="p",
                                               route="chat")).body == '{"name":"é"}'.encode()
+
+
+class Scripted:
+    """A whole answer as given (``usage`` may be None: not reported), or a stream of words ending with
+    ``ending``: a usage event, or an exception that is not a ProviderError (a bug)."""
+
+    name = "azure_openai"
+
+    def __init__(self, usage: Usage | None = Usage(5, 1), ending: BaseException | None = None) -> None:
+        self.usage, self.ending = usage, ending
+        self.closed = 0
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        message = {"role": "assistant", "content": "a fairly long answer " * 20,
+                   "tool_calls": [{"id": "c1", "type": "function",
+                                   "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}]}
+        return Completion(body={"object": "chat.completion", "choices": [{"index": 0, "message": message}]},
+                          usage=self.usage)
+
+    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        try:
+            for i in range(3):
+                yield StreamEvent(chunk={"object": "chat.completion.chunk",
+                                         "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}, text=f"w{i} ")
+            if self.ending is not None:
+                raise self.ending
+            yield StreamEvent(chunk={"object": "chat.completion.chunk", "choices": [], "usage": {}}, usage=Usage(5, 3))
+        finally:
+            self.closed += 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_an_answer_without_usage_is_billed_from_its_text_not_as_free() -> None:
+    async def run() -> None:
+        rt = _runtime(Scripted(usage=None))
+        caller = _caller(rt)
+        served = await pipeline.complete(rt, _scope(), caller, _chat())
+        counters, ledger = await _counters(rt, caller)
+        assert len(ledger) == 1 and ledger[0]["prompt_tokens"] > 0
+        assert ledger[0]["completion_tokens"] >= 80, "the answer's words and its tool call, counted"
+        assert Decimal(ledger[0]["cost_usd"]) > 0 and counters.in_flight_tokens == 0
+        assert (served.usage.prompt_tokens, served.usage.completion_tokens) == (
+            ledger[0]["prompt_tokens"], ledger[0]["completion_tokens"])
+
+    asyncio.run(run())
+
+
+def test_a_stream_whose_caller_left_before_its_headers_went_out_is_settled_once() -> None:
+    # An ASGI 2.4 server raises from the first send when the caller is gone, so the body never starts (and a
+    # generator that never started runs no ``finally``): the response itself must settle, and close the upstream.
+    from starlette.requests import ClientDisconnect
+
+    async def run() -> None:
+        provider = Scripted()
+        rt = _runtime(provider)
+        caller = _caller(rt)
+        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            raise OSError("client disconnected")
+
+        asgi = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
+                "path": "/api/v1/chat/completions", "headers": []}
+        with pytest.raises(ClientDisconnect):
+            await response(asgi, receive, send)
+        counters, ledger = await _counters(rt, caller)
+        assert counters.in_flight_tokens == 0 and provider.closed == 1
+        assert len(ledger) == 1 and ledger[0]["status"] == "client_disconnected" and ledger[0]["prompt_tokens"] > 0
+
+    asyncio.run(run())
+
+
+def test_a_request_cancelled_while_its_settlement_is_written_still_settles_once() -> None:
+    class SlowTransactions(MemoryTableStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = asyncio.Event()
+
+        async def transact(self, table: str, ops: Any) -> Any:
+            self.writing.set()
+            await asyncio.sleep(0.05)
+            return await super().transact(table, ops)
+
+    async def run() -> None:
+        store = SlowTransactions()
+        rt = _runtime(Scripted(), store)
+        caller = _caller(rt)
+        task = asyncio.ensure_future(pipeline.complete(rt, _scope(), caller, _chat()))
+        await store.writing.wait()  # the answer is in, its settlement on the wire: the host cancels the request
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        counters, ledger = await _counters(rt, caller)
+        assert counters.in_flight_tokens == 0 and len(ledger) == 1 and ledger[0]["status"] == "ok"
+
+    asyncio.run(run())
+
+
+def test_a_stream_that_fails_with_a_bug_ends_with_an_error_event_and_is_recorded_as_an_error() -> None:
+    async def run() -> None:
+        rt = _runtime(Scripted(ending=KeyError("toolUseId")))
+        caller = _caller(rt)
+        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+        assert isinstance(response, StreamingResponse)
+        body = b"".join([bytes(w) async for w in response.body_iterator])  # type: ignore[arg-type]
+        last = json.loads(body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))
+        assert last["error"]["code"] == "internal_error" and "toolUseId" not in body.decode()
+        _, ledger = await _counters(rt, caller)
+        assert len(ledger) == 1 and (ledger[0]["status"], ledger[0]["http_status"]) == ("error", 500)
+        assert ledger[0]["completion_tokens"] > 0, "billed for what was streamed"
+
+    asyncio.run(run())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_lib.target_health import TargetHealth
+from gateway_lib.providers.base import seconds
+from gateway_lib.target_health import MAX_UPSTREAM_HOLD, TargetHealth
 
 
 class FakeClock:
@@ -97,11 +98,26 @@ def test_a_probe_that_never_reports_frees_its_slot_after_the_lease(clock: FakeCl
     assert health.admit("t")
 
 
-def test_force_admits_during_the_cooldown(clock: FakeClock) -> None:
+def test_force_admits_during_the_cooldown_one_call_at_a_time(clock: FakeClock) -> None:
     health = TargetHealth(clock)
     health.record_failure("t")
     assert health.admit("t", force=True)
     assert not health.admit("t")
+    assert not health.admit("t", force=True), "a forced probe is in flight: the next caller must not pile on"
+    health.record_failure("t")
+    assert health.admit("t", force=True), "its verdict is in: the next forced probe may go"
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e999", "-5", "Wed, 21 Oct 2026 07:28:00 GMT", "", None])
+def test_a_retry_after_that_is_not_a_finite_delay_is_ignored(raw: str | None) -> None:
+    assert seconds(raw) is None
+
+
+def test_an_upstream_hold_is_capped(clock: FakeClock) -> None:
+    health = TargetHealth(clock)
+    health.record_failure("t", retry_after=86_400.0)  # a proxy's idea of a day
+    clock.now += MAX_UPSTREAM_HOLD
+    assert health.admit("t")
 
 
 def test_views_are_immutable_snapshots(clock: FakeClock) -> None:
