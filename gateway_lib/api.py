@@ -89,7 +89,8 @@ async def usage(request: Request) -> Response:
         subject = request.query_params.get("caller")
         if subject and subject != caller.key and not caller.is_admin:
             raise PermissionDenied("Only gateway admins may read another caller's usage.")
-        view = await rt.admission.usage_view(subject or caller, caller.tier)
+        # Another caller's tier comes from the callers directory, never from the admin asking.
+        view = await rt.admission.usage_view(caller if subject in (None, "", caller.key) else subject)
         return edge.json_response(view, scope)
 
     return await _serve(request, "usage", handle)

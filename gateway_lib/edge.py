@@ -85,6 +85,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON{where}.", code="invalid_json") from None
     except RecursionError:  # e.g. 100k nested "[": valid JSON under the size cap, but past the parser's depth
         raise InvalidRequest("The request body nests too deeply.", code="invalid_json") from None
+    except ValueError:  # an integer over Python's 4,300-digit conversion limit
+        raise InvalidRequest("The request body holds a number too long to read.", code="invalid_json") from None
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:

@@ -53,7 +53,6 @@ from .quota import (
     team_partition,
 )
 from .storage.base import Entity, StorageError
-from .tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +285,11 @@ class LeasedAdmission(Admission):
             self._journal(team_partition(res.team), team=True).entries.append((res, row))
         return Settlement(False, res.round_trips)
 
-    async def usage_view(self, subject: Caller | str, tier: Tier | None = None,
-                         now: datetime | None = None) -> dict[str, Any]:
+    async def usage_view(self, subject: Caller | str, now: datetime | None = None) -> dict[str, Any]:
         """Read-your-writes on this instance: commit what it owes the row before reading it."""
         key = subject if isinstance(subject, str) else subject.key
         await self.flush(table_key(key))
-        return await super().usage_view(subject, tier, now)
+        return await super().usage_view(subject, now)
 
     async def flush(self, pk: str | None = None) -> None:
         """Commit the journal of one row (or of every row), batch by batch."""

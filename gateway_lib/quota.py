@@ -166,8 +166,7 @@ class Admission:
         """A failed request: drop the reservation, count whatever the row says was consumed, write the row."""
         return await self._finish(res, row)
 
-    async def usage_view(self, subject: Caller | str, tier: Tier | None = None,
-                         now: datetime | None = None) -> dict[str, Any]:
+    async def usage_view(self, subject: Caller | str, now: datetime | None = None) -> dict[str, Any]:
         """Current minute/day/month usage with limits and what remains (GET /api/v1/usage).
 
         ``subject`` is a caller, or (for admins) a caller key whose tier comes from the callers directory.
@@ -175,7 +174,7 @@ class Admission:
         now = now or self._clock()
         await self._ensure_tables()
         key = subject.key if isinstance(subject, Caller) else subject
-        tier = subject.tier if isinstance(subject, Caller) else await self._directory_tier(key) or tier
+        tier = subject.tier if isinstance(subject, Caller) else await self._directory_tier(key)
         override = await self._cached_override(key, "caller", None)
         entity = await self._store.get(self._table, table_key(key), COUNTERS_ROW)
         counters = Counters.from_entity(entity).rolled(now)

@@ -204,6 +204,19 @@ def test_only_admins_read_others_usage_and_edit_limits(q_stack: Stack) -> None:
     admin = token(q_stack, "q-admin", "Gateway.Admin")
     assert requests.get(url, params={"caller": other}, headers={"Authorization": f"Bearer {admin}"},
                         timeout=10).json()["limits"] == {}, "the refused PUT must not have written anything"
+    stranger = usage(q_stack, admin, "tid:never-seen:-").json()  # a caller the directory does not know
+    assert stranger["tier"] is None and stranger["day"]["limit"] == {"tokens": None, "usd": None}, \
+        "never the asking admin's own tier"
+
+
+def test_a_number_too_long_to_read_is_a_400_not_a_500(q_stack: Stack) -> None:
+    admin = {"Authorization": f"Bearer {token(q_stack, 'q-admin', 'Gateway.Admin')}",
+             "Content-Type": "application/json"}
+    body = b'{"limits": {"tokens_per_day": ' + b"9" * 5000 + b"}}"  # past Python's 4,300-digit int limit
+    response = requests.put(f"{q_stack.base_url}/admin/limits", params={"caller": "x"}, data=body, headers=admin,
+                            timeout=10)
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["code"] == "invalid_json"
 
 
 @pytest.mark.parametrize(("path", "params", "body", "param"), [

@@ -568,8 +568,10 @@ def test_usage_view_reports_used_limits_and_remaining() -> None:
         assert view["minute"]["remaining"]["requests"] == 9
         assert view["day"]["used"]["usd"] == "0.25" and view["day"]["remaining"]["usd"] == "1.75"
         assert view["status"] == "active" and view["in_flight"] == {"tokens": 0, "usd": "0"}
-        by_key = await adm.usage_view(caller.key, None)
+        by_key = await adm.usage_view(caller.key)
         assert by_key["tier"] == "basic" and by_key["day"]["used"]["tokens"] == 30
+        unknown = await adm.usage_view("tid:someone-else:-")  # an admin asking about a caller never seen
+        assert unknown["tier"] is None and unknown["day"]["limit"] == {"tokens": None, "usd": None}
 
     run(scenario())
 
