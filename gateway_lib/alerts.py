@@ -232,8 +232,12 @@ async def deliver_pending(
     store: TableStore, prefix: str, sinks: Sequence[AlertSink], now: datetime, *, deadline: datetime | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> DeliveryReport:
-    """Send every pending alert of this and last month to the sinks it has not reached yet."""
+    """Send every pending alert of this and last month to the sinks it has not reached yet.
+
+    ``clock`` times each lease, delivery and backoff as it happens: after a slow sink, a lease stamped with
+    the run's start would already have run out, and another run would post the same alert again."""
     report = DeliveryReport()
+    tick = clock or (lambda: now)
     by_name = {sink.name: sink for sink in sinks}
     for month in (_month(now), _month(_previous_month(now))):
         markers = await store.query(alerts_table(prefix), month, row_key_from="pending|", row_key_to="pending}")
@@ -242,7 +246,7 @@ async def deliver_pending(
                 report.pending += 1
                 continue
             try:
-                await _deliver_one(store, prefix, month, marker.properties["alert"], by_name, now, report)
+                await _deliver_one(store, prefix, month, marker.properties["alert"], by_name, tick, report)
             except Exception as exc:  # one alert's trouble must not hold back the others (nor the rollup)
                 report.pending += 1
                 report.failures.append(f"{marker.properties.get('alert')}: {type(exc).__name__}")
@@ -251,13 +255,13 @@ async def deliver_pending(
 
 
 async def _deliver_one(
-    store: TableStore, prefix: str, month: str, row_key: str, sinks: Mapping[str, AlertSink], now: datetime,
-    report: DeliveryReport,
+    store: TableStore, prefix: str, month: str, row_key: str, sinks: Mapping[str, AlertSink],
+    clock: Callable[[], datetime], report: DeliveryReport,
 ) -> None:
     # A sink that failed once this run is not tried again until the next: a dead webhook costs
     # one timeout per run, not one per pending alert, and the run stays inside the timer's limit.
     usable = {name: sink for name, sink in sinks.items() if name not in report.down}
-    alert, waiting = await _lease(store, prefix, month, row_key, now, usable)
+    alert, waiting = await _lease(store, prefix, month, row_key, clock(), usable)
     if alert is None:
         report.pending += waiting
         return
@@ -268,14 +272,14 @@ async def _deliver_one(
             continue  # not configured (any more) or down this run: stays pending
         try:
             await sink.send(alert)
-            delivery[name] = _iso(now)
+            delivery[name] = _iso(clock())
         except Exception as exc:  # any sink failure is recorded and retried, never raised into the rollup
             error = f"{name}: {type(exc).__name__}: {exc}"[:500]
             report.failures.append(error)
             report.down.add(name)
             log.warning("alert delivery failed", extra={"alert": row_key, "sink": name, "error": error})
     try:
-        await _finish(store, prefix, replace(alert, delivery=delivery, last_error=error), now, report)
+        await _finish(store, prefix, replace(alert, delivery=delivery, last_error=error), clock(), report)
     except (PreconditionFailed, TransactionFailed):
         # Our lease ran out mid-delivery and another run took the alert over: it records the outcome.
         log.warning("alert delivery outcome not recorded: lease lost", extra={"alert": row_key})

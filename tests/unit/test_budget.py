@@ -513,6 +513,44 @@ def test_a_sink_that_succeeded_is_not_called_again_when_another_fails() -> None:
     run(go())
 
 
+def test_an_alert_after_a_slow_delivery_is_leased_from_the_time_of_its_own_turn() -> None:
+    # The first alert's webhook takes 3 minutes; a second instance comes by while the second alert is being
+    # posted. A lease stamped with the run's start time would have run out already: it would post it again.
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        clock = FakeClock(T0 + timedelta(hours=1))
+        for threshold in (50, 80):
+            assert await alerts.claim_alert(store, "gw", Alert("threshold", "caller", "x", "month|202603", threshold,
+                                                               Decimal(9), Decimal(10), clock.now,
+                                                               delivery={"webhook": None}))
+        posted: list[str] = []
+        second_under_way, other_run_done = asyncio.Event(), asyncio.Event()
+
+        class Slow(FakeSink):
+            async def send(self, alert: Alert) -> None:
+                if alert.threshold == 50:
+                    clock.advance(minutes=3)  # timeouts and retries against a struggling webhook
+                else:
+                    second_under_way.set()
+                    await other_run_done.wait()
+                posted.append(alert.row_key)
+
+        class Fast(FakeSink):
+            async def send(self, alert: Alert) -> None:
+                posted.append(alert.row_key)
+
+        async def other_instance() -> None:
+            await second_under_way.wait()
+            await alerts.deliver_pending(store, "gw", [Fast()], clock(), clock=clock)
+            other_run_done.set()
+
+        await asyncio.gather(alerts.deliver_pending(store, "gw", [Slow()], clock(), clock=clock), other_instance())
+        assert sorted(posted) == sorted(set(posted)) and len(posted) == 2, posted
+
+    run(go())
+
+
 def test_concurrent_runs_neither_double_count_nor_duplicate_alerts() -> None:
     run(scenario_concurrent_runs(MemoryTableStore(), "gw"))
 
