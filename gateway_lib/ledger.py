@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import MISSING, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from .identity import Caller
-from .storage.base import Entity, EntityExists, TableStore
+from .storage.base import Entity, TableStore
 
 LEDGER_PREFIX = "led|"
 _LEDGER_END = "led}"  # "}" sorts right after "|": the end of the ledger key range
@@ -222,22 +221,30 @@ async def list_callers(
 
 
 class CallerDirectory:
-    """Insert-if-missing into ``{prefix}callers``, remembered per process (~1 write per caller per process)."""
+    """``{prefix}callers``: every caller with its current team and tier, remembered per process (~1 round trip
+    per caller per process). The rollup budgets a caller by the tier listed here, so a caller that moved to
+    another tier or team is listed anew: a caller upgraded from basic must not be blocked at basic's budget."""
 
     def __init__(self, store: TableStore, prefix: str, max_remembered: int = 100_000) -> None:
         self._store, self._table = store, callers_table(prefix)
-        self._seen: set[str] = set()
+        self._seen: dict[str, tuple[str | None, str]] = {}
         self._max = max_remembered
 
     async def register(self, caller_key: str, team: str | None, tier: str, now: datetime) -> int:
-        """Make sure the caller is listed; returns the storage round trips spent (0 when remembered)."""
-        if caller_key in self._seen:
+        """List the caller as it is now; returns the storage round trips spent (0 when remembered)."""
+        if self._seen.get(caller_key) == (team, tier):
             return 0
-        entity = Entity(CALLERS_PARTITION, table_key(caller_key), {
-            "caller_key": caller_key, "team": team, "tier": tier, "first_seen": now.astimezone(UTC).isoformat()})
-        with suppress(EntityExists):  # another instance listed it first: the row only needs to exist
-            await self._store.insert(self._table, entity)
+        key = table_key(caller_key)
+        listed = await self._store.get(self._table, CALLERS_PARTITION, key)
+        trips = 1
+        if listed is None or (listed.properties.get("team"), listed.properties.get("tier")) != (team, tier):
+            first_seen = listed.properties.get("first_seen") if listed else now.astimezone(UTC).isoformat()
+            entity = Entity(CALLERS_PARTITION, key, {"caller_key": caller_key, "team": team, "tier": tier,
+                                                     "first_seen": first_seen})
+            # Unconditional: instances racing here write what their callers' tokens say; the newest wins.
+            await self._store.upsert(self._table, entity)
+            trips += 1
         if len(self._seen) >= self._max:
-            self._seen.clear()  # bounded memory; the cost is one more idempotent insert per caller
-        self._seen.add(caller_key)
-        return 1
+            self._seen.clear()  # bounded memory; the cost is one more read per caller
+        self._seen[caller_key] = (team, tier)
+        return trips

@@ -551,6 +551,21 @@ def test_an_alert_after_a_slow_delivery_is_leased_from_the_time_of_its_own_turn(
     run(go())
 
 
+def test_a_caller_that_moved_to_another_tier_is_budgeted_by_its_current_tier() -> None:
+    # basic has a $1/day budget, standard $10/day: $2 today on standard is 20 %, not a block.
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        await write_cost(store, "gw", "a", T0 - timedelta(days=3), "0.10", tier="basic")
+        await write_cost(store, "gw", "a", T0 + timedelta(hours=1), "2", tier="standard")  # upgraded since
+        listed = await ledger.list_callers(store, "gw")
+        assert [(c.caller_key, c.tier) for c in listed] == [(caller_key("a"), "standard")]
+        report = await rollup(store, "gw", FakeClock(T0 + timedelta(hours=2)), cfg=settings(enforcement="block"))
+        assert report.restricted == []
+
+    run(go())
+
+
 def test_concurrent_runs_neither_double_count_nor_duplicate_alerts() -> None:
     run(scenario_concurrent_runs(MemoryTableStore(), "gw"))
 

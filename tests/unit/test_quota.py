@@ -197,7 +197,7 @@ def test_first_request_of_a_process_pays_for_tables_override_and_directory() -> 
         res = await adm.reserve(caller, tokens=10, usd=Decimal(0), request_id="r1")
         return (await adm.settle(res, make_row(caller, "r1", clock.now, 5, 5, Decimal(0)))).round_trips
 
-    assert run(scenario()) == 3 + 1 + 2 + 1 + 1  # tables, override read, get + insert, directory, transaction
+    assert run(scenario()) == 3 + 1 + 2 + 2 + 1  # tables, override read, get + insert, directory read + listing, transaction
 
 
 def test_retried_settle_is_counted_once() -> None:
@@ -724,5 +724,20 @@ def test_a_commit_that_finds_its_counters_row_created_since_its_read_redoes_it_i
         with pytest.raises(AlreadySettled):  # the same row again: settled
             await adm._rows.commit(await store.get(usage_table("t"), pk, "counters"), Counters().to_entity(pk),
                                    [row], counted)
+
+    run(scenario())
+
+
+def test_the_caller_directory_follows_a_callers_tier_and_team_and_keeps_its_first_sighting() -> None:
+    async def scenario() -> None:
+        store = MemoryTableStore()
+        await store.ensure_tables([ledger.callers_table("t")])
+        directory = ledger.CallerDirectory(store, "t")
+        assert await directory.register("k", None, "basic", T0) == 2  # read, list
+        assert await directory.register("k", None, "basic", T0) == 0  # remembered
+        assert await ledger.CallerDirectory(store, "t").register("k", None, "basic", T0) == 1  # another process
+        assert await directory.register("k", "search", "standard", T0 + timedelta(days=1)) == 2
+        [listed] = await ledger.list_callers(store, "t")
+        assert (listed.team, listed.tier, listed.first_seen) == ("search", "standard", T0.isoformat())
 
     run(scenario())
