@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
+from .ledger import capped
 from .storage.base import Entity, EntityExists, Op, PreconditionFailed, TableNotFound, TableStore, TransactionFailed
 
 log = logging.getLogger("gateway.alerts")
@@ -36,6 +37,7 @@ AlertScope = Literal["caller", "team"]
 # A run that starts delivering an alert pushes ``next_attempt_at`` this far ahead first:
 # a concurrent run reading the row meanwhile leaves it alone (a lease, not a lock).
 DELIVERY_LEASE = timedelta(minutes=2)
+KEY_PART_MAX = 200
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -44,8 +46,11 @@ def alerts_table(prefix: str) -> str:
 
 
 def key_part(value: str) -> str:
-    """Escape a value for use inside a key: Azure forbids / \\ # ? and controls; '|' is our separator."""
-    return quote(value, safe=":@-_.~ ")
+    """Escape a value for use inside a key: Azure forbids / \\ # ? and controls; '|' is our separator.
+
+    A key holds several parts and Azure caps it at 1 KiB, while a team name comes from a token claim: an
+    escaped value over ``KEY_PART_MAX`` characters keeps its start and a hash of the whole."""
+    return capped(quote(value, safe=":@-_.~ "), value, KEY_PART_MAX)
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from . import alerts as alerting
 from . import ledger, quota
 from .alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
 from .settings import BudgetSettings
 from .spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end
-from .storage.base import Entity, EntityExists, PreconditionFailed, TableStore
+from .storage.base import Entity, EntityExists, PreconditionFailed, StorageUnavailable, TableStore
 
 log = logging.getLogger("gateway.budget")
 
@@ -131,6 +130,7 @@ class RollupReport:
     alerts_pending: int = 0
     restricted: list[str] = field(default_factory=list)
     lifted: int = 0
+    callers_failed: list[str] = field(default_factory=list)  # skipped this run on an error of their own
 
 
 @dataclass
@@ -268,11 +268,20 @@ async def _round_robin(run: _Run, callers: list[CallerInfo]) -> None:
                     run.report.stopped_early = remaining > 0
                     return
                 part, limit = key_part(caller.key), min(slice_size, remaining)
-                used, drained, checkpoints[part] = await _roll_caller(run, caller, checkpoints.get(part, ""), limit)
-                if drained:  # caught up with the ledger (so used < limit): now its late index, usually one empty read
-                    late_used, drained, late_checkpoints[part] = await _roll_late(
-                        run, caller, late_checkpoints.get(part, ""), limit - used)
-                    used += late_used
+                try:
+                    used, drained, checkpoints[part] = await _roll_caller(
+                        run, caller, checkpoints.get(part, ""), limit)
+                    if drained:  # caught up with the ledger (so used < limit): its late index, usually one empty read
+                        late_used, drained, late_checkpoints[part] = await _roll_late(
+                            run, caller, late_checkpoints.get(part, ""), limit - used)
+                        used += late_used
+                except StorageUnavailable:
+                    raise  # everyone's trouble: the run ends and the next resumes from the checkpoints
+                except Exception as exc:  # one caller's bad data must not stop the rollup of every other
+                    log.exception("rollup of a caller failed; skipped until the next run",
+                                  extra={"caller": caller.key, "error": type(exc).__name__})
+                    run.report.callers_failed.append(caller.key)
+                    used, drained = 0, True
                 remaining -= max(used, 1)
                 last_served = caller.key
                 if drained:
@@ -294,7 +303,7 @@ async def _roll_caller(run: _Run, caller: CallerInfo, after: str, limit: int) ->
     rows = [CostRow.of(r) for r in window if not r.late]
     if rows:
         aggregates = await _apply(run, caller.key, rows)
-        await _evaluate(run, caller, aggregates, as_of=run.cutoff if drained else rows[-1].settled_at)
+        await _evaluate(run, caller, aggregates, rows, as_of=run.cutoff if drained else rows[-1].settled_at)
     await _advance_checkpoint(run, CHECKPOINTS, caller.key, window[-1].row_key)  # last: the rest is idempotent
     run.report.callers_processed += 1
     run.report.rows_applied += len(rows)
@@ -310,8 +319,9 @@ async def _roll_late(run: _Run, caller: CallerInfo, after: str, limit: int) -> t
     drained = len(fetched) < limit or len(window) < len(fetched)
     if not window:
         return len(fetched), drained, after
-    aggregates = await _apply(run, caller.key, [CostRow.of_late(r) for r in window])
-    await _evaluate(run, caller, aggregates, as_of=run.cutoff)
+    rows = [CostRow.of_late(r) for r in window]
+    aggregates = await _apply(run, caller.key, rows)
+    await _evaluate(run, caller, aggregates, rows, as_of=run.cutoff)
     await _advance_checkpoint(run, LATE_CHECKPOINTS, caller.key, window[-1].key)
     run.report.late_rows_applied += len(window)
     return len(window), drained, window[-1].key
@@ -419,8 +429,10 @@ async def _write(run: _Run, entity: Entity, read: Entity | None) -> None:
 Aggregates = dict[tuple[str, str], Aggregate]
 
 
-async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, as_of: datetime) -> None:
+async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, rows: Sequence[CostRow],
+                    as_of: datetime) -> None:
     budget = await run.budgets.caller_budget(caller)
+    teams = {team_pk(r.team): r.team for r in rows if r.team}  # a long name's key part is hashed: not reversible
     for (pk, period), agg in aggregates.items():
         if pk == caller_pk(caller.key):
             await _check(run, "caller", caller.key, period, agg.spend, budget.for_period(period))
@@ -429,7 +441,7 @@ async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, as_of
             if run.clock() < period_end(period) and crossed_thresholds(agg.spend, budget.for_period(period), [100]):
                 await _restrict(run, caller.key, period_end(period))
         elif pk.startswith("team|") and "|by|" not in period:
-            team = unquote(pk.split("|", 1)[1])
+            team = teams[pk]
             await _check(run, "team", team, period, agg.spend, (await run.budgets.team_budget(team)).for_period(period))
     try:
         await _forecast(run, caller.key, budget, aggregates, as_of)
@@ -518,5 +530,5 @@ async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
         "past_due": timer_past_due, "callers": report.callers, "rows": report.rows_applied,
         "late_rows": report.late_rows_applied, "backlog": report.backlog, "stopped_early": report.stopped_early,
         "alerts": len(report.alerts_raised), "pending": report.alerts_pending, "restricted": len(report.restricted),
-        "lifted": report.lifted}})
+        "lifted": report.lifted, "callers_failed": len(report.callers_failed)}})
     return report

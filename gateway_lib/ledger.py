@@ -15,6 +15,7 @@ checkpoint of their own (docs/budgets.md). The twin is an index entry, not a sec
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
@@ -52,6 +53,14 @@ def table_key(value: str) -> str:
     Injective (``%`` itself is encoded), so two callers never share a partition.
     """
     return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
+
+
+def capped(key: str, whole: str, limit: int = 200) -> str:
+    """``key`` if it has at most ``limit`` characters, else its start and a hash of ``whole``: Azure caps a key
+    at 1 KiB, and a key built from a token claim (a team name) or joining several parts could pass it."""
+    if len(key) <= limit:
+        return key
+    return f"{key[:limit - 17]}~{hashlib.sha256(whole.encode()).hexdigest()[:16]}"
 
 
 def ledger_row_key(settled_at: datetime, request_id: str) -> str:

@@ -41,7 +41,16 @@ from .counters import (
 )
 from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .identity import Caller
-from .ledger import CALLERS_PARTITION, CallerDirectory, CostRow, as_committed, callers_table, table_key, usage_table
+from .ledger import (
+    CALLERS_PARTITION,
+    CallerDirectory,
+    CostRow,
+    as_committed,
+    callers_table,
+    capped,
+    table_key,
+    usage_table,
+)
 from .overrides import (
     Override,
     get_override,
@@ -80,7 +89,7 @@ def tables(prefix: str) -> list[str]:
 
 
 def team_partition(team: str) -> str:
-    return table_key(f"team:{team}")
+    return capped(table_key(f"team:{team}"), team)
 
 
 # ---- the engine ----------------------------------------------------------------------------------

@@ -566,6 +566,47 @@ def test_a_caller_that_moved_to_another_tier_is_budgeted_by_its_current_tier() -
     run(go())
 
 
+def test_a_team_name_of_any_length_is_rolled_up_and_alerted_on() -> None:
+    # A team comes from a token claim; escaped for a key, 200 "é" are 1,200 characters: past Azure's 1 KiB.
+    async def go() -> None:
+        store, sink = MemoryTableStore(), FakeSink()
+        await prepare(store, "gw")
+        team = "é" * 200
+        await set_budget(store, "gw", team, day="1", kind="team")
+        await write_cost(store, "gw", "a", T0, "0.9", team=team)
+        report = await rollup(store, "gw", FakeClock(T0 + timedelta(hours=1)), [sink])
+        total = await aggregate(store, "gw", budget.team_pk(team), "day|20260310")
+        assert total.spend == Decimal("0.9") and report.callers_failed == []
+        assert [(a.scope, a.subject, a.threshold) for a in sink.sent] == [("team", team, 50), ("team", team, 80)]
+        assert len(budget.team_pk(team)) <= 205 and len(quota.team_partition(team)) <= 200
+
+    run(go())
+
+
+def test_a_caller_whose_rollup_fails_is_skipped_and_every_other_caller_is_rolled_up() -> None:
+    class Poisoned(MemoryTableStore):
+        async def query(self, table: str, partition_key: str | None = None, **kwargs: Any) -> Any:
+            if partition_key == ledger.table_key(caller_key("a")):
+                raise ValueError("a row this version cannot read")
+            return await super().query(table, partition_key, **kwargs)
+
+    async def go() -> None:
+        store = Poisoned()
+        await prepare(store, "gw")
+        await set_budget(store, "gw", caller_key("b"), day="1")
+        for app in "abc":
+            await write_cost(store, "gw", app, T0, "2")
+        clock = FakeClock(T0 + timedelta(hours=1))
+        report = await rollup(store, "gw", clock, cfg=settings(enforcement="block"))
+        assert report.callers_failed == [caller_key("a")] and report.restricted == [caller_key("b")]
+        assert [await caller_month_spend(store, "gw", app) for app in "bc"] == [Decimal(2), Decimal(2)]
+        clock.advance(minutes=5)
+        again = await rollup(store, "gw", clock)  # the next run visits the others first, then tries it again
+        assert again.callers_failed == [caller_key("a")]
+
+    run(go())
+
+
 def test_concurrent_runs_neither_double_count_nor_duplicate_alerts() -> None:
     run(scenario_concurrent_runs(MemoryTableStore(), "gw"))
 
