@@ -26,7 +26,7 @@ from . import alerts as alerting
 from . import ledger, quota
 from .alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
 from .settings import BudgetSettings
-from .spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end
+from .spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end, period_start
 from .storage.base import Entity, EntityExists, PreconditionFailed, StorageUnavailable, TableStore
 
 log = logging.getLogger("gateway.budget")
@@ -84,8 +84,8 @@ class BudgetLookup(Protocol):
 
 
 class Enforcer(Protocol):
-    async def restrict(self, caller_key: str, until: datetime) -> bool:
-        """Mark the caller blocked/downgraded until ``until``; True if this call changed it."""
+    async def restrict(self, caller_key: str, since: datetime, until: datetime) -> bool:
+        """Mark the caller blocked/downgraded for the period ``since``..``until``; True if this call changed it."""
         ...
 
     async def lift_expired(self, now: datetime) -> int:
@@ -439,7 +439,7 @@ async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, rows:
             # Enforce only in the current period (by the clock, not the rows' time): a backlog row from
             # yesterday, or the 00:01 run's rows of 23:59, must not block today.
             if run.clock() < period_end(period) and crossed_thresholds(agg.spend, budget.for_period(period), [100]):
-                await _restrict(run, caller.key, period_end(period))
+                await _restrict(run, caller.key, period_start(period), period_end(period))
         elif pk.startswith("team|") and "|by|" not in period:
             team = teams[pk]
             await _check(run, "team", team, period, agg.spend, (await run.budgets.team_budget(team)).for_period(period))
@@ -483,10 +483,10 @@ async def _raise(run: _Run, alert: Alert) -> None:
         log.warning("budget alert raised", extra={"custom_dimensions": alert.as_json()})
 
 
-async def _restrict(run: _Run, caller_key: str, until: datetime) -> None:
+async def _restrict(run: _Run, caller_key: str, since: datetime, until: datetime) -> None:
     if run.enforcer is None or run.settings.enforcement == "none":
         return
-    if await run.enforcer.restrict(caller_key, until):
+    if await run.enforcer.restrict(caller_key, since, until):
         run.report.restricted.append(caller_key)
 
 

@@ -57,17 +57,22 @@ class OverrideEnforcer:
     def __init__(self, store: TableStore, prefix: str, mode: str, alias: str | None, clock: Clock) -> None:
         self._store, self._prefix, self._mode, self._alias, self._clock = store, prefix, mode, alias, clock
 
-    async def restrict(self, caller_key: str, until: datetime) -> bool:
+    async def restrict(self, caller_key: str, since: datetime, until: datetime) -> bool:
+        """Restrict the caller for the period ``since``..``until`` its budget is spent in; False when it is
+        restricted already, or an admin set it active during that period (the admin's call, until it ends)."""
         await self._index(caller_key, until)  # first: a crash after it leaves a harmless entry, never a stuck block
         status = "downgraded" if self._mode == "downgrade" else "blocked"
         for _ in range(CONFLICT_RETRIES):
             current = await overrides.get_override(self._store, self._prefix, caller_key)
             if current is not None and current.status != "active":
                 return False  # already restricted, by us or by an admin
+            if current is not None and _let_through_by_an_admin(current, since):
+                return False
+            now = self._clock().isoformat()
             changed = replace(current or overrides.Override(), status=status,
                               alias=self._alias if status == "downgraded" else None,
                               reason=f"budget spent; until {until.isoformat()}",
-                              updated_at=self._clock().isoformat(), updated_by=self.BY, status_by=self.BY)
+                              updated_at=now, updated_by=self.BY, status_by=self.BY, status_at=now)
             try:
                 await self._write(caller_key, changed)
                 return True
@@ -97,8 +102,9 @@ class OverrideEnforcer:
             current = await overrides.get_override(self._store, self._prefix, caller_key)
             if current is None or current.status == "active" or current.status_by != self.BY:
                 return 0
+            now = self._clock().isoformat()
             lifted = replace(current, status="active", alias=None, reason="budget period ended",
-                             updated_at=self._clock().isoformat(), updated_by=self.BY, status_by=self.BY)
+                             updated_at=now, updated_by=self.BY, status_by=self.BY, status_at=now)
             try:
                 await overrides.put_override(self._store, self._prefix, caller_key, lifted)
                 return 1
@@ -112,3 +118,10 @@ class OverrideEnforcer:
         else:  # no row yet: insert, so a concurrent admin create is not overwritten by an upsert
             entity = Entity("caller", ledger.table_key(caller_key), override.properties())
             await self._store.insert(overrides.overrides_table(self._prefix), entity)
+
+
+def _let_through_by_an_admin(override: overrides.Override, since: datetime) -> bool:
+    """An admin set the caller active while the period was running: enforcement leaves it be until it ends."""
+    if override.status_by in (None, OverrideEnforcer.BY) or not override.status_at:
+        return False
+    return datetime.fromisoformat(override.status_at) >= since

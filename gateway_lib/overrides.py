@@ -41,6 +41,7 @@ class Override:
     etag: str | None = None
     updated_by: str | None = None  # caller key of the admin (or "budget" for enforcement)
     status_by: str | None = None  # who set ``status``: only a status the budget set is lifted by it
+    status_at: str | None = None  # when ``status`` was set: an admin's "active" holds for the periods then running
 
     def __post_init__(self) -> None:
         unknown = set(self.limits) - set(LIMIT_NAMES)
@@ -49,15 +50,19 @@ class Override:
 
     def properties(self) -> dict[str, Any]:
         return {**self.limits, "status": self.status, "alias": self.alias, "reason": self.reason,
-                "updated_at": self.updated_at, "updated_by": self.updated_by, "status_by": self.status_by}
+                # "" rather than None, which Azure does not store: an absent column means a row from before it
+                "updated_at": self.updated_at, "updated_by": self.updated_by, "status_by": self.status_by or "",
+                "status_at": self.status_at or ""}
 
     @classmethod
     def from_entity(cls, entity: Entity) -> Override:
         p = entity.properties
         limits = {n: (Decimal(str(p[n])) if n.startswith("usd") else int(p[n])) for n in LIMIT_NAMES if n in p}
-        # Rows written before status_by existed: whoever wrote last set the status.
+        # Rows written before status_by / status_at existed: whoever wrote last set the status, then.
+        status_by = p["status_by"] if "status_by" in p else p.get("updated_by")
+        status_at = p["status_at"] if "status_at" in p else p.get("updated_at")
         return cls(limits, str(p.get("status", "active")), p.get("alias"), p.get("reason"), p.get("updated_at"),
-                   entity.etag, p.get("updated_by"), p.get("status_by") or p.get("updated_by"))
+                   entity.etag, p.get("updated_by"), status_by or None, status_at or None)
 
 
 def override_key(subject: str, kind: str) -> tuple[str, str]:
@@ -97,7 +102,7 @@ def override_json(subject: str, override: Override | None) -> dict[str, Any]:
     o = override or Override()
     return {"caller": subject, "limits": {k: money_json(v) for k, v in o.limits.items()}, "status": o.status,
             "alias": o.alias, "reason": o.reason, "updated_at": o.updated_at, "updated_by": o.updated_by,
-            "status_by": o.status_by}
+            "status_by": o.status_by, "status_at": o.status_at}
 
 
 def merge_override(current: Override | None, body: Mapping[str, Any], changed_by: str, now: datetime,
@@ -132,8 +137,8 @@ def merge_override(current: Override | None, body: Mapping[str, Any], changed_by
     if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_MAX_CHARS):
         raise InvalidRequest(f"'reason' must be a string of at most {REASON_MAX_CHARS} characters.", param="reason")
     # An admin changing a limit leaves a budget block the budget's to lift; one setting the status owns it.
-    status_by = changed_by if "status" in body else base.status_by
-    return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by, status_by)
+    status_by, status_at = (changed_by, now.isoformat()) if "status" in body else (base.status_by, base.status_at)
+    return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by, status_by, status_at)
 
 
 def _limit_value(name: str, value: Any) -> int | Decimal:

@@ -19,6 +19,11 @@ def month_period(moment: datetime) -> str:
     return f"month|{moment.astimezone(UTC):%Y%m}"
 
 
+def period_start(period: str) -> datetime:
+    unit, stamp = period.split("|", 1)
+    return datetime.strptime(stamp, "%Y%m%d" if unit == "day" else "%Y%m").replace(tzinfo=UTC)
+
+
 def period_end(period: str) -> datetime:
     unit, stamp = period.split("|", 1)
     if unit == "day":

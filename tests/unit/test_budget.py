@@ -947,8 +947,7 @@ def test_a_sink_down_for_days_never_stops_the_rollup_nor_the_other_sinks() -> No
                                                              {**stored.properties, "attempts": 60}), stored.etag or "*")
         await write_cost(store, "gw", "b", clock.now - timedelta(minutes=5), "6")
         clock.advance(minutes=5)
-        rep = await rollup(store, "gw", clock, [healthy, dead])  # must not raise
-        print("DEBUG", rep, [e.row_key for e in await store.query(alerts.alerts_table("gw"), "202603")])
+        await rollup(store, "gw", clock, [healthy, dead])  # must not raise
         assert 50 in [a.threshold for a in healthy.sent if ":b:" in a.subject], "the healthy sink still served"
 
     run(go())
@@ -974,6 +973,48 @@ def test_an_admin_changing_a_limit_leaves_the_budget_block_to_be_lifted_by_the_b
         # A status an admin set is the admin's: the budget does not lift it.
         admin_block = overrides.merge_override(lifted, {"status": "blocked"}, "admin-key", clock.now, aliases=())
         assert admin_block.status_by == "admin-key"
+
+    run(go())
+
+
+def test_an_admin_letting_a_blocked_caller_through_is_not_overruled_until_the_period_ends() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        key = caller_key("a")
+        await set_budget(store, "gw", key, day="5")
+        await write_cost(store, "gw", "a", T0 + timedelta(hours=1), "6")
+        clock, cfg = FakeClock(T0 + timedelta(hours=2)), settings(enforcement="block")
+        assert (await rollup(store, "gw", clock, cfg=cfg)).restricted == [key]
+        blocked = await overrides.get_override(store, "gw", key)
+        let_through = overrides.merge_override(blocked, {"status": "active", "reason": "let them finish"},
+                                               "admin-key", clock.now, aliases=())
+        await overrides.put_override(store, "gw", key, let_through)
+        await write_cost(store, "gw", "a", clock.now + timedelta(minutes=1), "0.10")  # the caller carries on
+        clock.advance(minutes=10)
+        assert (await rollup(store, "gw", clock, cfg=cfg)).restricted == [], "the admin's call, for today"
+        after = await overrides.get_override(store, "gw", key)
+        assert after is not None and (after.status, after.status_by) == ("active", "admin-key")
+        clock.now = T0 + timedelta(days=1, hours=2)  # a new day, a new budget: enforcement applies again
+        await write_cost(store, "gw", "a", T0 + timedelta(days=1, hours=1), "6")
+        assert (await rollup(store, "gw", clock, cfg=cfg)).restricted == [key]
+
+    run(go())
+
+
+def test_an_admin_who_only_changed_a_limit_does_not_hold_off_enforcement() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        await prepare(store, "gw")
+        key = caller_key("a")
+        await set_budget(store, "gw", key, day="5")
+        clock, cfg = FakeClock(T0 + timedelta(hours=2)), settings(enforcement="block")
+        current = await overrides.get_override(store, "gw", key)
+        edited = overrides.merge_override(current, {"limits": {"requests_per_minute": 600}}, "admin-key", clock.now,
+                                          aliases=())
+        await overrides.put_override(store, "gw", key, edited)
+        await write_cost(store, "gw", "a", T0 + timedelta(hours=1), "6")
+        assert (await rollup(store, "gw", clock, cfg=cfg)).restricted == [key]
 
     run(go())
 
