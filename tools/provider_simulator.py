@@ -8,10 +8,11 @@ and ``boto3`` clients talk to it unchanged. Start it with::
 or in-process with ``start_in_thread()``. Tests steer it over HTTP:
 
 * ``POST /_sim/faults`` ``{"target": "gpt-4o-mini" | "<modelId>" | "sts" | "*", "mode": "status" | "slow" |
-  "cut" | "malformed", "status": 429, "retry_after": 2, "delay_ms": 500, "after_chunks": 2, "count": 3,
+  "stall" | "cut" | "malformed", "status": 429, "retry_after": 2, "delay_ms": 500, "after_chunks": 2, "count": 3,
   "provider": "azure_openai" | "bedrock" | "sts", "error_type": "ModelTimeoutException", "message": "..."}``.
   ``status`` with ``after_chunks`` on a stream is a mid-stream error event; ``cut``/``malformed`` on a stream
-  strike after ``after_chunks`` frames (default 1); ``count`` absent = until ``DELETE /_sim/faults``.
+  strike after ``after_chunks`` frames (default 1); ``stall`` pauses a stream there for ``delay_ms`` and then
+  carries on (on a whole answer it is ``slow``); ``count`` absent = until ``DELETE /_sim/faults``.
 * ``GET /_sim/stats`` (per-target counts, last request's redacted headers and body, STS claims),
   ``POST /_sim/reset`` (clear stats), ``GET|POST /_sim/config`` (latency, STS audience and expiry...).
 

@@ -74,8 +74,8 @@ async def handle_chat(request: Request, deployment: str, state: SimState, send: 
     if sim_text.prompt_filtered(_last_user_text(body)):
         await send_json(send, 400, prompt_filtered_body(), _response_headers())
         return
-    fault = await take_fault(state, PROVIDER, deployment)
     stream = bool(body.get("stream"))
+    fault = await take_fault(state, PROVIDER, deployment, stream)
     if fault and (not stream or (fault.mode == "status" and fault.after_chunks is None)):
         await _non_stream_fault(send, fault)
         return

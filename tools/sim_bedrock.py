@@ -61,7 +61,7 @@ async def handle_converse(request: Request, model_id: str, stream: bool, state: 
     except BedrockError as exc:
         await send_error(send, exc)
         return
-    fault = await take_fault(state, PROVIDER, model_id)
+    fault = await take_fault(state, PROVIDER, model_id, stream)
     if fault and (not stream or (fault.mode == "status" and fault.after_chunks is None)):
         await _non_stream_fault(send, fault)
         return

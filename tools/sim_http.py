@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from .sim_state import Fault
+from .sim_state import MAX_DELAY_MS, Fault
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -117,7 +117,9 @@ async def send_stream(send: Send, frames: Sequence[bytes], content_type: str, he
     await send({"type": "http.response.start", "status": 200, "headers": _header_list(content_type, headers)})
     strike_at = _strike_index(fault, len(frames))
     for index, frame in enumerate(frames):
-        if index == strike_at and fault is not None:
+        if index == strike_at and fault is not None and fault.mode == "stall":
+            await asyncio.sleep(min(fault.delay_ms, MAX_DELAY_MS) / 1000)  # goes quiet, then carries on
+        elif index == strike_at and fault is not None:
             await _strike(send, fault, spelled)
             return
         if index and chunk_delay_ms:
@@ -129,7 +131,7 @@ async def send_stream(send: Send, frames: Sequence[bytes], content_type: str, he
 def _strike_index(fault: Fault | None, frame_count: int) -> int | None:
     if fault is None or fault.mode == "slow":
         return None
-    default = 1 if fault.mode in ("cut", "malformed") else 0
+    default = 1 if fault.mode in ("cut", "malformed", "stall") else 0
     after = fault.after_chunks if fault.after_chunks is not None else default
     return min(max(after, 0), frame_count - 1)
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Provider = Literal["azure_openai", "bedrock", "sts"]
-FaultMode = Literal["status", "slow", "cut", "malformed"]
-FAULT_MODES: tuple[str, ...] = ("status", "slow", "cut", "malformed")
+FaultMode = Literal["status", "slow", "stall", "cut", "malformed"]
+FAULT_MODES: tuple[str, ...] = ("status", "slow", "stall", "cut", "malformed")
 MAX_DELAY_MS = 120_000  # bound every injected wait, so no test or benchmark can hang on one
 SECRET_HEADERS = {"api-key", "x-amz-security-token", "cookie", "ocp-apim-subscription-key"}
 
@@ -194,13 +194,15 @@ class SimState:
     stats: Stats = field(default_factory=Stats)
 
 
-async def take_fault(state: SimState, provider: str, target: str) -> Fault | None:
+async def take_fault(state: SimState, provider: str, target: str, stream: bool = False) -> Fault | None:
     """Wait the configured latency, then return the fault that still shapes the answer, if any.
 
-    A ``slow`` fault is served here (its delay) and is not returned.
+    A ``slow`` fault is served here (its delay) and is not returned; so is a ``stall`` on a whole answer (on
+    a stream it is a pause after ``after_chunks`` frames, which the stream serves).
     """
     fault = state.faults.take(provider, target)
-    delay_ms = state.config.latency_ms + (fault.delay_ms if fault and fault.mode == "slow" else 0)
+    waits_here = fault is not None and (fault.mode == "slow" or (fault.mode == "stall" and not stream))
+    delay_ms = state.config.latency_ms + (fault.delay_ms if fault and waits_here else 0)
     if delay_ms:
         await asyncio.sleep(min(delay_ms, MAX_DELAY_MS) / 1000)
-    return None if fault is None or fault.mode == "slow" else fault
+    return None if fault is None or waits_here else fault

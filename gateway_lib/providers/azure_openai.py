@@ -197,12 +197,15 @@ def _event(chunk: dict[str, Any], raw: bytes | None = None) -> StreamEvent | Non
 
 def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
     """Map SDK exceptions onto the one provider error type (the only place that knows them)."""
+    import aiohttp
     import openai
 
     where = " mid-stream" if mid_stream else ""
-    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
+    # Mid-stream reads bypass the SDK's own mapping: its HTTP client's errors arrive, the transport's inside.
+    timed_out = isinstance(exc, openai.APITimeoutError) or (mid_stream and _caused_by(exc, TimeoutError))
+    if timed_out and not _refused(exc):
         return ProviderError(f"Azure OpenAI timed out{where}", provider=NAME, kind="timeout", retryable=True)
-    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too
+    if isinstance(exc, openai.APIConnectionError) or (mid_stream and _caused_by(exc, aiohttp.ClientError)):
         return ProviderError(f"Azure OpenAI connection failed{where}", provider=NAME, kind="connection", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         return _status_error(exc.status_code, exc.response.headers, _upstream_message(exc))
@@ -216,10 +219,14 @@ def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
 def _refused(exc: BaseException) -> bool:
     """A refused or reset connection somewhere under ``exc``: the aiohttp transport reports every
     connection failure as a connect *timeout*, the refusal itself stays in the exception chain."""
+    return _caused_by(exc, ConnectionError)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ConnectionError):
+        if isinstance(cause, kind):
             return True
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__

@@ -130,6 +130,25 @@ def test_timeout_and_refused_connection(base: Any) -> None:
     assert refused.value.kind == "connection" and refused.value.retryable
 
 
+@pytest.mark.parametrize(("fault", "kind"), [
+    ({"mode": "stall", "delay_ms": 3000, "after_chunks": 3}, "timeout"),  # goes quiet past the read timeout
+    ({"mode": "cut", "after_chunks": 3}, "connection"),
+])
+def test_a_stream_failing_mid_way_is_named_for_what_happened(base: Any, fault: dict[str, Any], kind: str) -> None:
+    simulator, settings, target = base
+    simulator.state.faults.add({**fault, "count": 1})
+    provider = AzureOpenAIProvider(replace(settings, upstream_timeout_seconds=1))
+    seen: list[Any] = []
+
+    async def consume() -> None:
+        async for event in provider.stream(_chat(stream=True), target, CTX):
+            seen.append(event)
+
+    with pytest.raises(ProviderError) as failed:
+        _run(provider, consume)
+    assert seen and (failed.value.kind, failed.value.retryable) == (kind, True)
+
+
 def test_a_cut_stream_raises_after_the_first_events(base: Any) -> None:
     simulator, settings, target = base
     simulator.state.faults.add({"mode": "cut", "after_chunks": 3, "count": 1})

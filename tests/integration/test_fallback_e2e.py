@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 UPSTREAM_TIMEOUT_S = 1  # the settings' minimum: a slow primary costs one second, not two minutes
 AZURE_SCENARIOS = ("s500", "s503", "slow", "alldown", "all429", "badreq", "cut", "cutraw", "logs", "cutfirst",
-                   "nodeploy")
-BEDROCK_SCENARIOS = ("brkcut", "brkstart", "brkmal")
+                   "nodeploy", "stall")
+BEDROCK_SCENARIOS = ("brkcut", "brkstart", "brkmal", "brkstall")
 
 
 def _catalogue() -> str:
@@ -200,6 +200,30 @@ def test_stream_cut_ends_with_an_error_event_and_no_done(fb_stack: Stack, fb_tok
     assert set(last["error"]) == {"message", "type", "param", "code"}
     assert any(json.loads(f[6:]).get("choices") for f in frames[:-1])
     assert fsim.count("fb-cutraw-b") == 0
+
+
+@pytest.mark.parametrize("scenario,provider", [("stall", "azure_openai"), ("brkstall", "bedrock")])
+def test_a_stream_that_goes_quiet_mid_way_ends_with_a_timeout_error_event(fb_stack: Stack, fb_token: str, fsim: Sim,
+                                                                           scenario: str, provider: str) -> None:
+    # The upstream stops sending after a few frames and holds the connection open: the gateway must not hold
+    # the caller (and its reservation) for as long as the upstream likes. The read timeout ends it.
+    fsim.fault(mode="stall", delay_ms=6000, after_chunks=3, target=f"fb-{scenario}-a", provider=provider, count=1)
+    started = time.monotonic()
+    with post(fb_stack, fb_token, ask(f"fb-{scenario}", stream=True)) as response:
+        assert response.status_code == 200
+        frames = [f for f in response.text.split("\n\n") if f]
+    elapsed = time.monotonic() - started
+    last = json.loads(frames[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "timeout" and frames[-2] != "data: [DONE]", frames[-2:]
+    assert UPSTREAM_TIMEOUT_S * 0.9 <= elapsed < 4, f"took {elapsed:.2f}s: the read timeout did not end the wait"
+    assert fsim.count(f"fb-{scenario}-b") == 0, "no fallback once bytes were sent"
+
+
+def test_a_pause_shorter_than_the_timeout_is_just_a_slow_stream(fb_stack: Stack, fb_token: str, fsim: Sim) -> None:
+    fsim.fault(mode="stall", delay_ms=400, after_chunks=3, target="fb-stall-a", count=1)
+    with post(fb_stack, fb_token, ask("fb-stall", stream=True)) as response:
+        frames = [f for f in response.text.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]"
 
 
 def test_stream_failing_before_its_first_event_falls_back(fsim: Sim, sdk: openai.OpenAI) -> None:
