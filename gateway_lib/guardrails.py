@@ -95,10 +95,13 @@ def check_message_count(messages: Sequence[Message], limits: LimitSettings) -> N
 
 
 def check_prompt_size(request: ChatRequest, limits: LimitSettings) -> int:
-    """Characters of prompt text (messages, tool calls, tool definitions); 400 past the cap."""
+    """Characters of prompt text (messages, tool calls, tool definitions, a structured response format);
+    400 past the cap."""
     chars = sum(len(text) for _, text in _texts(request.messages))
     if request.tools:
         chars += len(json.dumps(request.tools, separators=(",", ":"), ensure_ascii=False))
+    if request.response_format:
+        chars += len(json.dumps(request.response_format, separators=(",", ":"), ensure_ascii=False))
     if chars > limits.max_prompt_chars:
         raise InvalidRequest(
             f"The prompt is {chars} characters; this gateway accepts at most {limits.max_prompt_chars}.",
@@ -169,7 +172,8 @@ def _context_error(targets: Sequence[Target], prompt_tokens: Mapping[str, int], 
 
 def _estimates(request: ChatRequest, targets: Sequence[Target]) -> dict[str, int]:
     """Prompt tokens per tokenizer (at most three distinct ones per route)."""
-    return {name: tokens.count_chat_prompt(request.messages, name, tools=request.tools)
+    return {name: tokens.count_chat_prompt(request.messages, name, tools=request.tools,
+                                           response_format=request.response_format)
             for name in {t.tokenizer for t in targets}}
 
 

@@ -87,6 +87,16 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 
+# An image costs what its pixels cost, which the gateway does not decode. So each image is counted at the
+# most either provider charges for one: OpenAI's high detail tops out at 85 + 170 x 8 tiles = 1,445 tokens;
+# Anthropic resizes past ~1.15 megapixels, about 1,600 tokens (width x height / 750). "detail": "low" is
+# OpenAI's flat 85. An over-estimate only makes admission stricter; billing uses the provider's usage.
+IMAGE_TOKENS = 1_600
+IMAGE_TOKENS_LOW_DETAIL = 85
+# A response_format goes into the prompt (Azure renders it; the Bedrock adapter writes it into the system
+# prompt with an instruction of ~20 tokens): its compact JSON plus this allowance.
+RESPONSE_FORMAT_OVERHEAD = 32
+
 # Model name prefixes, most specific first (gpt-4o and gpt-4.1 before gpt-4).
 _MODEL_TOKENIZERS: tuple[tuple[str, str], ...] = (
     ("gpt-4o", "o200k_base"), ("gpt-4.1", "o200k_base"), ("gpt-4.5", "o200k_base"), ("gpt-5", "o200k_base"),
@@ -139,22 +149,40 @@ def count_text(text: str, tokenizer: str) -> int:
 
 
 def count_chat_prompt(messages: Sequence[Message], tokenizer: str,
-                      tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+                      tools: Sequence[Mapping[str, Any]] | None = None,
+                      response_format: Mapping[str, Any] | None = None) -> int:
     """Prompt tokens of a chat request, with OpenAI's per-message overhead.
 
-    Tool definitions and tool calls are counted as their compact JSON text: an estimate,
-    since providers render them into the prompt in undocumented formats.
+    Tool definitions, tool calls and a structured ``response_format`` are counted as their compact JSON
+    text: an estimate, since providers render them into the prompt in undocumented formats. Images are
+    counted at their worst case (``IMAGE_TOKENS``).
     """
     base = "cl100k_base" if tokenizer == "claude" else tokenizer
     enc = encoding(base)
     total = REPLY_PRIMING
+    images = 0
     for message in messages:
         total += TOKENS_PER_MESSAGE + sum(len(enc.encode_ordinary(part)) for part in _message_parts(message))
         if message.name:
             total += TOKENS_PER_NAME
+        images += _image_tokens(message, tokenizer)
     if tools:
         total += len(enc.encode_ordinary(_compact_json(list(tools))))
-    return _claude_estimate(total) if tokenizer == "claude" else total
+    if response_format and response_format.get("type") not in (None, "text"):
+        total += RESPONSE_FORMAT_OVERHEAD + len(enc.encode_ordinary(_compact_json(dict(response_format))))
+    return (_claude_estimate(total) if tokenizer == "claude" else total) + images
+
+
+def _image_tokens(message: Message, tokenizer: str) -> int:
+    if not isinstance(message.content, list):
+        return 0
+    total = 0
+    for part in message.content:
+        if part.get("type") == "image_url":
+            image = part.get("image_url")
+            low = isinstance(image, dict) and image.get("detail") == "low" and tokenizer != "claude"
+            total += IMAGE_TOKENS_LOW_DETAIL if low else IMAGE_TOKENS
+    return total
 
 
 def _message_parts(message: Message) -> list[str]:

@@ -147,10 +147,12 @@ def _content_blocks(content: str | list[dict[str, Any]] | None, index: int) -> l
 
 
 def _image_block(image_url: Any, index: int) -> Block:
-    url = image_url.get("url", "") if isinstance(image_url, dict) else str(image_url or "")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    param = f"messages[{index}].content"
+    if not isinstance(url, str):
+        raise InvalidRequest("An image part needs 'image_url.url', a string.", code="invalid_value", param=param)
     header, _, data = url.partition(",")
     mime = header.removeprefix("data:").removesuffix(";base64")
-    param = f"messages[{index}].content"
     if not header.startswith("data:") or not header.endswith(";base64") or mime not in _IMAGE_FORMATS:
         raise InvalidRequest("Images must be base64 data URLs (png, jpeg, gif or webp) for this model.",
                              code="unsupported_content", param=param)
@@ -171,7 +173,7 @@ def _tool_result(message: Message, index: int) -> Block:
 def _tool_arguments(arguments: str, index: int) -> dict[str, Any]:
     try:
         value = strict_json.loads(arguments or "{}")
-    except (json.JSONDecodeError, InvalidRequest):
+    except (ValueError, RecursionError, InvalidRequest):  # bad JSON, a 4,300-digit number, 10,000 nested "["
         value = None
     if not isinstance(value, dict):
         raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string.",

@@ -125,6 +125,13 @@ def test_remote_image_urls_are_rejected_with_400() -> None:
     assert info.value.status == 400 and info.value.param == "messages[0].content"
 
 
+@pytest.mark.parametrize("image_url", [{"url": None}, {"url": 5}, {"url": {"href": "x"}}, None])
+def test_an_image_part_without_a_string_url_is_a_400(image_url: Any) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        build(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image_url}]}])
+    assert info.value.status == 400 and info.value.param == "messages[0].content"
+
+
 def test_data_url_images_become_image_blocks() -> None:
     data = base64.b64encode(b"\x89PNG").decode()
     kwargs = build(messages=[{"role": "user", "content": [
@@ -177,7 +184,8 @@ def test_shapes_the_schema_lets_through_are_a_400_not_a_crash(extra: dict[str, A
     assert refused.value.param == param
 
 
-@pytest.mark.parametrize("arguments", ["not json", "[1]", '{"x": NaN}', '{"x": 1e999}', '{"x": "\\ud800"}'])
+@pytest.mark.parametrize("arguments", ["not json", "[1]", '{"x": NaN}', '{"x": 1e999}', '{"x": "\\ud800"}',
+                                       '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"x": ' + "9" * 5000 + "}"])
 def test_invalid_tool_call_arguments_are_a_400(arguments: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
         build(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [

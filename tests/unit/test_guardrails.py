@@ -62,6 +62,17 @@ def test_prompt_size_counts_text_tool_calls_and_tools() -> None:
     assert guardrails.check_prompt_size(request, LIMITS) == 3 + 2 + len('[{"type":"function","function":{"name":"f"}}]')
 
 
+@pytest.mark.parametrize(("properties", "code"), [(250, "context_length_exceeded"), (420, "prompt_too_large")])
+def test_a_response_format_schema_counts_towards_the_prompt_cap_and_estimate(properties: int, code: str) -> None:
+    # The provider gets the schema as prompt (the Bedrock adapter writes it into the system prompt).
+    schema = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(properties)}}
+    request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                          "response_format": {"type": "json_schema",
+                                                              "json_schema": {"name": "a", "schema": schema}}})
+    error = raised(guardrails.screen, request, TIER, [GPT], LIMITS)  # GPT's window here: 1,000 tokens
+    assert (error.status, error.code) == (400, code)
+
+
 def test_prompt_over_the_character_cap_is_rejected() -> None:
     error = raised(guardrails.screen, chat("x" * 10_001), TIER, [GPT], LIMITS)
     assert (error.status, error.code, error.param) == (400, "prompt_too_large", "messages")

@@ -115,10 +115,27 @@ def test_chat_prompt_counts_tools_and_tool_calls() -> None:
     assert tokens.count_chat_prompt([*plain, call], "o200k_base") > base + tokens.TOKENS_PER_MESSAGE
 
 
-def test_multimodal_text_parts_are_counted() -> None:
-    parts = Message.model_validate({"role": "user", "content": [
-        {"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": {"url": "https://x"}}]})
-    assert tokens.count_chat_prompt([parts], "cl100k_base") == 3 + 1 + 2 + 3  # overhead + "user" + text + priming
+def test_multimodal_parts_count_their_text_and_each_image_at_its_worst_case() -> None:
+    def message(detail: str | None) -> Message:
+        image = {"url": "https://x"} | ({"detail": detail} if detail else {})
+        return Message.model_validate({"role": "user", "content": [
+            {"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": image}]})
+
+    text_only = 3 + 1 + 2 + 3  # overhead + "user" + text + priming
+    assert tokens.count_chat_prompt([message(None)], "cl100k_base") == text_only + tokens.IMAGE_TOKENS
+    assert tokens.count_chat_prompt([message("low")], "o200k_base") == text_only + tokens.IMAGE_TOKENS_LOW_DETAIL
+    # Claude has no low-detail mode: every image is priced by its pixels, so the worst case stands.
+    assert tokens.count_chat_prompt([message("low")], "claude") >= tokens.IMAGE_TOKENS
+
+
+def test_a_structured_response_format_counts_as_prompt() -> None:
+    plain = [Message.model_validate({"role": "user", "content": "hi"})]
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    base = tokens.count_chat_prompt(plain, "o200k_base")
+    assert tokens.count_chat_prompt(plain, "o200k_base", response_format={"type": "text"}) == base
+    with_schema = tokens.count_chat_prompt(plain, "o200k_base", response_format=response_format)
+    assert with_schema >= base + 200 * 3, "every property of the schema the provider is sent"
 
 
 @pytest.mark.parametrize(("model", "tokenizer"), [
