@@ -29,9 +29,10 @@ from .tiers import TierPolicy
 
 MAX_AUTHORIZATION_BYTES = 16 * 1024  # Entra tokens are 1-4 KiB; group overage keeps them well below this
 # `code` is not listed: it is how the Functions host takes a function key (?code=...). A JWT-shaped
-# value is still refused in any parameter, `code` included (_JWT_SHAPE below).
+# value is still refused in any parameter, `code` included, and so is a JWT anywhere in a name or value
+# (`?Bearer%20eyJ...`, a bare `?eyJ...`): _JWT_INSIDE below.
 _TOKEN_QUERY_PARAMS = frozenset({"access_token", "token", "id_token", "jwt", "bearer", "authorization"})
-_JWT_SHAPE = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$")
+_JWT_INSIDE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.")  # a JWT anywhere: "Bearer eyJ...", a bare key
 _JWS_COMPACT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # empty signature: alg none
 _GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _REQUIRED_CLAIMS = ["exp", "nbf", "iat", "iss", "aud", "tid"]
@@ -180,7 +181,7 @@ def _reject_token_in_query(query: Mapping[str, str]) -> None:
     # Starlette's QueryParams.items() keeps only the last value of a repeated name; multi_items() has all.
     multi_items = getattr(query, "multi_items", None)
     for name, value in multi_items() if callable(multi_items) else query.items():
-        if name.lower() in _TOKEN_QUERY_PARAMS or _JWT_SHAPE.match(value or ""):
+        if name.lower() in _TOKEN_QUERY_PARAMS or _JWT_INSIDE.search(name) or _JWT_INSIDE.search(value or ""):
             raise AuthenticationFailed(
                 "tokens are accepted only in the Authorization header (Bearer); remove the token from the query string"
             )

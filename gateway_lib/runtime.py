@@ -136,6 +136,10 @@ def get_runtime() -> Runtime:
             log.error("gateway configuration is invalid", extra={"problems": exc.problems})
             raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
                                      code="configuration_error") from None
+        except Exception as exc:  # a setting the validation did not foresee: still a configuration error
+            log.exception("gateway settings could not be read", extra={"error": type(exc).__name__})
+            raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
+                                     code="configuration_error") from None
         rt = build_runtime(settings)
         rt.loop = loop
         _runtime = rt
@@ -151,6 +155,8 @@ def try_runtime() -> tuple[Runtime | None, list[str]]:
             get_settings()
         except ConfigError as exc:
             return None, exc.problems
+        except Exception:
+            return None, ["settings: unreadable (see the function's log)"]
         return None, ["runtime could not be built"]
 
 

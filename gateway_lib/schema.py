@@ -155,6 +155,10 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
     param = _param(first["loc"]) or None
+    if first["type"] in ("extra_forbidden", "missing"):
+        # The last part is the field's own name, as the caller spelled it ("Temperature" is no union tag).
+        loc = first["loc"]
+        param = ".".join(p for p in (_param(loc[:-1]), str(loc[-1])) if p) if loc else None
     if first["type"] == "extra_forbidden":
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", code="unknown_parameter", param=param)
     if first["type"] == "missing":

@@ -10,6 +10,7 @@ holds the three together).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -268,7 +269,7 @@ def _budget(env: _Env) -> BudgetSettings:
     thresholds: list[str] = env.csv("BUDGET_ALERT_THRESHOLDS") or ["50", "80", "100"]
     parsed: list[int] = []
     for item in thresholds:
-        if item.isdigit() and 0 < int(item) <= 1000:
+        if item.isascii() and item.isdigit() and 0 < int(item) <= 1000:
             parsed.append(int(item))
         else:
             env.problems.append(f"BUDGET_ALERT_THRESHOLDS: '{item}' must be a whole percent between 1 and 1000")
@@ -373,7 +374,11 @@ class _Env:
     def url(self, name: str) -> str | None:
         value = self.text(name)
         if value is not None:
-            parsed = urlparse(value)
+            try:
+                parsed = urlparse(value)
+                parsed.port  # noqa: B018  # raises on a port that is not a number in 0..65535
+            except ValueError:  # e.g. "https://[host/": an unclosed IPv6 bracket
+                parsed = urlparse("")
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
                 # The value is not quoted: a webhook URL carries its secret in the path.
                 self.problems.append(f"{name}: not an http(s) URL (scheme://host/...)")
@@ -381,7 +386,8 @@ class _Env:
         return value
 
     def _bounded(self, name: str, value: Any, lo: Any, hi: Any, default: Any) -> Any:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        # NaN compares false with everything: without the isfinite check it passes any bounds.
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
             return default
         return value

@@ -15,15 +15,18 @@ from typing import Any
 from .errors import InvalidRequest
 
 _ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate escape, paired or not
-_ESCAPE_BYTES = re.compile(_ESCAPE.pattern.encode())
 
 
 def loads(text: str | bytes | bytearray) -> Any:
     """Parse ``text``; raises ``json.JSONDecodeError``/``UnicodeDecodeError`` for what is not JSON at all and
-    ``InvalidRequest`` (400 ``invalid_json``) for what Python takes but JSON does not."""
+    ``InvalidRequest`` (400 ``invalid_json``) for what Python takes but JSON does not.
+
+    Bytes must be UTF-8 (RFC 8259 8.1; a BOM is ignored): Python would also take UTF-16 and UTF-32, where
+    the escape check below, a search of the text, would not see a surrogate escape for the NULs in it."""
+    if not isinstance(text, str):
+        text = bytes(text).decode("utf-8-sig")
     value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-    escaped = _ESCAPE.search(text) if isinstance(text, str) else _ESCAPE_BYTES.search(text)
-    if escaped:  # rare: only then walk the document
+    if _ESCAPE.search(text):  # rare: only then walk the document
         _no_lone_surrogates(value)
     return value
 

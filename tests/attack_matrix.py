@@ -104,6 +104,9 @@ def _placement(issuer: DevIssuer) -> list[AttackCase]:
         AttackCase("token_in_query_code", {}, {"code": token}),
         AttackCase("token_in_query_with_valid_header", bearer(token), {"token": token}),
         AttackCase("jwt_shaped_query_value", {}, {"q": token}),
+        # With a valid header: the URL (and every log that keeps it) must still not carry the token.
+        AttackCase("token_as_a_bare_query_key", bearer(token), {token: ""}),
+        AttackCase("bearer_token_in_a_query_value", bearer(token), {"x": f"Bearer {token}"}),
     ]
 
 

@@ -152,11 +152,17 @@ def build_app(function_app: Any, prefix: str | None = None, functions: list[Any]
     prefix = route_prefix() if prefix is None else prefix
     base = f"/{prefix}" if prefix else ""
     functions = indexed(function_app) if functions is None else functions
-    routes = [Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name)
+    routes = [_exactly(Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name), methods)
               for name, route, methods, fn in http_functions(functions)]
     routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed},
                      middleware=[Middleware(_TrailingSlashOptional)], lifespan=_lifespan)
+
+
+def _exactly(route: Route, methods: Any) -> Route:
+    """Starlette adds HEAD to every GET route; the Functions host serves only the methods a function declares."""
+    route.methods = {m.upper() for m in methods}
+    return route
 
 
 @contextlib.asynccontextmanager

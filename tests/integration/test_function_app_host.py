@@ -63,7 +63,7 @@ def test_local_host_serves_the_same_routes_as_the_index(functions: dict[str, Any
     import function_app
 
     app = local_host.build_app(function_app.app, functions=list(functions.values()))  # routePrefix from host.json
-    served = {(r.path, frozenset(r.methods or ()) - {"HEAD"}) for r in app.routes if not r.path.startswith("/admin/f")}
+    served = {(r.path, frozenset(r.methods or ())) for r in app.routes if not r.path.startswith("/admin/f")}
     indexed = {(f"/{route}", frozenset(methods)) for route, methods, _ in EXPECTED_HTTP.values()}
     assert served == indexed
     assert all(path.startswith("/api/") for path, _ in served)

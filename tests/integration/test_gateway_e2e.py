@@ -153,6 +153,14 @@ BAD_INPUT = [
      b'"content": "x"}]}', "application/json", 400, "invalid_json", None),
     ("lone surrogate", b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
      "application/json", 400, "invalid_json", None),
+    # JSON between systems is UTF-8 (RFC 8259 8.1); in UTF-16 the surrogate check above would see NULs instead.
+    ("UTF-16 body", '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}'.encode(
+        "utf-16"), "application/json", 400, "invalid_json", None),
+    # An unknown field is named as the caller spelled it (a capital is no union tag of pydantic's):
+    ("unknown capitalised field", json.dumps(hello(Temperature=1)), "application/json", 400, "unknown_parameter",
+     "Temperature"),
+    ("unknown nested field", json.dumps(hello(stream=True, stream_options={"Include": True})), "application/json",
+     400, "unknown_parameter", "stream_options.Include"),
 ]
 
 
@@ -177,6 +185,8 @@ def test_the_local_host_routes_like_the_functions_host(base_url: str, token: str
     assert wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    head = requests.head(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert head.status_code == 405, "a GET function is not served HEAD by the Functions host either"
     slash = requests.post(f"{base_url}/v1/chat/completions/", json=hello(), timeout=30, allow_redirects=False,
                           headers={"Authorization": f"Bearer {token}"})
     assert slash.status_code == 200, "ASP.NET Core routing takes a trailing slash as the same route"

@@ -27,7 +27,7 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 NO_KEY_LOOKUP = {"missing_header", "wrong_scheme", "empty_bearer", "garbage", "two_segments", "garbage_segments",
                  "oversized_header", "alg_none", "hs256_signed_with_public_key", "unconfigured_alg_rs512",
                  "token_in_query_access_token", "token_in_query_code", "token_in_query_with_valid_header",
-                 "jwt_shaped_query_value"}
+                 "jwt_shaped_query_value", "token_as_a_bare_query_key", "bearer_token_in_a_query_value"}
 
 
 class Keys:

@@ -1,0 +1,45 @@
+"""Settings validation: every bad value is a configuration problem naming its setting, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway_lib import api, runtime
+from gateway_lib.settings import ConfigError, Settings
+
+BASE = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
+        "GATEWAY_STORAGE_MODE": "memory", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
+        "AZURE_OPENAI_AUTH": "api_key", "AZURE_OPENAI_API_KEY": "k"}
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", "nan"),  # NaN passes every bound: each call then timed out at once
+    ("GATEWAY_CONNECT_TIMEOUT_SECONDS", "inf"),
+    ("AUTH_JWKS_URL", "http://[::1/keys"),  # urlparse raises on the unclosed bracket
+    ("AUTH_JWKS_URL", "http://127.0.0.1:99999/keys"),
+    ("ALERT_WEBHOOK_URL", "https://[hooks.example/secret-path"),
+    ("BUDGET_ALERT_THRESHOLDS", "50,\u00b2"),  # "²".isdigit() is true; int("²") raises
+])
+def test_a_bad_value_is_a_configuration_problem_naming_its_setting(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(BASE | {name: value})
+    assert any(problem.startswith(name) for problem in raised.value.problems), raised.value.problems
+    if "secret" in value:
+        assert not any("secret" in problem for problem in raised.value.problems), "a webhook URL is a secret"
+
+
+def test_settings_that_cannot_be_read_at_all_make_health_a_503_naming_no_values(monkeypatch: Any) -> None:
+    def unreadable() -> Settings:
+        raise ValueError("something validation did not foresee")
+
+    monkeypatch.setattr(runtime, "get_settings", unreadable)
+    monkeypatch.setattr(runtime, "_runtime", None)
+    from starlette.requests import Request
+
+    request = Request({"type": "http", "method": "GET", "path": "/api/health", "query_string": b"", "headers": []})
+    response = asyncio.run(api.health(request))
+    assert response.status_code == 503
+    assert b"foresee" not in response.body and b"configuration" in response.body
