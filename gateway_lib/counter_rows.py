@@ -76,15 +76,25 @@ class Doubt:
     gives_back: Release | None
 
     def surely_missed(self, history: list[str]) -> bool:
-        """Whether the write surely did not land, judged by the row's marker history (newest first, the oldest
-        dropped past ``WRITERS_KEPT``). A conditional write lands right after the row it read, so had it landed,
-        its marker would sit in front of ``latest``: while ``latest`` is still listed, so would be ours. With
-        nothing ever dropped from the history, its absence is proof too."""
-        if self.marker in history:
-            return False
-        if self.latest is not None:
-            return self.latest in history
-        return len([m for m in history if m]) < WRITERS_KEPT
+        return surely_missed(self.marker, self.latest, history)
+
+
+def surely_missed(marker: str, latest: str | None, history: list[str]) -> bool:
+    """Whether the write stamped ``marker`` surely did not land, judged by the row's marker history (newest
+    first, the oldest dropped past ``WRITERS_KEPT``). A conditional write lands right after the row it read
+    (whose newest marker was ``latest``), so had it landed, its marker would sit in front of ``latest``: while
+    ``latest`` is still listed, so would be ours. With nothing ever dropped from the history, its absence is
+    proof too."""
+    if marker in history:
+        return False
+    if latest is not None:
+        return latest in history
+    return len([m for m in history if m]) < WRITERS_KEPT
+
+
+class WriteInDoubt(StorageError):
+    """A write that only gives room back, whose reply was lost and whose marker later writes have pushed out
+    of the row's history: whether it landed cannot be told, so it is not applied again (see ``until_written``)."""
 
 
 class CounterRows:
@@ -184,17 +194,24 @@ class CounterRows:
                     raise PreconditionFailed(str(exc)) from exc
                 raise
 
-    async def until_written(self, counted: Counted, pk: str, write: Write, what: str) -> None:
+    async def until_written(self, counted: Counted, pk: str, write: Write, what: str,
+                            gives_back_only: bool = False) -> None:
         """Apply ``write`` to a counters row until it lands, under the row lock.
 
         Bounded by time, not tries: giving up loses the request's cost row and leaves its reservation
-        behind, while the loser of a race only has to re-read and go again.
+        behind, while the loser of a race only has to re-read and go again. After a lost reply, a write whose
+        marker is not on the row is applied again, unless it only gives room back (a lease's return, an undo)
+        and the row's history no longer proves it missed: giving room back twice could let a limit be passed,
+        while room not given back only waits for its epoch to end. That raises ``WriteInDoubt``. (A commit of
+        cost rows that had landed is refused on them, ``AlreadySettled``; a team's settlement applied twice
+        over-counts its day and under-counts its room in flight: a documented limit, the rollup sums the rows.)
         """
         async with self.lock(pk):
             entity = self.known(pk)
             started = self._monotonic()
             deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
             doubt: str | None = None  # marker of a write whose reply was lost
+            latest: str | None = None  # the newest marker of the row that write replaced
             while True:
                 try:
                     if entity is None:
@@ -202,6 +219,9 @@ class CounterRows:
                         if doubt is not None and doubt in writers(entity):
                             self.remember(pk, entity)  # it had landed: applying it again would count twice
                             return
+                        if doubt is not None and gives_back_only and not surely_missed(doubt, latest, writers(entity)):
+                            raise WriteInDoubt(f"{what} of {counted.request_id}: its reply was lost and more "
+                                               "writes since leave its outcome unknown")
                     self.remember(pk, await write(entity, pk))
                     return
                 except AlreadySettled:
@@ -215,7 +235,9 @@ class CounterRows:
                     # A blip (a storage node failing over, a connection reset) must not cost the cost row.
                     # A write whose reply was lost may have committed: re-read, and its marker on the row
                     # (or, for a settle, the cost row's key) says so.
-                    doubt = self._markers.pop(pk, None) or doubt
+                    lost = self._markers.pop(pk, None)
+                    if lost is not None:
+                        doubt, latest = lost, next(iter(writers(entity)), "") or None
                     if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
                         raise
                     self.remember(pk, None)

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Coroutine
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -152,6 +153,7 @@ class LeasedAdmission(Admission):
         self._flush_interval = flush_interval
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # renewals, early flushes: the loop keeps only weak references
+        self._closing = asyncio.Event()
         self._grant_seconds = 0.0  # how long the last lease took to write, waiting for the row included
 
     # -- admission --
@@ -249,12 +251,17 @@ class LeasedAdmission(Admission):
 
         def plan(counters: Counters, now: datetime) -> tuple[Counters, Release]:
             counters = old.release(counters) if old is not None else counters
+            if rate_of is not None and counters.minute != res.minute:
+                raise _MinuteGone()  # a successor of the last minute's lease: no request could take from it
             size = _fitting_size(counters, limits, res, who, wanted, now)
-            return counters, Release(res.minute, res.epoch, size, size * res.tokens, size * res.usd)
+            # Stamped with the minute the row counts it in, which is the request's only if the minute did not
+            # turn while the grant waited for the row: room stamped with the old minute would stay counted in
+            # the new one after it is given back (``Counters.released`` only lowers the minute it names).
+            return counters, Release(counters.minute, res.epoch, size, size * res.tokens, size * res.usd)
 
         admitted, block, _ = await self._reserve_on_row(pk, res, who, plan, gives_back)
         clock = self._monotonic()
-        return Lease(res.minute, res.epoch, block.requests, block.tokens, block.usd, block.requests, clock, clock,
+        return Lease(block.minute, res.epoch, block.requests, block.tokens, block.usd, block.requests, clock, clock,
                      block.apply(admitted))
 
     def _lease_size(self, old: Lease | None) -> int:
@@ -266,13 +273,14 @@ class LeasedAdmission(Admission):
         horizon = min(LEASE_HORIZON_MAX_SECONDS, max(LEASE_HORIZON_SECONDS, LEASE_RUNWAY_GRANTS * self._grant_seconds))
         return max(1, min(LEASE_MAX_REQUESTS, math.ceil(used / lasted * horizon)))
 
-    async def _undo(self, res: Reservation) -> None:
-        """The team refused after the caller was admitted: the request's room goes back to the caller's lease."""
-        lease = self._leases.get(table_key(res.caller_key))
+    async def _undo(self, res: Reservation, pk: str | None = None) -> None:
+        """A reservation not used after all (the team refused, the caller left): its room goes back to the
+        row's lease it came from."""
+        lease = self._leases.get(pk or table_key(res.caller_key))
         if lease is not None and lease.minute == res.minute and lease.epoch == res.epoch:
             lease.give_back(res)
             return
-        await super()._undo(res)
+        await super()._undo(res, pk)
 
     # -- settlement, written behind --
 
@@ -299,7 +307,10 @@ class LeasedAdmission(Admission):
     async def aclose(self) -> None:
         """Stop the flusher, commit every journal and give every lease back (graceful shutdown)."""
         if self._flusher is not None:
-            self._flusher.cancel()
+            # Stopped between ticks, not cancelled: a write cancelled in flight loses the knowledge of whether it
+            # landed (a team commit applied twice by the flush below, a lease return's room never given back).
+            self._closing.set()
+            await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         if self._tasks:  # a renewal in flight may still be writing its lease: let it land first
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -399,8 +410,11 @@ class LeasedAdmission(Admission):
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="usage-journal")
 
     async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_interval)  # real time, whatever clock the tests inject
+        while not self._closing.is_set():
+            with suppress(TimeoutError):  # real time, whatever clock the tests inject
+                await asyncio.wait_for(self._closing.wait(), self._flush_interval)
+            if self._closing.is_set():
+                return  # aclose commits what is left
             try:
                 await self.flush()
                 await self._return_leases(idle_for=LEASE_IDLE_SECONDS)
@@ -425,7 +439,7 @@ class LeasedAdmission(Admission):
             return await self._rows.write(entity, released.to_entity(pk), probe)
 
         try:
-            await self._rows.until_written(probe, pk, write, "lease return")
+            await self._rows.until_written(probe, pk, write, "lease return", gives_back_only=True)
         except StorageError:  # the remainder drops out with its reservation epoch instead
             log.warning("lease remainder not returned", extra={"partition": pk})
 
@@ -434,6 +448,13 @@ class LeasedAdmission(Admission):
         if journal is None:
             journal = self._journals[pk] = _Journal(team)
         return journal
+
+
+class _MinuteGone(GatewayError):
+    """A renewal planned after the row's minute turned: its successor would fit no request of the new minute."""
+
+    def __init__(self) -> None:
+        super().__init__("the minute turned before the lease was renewed")
 
 
 class _Refused(Exception):

@@ -133,6 +133,7 @@ class Admission:
         self._overrides: dict[tuple[str, str], tuple[float, Override | None]] = {}
         self._rows = CounterRows(store, self._table, clock=clock, monotonic=monotonic, sleep=sleep,
                                  rng=rng or random.Random())
+        self._detached: set[asyncio.Future[Any]] = set()  # give-backs of abandoned reservations, kept from the GC
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
 
@@ -148,7 +149,36 @@ class Admission:
         return override.alias if override and override.status == "downgraded" and override.alias else alias
 
     async def reserve(self, caller: Caller, *, tokens: int, usd: Decimal, request_id: str) -> Reservation:
-        """Admit the request's worst case or raise RateLimited / QuotaExceeded / ServiceUnavailable."""
+        """Admit the request's worst case or raise RateLimited / QuotaExceeded / ServiceUnavailable.
+
+        A request cancelled meanwhile (its caller hung up) does not cancel the write: a write cut off in flight
+        leaves its outcome unknown (a lease grant has taken the old lease out of reach by then). It ends, and
+        the room it reserved is given back."""
+        task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._give_back_abandoned)
+            raise
+
+    def _give_back_abandoned(self, task: asyncio.Future[Reservation]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # refused or failed: nothing was reserved
+        work = asyncio.ensure_future(self._abandon(task.result()))
+        self._detached.add(work)
+        work.add_done_callback(self._detached.discard)
+
+    async def _abandon(self, res: Reservation) -> None:
+        if not res.accounted:
+            return  # admitted fail-open: nothing on the counters
+        try:
+            await self._undo(res)
+            if res.team:
+                await self._undo(res, team_partition(res.team))
+        except StorageError:  # the room drops out with its reservation epoch instead
+            log.warning("abandoned reservation left to expire", extra={"request_id": res.request_id})
+
+    async def _reserve(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation:
         now = self._clock()
         res = Reservation(caller.key, request_id, caller.tier.name, caller.team, tokens, usd, minute_key(now),
                           epoch_of(now))
@@ -300,12 +330,16 @@ class Admission:
         override = await self._cached_override(team, "team", res)
         try:
             await self._admit(team_partition(team), Limits.of(None, override), res, f"team {team}")
-        except GatewayError:
-            await self._undo(res)  # the caller's reservation must not outlive the team's refusal
+        except (GatewayError, StorageError):  # refused, or the team's row out of reach (a 503 or fail-open)
+            try:
+                await self._undo(res)  # the caller's reservation must not outlive the team's refusal
+            except StorageError:  # the room drops out with its reservation epoch instead
+                log.warning("caller reservation left to expire", extra={"request_id": res.request_id})
             raise
 
-    async def _undo(self, res: Reservation) -> None:
-        """Take the caller's reservation back out (a zero-usage settle without a cost row)."""
+    async def _undo(self, res: Reservation, pk: str | None = None) -> None:
+        """Take the reservation back out of the caller's row (or ``pk``, its team's): a zero-usage settle
+        without a cost row."""
 
         async def write(entity: Entity | None, pk: str) -> Entity:
             undone = Counters.from_entity(entity).rolled(self._clock()).settle(res, 0, ZERO)
@@ -313,7 +347,7 @@ class Admission:
                 undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             return await self._rows.write(entity, undone.to_entity(pk), res)
 
-        await self._rows.until_written(res, table_key(res.caller_key), write, "undo")
+        await self._rows.until_written(res, pk or table_key(res.caller_key), write, "undo", gives_back_only=True)
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
