@@ -16,6 +16,7 @@ from typing import Any
 
 PROVIDERS = ("azure_openai", "bedrock")
 TOKENIZERS = ("o200k_base", "cl100k_base", "claude")
+MAX_PRICE_PER_1K = Decimal(1000)  # USD: far above any model's, and small enough for exact cost arithmetic
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,10 @@ def parse_catalogue(raw: str, problems: list[str]) -> Catalogue | None:
     targets = {tid: t for tid, spec in _obj(doc, "targets", problems).items() if (t := _target(tid, spec, problems))}
     aliases: dict[str, ModelAlias] = {}
     for name, spec in _obj(doc, "aliases", problems).items():
-        ids = tuple(spec.get("targets", ())) if isinstance(spec, dict) else ()
+        listed = spec.get("targets") if isinstance(spec, dict) else None
+        ids = tuple(listed) if isinstance(listed, list) and all(isinstance(t, str) for t in listed) else ()
         if not ids:
-            problems.append(f"GATEWAY_MODELS: alias '{name}' needs a non-empty 'targets' list")
+            problems.append(f"GATEWAY_MODELS: alias '{name}' needs a non-empty 'targets' list of target ids")
         for tid in ids:
             if tid not in targets:
                 problems.append(f"GATEWAY_MODELS: alias '{name}' names unknown target '{tid}'")
@@ -132,11 +134,12 @@ def _target(tid: str, spec: Any, problems: list[str]) -> Target | None:
 def _decimal(value: Any, where: str, problems: list[str]) -> Decimal:
     try:
         result = Decimal(str(value))
-        if result.is_finite() and result >= 0:
+        if result.is_finite() and 0 <= result <= MAX_PRICE_PER_1K:
             return result
     except (InvalidOperation, ValueError):
         pass
-    problems.append(f"{where} must be a non-negative decimal string (e.g. \"0.00015\")")
+    problems.append(f"{where} must be a decimal string from 0 to {MAX_PRICE_PER_1K} (USD per 1K tokens, e.g. "
+                    "\"0.00015\")")
     return Decimal(0)
 
 

@@ -427,7 +427,8 @@ def _detach_request_log(handler: logging.Handler | None) -> None:
 REDACTED = "[redacted]"
 _SENSITIVE = re.compile(
     r"(?:^|[_\-.])(authorization|auth|api[_\-.]?key|apikey|subscription[_\-.]?key|access[_\-.]?key|secret|password"
-    r"|passwd|token|cookie|set[_\-.]?cookie|signature|sig|sas|prompt|content|completion|messages?|text)(?:$|[_\-.])",
+    r"|passwd|token|cookie|set[_\-.]?cookie|signature|sig|sas|prompt|content|completion|messages?|text"
+    r"|functions?[_\-.]?key|private[_\-.]?key|credentials?|assertion|jwt|output|answer)(?:$|[_\-.])",
     re.IGNORECASE,
 )
 # Sizes and media metadata say how much or what kind, never what: prompt_tokens, content-type.

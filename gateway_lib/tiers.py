@@ -67,14 +67,18 @@ def parse_tiers(raw: str, problems: list[str]) -> TierPolicy | None:
         for key, tier in mapping.items():
             if tier not in doc["tiers"]:
                 problems.append(f"GATEWAY_TIERS: {source}['{key}'] names unknown tier '{tier}'")
-    order = tuple(doc.get("tier_order") or sorted(tiers))
+    listed_order = doc.get("tier_order") or sorted(tiers)
+    if not isinstance(listed_order, list) or not all(isinstance(n, str) for n in listed_order):
+        problems.append("GATEWAY_TIERS: 'tier_order' must be a list of tier names")
+        listed_order = sorted(tiers)
+    order = tuple(listed_order)
     for name in order:
         if name not in doc["tiers"]:
             problems.append(f"GATEWAY_TIERS: tier_order names unknown tier '{name}'")
     return TierPolicy(
         tiers=tiers, role_tiers=role_tiers, scope_tiers=scope_tiers, tier_order=order,
         admin_role=str(doc.get("admin_role") or "Gateway.Admin"),
-        team_claim=doc.get("team_claim") or None, teams=_mapping(doc, "teams", problems),
+        team_claim=_team_claim(doc, problems), teams=_mapping(doc, "teams", problems),
     )
 
 
@@ -110,9 +114,17 @@ def _tier(name: str, spec: Any, problems: list[str]) -> Tier | None:
     if policy not in ("clamp", "reject"):
         problems.append(f"{where}: 'max_tokens_policy' must be 'clamp' or 'reject'")
     models: Any = spec.get("models")
-    if not isinstance(models, list) or not models:
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         problems.append(f"{where}: 'models' must be a non-empty list of aliases (or [\"*\"])")
     if len(problems) > before:
         return None
     return Tier(name=name, models=frozenset(models), max_tokens_policy=policy,
                 fail_open=bool(spec.get("fail_open", False)), **ints, **usd)
+
+
+def _team_claim(doc: dict[str, Any], problems: list[str]) -> str | None:
+    claim = doc.get("team_claim") or None
+    if claim is not None and not isinstance(claim, str):
+        problems.append("GATEWAY_TIERS: 'team_claim' must be a claim name (a string) or null")
+        return None
+    return claim

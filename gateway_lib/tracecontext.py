@@ -51,7 +51,8 @@ def child_traceparent(parent: TraceContext | None) -> TraceContext:
     """Our span in the caller's trace (what we send upstream); a new trace when there is no parent."""
     if parent is None:
         return new_traceparent()
-    return TraceContext(parent.trace_id, _span_id(), parent.flags)
+    # Version 00 defines the sampled bit (and level 2 the random-trace-id bit): the others are sent as zero.
+    return TraceContext(parent.trace_id, _span_id(), parent.flags & 0x03)
 
 
 def _span_id() -> str:

@@ -43,3 +43,39 @@ def test_settings_that_cannot_be_read_at_all_make_health_a_503_naming_no_values(
     response = asyncio.run(api.health(request))
     assert response.status_code == 503
     assert b"foresee" not in response.body and b"configuration" in response.body
+
+
+def _models(change: Any) -> str:
+    import json
+
+    from gateway_lib.catalog import default_catalogue_json
+
+    doc = json.loads(default_catalogue_json())
+    change(doc)
+    return json.dumps(doc)
+
+
+def _tiers(change: Any) -> str:
+    import json
+
+    from gateway_lib.tiers import default_tiers_json
+
+    doc = json.loads(default_tiers_json())
+    change(doc)
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("GATEWAY_MODELS", _models(lambda d: d["aliases"]["gpt-4o-mini"].update(targets=5))),
+    ("GATEWAY_MODELS", _models(lambda d: d["aliases"]["gpt-4o-mini"].update(targets=[["aoai-gpt-4o-mini-eastus"]]))),
+    ("GATEWAY_MODELS", _models(lambda d: d["targets"]["aoai-gpt-4o-mini-eastus"]["price"].update(
+        output_per_1k="1E+30"))),  # accepted, it made every request's cost arithmetic raise
+    ("GATEWAY_TIERS", _tiers(lambda d: d["tiers"]["standard"].update(models=[["gpt-4o-mini"]]))),
+    ("GATEWAY_TIERS", _tiers(lambda d: d.update(tier_order=5))),
+    ("GATEWAY_TIERS", _tiers(lambda d: d.update(tier_order=[{"name": "standard"}]))),
+    ("GATEWAY_TIERS", _tiers(lambda d: d.update(team_claim=["groups"]))),  # passed, then every request was a 500
+])
+def test_a_malformed_catalogue_or_tier_policy_is_a_problem_naming_it_not_a_crash(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(BASE | {name: value})
+    assert any(problem.startswith(name) for problem in raised.value.problems), raised.value.problems

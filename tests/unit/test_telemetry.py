@@ -232,6 +232,8 @@ def test_rejection_before_the_pipeline_leaves_a_record(fakes: Any, caplog: pytes
     ("prompt_tokens", False), ("completion_tokens", False), ("max_tokens", False), ("prompt_chars", False),
     ("request_id", False), ("tokenizer", False), ("model", False), ("status", False), ("content_type", False),
     ("content-length", False), ("id_token", True), ("sig", True),
+    ("x-functions-key", True), ("private_key", True), ("credential", True), ("client_assertion", True),
+    ("output", True), ("answer", True), ("output_tokens", False),
 ])
 def test_sensitive_names(name: str, sensitive: bool) -> None:
     assert telemetry.is_sensitive(name) is sensitive
@@ -293,6 +295,11 @@ def test_invalid_traceparent_is_ignored(header: str | None) -> None:
 def test_future_versions_may_append_fields() -> None:
     ctx = telemetry.parse_traceparent(f"01-{TRACE}-00f067aa0ba902b7-00-whatever")
     assert ctx == TraceContext(TRACE, "00f067aa0ba902b7", 0) and not ctx.sampled
+
+
+def test_a_child_sends_only_the_flags_its_version_defines() -> None:
+    parent = telemetry.parse_traceparent(f"00-{TRACE}-00f067aa0ba902b7-fd")
+    assert parent is not None and telemetry.child_traceparent(parent).traceparent.endswith("-01")
 
 
 def test_child_keeps_trace_and_flags_with_a_new_span() -> None:
