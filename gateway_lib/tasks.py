@@ -7,6 +7,8 @@ ledger): there is no side door.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import GatewayError, InvalidRequest
@@ -33,19 +35,32 @@ TEMPLATES: dict[str, str] = {
 }
 
 
+NAMES_MAX_CHARS = 2_000  # labels or fields together: a template, not a second prompt
+_DECORATION = " \t\r\n\"'`.*"  # what a model puts around a label it was asked to answer with alone
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
 def system_prompt(req: GenerateRequest) -> str:
     template = TEMPLATES[req.task]
     if req.task == "extract":
-        if not req.fields:
-            raise InvalidRequest("Task 'extract' needs a non-empty 'fields' list.", param="fields")
-        return template.format(fields=", ".join(req.fields))
+        fields = _names(req.fields, "fields", "Task 'extract' needs a 'fields' list of distinct, non-blank names.", 1)
+        return template.format(fields=", ".join(fields))
     if req.task == "classify":
-        if not req.labels or len(req.labels) < 2:
-            raise InvalidRequest("Task 'classify' needs a 'labels' list with at least two labels.", param="labels")
-        return template.format(labels=", ".join(req.labels))
+        labels = _names(req.labels, "labels", "Task 'classify' needs a 'labels' list of at least two distinct, "
+                        "non-blank labels.", 2)
+        return template.format(labels=", ".join(labels))
     if req.task == "rewrite":
         return template.format(style=req.style or "clear, plain business English")
     return template
+
+
+def _names(names: list[str] | None, param: str, message: str, least: int) -> list[str]:
+    if not names or any(not n.strip() for n in names) or len({n.strip().casefold() for n in names}) < max(
+            least, len(names)):
+        raise InvalidRequest(message, param=param)
+    if sum(len(n) for n in names) > NAMES_MAX_CHARS:
+        raise InvalidRequest(f"'{param}' may hold at most {NAMES_MAX_CHARS} characters together.", param=param)
+    return names
 
 
 def to_chat(req: GenerateRequest) -> ChatRequest:
@@ -67,19 +82,46 @@ def in_task_terms(error: GatewayError) -> GatewayError:
     if error.param is not None and error.param.startswith("messages"):
         error.param = "prompt"
         error.message = error.message.replace("messages[1]", "the prompt").replace("messages[0]", "the task template")
+        # A size counts the template too (labels, fields, style): do not tell the caller it was the prompt alone.
+        error.message = error.message.replace("The prompt is", "The prompt with the task's template is")
     return error
 
 
 def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, Any]:
     """The task API's answer: the output plus who served it, usage, estimated cost and the request id."""
     message = (served.body.get("choices") or [{}])[0].get("message") or {}
+    output = message.get("content") or ""
+    parsed: dict[str, Any] = {}
+    if job.task == "classify":
+        parsed["label"] = classified(output, job.labels or [])
+    elif job.task == "extract":
+        parsed["extracted"] = extracted(output, job.fields or [])
     return {
         "request_id": request_id,
         "task": job.task,
-        "output": message.get("content") or "",
+        "output": output,
+        **parsed,
         "provider": served.target.provider,
         "model": served.body.get("model") or served.target.model,
         "usage": served.usage.as_openai(),
         "estimated_cost_usd": str(served.cost_usd),
         "finish_reason": (served.body.get("choices") or [{}])[0].get("finish_reason"),
     }
+
+
+def classified(output: str, labels: list[str]) -> str | None:
+    """The label the model answered with, spelled as the caller gave it; None when the answer is not one."""
+    answer = output.strip(_DECORATION).casefold()
+    return next((label for label in labels if label.strip().casefold() == answer), None)
+
+
+def extracted(output: str, fields: list[str]) -> dict[str, Any] | None:
+    """The requested fields from the model's JSON answer (null for one it left out, no others); None when the
+    answer is not a JSON object (a model may ignore the instruction, or run out of tokens)."""
+    text = output.strip()
+    fenced = _FENCE.match(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except (ValueError, RecursionError):
+        return None
+    return {field: value.get(field) for field in fields} if isinstance(value, dict) else None
