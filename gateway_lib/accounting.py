@@ -39,6 +39,12 @@ T = TypeVar("T")
 _pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancelled request: kept from the GC
 
 
+async def drain() -> None:
+    """Let settlements that outlived their cancelled requests finish (graceful shutdown)."""
+    while _pending:
+        await asyncio.gather(*list(_pending), return_exceptions=True)
+
+
 async def shielded(task: asyncio.Future[T]) -> T:
     """Await ``task`` even if the awaiting request is cancelled; the task then completes in the background."""
     _pending.add(task)

@@ -37,7 +37,7 @@ AlertScope = Literal["caller", "team"]
 # A run that starts delivering an alert pushes ``next_attempt_at`` this far ahead first:
 # a concurrent run reading the row meanwhile leaves it alone (a lease, not a lock).
 DELIVERY_LEASE = timedelta(minutes=2)
-KEY_PART_MAX = 200
+KEY_PART_MAX = 900  # bytes: a part this long still fits each key it is put in (the others are short)
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -49,7 +49,7 @@ def key_part(value: str) -> str:
     """Escape a value for use inside a key: Azure forbids / \\ # ? and controls; '|' is our separator.
 
     A key holds several parts and Azure caps it at 1 KiB, while a team name comes from a token claim: an
-    escaped value over ``KEY_PART_MAX`` characters keeps its start and a hash of the whole."""
+    escaped value over ``KEY_PART_MAX`` bytes keeps its start and a hash of the whole."""
     return capped(quote(value, safe=":@-_.~ "), value, KEY_PART_MAX)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, TypeVar
 
@@ -78,7 +78,7 @@ class OpenedStream(NamedTuple):
 
     target: Target
     first: StreamEvent
-    events: AsyncGenerator[StreamEvent, None]
+    events: UpstreamEvents
     attempts: list[Attempt]
 
     @property
@@ -116,7 +116,7 @@ async def open_stream_with_fallback(
         return first, stream
 
     (first, stream), target, attempts = await _first_success(plan, providers, health, clock, call)
-    return OpenedStream(target, first, _watch(stream, target, health), attempts)
+    return OpenedStream(target, first, UpstreamEvents(stream, target, health), attempts)
 
 
 async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth, clock: Clock,
@@ -210,18 +210,31 @@ def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | N
     return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable {detail}", retry_after=retry_after)
 
 
-async def _watch(stream: AsyncIterator[StreamEvent], target: Target,
-                 health: TargetHealth) -> AsyncGenerator[StreamEvent, None]:
-    """The rest of a stream; a mid-stream upstream failure still counts against the target."""
-    try:
-        async for event in stream:
-            yield event
-    except ProviderError as error:
-        if error.retryable:
-            health.record_failure(target.id, error.retry_after)
-        raise
-    finally:
-        await _aclose(stream)
+class UpstreamEvents:
+    """The rest of a stream; a mid-stream upstream failure still counts against the target. Not a generator:
+    closing one that never started would skip its ``finally`` and leave the upstream to the garbage collector
+    (a stream whose caller left before its headers went out is never read)."""
+
+    def __init__(self, stream: AsyncIterator[StreamEvent], target: Target, health: TargetHealth) -> None:
+        self._stream, self._target, self._health = stream, target, health
+
+    def __aiter__(self) -> UpstreamEvents:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        try:
+            return await anext(self._stream)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except ProviderError as error:
+            if error.retryable:
+                self._health.record_failure(self._target.id, error.retry_after)
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await _aclose(self._stream)
 
 
 async def _aclose(stream: Any) -> None:

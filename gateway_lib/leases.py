@@ -98,7 +98,9 @@ class Lease:
     renewing: bool = False  # a successor is being reserved in the background
 
     def fits(self, res: Reservation) -> bool:
-        return (self.minute == res.minute and self.epoch == res.epoch and self.requests >= 1
+        # A lease of a later minute than the request's serves it: the row, rolled forward by an instance whose
+        # clock runs ahead, counts the block in that minute (never one of an earlier minute: that one is gone).
+        return (self.minute >= res.minute and self.epoch == res.epoch and self.requests >= 1
                 and self.tokens >= res.tokens and self.usd >= res.usd)
 
     def take(self, res: Reservation, now: float) -> Counters:
@@ -251,8 +253,8 @@ class LeasedAdmission(Admission):
 
         def plan(counters: Counters, now: datetime) -> tuple[Counters, Release]:
             counters = old.release(counters) if old is not None else counters
-            if rate_of is not None and counters.minute != res.minute:
-                raise _MinuteGone()  # a successor of the last minute's lease: no request could take from it
+            if rate_of is not None and counters.minute != rate_of.minute:
+                raise _MinuteGone()  # it would absorb a lease of the minute the row has left: room counted twice
             size = _fitting_size(counters, limits, res, who, wanted, now)
             # Stamped with the minute the row counts it in, which is the request's only if the minute did not
             # turn while the grant waited for the row: room stamped with the old minute would stay counted in
@@ -306,6 +308,7 @@ class LeasedAdmission(Admission):
 
     async def aclose(self) -> None:
         """Stop the flusher, commit every journal and give every lease back (graceful shutdown)."""
+        await self._drain()  # reservations of requests the host cancelled first: their leases go back below
         if self._flusher is not None:
             # Stopped between ticks, not cancelled: a write cancelled in flight loses the knowledge of whether it
             # landed (a team commit applied twice by the flush below, a lease return's room never given back).

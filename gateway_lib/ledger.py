@@ -55,12 +55,14 @@ def table_key(value: str) -> str:
     return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
 
 
-def capped(key: str, whole: str, limit: int = 200) -> str:
-    """``key`` if it has at most ``limit`` characters, else its start and a hash of ``whole``: Azure caps a key
-    at 1 KiB, and a key built from a token claim (a team name) or joining several parts could pass it."""
-    if len(key) <= limit:
+def capped(key: str, whole: str, limit: int = 1024) -> str:
+    """``key`` if it has at most ``limit`` bytes of UTF-8, else its start and a hash of ``whole``: Azure refuses
+    a key over 1 KiB, and one built from a token claim (a team name) could pass it. Every key that fits is
+    kept as it is, so rows written before the cap keep their keys."""
+    raw = key.encode()
+    if len(raw) <= limit:
         return key
-    return f"{key[:limit - 17]}~{hashlib.sha256(whole.encode()).hexdigest()[:16]}"
+    return f"{raw[:limit - 17].decode(errors='ignore')}~{hashlib.sha256(whole.encode()).hexdigest()[:16]}"
 
 
 def ledger_row_key(settled_at: datetime, request_id: str) -> str:

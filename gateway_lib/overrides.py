@@ -137,7 +137,10 @@ def merge_override(current: Override | None, body: Mapping[str, Any], changed_by
     if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_MAX_CHARS):
         raise InvalidRequest(f"'reason' must be a string of at most {REASON_MAX_CHARS} characters.", param="reason")
     # An admin changing a limit leaves a budget block the budget's to lift; one setting the status owns it.
-    status_by, status_at = (changed_by, now.isoformat()) if "status" in body else (base.status_by, base.status_at)
+    # Only a change of status is a decision about it: a client sending the whole override back to change a
+    # limit repeats the status it read, which must not take the status over (or hold enforcement off).
+    changed = "status" in body and (status != base.status or alias != base.alias)
+    status_by, status_at = (changed_by, now.isoformat()) if changed else (base.status_by, base.status_at)
     return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by, status_by, status_at)
 
 

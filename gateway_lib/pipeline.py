@@ -138,7 +138,7 @@ class _SettledStream(StreamingResponse):
 
 
 async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
-                    events: AsyncGenerator[StreamEvent, None]) -> AsyncGenerator[bytes, None]:
+                    events: fallback.UpstreamEvents) -> AsyncGenerator[bytes, None]:
     target = acct.served_by
     usage: Usage | None = None
     streamed: list[str] = []
@@ -174,7 +174,7 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
         await acct.finish(target, usage, status=status, error=error)
 
 
-async def _timed(first: StreamEvent, rest: AsyncGenerator[StreamEvent, None],
+async def _timed(first: StreamEvent, rest: fallback.UpstreamEvents,
                  acct: Accounting) -> AsyncGenerator[StreamEvent, None]:
     """``first``, then the rest of the stream, adding each wait for the upstream to the upstream time.
     Closing this closes the upstream at once (not whenever the generator is collected)."""

@@ -133,7 +133,10 @@ class Admission:
         self._overrides: dict[tuple[str, str], tuple[float, Override | None]] = {}
         self._rows = CounterRows(store, self._table, clock=clock, monotonic=monotonic, sleep=sleep,
                                  rng=rng or random.Random())
-        self._detached: set[asyncio.Future[Any]] = set()  # give-backs of abandoned reservations, kept from the GC
+        # Reservation writes (shielded from their request's cancellation) and give-backs of abandoned ones: kept
+        # from the GC, and awaited by aclose before what it commits and gives back.
+        self._reserving: set[asyncio.Future[Any]] = set()
+        self._detached: set[asyncio.Future[Any]] = set()
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
 
@@ -155,6 +158,8 @@ class Admission:
         leaves its outcome unknown (a lease grant has taken the old lease out of reach by then). It ends, and
         the room it reserved is given back."""
         task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
+        self._reserving.add(task)
+        task.add_done_callback(self._reserving.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -245,8 +250,13 @@ class Admission:
         """Nothing is buffered here: every settle is written before it returns (leases.py buffers)."""
 
     async def aclose(self) -> None:
-        """Nothing to commit (see ``flush``); stop looking for the outcome of lost writes."""
+        """Nothing to commit (see ``flush``); let reservation writes end; stop looking for lost writes."""
+        await self._drain()
         self._rows.aclose()
+
+    async def _drain(self) -> None:
+        while self._reserving or self._detached:
+            await asyncio.gather(*self._reserving, *self._detached, return_exceptions=True)
 
     # -- internals --
 
@@ -327,8 +337,8 @@ class Admission:
         return entity, *plan(_rolled_for(entity, res, now), now)
 
     async def _admit_team(self, team: str, res: Reservation) -> None:
-        override = await self._cached_override(team, "team", res)
         try:
+            override = await self._cached_override(team, "team", res)
             await self._admit(team_partition(team), Limits.of(None, override), res, f"team {team}")
         except (GatewayError, StorageError):  # refused, or the team's row out of reach (a 503 or fail-open)
             try:

@@ -52,6 +52,9 @@ class Runtime:
             gc.freeze()
 
     async def aclose(self) -> None:
+        from . import accounting
+
+        await accounting.drain()  # settlements of requests the host cancelled, before the journal is committed
         await self.admission.aclose()  # commits a leased journal while storage is still open
         for provider in self.providers.values():
             await provider.aclose()

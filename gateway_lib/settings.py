@@ -387,7 +387,8 @@ class _Env:
 
     def _bounded(self, name: str, value: Any, lo: Any, hi: Any, default: Any) -> Any:
         # NaN compares false with everything: without the isfinite check it passes any bounds.
-        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        if (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and value < lo) or (
+                hi is not None and value > hi):
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
             return default
         return value

@@ -578,7 +578,7 @@ def test_a_team_name_of_any_length_is_rolled_up_and_alerted_on() -> None:
         total = await aggregate(store, "gw", budget.team_pk(team), "day|20260310")
         assert total.spend == Decimal("0.9") and report.callers_failed == []
         assert [(a.scope, a.subject, a.threshold) for a in sink.sent] == [("team", team, 50), ("team", team, 80)]
-        assert len(budget.team_pk(team)) <= 205 and len(quota.team_partition(team)) <= 200
+        assert len(budget.team_pk(team).encode()) <= 1024 and quota.team_partition(team) == f"team:{team}"
 
     run(go())
 

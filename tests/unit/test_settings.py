@@ -22,6 +22,7 @@ BASE = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENC
     ("AUTH_JWKS_URL", "http://127.0.0.1:99999/keys"),
     ("ALERT_WEBHOOK_URL", "https://[hooks.example/secret-path"),
     ("BUDGET_ALERT_THRESHOLDS", "50,\u00b2"),  # "²".isdigit() is true; int("²") raises
+    ("GATEWAY_MAX_BODY_BYTES", "9" * 400),  # past float range: the NaN check must not raise on it
 ])
 def test_a_bad_value_is_a_configuration_problem_naming_its_setting(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:

@@ -1,0 +1,68 @@
+"""A stream whose body never started closes its upstream itself, not through the garbage collector."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from starlette.requests import ClientDisconnect
+
+from gateway_lib import pipeline
+from gateway_lib.catalog import Target
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent
+from gateway_lib.schema import ChatRequest
+from tests.unit.test_pipeline import _caller, _chat, _runtime, _scope
+
+
+class Tracked:
+    """A provider stream that records when it is closed, and keeps a handle on it as a pooled client might."""
+
+    name = "azure_openai"
+
+    def __init__(self) -> None:
+        self.closed = 0
+        self.streams: list[Any] = []  # e.g. a client's registry of open responses
+
+    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+        raise NotImplementedError
+
+    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        gen = self._stream()
+        self.streams.append(gen)
+        return gen
+
+    async def _stream(self) -> AsyncIterator[StreamEvent]:
+        try:
+            for i in range(3):
+                yield StreamEvent(chunk={"object": "chat.completion.chunk",
+                                         "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}, text=f"w{i} ")
+        finally:
+            self.closed += 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_an_unstarted_streams_upstream_is_closed_by_the_response_not_by_the_garbage_collector() -> None:
+    async def run() -> None:
+        provider = Tracked()
+        rt = _runtime(provider)
+        response = await pipeline.run_chat(rt, _scope(), _caller(rt), _chat(stream=True))
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            raise OSError("client disconnected")
+
+        asgi = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
+                "path": "/api/v1/chat/completions", "headers": []}
+        with pytest.raises(ClientDisconnect):
+            await response(asgi, receive, send)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert provider.closed == 1, "the upstream response is still open after the request was settled"
+
+    asyncio.run(run())
