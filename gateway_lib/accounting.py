@@ -40,9 +40,11 @@ _pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancel
 
 
 async def drain() -> None:
-    """Let settlements that outlived their cancelled requests finish (graceful shutdown)."""
-    while _pending:
-        await asyncio.gather(*list(_pending), return_exceptions=True)
+    """Let the settlements under way now finish (graceful shutdown). Those started meanwhile are not waited
+    for: another runtime of the process may be serving, and its traffic would keep this from returning."""
+    pending = list(_pending)
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def shielded(task: asyncio.Future[T]) -> T:

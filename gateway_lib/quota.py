@@ -255,8 +255,11 @@ class Admission:
         self._rows.aclose()
 
     async def _drain(self) -> None:
-        while self._reserving or self._detached:
-            await asyncio.gather(*self._reserving, *self._detached, return_exceptions=True)
+        for _ in range(2):  # the writes under way, then the give-backs those start (never chasing new traffic)
+            pending = [*self._reserving, *self._detached]
+            if not pending:
+                return
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- internals --
 

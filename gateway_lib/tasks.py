@@ -110,9 +110,15 @@ def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, A
 
 
 def classified(output: str, labels: list[str]) -> str | None:
-    """The label the model answered with, spelled as the caller gave it; None when the answer is not one."""
-    answer = output.strip(_DECORATION).casefold()
-    return next((label for label in labels if label.strip().casefold() == answer), None)
+    """The label the model answered with, spelled as the caller gave it; None when the answer is not one.
+    An exact answer wins ("U.S." among "U.S." and "U.S"); else quotes, stars and a full stop around either
+    side are ignored, if that leaves one label."""
+    exact = [label for label in labels if label.strip().casefold() == output.strip().casefold()]
+    if len(exact) == 1:
+        return exact[0]
+    bare = output.strip(_DECORATION).casefold()
+    loose = [label for label in labels if label.strip(_DECORATION).casefold() == bare]
+    return loose[0] if len(loose) == 1 else None
 
 
 def extracted(output: str, fields: list[str]) -> dict[str, Any] | None:

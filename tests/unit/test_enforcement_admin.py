@@ -1,4 +1,5 @@
-"""Budget enforcement against an admin's edits: sending back the status read unchanged is no decision about it."""
+"""Budget enforcement against an admin's edits: sending back an unchanged "active" is no decision about the
+status, while an explicit block (even one repeating the budget's) is the admin's and never lifted by the rollup."""
 
 from __future__ import annotations
 
@@ -39,5 +40,24 @@ def test_a_put_that_repeats_status_active_does_not_switch_enforcement_off_for_th
                          datetime(2026, 3, 2, tzinfo=UTC))
         restricted = await enforcer.restrict(CALLER, MONTH_START, MONTH_END)  # the month's budget spent on 3/20
         assert restricted, "a caller that spent its month budget is not blocked: an unchanged 'active' held it off"
+
+    asyncio.run(scenario())
+
+
+def test_an_admin_reblocking_a_budget_blocked_caller_is_not_lifted_at_period_end() -> None:
+    async def scenario() -> None:
+        store = await _store()
+        enforcer = OverrideEnforcer(store, PREFIX, "block", None, lambda: datetime(2026, 3, 20, tzinfo=UTC))
+        assert await enforcer.restrict(CALLER, MONTH_START, MONTH_END)  # budget blocks on 3/20
+        # The admin decides the caller stays blocked (e.g. abuse), and says so explicitly.
+        await _admin_put(store, {"status": "blocked", "reason": "SEC-42 abuse investigation"},
+                         datetime(2026, 3, 21, tzinfo=UTC))
+        after = await overrides.get_override(store, PREFIX, CALLER)
+        assert after is not None
+        lifted = await enforcer.lift_expired(datetime(2026, 4, 1, 0, 5, tzinfo=UTC))
+        final = await overrides.get_override(store, PREFIX, CALLER)
+        assert final is not None
+        assert (lifted, final.status) == (0, "blocked"), (
+            f"the admin's explicit block was lifted by the rollup (status_by stayed {after.status_by!r})")
 
     asyncio.run(scenario())

@@ -52,3 +52,18 @@ def test_a_size_error_about_the_task_is_not_blamed_on_the_prompt_alone() -> None
     error = tasks.in_task_terms(InvalidRequest("The prompt is 1321 characters; this gateway accepts at most 1000.",
                                                code="prompt_too_large", param="messages"))
     assert error.param == "prompt" and error.message.startswith("The prompt with the task's template is 1321")
+
+
+@pytest.mark.parametrize(("labels", "answer"), [
+    (["U.S.", "E.U."], "U.S."),
+    (["Inc.", "Ltd."], "Ltd."),
+    (["A*", "B"], "A*"),
+    (["'90s", "'80s"], "'90s"),
+])
+def test_a_label_answered_exactly_as_given_is_recognised(labels: list[str], answer: str) -> None:
+    assert tasks.classified(answer, labels) == answer
+
+
+def test_an_exact_answer_is_not_taken_for_another_label() -> None:
+    # Distinct labels to _names (compared after strip().casefold()); the answer "U.S." names the first one.
+    assert tasks.classified("U.S.", ["U.S.", "U.S"]) == "U.S."
