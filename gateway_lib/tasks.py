@@ -90,7 +90,8 @@ def in_task_terms(error: GatewayError) -> GatewayError:
 def render(job: GenerateRequest, served: Served, request_id: str) -> dict[str, Any]:
     """The task API's answer: the output plus who served it, usage, estimated cost and the request id."""
     message = (served.body.get("choices") or [{}])[0].get("message") or {}
-    output = message.get("content") or ""
+    content = message.get("content")
+    output = content if isinstance(content, str) else ""  # a tool call, or parts: no text to parse
     parsed: dict[str, Any] = {}
     if job.task == "classify":
         parsed["label"] = classified(output, job.labels or [])
