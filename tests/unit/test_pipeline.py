@@ -255,27 +255,32 @@ def test_an_answer_without_usage_is_billed_from_its_text_not_as_free() -> None:
     asyncio.run(run())
 
 
+async def serve_to_a_caller_already_gone(response: Any) -> None:
+    """Run ``response`` as an ASGI 2.4 server does for a caller that left before the headers: sends raise."""
+    from starlette.requests import ClientDisconnect
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("client disconnected")
+
+    asgi = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
+            "path": "/api/v1/chat/completions", "headers": []}
+    with pytest.raises(ClientDisconnect):
+        await response(asgi, receive, send)
+
+
 def test_a_stream_whose_caller_left_before_its_headers_went_out_is_settled_once() -> None:
     # An ASGI 2.4 server raises from the first send when the caller is gone, so the body never starts (and a
     # generator that never started runs no ``finally``): the response itself must settle, and close the upstream.
-    from starlette.requests import ClientDisconnect
 
     async def run() -> None:
         provider = Scripted()
         rt = _runtime(provider)
         caller = _caller(rt)
         response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            raise OSError("client disconnected")
-
-        asgi = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
-                "path": "/api/v1/chat/completions", "headers": []}
-        with pytest.raises(ClientDisconnect):
-            await response(asgi, receive, send)
+        await serve_to_a_caller_already_gone(response)
         counters, ledger = await _counters(rt, caller)
         assert counters.in_flight_tokens == 0 and provider.closed == 1
         assert len(ledger) == 1 and ledger[0]["status"] == "client_disconnected" and ledger[0]["prompt_tokens"] > 0

@@ -6,14 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-from starlette.requests import ClientDisconnect
-
 from gateway_lib import pipeline
 from gateway_lib.catalog import Target
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent
 from gateway_lib.schema import ChatRequest
-from tests.unit.test_pipeline import _caller, _chat, _runtime, _scope
+from tests.unit.test_pipeline import _caller, _chat, _runtime, _scope, serve_to_a_caller_already_gone
 
 
 class Tracked:
@@ -50,17 +47,7 @@ def test_an_unstarted_streams_upstream_is_closed_by_the_response_not_by_the_garb
         provider = Tracked()
         rt = _runtime(provider)
         response = await pipeline.run_chat(rt, _scope(), _caller(rt), _chat(stream=True))
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            raise OSError("client disconnected")
-
-        asgi = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST",
-                "path": "/api/v1/chat/completions", "headers": []}
-        with pytest.raises(ClientDisconnect):
-            await response(asgi, receive, send)
+        await serve_to_a_caller_already_gone(response)
         for _ in range(10):
             await asyncio.sleep(0)
         assert provider.closed == 1, "the upstream response is still open after the request was settled"
