@@ -17,11 +17,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import strict_json
-from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
+from .errors import (
+    ClientDisconnected,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 from .identity import Caller
 from .storage.base import StorageError
 from .tracecontext import accept_request_id, child_traceparent, parse_traceparent
@@ -72,10 +80,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:  # chunked uploads carry no Content-Length: count as we read
-            raise _too_large(max_bytes)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:  # chunked uploads carry no Content-Length: count as we read
+                raise _too_large(max_bytes)
+    except ClientDisconnect:  # the caller hung up mid-upload: theirs to retry, not a failure of ours (a 500)
+        raise ClientDisconnected() from None
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_body")
     try:
