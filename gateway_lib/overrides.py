@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .errors import InvalidRequest
-from .ledger import table_key
+from .ledger import capped, table_key
 from .storage.base import Entity, TableStore
 
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month",
@@ -68,7 +68,7 @@ class Override:
 def override_key(subject: str, kind: str) -> tuple[str, str]:
     if kind not in ("caller", "team"):
         raise ValueError("override kind is 'caller' or 'team'")
-    return kind, table_key(subject)
+    return kind, capped(table_key(subject), subject)  # a team name from a token claim may pass 1 KiB
 
 
 async def get_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> Override | None:

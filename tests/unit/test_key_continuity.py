@@ -11,7 +11,7 @@ import pytest
 from gateway_lib.counters import Counters, epoch_of, minute_key
 from gateway_lib.errors import QuotaExceeded
 from gateway_lib.ledger import table_key, usage_table
-from gateway_lib.overrides import Override, put_override
+from gateway_lib.overrides import Override, get_override, put_override
 from gateway_lib.quota import tables
 from tests.unit.test_quota import Clock, make_caller, new_admission, run
 
@@ -33,5 +33,19 @@ def test_a_long_team_names_counters_keep_their_partition_across_the_upgrade() ->
         caller = make_caller(team=TEAM)
         with pytest.raises(QuotaExceeded):
             await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="after-upgrade")
+
+    run(scenario())
+
+
+def test_a_team_name_past_a_kibibyte_still_has_its_override_read_and_written() -> None:
+    # A team comes from a token claim: a name whose key would pass Azure's 1 KiB made every request of the
+    # team's callers fail on the override read.
+    async def scenario() -> None:
+        store, _ = await new_admission()
+        await store.ensure_tables(tables("t"))
+        team = "t" * 2_000
+        await put_override(store, "t", team, Override(limits={"usd_per_day": Decimal("5")}), kind="team")
+        stored = await get_override(store, "t", team, kind="team")
+        assert stored is not None and stored.limits["usd_per_day"] == Decimal("5")
 
     run(scenario())
