@@ -143,8 +143,10 @@ async def health(request: Request) -> Response:
         except Exception as exc:  # readiness reports any failure; the type name is safe to show
             checks["storage"] = {"status": "error", "error": type(exc).__name__}
     ready = all(c["status"] == "ok" for c in checks.values())
-    body = {"status": "ok" if ready else "degraded", "checks": checks,
+    body: dict[str, object] = {"status": "ok" if ready else "degraded", "checks": checks,
             "catalogue_version": rt.settings.catalogue.version if rt else None}
+    if rt is not None and rt.settings.budget.alert_webhook_unresolved:  # alerting degraded; serving is not
+        body["warnings"] = ["ALERT_WEBHOOK_URL: Key Vault reference not resolved; webhook alerts are off"]
     return edge.json_response(body, scope, status=200 if ready else 503)
 
 

@@ -518,6 +518,8 @@ async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
         sinks.append(TelemetrySink(rt.telemetry.track_event))
     if settings.budget.alert_webhook_url:
         sinks.append(WebhookSink(settings.budget.alert_webhook_url))
+    elif settings.budget.alert_webhook_unresolved:
+        log.warning("ALERT_WEBHOOK_URL is a Key Vault reference App Service could not resolve: no webhook alerts")
     clock: Clock = lambda: datetime.now(UTC)  # noqa: E731
     await rt.store.ensure_tables([*quota.tables(prefix), rollup_table(prefix), alerting.alerts_table(prefix)])
     report = await run_rollup(

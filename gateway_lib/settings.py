@@ -145,6 +145,9 @@ class BudgetSettings:
     downgrade_alias: str | None
     rollup_max_rows: int  # bounded work per run; a backlog is worked through across runs
     alert_webhook_url: str | None
+    # App Service leaves a Key Vault reference it cannot resolve (secret missing, role not yet effective) as
+    # its literal text: the webhook is then off, with a warning, instead of the whole gateway refusing to start.
+    alert_webhook_unresolved: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ def _budget(env: _Env) -> BudgetSettings:
             parsed.append(int(item))
         else:
             env.problems.append(f"BUDGET_ALERT_THRESHOLDS: '{item}' must be a whole percent between 1 and 1000")
+    unresolved = (env.text("ALERT_WEBHOOK_URL") or "").startswith("@Microsoft.KeyVault(")
     schedule = env.text("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *"
     if len(schedule.split()) != 6:  # the host would refuse the timer; /api/health says why
         env.problems.append(f"BUDGET_ROLLUP_SCHEDULE: '{schedule}' is not an NCRONTAB expression (six fields: "
@@ -283,7 +287,8 @@ def _budget(env: _Env) -> BudgetSettings:
         enforcement=env.choice("BUDGET_ENFORCEMENT", ("none", "block", "downgrade"), "none"),
         downgrade_alias=env.text("BUDGET_DOWNGRADE_ALIAS"),
         rollup_max_rows=env.integer("BUDGET_ROLLUP_MAX_ROWS", 5000, lo=10),
-        alert_webhook_url=env.url("ALERT_WEBHOOK_URL"),
+        alert_webhook_url=None if unresolved else env.url("ALERT_WEBHOOK_URL"),
+        alert_webhook_unresolved=unresolved,
     )
 
 

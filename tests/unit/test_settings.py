@@ -80,3 +80,12 @@ def test_a_malformed_catalogue_or_tier_policy_is_a_problem_naming_it_not_a_crash
     with pytest.raises(ConfigError) as raised:
         Settings.from_env(BASE | {name: value})
     assert any(problem.startswith(name) for problem in raised.value.problems), raised.value.problems
+
+
+def test_an_unresolved_key_vault_reference_turns_the_webhook_off_and_nothing_else() -> None:
+    # App Service leaves a reference it cannot resolve as its literal text (a secret not stored yet, a role
+    # assignment not effective yet): alerting is degraded, serving must not be.
+    settings = Settings.from_env(BASE | {
+        "ALERT_WEBHOOK_URL": "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/alert-webhook/)"})
+    assert settings.budget.alert_webhook_url is None and settings.budget.alert_webhook_unresolved
+    assert not Settings.from_env(BASE | {"ALERT_WEBHOOK_URL": "https://hooks.example/x"}).budget.alert_webhook_unresolved
