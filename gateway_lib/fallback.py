@@ -20,6 +20,7 @@ are unavailable"; either carries Retry-After = the shortest cooldown.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -34,6 +35,10 @@ from .schema import ChatRequest
 from .target_health import TargetHealth
 
 Clock = Callable[[], float]
+# Every attempt has its own upstream timeout, and a timeout moves on to the next target: three targets at
+# 120 s would outlast the Functions front end (230 s) and APIM (240 s), and the caller would get their
+# timeout instead of ours. So the attempts of one request share this much time, until its first byte.
+FALLBACK_BUDGET_SECONDS = 220.0
 T = TypeVar("T")
 
 
@@ -124,10 +129,15 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
     attempts: list[Attempt] = []
     last: ProviderError | None = None
     unsupported: InvalidRequest | None = None  # the first target that could not take the request, and why
+    budget_ends = clock() + FALLBACK_BUDGET_SECONDS
     for step in _admitted(plan, providers, health, attempts):
+        remaining = budget_ends - clock()
+        if remaining <= 0:
+            health.release(step.target.id)  # admitted but never called: its probe slot goes back
+            break
         started = clock()
         try:
-            result = await _attempt(providers[step.target.provider], step.target, health, call)
+            result = await _attempt(providers[step.target.provider], step.target, health, call, remaining)
         except InvalidRequest as error:
             attempts.append(Attempt(step.target.id, step.target.provider, "unsupported"))
             unsupported = unsupported or error
@@ -174,9 +184,14 @@ def _admitted(plan: RoutePlan, providers: Mapping[str, Provider], health: Target
 
 
 async def _attempt(provider: Provider, target: Target, health: TargetHealth,
-                   call: Callable[[Provider, Target], Awaitable[T]]) -> T:
+                   call: Callable[[Provider, Target], Awaitable[T]], remaining: float) -> T:
     try:
-        return await call(provider, target)
+        async with asyncio.timeout(remaining):
+            return await call(provider, target)
+    except TimeoutError:  # the request's time ran out (each attempt has the upstream timeout of its own)
+        health.release(target.id)  # not the target's verdict: it may have had less than its own timeout
+        raise ProviderError(f"no answer within the {remaining:.0f} s the request had left", provider=target.provider,
+                            kind="timeout", retryable=True) from None
     except ProviderError as error:
         if error.retryable:
             health.record_failure(target.id, error.retry_after)

@@ -224,6 +224,36 @@ def test_a_retry_after_of_infinity_is_a_429_with_a_finite_wait() -> None:
     assert info.value.retry_after is not None and 1 <= info.value.retry_after <= 60
 
 
+def test_the_attempts_of_one_request_share_one_time_budget() -> None:
+    # Four targets that each time out after 100 s (their own upstream timeout): a fourth try would start after
+    # 300 s, past the Functions front end's 230 s. The request stops when its budget is spent.
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    timeout = ProviderError("timed out", provider="fake", kind="timeout", retryable=True)
+    provider = FakeProvider({t: timeout for t in "abcd"}, clock=clock, cost_s=100.0)
+    with pytest.raises(ServiceUnavailable):
+        complete(make_plan("a", "b", "c", "d"), provider, health, clock)
+    assert provider.calls == ["a", "b", "c"]
+    assert health.admit("d"), "the target never called keeps its slot"
+
+
+def test_an_attempt_is_cut_when_the_request_has_no_time_left(monkeypatch: Any) -> None:
+    from gateway_lib import fallback
+
+    monkeypatch.setattr(fallback, "FALLBACK_BUDGET_SECONDS", 0.05)
+
+    class Hanging(FakeProvider):
+        async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+            await asyncio.sleep(30)
+            raise AssertionError("not reached")
+
+    health = TargetHealth()
+    with pytest.raises(ServiceUnavailable) as info:
+        run(complete_with_fallback(make_plan("a"), {"fake": Hanging({})}, REQUEST, CTX, health))
+    assert info.value.attempts[0].outcome == "timeout"
+    assert health.admit("a"), "the request's deadline is no verdict on the target"
+
+
 def test_an_upstream_retry_after_is_honoured_even_as_last_resort() -> None:
     clock = FakeClock()
     health = TargetHealth(clock)
