@@ -188,9 +188,8 @@ class CounterRows:
             except TransactionFailed as exc:
                 if exc.reason == "exists" and exc.index is not None and exc.index < len(inserts):
                     raise AlreadySettled from exc
-                if exc.reason == "exists":  # the counters row, inserted by another writer since our read
-                    raise PreconditionFailed(str(exc)) from exc
-                if exc.reason in ("precondition", "not_found"):
+                # "exists" past the inserts: the counters row, inserted by another writer since our read
+                if exc.reason in ("exists", "precondition", "not_found"):
                     raise PreconditionFailed(str(exc)) from exc
                 raise
 

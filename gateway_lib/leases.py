@@ -306,9 +306,8 @@ class LeasedAdmission(Admission):
         pks = [pk] if pk is not None else list(self._journals)
         await asyncio.gather(*(self._flush_row(p) for p in pks if p in self._journals))
 
-    async def aclose(self) -> None:
-        """Stop the flusher, commit every journal and give every lease back (graceful shutdown)."""
-        await self._drain()  # reservations of requests the host cancelled first: their leases go back below
+    async def _commit_buffered(self) -> None:
+        """Stop the flusher, commit every journal and give every lease back (``aclose``)."""
         if self._flusher is not None:
             # Stopped between ticks, not cancelled: a write cancelled in flight loses the knowledge of whether it
             # landed (a team commit applied twice by the flush below, a lease return's room never given back).
@@ -319,7 +318,6 @@ class LeasedAdmission(Admission):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
         await self._return_leases(idle_for=0.0)
-        await super().aclose()
 
     async def _flush_row(self, pk: str) -> None:
         """Commit what the journal held when called: entries that arrive during a commit wait for the next

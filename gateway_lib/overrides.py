@@ -137,10 +137,9 @@ def merge_override(current: Override | None, body: Mapping[str, Any], changed_by
     if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_MAX_CHARS):
         raise InvalidRequest(f"'reason' must be a string of at most {REASON_MAX_CHARS} characters.", param="reason")
     # An admin changing a limit leaves a budget block the budget's to lift; one setting the status owns it.
-    # Only a change of status is a decision about it: a client sending the whole override back to change a
-    # limit repeats the status it read, which must not take the status over (or hold enforcement off).
-    # An explicit block or downgrade is always the admin's, even when it repeats the budget's (the rollup
-    # never lifts a status an admin set); only a repeated "active" is no decision.
+    # A client sending the whole override back to change a limit repeats the "active" it read: no decision
+    # about the status (it must not hold enforcement off). A block or downgrade sent is always the admin's,
+    # even when it repeats the budget's: the rollup never lifts a status an admin set.
     changed = "status" in body and (status != base.status or alias != base.alias or status != "active")
     status_by, status_at = (changed_by, now.isoformat()) if changed else (base.status_by, base.status_at)
     return Override(limits, status, alias, reason, now.isoformat(), base.etag, changed_by, status_by, status_at)

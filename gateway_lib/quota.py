@@ -176,12 +176,17 @@ class Admission:
     async def _abandon(self, res: Reservation) -> None:
         if not res.accounted:
             return  # admitted fail-open: nothing on the counters
+        if await self._give_back(res) and res.team:
+            await self._give_back(res, team_partition(res.team))
+
+    async def _give_back(self, res: Reservation, pk: str | None = None) -> bool:
+        """``_undo``, or leave the room to drop out with its reservation epoch when storage is out of reach."""
         try:
-            await self._undo(res)
-            if res.team:
-                await self._undo(res, team_partition(res.team))
-        except StorageError:  # the room drops out with its reservation epoch instead
-            log.warning("abandoned reservation left to expire", extra={"request_id": res.request_id})
+            await self._undo(res, pk)
+        except StorageError:
+            log.warning("reservation left to expire", extra={"request_id": res.request_id})
+            return False
+        return True
 
     async def _reserve(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation:
         now = self._clock()
@@ -250,9 +255,14 @@ class Admission:
         """Nothing is buffered here: every settle is written before it returns (leases.py buffers)."""
 
     async def aclose(self) -> None:
-        """Nothing to commit (see ``flush``); let reservation writes end; stop looking for lost writes."""
-        await self._drain()
+        """Graceful shutdown: let reservation writes under way end, commit what is buffered, stop looking for
+        the outcome of lost writes."""
+        await self._drain()  # first: a reservation of a request the host cancelled may bring a lease to give back
+        await self._commit_buffered()
         self._rows.aclose()
+
+    async def _commit_buffered(self) -> None:
+        """Nothing is buffered here (see ``flush``); leased admission commits its journal and returns leases."""
 
     async def _drain(self) -> None:
         for _ in range(2):  # the writes under way, then the give-backs those start (never chasing new traffic)
@@ -344,10 +354,7 @@ class Admission:
             override = await self._cached_override(team, "team", res)
             await self._admit(team_partition(team), Limits.of(None, override), res, f"team {team}")
         except (GatewayError, StorageError):  # refused, or the team's row out of reach (a 503 or fail-open)
-            try:
-                await self._undo(res)  # the caller's reservation must not outlive the team's refusal
-            except StorageError:  # the room drops out with its reservation epoch instead
-                log.warning("caller reservation left to expire", extra={"request_id": res.request_id})
+            await self._give_back(res)  # the caller's reservation must not outlive the team's refusal
             raise
 
     async def _undo(self, res: Reservation, pk: str | None = None) -> None:

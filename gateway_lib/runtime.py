@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import tokens
+from . import accounting, tokens
 from .auth import Authenticator
 from .errors import ServiceUnavailable
 from .leases import LeasedAdmission
@@ -52,8 +52,6 @@ class Runtime:
             gc.freeze()
 
     async def aclose(self) -> None:
-        from . import accounting
-
         await accounting.drain()  # settlements of requests the host cancelled, before the journal is committed
         await self.admission.aclose()  # commits a leased journal while storage is still open
         for provider in self.providers.values():
@@ -134,13 +132,12 @@ def get_runtime() -> Runtime:
     if _runtime is None or (_runtime.loop is not None and _runtime.loop is not loop):
         try:
             settings = get_settings()
-        except ConfigError as exc:
-            # The full list goes to the operator's log; the anonymous /api/health names the settings only.
-            log.error("gateway configuration is invalid", extra={"problems": exc.problems})
-            raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
-                                     code="configuration_error") from None
-        except Exception as exc:  # a setting the validation did not foresee: still a configuration error
-            log.exception("gateway settings could not be read", extra={"error": type(exc).__name__})
+        except Exception as exc:
+            if isinstance(exc, ConfigError):
+                # The full list goes to the operator's log; the anonymous /api/health names the settings only.
+                log.error("gateway configuration is invalid", extra={"problems": exc.problems})
+            else:  # a setting the validation did not foresee: still a configuration error
+                log.exception("gateway settings could not be read", extra={"error": type(exc).__name__})
             raise ServiceUnavailable("The gateway is misconfigured; an operator can see why at /api/health.",
                                      code="configuration_error") from None
         rt = build_runtime(settings)

@@ -54,9 +54,10 @@ def system_prompt(req: GenerateRequest) -> str:
     return template
 
 
-def _names(names: list[str] | None, param: str, message: str, least: int) -> list[str]:
-    if not names or any(not n.strip() for n in names) or len({n.strip().casefold() for n in names}) < max(
-            least, len(names)):
+def _names(given: list[str] | None, param: str, message: str, least: int) -> list[str]:
+    names = given or []
+    distinct = {n.strip().casefold() for n in names}
+    if "" in distinct or len(distinct) < least or len(distinct) != len(names):  # blank, too few, repeated
         raise InvalidRequest(message, param=param)
     if sum(len(n) for n in names) > NAMES_MAX_CHARS:
         raise InvalidRequest(f"'{param}' may hold at most {NAMES_MAX_CHARS} characters together.", param=param)
