@@ -1,7 +1,7 @@
 """Azure Functions entry point (Python v2 programming model).
 
 Declarations only: routes, methods, auth levels and the rollup schedule. Every
-handler delegates to ``gateway_lib.api``. Nothing here does I/O at import time, and
+handler delegates to ``gateway_lib.http.api``. Nothing here does I/O at import time, and
 heavy SDKs are imported where first used, so the host indexes the functions fast.
 
 HTTP streams are enabled for the whole app (``azurefunctions-extensions-http-fastapi``):
@@ -12,7 +12,7 @@ Server-Sent Events through the Functions host.
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
-from gateway_lib import api
+from gateway_lib.http import api
 
 # Function keys guard the function endpoint (APIM holds one as a named value);
 # callers are still authenticated by their Entra token inside every handler.

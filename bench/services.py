@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway_lib.settings import SETTING_NAMES
+from gateway_lib.config.settings import SETTING_NAMES
 from tools.stack import ROOT, azurite_connection_string, free_port, wait_for_port
 
 BENCH_ROLE = "Gateway.Bench"

@@ -16,16 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import accounting, tokens
-from .auth import Authenticator
-from .errors import ServiceUnavailable
-from .leases import LeasedAdmission
-from .providers.base import Provider
-from .quota import Admission
-from .settings import ConfigError, Settings, get_settings
-from .storage.base import TableStore
-from .target_health import TargetHealth
-from .telemetry import Telemetry, install_privacy_filter
+from gateway_lib.auth.authenticator import Authenticator
+from gateway_lib.billing import accounting
+from gateway_lib.config.settings import ConfigError, Settings, get_settings
+from gateway_lib.errors import ServiceUnavailable
+from gateway_lib.guardrails import tokens
+from gateway_lib.providers.base import Provider
+from gateway_lib.quota.admission import Admission
+from gateway_lib.quota.leases import LeasedAdmission
+from gateway_lib.routing.target_health import TargetHealth
+from gateway_lib.storage.base import TableStore
+from gateway_lib.telemetry import Telemetry, install_privacy_filter
 
 log = logging.getLogger("gateway.runtime")
 
@@ -64,8 +65,8 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
                   store: TableStore | None = None, aws_web_identity_token: Any = None) -> Runtime:
     """Wire the components. Credentials are injectable: tests and the local stack never build
     a managed-identity credential (it would call the instance metadata endpoint)."""
-    from .providers.azure_openai import AzureOpenAIProvider
-    from .providers.bedrock import BedrockProvider
+    from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
+    from gateway_lib.providers.bedrock.adapter import BedrockProvider
 
     # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
     # httpx2 (under the openai SDK) adds a line per upstream call. The request record says it all once.
@@ -97,19 +98,19 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
 def _store(settings: Settings, credential: Any) -> TableStore:
     s = settings.storage
     if s.mode == "memory":
-        from .storage.memory import MemoryTableStore
+        from gateway_lib.storage.memory import MemoryTableStore
 
         return MemoryTableStore()
     table = _table_store(settings, credential)
     if s.quota_mode == "leased":  # usage is written behind: keep its commits off the request loop
-        from .storage.threaded import StorageThread
+        from gateway_lib.storage.threaded import StorageThread
 
         return StorageThread(table)
     return table
 
 
 def _table_store(settings: Settings, credential: Any) -> TableStore:
-    from .storage.azure_tables import AzureTableStore
+    from gateway_lib.storage.azure_tables import AzureTableStore
 
     s = settings.storage
     if s.connection_string:

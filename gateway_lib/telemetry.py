@@ -478,7 +478,7 @@ def install_privacy_filter(logger: logging.Logger | None = None) -> None:
 
 
 # Trace context lives in its own module; re-exported for callers that import it from here.
-from .tracecontext import (  # noqa: E402
+from gateway_lib.http.tracecontext import (  # noqa: E402
     TraceContext,
     accept_request_id,
     child_traceparent,

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway_lib.settings import AuthSettings
+from gateway_lib.config.settings import AuthSettings
 from tools.dev_issuer import DevIssuer, v2_issuer
 
 OTHER_TENANT = "11111111-1111-4111-8111-111111111111"

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..catalog import Target
-from ..schema import ChatRequest
+from gateway_lib.config.catalog import Target
+from gateway_lib.operations.schema import ChatRequest
 
 
 @dataclass(frozen=True)

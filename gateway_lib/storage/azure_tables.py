@@ -28,8 +28,8 @@ from azure.core.rest import HttpRequest
 from azure.data.tables import EdmType, EntityProperty, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from . import batch
-from .base import (
+from gateway_lib.storage import batch
+from gateway_lib.storage.base import (
     Entity,
     EntityExists,
     EntityNotFound,
@@ -40,7 +40,7 @@ from .base import (
     TableNotFound,
     TransactionFailed,
 )
-from .memory import check_key, check_transaction, normalise_properties
+from gateway_lib.storage.memory import check_key, check_transaction, normalise_properties
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential

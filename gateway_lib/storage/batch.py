@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from .base import Entity, Op
-from .memory import check_key, normalise_properties
+from gateway_lib.storage.base import Entity, Op
+from gateway_lib.storage.memory import check_key, normalise_properties
 
 _METHODS = {"insert": "POST", "upsert": "PUT", "update": "PUT", "delete": "DELETE"}
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")

@@ -23,7 +23,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .base import (
+from gateway_lib.storage.base import (
     Entity,
     EntityExists,
     EntityNotFound,

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-from .base import Entity, Op, TableStore
+from gateway_lib.storage.base import Entity, Op, TableStore
 
 T = TypeVar("T")
 

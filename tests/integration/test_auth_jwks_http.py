@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway_lib.auth import Authenticator
+from gateway_lib.auth.authenticator import Authenticator
+from gateway_lib.auth.identity import Caller
+from gateway_lib.auth.jwks import JwksCache
+from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
 from gateway_lib.errors import GatewayError, ServiceUnavailable
-from gateway_lib.identity import Caller
-from gateway_lib.jwks import JwksCache
-from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
 from tests.attack_matrix import AttackCase, attack_cases, bearer, matrix_settings
 from tools.dev_issuer import DevIssuer, JwksServer
 
@@ -114,7 +114,7 @@ def test_cached_keys_are_used_while_the_endpoint_is_down(rig: Rig, caplog: pytes
     rig.authenticate(rig.issuer.token())
     rig.server.failing = True
     rig.clock.now += 2 * 3600  # well past the TTL
-    with caplog.at_level(logging.WARNING, logger="gateway_lib.jwks"):
+    with caplog.at_level(logging.WARNING, logger="gateway_lib.auth.jwks"):
         for _ in range(5):
             rig.authenticate(rig.issuer.token())
     assert rig.server.hits == 2  # one failed refresh attempt, then rate limited

@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 from botocore.credentials import Credentials
 
-from gateway_lib.catalog import Price, Target
+from gateway_lib.config.catalog import Price, Target
+from gateway_lib.config.settings import ProviderSettings
 from gateway_lib.errors import ProviderError
-from gateway_lib.fallback import complete_with_fallback
-from gateway_lib.providers.aws_credentials import build_credentials
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, StreamEvent
-from gateway_lib.providers.bedrock import BedrockProvider
-from gateway_lib.routing import RoutePlan, RouteStep
-from gateway_lib.schema import ChatRequest
-from gateway_lib.settings import ProviderSettings
-from gateway_lib.target_health import TargetHealth
+from gateway_lib.providers.bedrock.adapter import BedrockProvider
+from gateway_lib.providers.bedrock.credentials import build_credentials
+from gateway_lib.routing.fallback import complete_with_fallback
+from gateway_lib.routing.plan import RoutePlan, RouteStep
+from gateway_lib.routing.target_health import TargetHealth
 from tests.inproc_simulator import control
 from tools.dev_issuer import DevIssuer
 from tools.provider_simulator import RunningSimulator

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import budget
-from gateway_lib.alerts import WebhookSink
+from gateway_lib.billing import budget
+from gateway_lib.billing.alerts import WebhookSink
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import TableStore
 from tests import conftest

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from gateway_lib.ledger import CostRow
+from gateway_lib.billing.ledger import CostRow
 from tests.integration.test_quota_e2e import caller_key, ledger_state
 from tests.stack_fixture import Sim
 from tools.sim_text import FILTER_OUTPUT_TRIGGER, FILTER_PROMPT_TRIGGER

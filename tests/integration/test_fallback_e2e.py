@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 
-from gateway_lib.catalog import default_catalogue_json
+from gateway_lib.config.catalog import default_catalogue_json
 from tests.stack_fixture import Sim, cleared_sim
 from tools.dev_issuer import DevIssuer
 from tools.stack import Ports, Stack

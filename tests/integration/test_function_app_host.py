@@ -20,8 +20,8 @@ from azure.functions.timer import TimerRequest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway_lib.config.settings import Settings
 from gateway_lib.runtime import build_runtime, set_runtime
-from gateway_lib.settings import Settings
 from tests.host_invoke import invoke, make_request, registered_functions
 from tools import local_host
 from tools.dev_issuer import DevIssuer, JwksServer
@@ -173,7 +173,7 @@ def test_timer_function_invoked_like_the_host(functions: dict[str, Any], wired: 
 def test_health_names_the_settings_at_fault_without_their_values(functions: dict[str, Any],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # /api/health is anonymous: a misconfigured webhook URL (its secret is in the path) must not be echoed.
-    from gateway_lib import settings as settings_module
+    from gateway_lib.config import settings as settings_module
 
     values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     values |= {"GATEWAY_STORAGE_MODE": "memory", "ALERT_WEBHOOK_URL": "hooks.example.com/services/T0/B0/S3CR3T",

@@ -32,11 +32,11 @@ from decimal import Decimal
 import pytest
 import requests
 
-from gateway_lib.catalog import Price, default_catalogue_json
-from gateway_lib.leases import FLUSH_INTERVAL_SECONDS, LEASE_IDLE_SECONDS
-from gateway_lib.ledger import CostRow
-from gateway_lib.pricing import cost
-from gateway_lib.tiers import default_tiers_json
+from gateway_lib.billing.ledger import CostRow
+from gateway_lib.billing.pricing import cost
+from gateway_lib.config.catalog import Price, default_catalogue_json
+from gateway_lib.config.tiers import default_tiers_json
+from gateway_lib.quota.leases import FLUSH_INTERVAL_SECONDS, LEASE_IDLE_SECONDS
 from tests.integration.test_quota_e2e import assert_counters_match_rows, ledger_state
 from tests.stack_fixture import Sim
 from tools.dev_issuer import DEFAULT_TENANT, DevIssuer, app_id_for

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from gateway_lib.config.settings import Settings
 from gateway_lib.runtime import Runtime, build_runtime
-from gateway_lib.settings import Settings
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.telemetry import Telemetry
 from tests.host_invoke import invoke, make_request, registered_functions

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import requests
 
-from gateway_lib.counters import COUNTERS_ROW, Counters
-from gateway_lib.ledger import CostRow, iter_cost_rows, table_key, usage_table
+from gateway_lib.billing.ledger import CostRow, iter_cost_rows, table_key, usage_table
+from gateway_lib.config.tiers import default_tiers_json
+from gateway_lib.quota.counters import COUNTERS_ROW, Counters
 from gateway_lib.storage.azure_tables import AzureTableStore
-from gateway_lib.tiers import default_tiers_json
 from tests.stack_fixture import Sim, cleared_sim
 from tools.dev_issuer import DevIssuer
 from tools.stack import Ports, Stack, azurite_connection_string

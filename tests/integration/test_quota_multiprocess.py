@@ -17,10 +17,10 @@ from decimal import Decimal
 
 import pytest
 
+from gateway_lib.auth.identity import Caller
+from gateway_lib.billing.ledger import CostRow
 from gateway_lib.errors import QuotaExceeded, RateLimited
-from gateway_lib.identity import Caller
-from gateway_lib.ledger import CostRow
-from gateway_lib.quota import Admission, Counters, Reservation
+from gateway_lib.quota.admission import Admission, Counters, Reservation
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import StorageError
 from tests.unit.test_quota import cost_rows, counters_of, make_caller, make_row, make_settings, make_tier

@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway_lib.auth import Authenticator
+from gateway_lib.auth.authenticator import Authenticator
+from gateway_lib.auth.identity import Caller
+from gateway_lib.auth.jwks import JwksCache
+from gateway_lib.config.settings import AuthSettings
+from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
 from gateway_lib.errors import AuthenticationFailed, GatewayError, PermissionDenied, ServiceUnavailable
-from gateway_lib.identity import Caller
-from gateway_lib.jwks import JwksCache
-from gateway_lib.settings import AuthSettings
-from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
 from tests.attack_matrix import OTHER_TENANT, AttackCase, attack_cases, b64json, bearer, matrix_settings
 from tools.dev_issuer import DevIssuer, app_id_for, v1_issuer
 
@@ -276,7 +276,7 @@ def test_an_admin_of_a_second_trusted_tenant_is_not_the_gateways_admin() -> None
 def test_a_cached_verification_ends_with_the_tokens_expiry_not_the_caches_ttl() -> None:
     # Verified tokens are cached by digest; a hit must still honour exp (+ leeway), or an expired token would
     # be accepted for as long as it sat in the cache.
-    from gateway_lib.auth import VERIFIED_TOKEN_TTL_SECONDS, _VerifiedTokens
+    from gateway_lib.auth.authenticator import VERIFIED_TOKEN_TTL_SECONDS, _VerifiedTokens
 
     now = [1000.0]
     cache = _VerifiedTokens(lambda: now[0], leeway=10)

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.providers.aws_credentials import (
+from gateway_lib.config.settings import ProviderSettings
+from gateway_lib.providers.bedrock.credentials import (
     FederationError,
     WebIdentityFetcher,
     botocore_session,
     build_credentials,
     web_identity_credentials,
 )
-from gateway_lib.settings import ProviderSettings
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway_lib.errors import ProviderError
-from gateway_lib.providers.azure_openai import _events
+from gateway_lib.providers.azure_openai.adapter import _events
 
 PREAMBLE = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}'
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}'

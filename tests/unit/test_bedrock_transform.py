@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.catalog import Price, Target
+from gateway_lib.config.catalog import Price, Target
 from gateway_lib.errors import InvalidRequest, ProviderError
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Usage, usage_of
-from gateway_lib.providers.bedrock_transform import (
+from gateway_lib.providers.bedrock.transform import (
     StreamTranslator,
     error_from_aws,
     from_converse_response,
     to_converse_request,
 )
-from gateway_lib.schema import ChatRequest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bedrock"
 TARGET = Target(id="bedrock-haiku", provider="bedrock", deployment="anthropic.claude-3-haiku-20240307-v1:0",

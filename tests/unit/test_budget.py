@@ -17,14 +17,16 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import alerts, budget, ledger, overrides, quota
-from gateway_lib.alerts import Alert
-from gateway_lib.budget import Budget, RollupReport, run_rollup
-from gateway_lib.enforcement import OverrideBudgets, OverrideEnforcer
-from gateway_lib.settings import BudgetSettings
+from gateway_lib.billing import alerts, budget, ledger
+from gateway_lib.billing.alerts import Alert
+from gateway_lib.billing.budget import Budget, RollupReport, run_rollup
+from gateway_lib.billing.enforcement import OverrideBudgets, OverrideEnforcer
+from gateway_lib.config.settings import BudgetSettings
+from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
+from gateway_lib.quota import admission as quota
+from gateway_lib.quota import overrides
 from gateway_lib.storage.base import Entity, Op, StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
-from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
 from tests.unit import test_quota
 
 T0 = datetime(2026, 3, 10, tzinfo=UTC)
@@ -871,7 +873,7 @@ def test_the_timer_entry_builds_its_dependencies_from_the_runtime(monkeypatch: p
     from types import SimpleNamespace
 
     from gateway_lib import runtime
-    from gateway_lib.settings import Settings
+    from gateway_lib.config.settings import Settings
 
     env = {"GATEWAY_STORAGE_MODE": "memory", "AUTH_TENANT_IDS": TENANT, "AUTH_AUDIENCES": "api://gw",
            "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "GATEWAY_TABLE_PREFIX": "gw",
@@ -894,7 +896,7 @@ def test_the_timer_entry_builds_its_dependencies_from_the_runtime(monkeypatch: p
 
 
 def test_a_rollup_schedule_that_is_not_ncrontab_is_a_configuration_problem() -> None:
-    from gateway_lib.settings import ConfigError, Settings
+    from gateway_lib.config.settings import ConfigError, Settings
 
     env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
            "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
@@ -908,7 +910,7 @@ def test_a_rollup_schedule_that_is_not_ncrontab_is_a_configuration_problem() -> 
 
 def test_a_tiny_burn_rate_forecasts_nothing_instead_of_overflowing() -> None:
     # $0.000001 in an hour against $100 would run out in ~11 million years: past datetime's range.
-    from gateway_lib.spend import forecast_exhaustion
+    from gateway_lib.billing.spend import forecast_exhaustion
 
     tiny = Decimal("0.000001")
     assert forecast_exhaustion(tiny, Decimal(100), tiny, T0 + timedelta(hours=1), T0 + timedelta(hours=2)) is None

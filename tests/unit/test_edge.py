@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from gateway_lib import edge
+from gateway_lib.http import edge
 
 
 def test_a_caller_hanging_up_mid_upload_is_recorded_as_499_not_500() -> None:

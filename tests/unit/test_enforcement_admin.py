@@ -7,8 +7,10 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway_lib import budget, overrides, quota
-from gateway_lib.enforcement import OverrideEnforcer
+from gateway_lib.billing import budget
+from gateway_lib.billing.enforcement import OverrideEnforcer
+from gateway_lib.quota import admission as quota
+from gateway_lib.quota import overrides
 from gateway_lib.storage.memory import MemoryTableStore
 
 PREFIX = "t"

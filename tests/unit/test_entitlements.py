@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.entitlements import caller_from_claims
+from gateway_lib.auth.entitlements import caller_from_claims
+from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
 from gateway_lib.errors import AuthenticationFailed, PermissionDenied
-from gateway_lib.tiers import TierPolicy, default_tiers_json, parse_tiers
 
 TID = "00000000-0000-4000-8000-000000000de0"
 APP = "11111111-2222-4333-8444-555555555555"

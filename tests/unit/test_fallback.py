@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.catalog import Price, Target
+from gateway_lib.config.catalog import Price, Target
 from gateway_lib.errors import InvalidRequest, ProviderError, RateLimited, ServiceUnavailable
-from gateway_lib.fallback import complete_with_fallback, open_stream_with_fallback
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
-from gateway_lib.routing import RoutePlan, RouteStep
-from gateway_lib.schema import ChatRequest
-from gateway_lib.target_health import TargetHealth
+from gateway_lib.routing.fallback import complete_with_fallback, open_stream_with_fallback
+from gateway_lib.routing.plan import RoutePlan, RouteStep
+from gateway_lib.routing.target_health import TargetHealth
 
 REQUEST = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 CTX = CallContext(request_id="r")
@@ -214,7 +214,7 @@ def test_callers_arriving_while_everything_cools_down_send_one_probe_at_a_time()
 
 
 def test_a_retry_after_of_infinity_is_a_429_with_a_finite_wait() -> None:
-    from gateway_lib.providers import azure_openai
+    from gateway_lib.providers.azure_openai import adapter as azure_openai
 
     clock = FakeClock()
     health = TargetHealth(clock)
@@ -238,7 +238,7 @@ def test_the_attempts_of_one_request_share_one_time_budget() -> None:
 
 
 def test_an_attempt_is_cut_when_the_request_has_no_time_left(monkeypatch: Any) -> None:
-    from gateway_lib import fallback
+    from gateway_lib.routing import fallback
 
     monkeypatch.setattr(fallback, "FALLBACK_BUDGET_SECONDS", 0.05)
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import guardrails, tokens
-from gateway_lib.catalog import Price, Target
+from gateway_lib.config.catalog import Price, Target
+from gateway_lib.config.settings import LimitSettings
+from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import ContentFiltered, InvalidRequest
-from gateway_lib.schema import ChatRequest
-from gateway_lib.settings import LimitSettings
-from gateway_lib.tiers import Tier
+from gateway_lib.guardrails import screen as guardrails
+from gateway_lib.guardrails import tokens
+from gateway_lib.operations.schema import ChatRequest
 
 LIMITS = LimitSettings(max_body_bytes=1_048_576, max_prompt_chars=10_000, max_messages=8, deny_patterns=(),
                        pii_patterns=())
@@ -258,7 +259,7 @@ def test_detectors_stay_linear_on_adversarial_input(text: str) -> None:
 
 
 def test_a_task_error_names_the_prompt() -> None:
-    from gateway_lib import tasks
+    from gateway_lib.operations import tasks
 
     error = ContentFiltered("rule 'pii.email' matched in messages[1].", param="messages")
     assert tasks.in_task_terms(error) is error

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.settings import PLATFORM_SETTING_NAMES, SETTING_NAMES
+from gateway_lib.config.settings import PLATFORM_SETTING_NAMES, SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -416,7 +416,7 @@ def rendered_api_policy(tenants: list[str], extra_issuers: list[str] | None = No
 
 
 def auth_settings(tenants: list[str], extra_issuers: tuple[str, ...] = ()) -> Any:
-    from gateway_lib.settings import AuthSettings
+    from gateway_lib.config.settings import AuthSettings
 
     return AuthSettings(tenant_ids=tuple(tenants), allowed_tenants=(), audiences=("api://gw",),
                         extra_issuers=extra_issuers, openid_config_url=None, jwks_url=None, algorithms=("RS256",),
@@ -424,8 +424,8 @@ def auth_settings(tenants: list[str], extra_issuers: tuple[str, ...] = ()) -> An
 
 
 def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
-    """One openid-config per tenant and each tenant's v1 and v2 issuer: the set gateway_lib.auth accepts."""
-    from gateway_lib.auth import _trusted_issuers
+    """One openid-config per tenant and each tenant's v1 and v2 issuer: the set gateway_lib.auth.authenticator accepts."""
+    from gateway_lib.auth.authenticator import _trusted_issuers
 
     tenants = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"]
     token = rendered_api_policy([*tenants, ""]).find("./inbound/validate-jwt")  # "": a trailing comma
@@ -439,7 +439,7 @@ def test_api_policy_trusts_every_tenant_the_function_trusts() -> None:
 
 def test_api_policy_trusts_the_extra_issuers_with_the_configured_keys() -> None:
     """A sovereign cloud: AUTH_EXTRA_ISSUERS and AUTH_OPENID_CONFIG_URL reach APIM as they reach the function."""
-    from gateway_lib.auth import _trusted_issuers
+    from gateway_lib.auth.authenticator import _trusted_issuers
 
     tenant = "33333333-3333-3333-3333-333333333333"
     extra = (f"https://login.microsoftonline.us/{tenant}/v2.0", f"https://sts.windows.net/{tenant}/")

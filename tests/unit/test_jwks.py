@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway_lib.jwks import JwksCache, JwksUnavailable, KeyUnavailable
+from gateway_lib.auth.jwks import JwksCache, JwksUnavailable, KeyUnavailable
 from tools.dev_issuer import DevIssuer
 
 JWKS_URL = "https://keys.example/discovery/v2.0/keys"
@@ -156,7 +156,7 @@ def test_stale_keys_are_served_while_the_endpoint_is_down(
     asyncio.run(keys.get_key(endpoint.issuer.kid))
     endpoint.down = True
     clock.now += 10 * 3600
-    with caplog.at_level(logging.WARNING, logger="gateway_lib.jwks"):
+    with caplog.at_level(logging.WARNING, logger="gateway_lib.auth.jwks"):
         assert asyncio.run(keys.get_key(endpoint.issuer.kid)).key_id == endpoint.issuer.kid
     assert endpoint.jwks_calls == 2
     assert "jwks refresh failed; serving 1 cached keys" in caplog.text
@@ -261,7 +261,7 @@ def test_discovery_over_https_never_downgrades_to_a_plain_http_jwks_uri(endpoint
 
 
 def test_signing_key_urls_must_be_https_in_azure() -> None:
-    from gateway_lib.settings import ConfigError, Settings
+    from gateway_lib.config.settings import ConfigError, Settings
 
     env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
            "GATEWAY_TABLE_ENDPOINT": "https://acct.table.core.windows.net", "AZURE_OPENAI_ENDPOINT": "https://a.example",

@@ -8,11 +8,11 @@ from decimal import Decimal
 
 import pytest
 
-from gateway_lib.counters import Counters, epoch_of, minute_key
+from gateway_lib.billing.ledger import table_key, usage_table
 from gateway_lib.errors import QuotaExceeded
-from gateway_lib.ledger import table_key, usage_table
-from gateway_lib.overrides import Override, get_override, put_override
-from gateway_lib.quota import tables
+from gateway_lib.quota.admission import tables
+from gateway_lib.quota.counters import Counters, epoch_of, minute_key
+from gateway_lib.quota.overrides import Override, get_override, put_override
 from tests.unit.test_quota import Clock, make_caller, new_admission, run
 
 TEAM = "research-" + "x" * 241  # a 250-character team claim: its key (255 chars) was always valid in Azure

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import leases, ledger
+from gateway_lib.billing import ledger
+from gateway_lib.billing.ledger import table_key
+from gateway_lib.config.settings import ConfigError, Settings
 from gateway_lib.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway_lib.leases import LeasedAdmission
-from gateway_lib.ledger import table_key
-from gateway_lib.quota import team_partition
+from gateway_lib.quota import leases
+from gateway_lib.quota.admission import team_partition
+from gateway_lib.quota.leases import LeasedAdmission
 from gateway_lib.runtime import build_runtime
-from gateway_lib.settings import ConfigError, Settings
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import StorageUnavailable, TableStore
 from gateway_lib.storage.memory import MemoryTableStore
@@ -394,7 +395,7 @@ def test_team_counters_follow_and_a_team_refusal_returns_the_callers_room() -> N
         team = await counters_of(store, team_partition("blue"))
         assert team.day_tokens == 28 and team.in_flight_tokens == 0
 
-        from gateway_lib.overrides import Override, put_override
+        from gateway_lib.quota.overrides import Override, put_override
 
         await put_override(store, "t", "blue", Override(limits={"requests_per_minute": 4}), kind="team")
         adm = leased(store, clock)
@@ -590,8 +591,8 @@ def test_a_lease_replaced_during_an_outage_gives_its_room_back_exactly_once(land
 
 
 def test_a_doubtful_write_counts_as_missed_only_when_the_history_proves_it() -> None:
-    from gateway_lib.counter_rows import Doubt
-    from gateway_lib.counters import WRITERS_KEPT, Release
+    from gateway_lib.quota.counter_rows import Doubt
+    from gateway_lib.quota.counters import WRITERS_KEPT, Release
 
     room = Release("m", 1, 1, 10, Decimal("0.001"))
     after_x = Doubt("ours", room, "x", room)  # written on a row whose newest marker was "x"
@@ -681,9 +682,9 @@ def test_a_journal_behind_an_outage_refuses_new_requests_after_a_bounded_wait(mo
 
 
 def test_a_lease_fits_a_request_only_within_its_minute_epoch_and_room() -> None:
-    from gateway_lib.counters import Counters
-    from gateway_lib.leases import Lease
-    from gateway_lib.quota import Reservation
+    from gateway_lib.quota.admission import Reservation
+    from gateway_lib.quota.counters import Counters
+    from gateway_lib.quota.leases import Lease
 
     lease = Lease(minute="2026-03-10T10:00", epoch=7, requests=2, tokens=100, usd=Decimal("0.01"), granted=2,
                   granted_at=0.0, used_at=0.0, seen=Counters())

@@ -9,11 +9,11 @@ import random
 from decimal import Decimal
 from typing import Any
 
-from gateway_lib import leases
+from gateway_lib.billing.ledger import table_key
 from gateway_lib.errors import ServiceUnavailable
-from gateway_lib.leases import LeasedAdmission
-from gateway_lib.ledger import table_key
-from gateway_lib.quota import team_partition
+from gateway_lib.quota import leases
+from gateway_lib.quota.admission import team_partition
+from gateway_lib.quota.leases import LeasedAdmission
 from gateway_lib.storage.base import StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_leases import GatedStore, leased, serve

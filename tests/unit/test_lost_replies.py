@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.counters import WRITERS_KEPT
+from gateway_lib.auth.identity import Caller
+from gateway_lib.billing.ledger import table_key, usage_table
 from gateway_lib.errors import ServiceUnavailable
-from gateway_lib.identity import Caller
-from gateway_lib.leases import LeasedAdmission
-from gateway_lib.ledger import table_key, usage_table
-from gateway_lib.quota import Admission, Reservation, team_partition
+from gateway_lib.quota.admission import Admission, Reservation, team_partition
+from gateway_lib.quota.counters import WRITERS_KEPT
+from gateway_lib.quota.leases import LeasedAdmission
 from gateway_lib.storage.base import Entity, StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_leases import leased, serve
@@ -226,8 +226,8 @@ def test_writer_markers_stay_few(monkeypatch: Any) -> None:
         caller = make_caller()
         for i in range(40):
             await adm.reserve(caller, tokens=1, usd=Decimal(0), request_id=f"r{i}")
-        from gateway_lib import ledger
-        from gateway_lib.ledger import usage_table
+        from gateway_lib.billing import ledger
+        from gateway_lib.billing.ledger import usage_table
 
         row = await store.get(usage_table("t"), ledger.table_key(caller.key), "counters")
         assert row is not None and len(str(row.properties["writers"]).split(",")) == 16

@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 from starlette.responses import StreamingResponse
 
-from gateway_lib import pipeline
-from gateway_lib.catalog import Target
-from gateway_lib.edge import Scope
+from gateway_lib.auth.identity import Caller
+from gateway_lib.billing.ledger import usage_table
+from gateway_lib.config.catalog import Target
+from gateway_lib.config.settings import Settings
 from gateway_lib.errors import InternalError, ProviderError, ServiceUnavailable
-from gateway_lib.identity import Caller
-from gateway_lib.ledger import usage_table
+from gateway_lib.http.edge import Scope
+from gateway_lib.operations import pipeline
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
-from gateway_lib.quota import COUNTERS_ROW, Counters
+from gateway_lib.quota.admission import COUNTERS_ROW, Counters
 from gateway_lib.runtime import Runtime, build_runtime
-from gateway_lib.schema import ChatRequest
-from gateway_lib.settings import Settings
 from gateway_lib.storage.memory import MemoryTableStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,7 +199,7 @@ def test_events_that_arrived_together_go_out_in_one_write_and_raw_json_as_receiv
 
 def test_an_answer_with_a_lone_surrogate_is_escaped_not_a_500() -> None:
     # Upstream JSON may carry "\ud800" escapes; the call is paid for by then, so the answer must still go out.
-    from gateway_lib.edge import Scope, json_response
+    from gateway_lib.http.edge import Scope, json_response
 
     response = json_response({"text": "x\ud800y", "name": "é"}, Scope(request_id="r", trace_id="t", traceparent="p",
                                                                        route="chat"))

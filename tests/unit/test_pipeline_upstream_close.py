@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway_lib import pipeline
-from gateway_lib.catalog import Target
+from gateway_lib.config.catalog import Target
+from gateway_lib.operations import pipeline
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent
-from gateway_lib.schema import ChatRequest
 from tests.unit.test_pipeline import _caller, _chat, _runtime, _scope, serve_to_a_caller_already_gone
 
 

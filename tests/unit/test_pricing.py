@@ -2,8 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway_lib.catalog import Price
-from gateway_lib.pricing import COST_QUANTUM, cost, estimate, worst_price
+from gateway_lib.billing.pricing import COST_QUANTUM, cost, estimate, worst_price
+from gateway_lib.config.catalog import Price
 
 MINI = Price(Decimal("0.00015"), Decimal("0.0006"))
 

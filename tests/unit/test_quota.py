@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import ledger
-from gateway_lib.counters import EPOCH_SECONDS, Counters, epoch_of
+from gateway_lib.auth.identity import Caller
+from gateway_lib.billing import ledger
+from gateway_lib.billing.ledger import CostRow, usage_table
+from gateway_lib.config.settings import Settings
+from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import InvalidRequest, QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway_lib.identity import Caller
-from gateway_lib.ledger import CostRow, usage_table
-from gateway_lib.overrides import Override, get_override, put_override
-from gateway_lib.quota import Admission, Reservation, tables, team_partition
-from gateway_lib.settings import Settings
+from gateway_lib.quota.admission import Admission, Reservation, tables, team_partition
+from gateway_lib.quota.counters import EPOCH_SECONDS, Counters, epoch_of
+from gateway_lib.quota.overrides import Override, get_override, put_override
 from gateway_lib.storage.base import StorageError, TableStore, TransactionFailed
 from gateway_lib.storage.memory import MemoryTableStore
-from gateway_lib.tiers import Tier
 
 T0 = datetime(2025, 3, 14, 12, 0, 10, tzinfo=UTC)
 
@@ -296,7 +296,7 @@ def test_a_reservation_whose_epoch_is_gone_from_the_row_is_refused_and_holds_not
     # Found by the interleaving test run across the storage thread, whose clock outran storage: a reservation
     # written two epoch turns after it was stamped landed in the current generation, and its settlement (from
     # the long-gone generation of its epoch) took nothing back: room held by nobody until it expired.
-    from gateway_lib.leases import LeasedAdmission
+    from gateway_lib.quota.leases import LeasedAdmission
 
     async def scenario() -> None:
         clock = Clock()
@@ -651,7 +651,7 @@ def test_a_settle_rides_out_a_short_storage_outage() -> None:
 def test_windows_only_roll_forward_so_a_lagging_clock_never_resets_a_newer_day() -> None:
     # Another instance, whose clock is ahead, already wrote today's counters: ours, seconds behind at
     # midnight, must not wipe the day's spend (the daily budget could then be spent twice).
-    from gateway_lib.counters import Counters
+    from gateway_lib.quota.counters import Counters
 
     today = Counters(minute="2026-03-11T00:00", minute_requests=3, minute_tokens=30, day="2026-03-11",
                      day_tokens=300, day_usd=Decimal("0.5"), month="2026-03", month_tokens=900,
@@ -683,7 +683,7 @@ def test_losing_the_etag_race_every_time_is_a_429_for_the_callers_own_concurrenc
 
 def test_an_override_update_is_conditional_on_the_etag_it_read() -> None:
     # The admin route and budget enforcement edit the same row; neither may silently undo the other.
-    from gateway_lib.overrides import Override, get_override, put_override
+    from gateway_lib.quota.overrides import Override, get_override, put_override
     from gateway_lib.storage.base import PreconditionFailed
 
     async def scenario() -> None:
@@ -706,7 +706,7 @@ def test_a_commit_that_finds_its_counters_row_created_since_its_read_redoes_it_i
     # the read (the transaction's last op) is a lost race, redone on fresh numbers.
     from types import SimpleNamespace
 
-    from gateway_lib.counter_rows import AlreadySettled
+    from gateway_lib.quota.counter_rows import AlreadySettled
     from gateway_lib.storage.base import PreconditionFailed
 
     async def scenario() -> None:

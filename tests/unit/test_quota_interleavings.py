@@ -32,13 +32,13 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import leases
-from gateway_lib.counters import Counters
+from gateway_lib.billing.ledger import table_key, usage_table
 from gateway_lib.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway_lib.leases import LeasedAdmission
-from gateway_lib.ledger import table_key, usage_table
-from gateway_lib.overrides import Override, put_override
-from gateway_lib.quota import Admission, Reservation, tables, team_partition
+from gateway_lib.quota import leases
+from gateway_lib.quota.admission import Admission, Reservation, tables, team_partition
+from gateway_lib.quota.counters import Counters
+from gateway_lib.quota.leases import LeasedAdmission
+from gateway_lib.quota.overrides import Override, put_override
 from gateway_lib.storage.base import StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_quota import Clock, _no_sleep, cost_rows, counters_of, make_caller, make_row, make_settings, make_tier, run

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway_lib.errors import ServiceUnavailable
-from gateway_lib.overrides import overrides_table
+from gateway_lib.quota.overrides import overrides_table
 from gateway_lib.storage.base import StorageUnavailable
 from gateway_lib.storage.memory import MemoryTableStore
 from tests.unit.test_leases import GatedStore, leased

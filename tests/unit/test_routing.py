@@ -6,12 +6,12 @@ from decimal import Decimal
 
 import pytest
 
-from gateway_lib.catalog import Catalogue, default_catalogue_json, parse_catalogue
+from gateway_lib.config.catalog import Catalogue, default_catalogue_json, parse_catalogue
+from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import InvalidRequest, ModelNotFound, PermissionDenied
-from gateway_lib.routing import RoutePlan, plan_route
-from gateway_lib.schema import ChatRequest
-from gateway_lib.target_health import HealthView, TargetHealth, TargetStatus
-from gateway_lib.tiers import Tier
+from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.routing.plan import RoutePlan, plan_route
+from gateway_lib.routing.target_health import HealthView, TargetHealth, TargetStatus
 
 NOW = 500.0
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import api, runtime
-from gateway_lib.settings import ConfigError, Settings
+from gateway_lib import runtime
+from gateway_lib.config.settings import ConfigError, Settings
+from gateway_lib.http import api
 
 BASE = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
         "GATEWAY_STORAGE_MODE": "memory", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
@@ -49,7 +50,7 @@ def test_settings_that_cannot_be_read_at_all_make_health_a_503_naming_no_values(
 def _models(change: Any) -> str:
     import json
 
-    from gateway_lib.catalog import default_catalogue_json
+    from gateway_lib.config.catalog import default_catalogue_json
 
     doc = json.loads(default_catalogue_json())
     change(doc)
@@ -59,7 +60,7 @@ def _models(change: Any) -> str:
 def _tiers(change: Any) -> str:
     import json
 
-    from gateway_lib.tiers import default_tiers_json
+    from gateway_lib.config.tiers import default_tiers_json
 
     doc = json.loads(default_tiers_json())
     change(doc)

@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway_lib import pipeline
-from gateway_lib.edge import Scope
-from gateway_lib.identity import Caller
+from gateway_lib.auth.identity import Caller
+from gateway_lib.config.settings import Settings
+from gateway_lib.http.edge import Scope
+from gateway_lib.operations import pipeline
+from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, Usage
 from gateway_lib.runtime import Runtime, build_runtime
-from gateway_lib.schema import ChatRequest
-from gateway_lib.settings import Settings
 from gateway_lib.storage.memory import MemoryTableStore
 
 ROOT = Path.cwd()

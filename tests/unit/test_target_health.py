@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway_lib.providers.base import seconds
-from gateway_lib.target_health import MAX_UPSTREAM_HOLD, TargetHealth
+from gateway_lib.routing.target_health import MAX_UPSTREAM_HOLD, TargetHealth
 
 
 class FakeClock:

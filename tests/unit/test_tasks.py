@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import tasks
 from gateway_lib.errors import InvalidRequest
-from gateway_lib.schema import GenerateRequest
+from gateway_lib.operations import tasks
+from gateway_lib.operations.schema import GenerateRequest
 
 
 def job(**values: Any) -> GenerateRequest:

