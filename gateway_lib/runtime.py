@@ -21,6 +21,7 @@ from gateway_lib.billing import accounting
 from gateway_lib.config.settings import ConfigError, Settings, get_settings
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.guardrails import tokens
+from gateway_lib.providers import registry
 from gateway_lib.providers.base import Provider
 from gateway_lib.quota.admission import Admission
 from gateway_lib.quota.leases import LeasedAdmission
@@ -61,13 +62,10 @@ class Runtime:
         self.telemetry.close()
 
 
-def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table_credential: Any = None,
-                  store: TableStore | None = None, aws_web_identity_token: Any = None) -> Runtime:
-    """Wire the components. Credentials are injectable: tests and the local stack never build
-    a managed-identity credential (it would call the instance metadata endpoint)."""
-    from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
-    from gateway_lib.providers.bedrock.adapter import BedrockProvider
-
+def build_runtime(settings: Settings, *, credentials: Mapping[str, Any] | None = None, table_credential: Any = None,
+                  store: TableStore | None = None) -> Runtime:
+    """Wire the components. Credentials are injectable, per provider name: tests and the local stack never
+    build a managed-identity credential (it would call the instance metadata endpoint)."""
     # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
     # httpx2 (under the openai SDK) adds a line per upstream call. The request record says it all once.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
@@ -84,15 +82,18 @@ def build_runtime(settings: Settings, *, azure_token_provider: Any = None, table
     return Runtime(
         settings=settings,
         authenticator=Authenticator(settings.auth, settings.tiers),
-        providers={
-            "azure_openai": AzureOpenAIProvider(settings.providers, token_provider=azure_token_provider),
-            "bedrock": BedrockProvider(settings.providers, web_identity_token=aws_web_identity_token),
-        },
+        providers=build_providers(settings, credentials or {}),
         health=TargetHealth(),
         store=store,
         admission=(LeasedAdmission if settings.storage.quota_mode == "leased" else Admission)(store, settings),
         telemetry=telemetry,
     )
+
+
+def build_providers(settings: Settings, credentials: Mapping[str, Any]) -> dict[str, Provider]:
+    """One adapter per registered provider, each from its own settings section."""
+    return {name: spec.build(settings.providers.section(name), settings.providers, credentials.get(name))
+            for name, spec in registry.specs().items()}
 
 
 def _store(settings: Settings, credential: Any) -> TableStore:

@@ -22,8 +22,7 @@ from gateway_lib.config.catalog import Target
 from gateway_lib.errors import GatewayError, ProviderError
 from gateway_lib.guardrails import tokens
 from gateway_lib.http.edge import Scope
-from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import Usage
+from gateway_lib.providers.base import OperationRequest, Usage
 from gateway_lib.storage.base import StorageError
 from gateway_lib.telemetry import RequestRecord
 
@@ -64,7 +63,7 @@ class Accounting:
     rt: Runtime
     scope: Scope
     caller: Caller
-    chat: ChatRequest
+    request: OperationRequest
     alias: str
     task: str | None
     plan: RoutePlan
@@ -165,7 +164,7 @@ class Accounting:
             outcome=status, error_code=error.code if error else None,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost_usd=str(cost),
             latency_ms=round(self.scope.elapsed_ms(), 2), upstream_ms=round(self.scope.upstream_ms, 2),
-            overhead_ms=round(self.scope.overhead_ms(), 2), stream=self.chat.stream,
+            overhead_ms=round(self.scope.overhead_ms(), 2), stream=self.request.stream,
             fallbacks=max(0, len(self.attempts) - 1),
             upstream_error=isinstance(error, ProviderError),
         )

@@ -14,7 +14,9 @@ from decimal import Decimal, InvalidOperation
 from importlib import resources
 from typing import Any
 
-PROVIDERS = ("azure_openai", "bedrock")
+from gateway_lib.providers import registry
+
+KINDS = ("chat", "embeddings")  # what a target serves: chat-style operations, or embeddings
 TOKENIZERS = ("o200k_base", "cl100k_base", "claude")
 MAX_PRICE_PER_1K = Decimal(1000)  # USD: far above any model's, and small enough for exact cost arithmetic
 
@@ -32,7 +34,7 @@ class Target:
     """One concrete place a model runs: provider + deployment/model id + region."""
 
     id: str
-    provider: str  # azure_openai | bedrock
+    provider: str  # a registered provider (gateway_lib/providers/<name>)
     deployment: str  # Azure OpenAI deployment name, or Bedrock modelId / inference profile id
     model: str  # model name reported back to the caller
     region: str
@@ -43,6 +45,7 @@ class Target:
     max_output_tokens: int
     tokenizer: str  # o200k_base | cl100k_base | claude
     supports_tools: bool = True
+    kind: str = "chat"  # chat | embeddings
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,11 @@ def _target(tid: str, spec: Any, problems: list[str]) -> Target | None:
         return None
     before = len(problems)
     provider = spec.get("provider")
-    if provider not in PROVIDERS:
-        problems.append(f"{where}: provider must be one of {', '.join(PROVIDERS)}")
+    if provider not in registry.names():
+        problems.append(f"{where}: provider must be one of {', '.join(registry.names())}")
+    kind = spec.get("kind", "chat")
+    if kind not in KINDS:
+        problems.append(f"{where}: kind must be one of {', '.join(KINDS)}")
     tokenizer = spec.get("tokenizer", "o200k_base")
     if tokenizer not in TOKENIZERS:
         problems.append(f"{where}: tokenizer must be one of {', '.join(TOKENIZERS)}")
@@ -127,7 +133,7 @@ def _target(tid: str, spec: Any, problems: list[str]) -> Target | None:
         id=tid, provider=str(provider), deployment=spec["deployment"], model=str(spec.get("model") or spec["deployment"]),
         region=spec["region"], endpoint=spec.get("endpoint"), price=Price(prices[0], prices[1]),
         quality=ints[0], context_window=ints[1], max_output_tokens=ints[2], tokenizer=tokenizer,
-        supports_tools=bool(spec.get("supports_tools", True)),
+        supports_tools=bool(spec.get("supports_tools", True)), kind=kind,
     )
 
 

@@ -14,13 +14,14 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
 
 from gateway_lib.config.catalog import Catalogue, default_catalogue_json, parse_catalogue
 from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
+from gateway_lib.providers import registry
 
 # Every app setting the gateway reads. Platform settings (FUNCTIONS_*, AzureWebJobsStorage,
 # PYTHON_ENABLE_INIT_INDEXING) belong to the host and are listed in PLATFORM_SETTING_NAMES.
@@ -46,17 +47,6 @@ SETTING_NAMES: tuple[str, ...] = (
     "AUTH_JWKS_CACHE_TTL_SECONDS",
     "AUTH_JWKS_MIN_REFRESH_SECONDS",
     "AZURE_CLIENT_ID",
-    "AZURE_OPENAI_ENDPOINT",
-    "AZURE_OPENAI_API_VERSION",
-    "AZURE_OPENAI_AUTH",
-    "AZURE_OPENAI_API_KEY",
-    "AZURE_OPENAI_TOKEN_SCOPE",
-    "BEDROCK_REGION",
-    "BEDROCK_ENDPOINT_URL",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_AUDIENCE",
-    "AWS_STS_ENDPOINT_URL",
-    "AWS_ROLE_SESSION_NAME",
     "GATEWAY_STORAGE_MODE",
     "GATEWAY_STORAGE_CONNECTION_STRING",
     "GATEWAY_TABLE_ENDPOINT",
@@ -69,6 +59,8 @@ SETTING_NAMES: tuple[str, ...] = (
     "BUDGET_DOWNGRADE_ALIAS",
     "BUDGET_ROLLUP_MAX_ROWS",
     "ALERT_WEBHOOK_URL",
+    # ... and each provider's own section (``gateway_lib/providers/<name>/config.py``):
+    *(name for spec in registry.specs().values() for name in spec.setting_names),
 )
 PLATFORM_SETTING_NAMES: tuple[str, ...] = (
     "FUNCTIONS_WORKER_RUNTIME",
@@ -103,20 +95,15 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class ProviderSettings:
-    azure_openai_endpoint: str | None
-    azure_openai_api_version: str
-    azure_openai_auth: str  # managed_identity | api_key (api_key: local/dev only)
-    azure_openai_api_key: str | None
-    azure_openai_token_scope: str
+    """What every provider shares, plus each provider's own section by name (read by its folder)."""
+
     azure_client_id: str | None  # user-assigned managed identity client id
-    bedrock_region: str
-    bedrock_endpoint_url: str | None  # override (simulator / VPC endpoint)
-    aws_role_arn: str | None  # keyless: web identity federation from Entra
-    aws_web_identity_audience: str | None
-    aws_sts_endpoint_url: str | None
-    aws_role_session_name: str
     upstream_timeout_seconds: float
     connect_timeout_seconds: float
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, provider: str) -> Any:
+        return self.sections[provider]
 
 
 @dataclass(frozen=True)
@@ -217,20 +204,10 @@ def _auth(env: _Env) -> AuthSettings:
 
 def _providers(env: _Env) -> ProviderSettings:
     return ProviderSettings(
-        azure_openai_endpoint=env.url("AZURE_OPENAI_ENDPOINT"),
-        azure_openai_api_version=env.text("AZURE_OPENAI_API_VERSION") or "2024-10-21",
-        azure_openai_auth=env.choice("AZURE_OPENAI_AUTH", ("managed_identity", "api_key"), "managed_identity"),
-        azure_openai_api_key=env.text("AZURE_OPENAI_API_KEY"),
-        azure_openai_token_scope=env.text("AZURE_OPENAI_TOKEN_SCOPE") or "https://cognitiveservices.azure.com/.default",
         azure_client_id=env.text("AZURE_CLIENT_ID"),
-        bedrock_region=env.text("BEDROCK_REGION") or "us-east-1",
-        bedrock_endpoint_url=env.url("BEDROCK_ENDPOINT_URL"),
-        aws_role_arn=env.text("AWS_ROLE_ARN"),
-        aws_web_identity_audience=env.text("AWS_WEB_IDENTITY_AUDIENCE"),
-        aws_sts_endpoint_url=env.url("AWS_STS_ENDPOINT_URL"),
-        aws_role_session_name=env.text("AWS_ROLE_SESSION_NAME") or "ai-gateway",
         upstream_timeout_seconds=env.number("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 120.0, lo=1, hi=230),
         connect_timeout_seconds=env.number("GATEWAY_CONNECT_TIMEOUT_SECONDS", 5.0, lo=0.1, hi=60),
+        sections={name: spec.read_settings(env) for name, spec in registry.specs().items()},
     )
 
 
@@ -293,24 +270,16 @@ def _budget(env: _Env) -> BudgetSettings:
 
 
 def _cross_checks(s: Settings, env: _Env) -> None:
-    on_azure = bool(env.raw.get("WEBSITE_INSTANCE_ID"))
-    p = s.providers
-    if p.azure_openai_auth == "api_key" and not p.azure_openai_api_key:
-        env.problems.append("AZURE_OPENAI_API_KEY is required when AZURE_OPENAI_AUTH=api_key")
-    if on_azure and p.azure_openai_auth == "api_key":
-        env.problems.append("AZURE_OPENAI_AUTH=api_key is for local development only; use managed_identity in Azure")
+    on_azure = env.on_azure
     if on_azure and s.storage.mode == "memory":
         env.problems.append("GATEWAY_STORAGE_MODE=memory keeps quotas per process; it is refused in Azure")
     for name, url in (("AUTH_JWKS_URL", s.auth.jwks_url), ("AUTH_OPENID_CONFIG_URL", s.auth.openid_config_url)):
         if on_azure and url and not url.lower().startswith("https://"):  # keys over plain http can be swapped
             env.problems.append(f"{name} must be an https URL in Azure")
-    if bool(p.aws_role_arn) != bool(p.aws_web_identity_audience):
-        env.problems.append("AWS_ROLE_ARN and AWS_WEB_IDENTITY_AUDIENCE go together (keyless Bedrock federation)")
     if s.catalogue is None or s.tiers is None:
         return
-    uses_aoai = any(t.provider == "azure_openai" and not t.endpoint for t in s.catalogue.targets.values())
-    if uses_aoai and not p.azure_openai_endpoint:
-        env.problems.append("AZURE_OPENAI_ENDPOINT is required: the catalogue has Azure OpenAI targets without an endpoint")
+    for name, spec in registry.specs().items():
+        spec.check(s.providers.section(name), s.catalogue, env.problems)
     for tier in s.tiers.tiers.values():
         for alias in tier.models - {"*"}:
             if alias not in s.catalogue.aliases:
@@ -325,6 +294,10 @@ class _Env:
     def __init__(self, raw: Mapping[str, str]) -> None:
         self.raw = raw
         self.problems: list[str] = []
+
+    @property
+    def on_azure(self) -> bool:
+        return bool(self.raw.get("WEBSITE_INSTANCE_ID"))
 
     def text(self, name: str) -> str | None:
         assert name in SETTING_NAMES, f"{name} missing from SETTING_NAMES"
@@ -398,3 +371,6 @@ class _Env:
             return default
         return value
 
+
+
+SettingsReader = _Env  # what a provider's settings section reads from

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from gateway_lib.errors import ContentFiltered, InvalidRequest
 from gateway_lib.guardrails import tokens
@@ -25,7 +25,28 @@ if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
     from gateway_lib.config.settings import LimitSettings
     from gateway_lib.config.tiers import Tier
-    from gateway_lib.operations.schema import ChatRequest, Message
+    from gateway_lib.operations.schema import Message
+
+
+class Prompt(Protocol):
+    """What screening reads from any operation's request: the chat-shaped view of what the model reads."""
+
+    produces_output: ClassVar[bool]  # False for embeddings: no completion to cap or reserve
+
+    @property
+    def messages(self) -> Sequence[Message]: ...
+
+    @property
+    def tools(self) -> Sequence[Mapping[str, Any]] | None: ...
+
+    @property
+    def response_format(self) -> Mapping[str, Any] | None: ...
+
+    @property
+    def max_completion_tokens(self) -> int | None: ...
+
+    @property
+    def requested_max_tokens(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +81,7 @@ class Violation:
     where: str  # "messages[1]", "tools[0]", "response_format": the part of the request it matched in
 
 
-def screen(request: ChatRequest, tier: Tier, targets: Sequence[Target], limits: LimitSettings) -> Screened:
+def screen(request: Prompt, tier: Tier, targets: Sequence[Target], limits: LimitSettings) -> Screened:
     """Run every input check for one request against the route's candidate targets.
 
     Context windows are checked per target, not against the smallest one: a prompt that only
@@ -94,7 +115,7 @@ def check_message_count(messages: Sequence[Message], limits: LimitSettings) -> N
         )
 
 
-def check_prompt_size(request: ChatRequest, limits: LimitSettings) -> int:
+def check_prompt_size(request: Prompt, limits: LimitSettings) -> int:
     """Characters of prompt text (messages, tool calls, tool definitions, a structured response format);
     400 past the cap."""
     chars = sum(len(text) for _, text in _texts(request.messages))
@@ -113,7 +134,7 @@ def check_prompt_size(request: ChatRequest, limits: LimitSettings) -> int:
 # --- max_tokens and context window -------------------------------------------------------------
 
 
-def resolve_max_tokens(request: ChatRequest, tier: Tier, targets: Sequence[Target]) -> MaxTokens:
+def resolve_max_tokens(request: Prompt, tier: Tier, targets: Sequence[Target]) -> MaxTokens:
     """The completion cap after the tier's policy.
 
     Absent: min(tier cap, smallest max_output_tokens among the targets), so the default is valid
@@ -121,6 +142,8 @@ def resolve_max_tokens(request: ChatRequest, tier: Tier, targets: Sequence[Targe
     the caller) or a 400 (policy "reject").
     """
     requested, param = request.requested_max_tokens, _token_param(request)
+    if not request.produces_output:
+        return MaxTokens(0, param=param)
     if requested is None:
         default = min(tier.max_tokens_per_request, *(t.max_output_tokens for t in targets))
         return MaxTokens(default, defaulted=True, param=param)
@@ -170,14 +193,14 @@ def _context_error(targets: Sequence[Target], prompt_tokens: Mapping[str, int], 
     )
 
 
-def _estimates(request: ChatRequest, targets: Sequence[Target]) -> dict[str, int]:
+def _estimates(request: Prompt, targets: Sequence[Target]) -> dict[str, int]:
     """Prompt tokens per tokenizer (at most three distinct ones per route)."""
     return {name: tokens.count_chat_prompt(request.messages, name, tools=request.tools,
                                            response_format=request.response_format)
             for name in {t.tokenizer for t in targets}}
 
 
-def _token_param(request: ChatRequest) -> str:
+def _token_param(request: Prompt) -> str:
     return "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
 
 
@@ -277,7 +300,7 @@ def find_violation(texts: Iterable[tuple[str, str]], rules: ContentRules) -> Vio
     return None
 
 
-def check_content(request: ChatRequest, rules: ContentRules) -> None:
+def check_content(request: Prompt, rules: ContentRules) -> None:
     """400 content_filter naming the rule and the part of the request when any rule fires."""
     if not rules.deny and not rules.pii:
         return
@@ -290,7 +313,7 @@ def check_content(request: ChatRequest, rules: ContentRules) -> None:
         )
 
 
-def screened_texts(request: ChatRequest) -> Iterator[tuple[str, str]]:
+def screened_texts(request: Prompt) -> Iterator[tuple[str, str]]:
     """Every caller-supplied text the model reads, with where it is: message text, names, refusals and
     tool calls, and every string of the tool definitions and the response format (descriptions and
     schemas reach the model as prompt too, so a rule that skipped them would be a way round it)."""

@@ -21,6 +21,7 @@ from gateway_lib.errors import GatewayError, InvalidRequest, PermissionDenied
 from gateway_lib.http import edge
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline, tasks
+from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest, GenerateRequest, parse_model
 from gateway_lib.runtime import Runtime, get_runtime, try_runtime
 
@@ -55,7 +56,7 @@ async def chat_completions(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
         chat = parse_model(ChatRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
-        return await pipeline.run_chat(rt, scope, caller, chat)
+        return await pipeline.run(rt, scope, caller, CHAT_COMPLETIONS, chat)
 
     return await _serve(request, "chat", handle)
 
@@ -65,7 +66,7 @@ async def generate(request: Request) -> Response:
         caller = await _caller(rt, request, scope)
         job = parse_model(GenerateRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
         try:
-            served = await pipeline.complete(rt, scope, caller, tasks.to_chat(job), task=job.task)
+            served = await pipeline.complete(rt, scope, caller, CHAT_COMPLETIONS, tasks.to_chat(job), task=job.task)
         except GatewayError as error:
             raise tasks.in_task_terms(error) from None
         return edge.json_response(tasks.render(job, served, scope.request_id), scope, headers=served.headers)

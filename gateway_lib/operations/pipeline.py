@@ -1,11 +1,12 @@
-"""The chat pipeline, top to bottom.
+"""The one pipeline every operation runs, top to bottom.
 
     plan route → screen input → reserve quota → call provider with fallback
     → settle and record cost → render
 
-Each step is a plain call that returns one value or raises one of our errors. Once
-quota is reserved, exactly one ``Accounting.finish`` settles it, whatever happens:
-success, provider failure, a stream cut mid-way or a caller that hangs up.
+Each step is a plain call that returns one value or raises one of our errors; what differs between
+chat completions, embeddings, responses and messages is described by their ``Operation``. Once quota
+is reserved, exactly one ``Accounting.finish`` settles it, whatever happens: success, provider
+failure, a stream cut mid-way or a caller that hangs up.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from gateway_lib.billing.accounting import Accounting
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ClientDisconnected, GatewayError, InternalError, ProviderError
 from gateway_lib.guardrails import screen as guardrails
-from gateway_lib.http.edge import SSE_DONE, SSE_HEADERS, Scope, json_response, sse
-from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, StreamEvent, Usage
+from gateway_lib.http.edge import SSE_HEADERS, Scope, json_response
+from gateway_lib.operations.base import Operation
+from gateway_lib.providers.base import CallContext, OperationRequest, StreamEvent, Usage
 from gateway_lib.routing import fallback
 from gateway_lib.routing import plan as routing
 
@@ -48,40 +49,42 @@ class Served:
     headers: dict[str, str]
 
 
-async def run_chat(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest) -> Response:
-    """Serve one chat completion request (streamed or not) for an authenticated caller."""
-    if chat.stream:
-        acct, ctx = await _admit(rt, scope, caller, chat, task=None)
-        return await _stream(rt, acct, chat, ctx)
-    served = await complete(rt, scope, caller, chat)
+async def run(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest) -> Response:
+    """Serve one request of ``op`` (streamed or not) for an authenticated caller."""
+    if request.stream:
+        acct, ctx = await _admit(rt, scope, caller, op, request, task=None)
+        return await _stream(rt, acct, op, request, ctx)
+    served = await complete(rt, scope, caller, op, request)
     return json_response(served.body, scope, headers=served.headers)
 
 
-async def complete(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest, task: str | None = None) -> Served:
-    """The non-streamed path, shared by chat completions and the task API."""
-    acct, ctx = await _admit(rt, scope, caller, chat, task)
+async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
+                   task: str | None = None) -> Served:
+    """The non-streamed path, shared by every operation and the task API."""
+    acct, ctx = await _admit(rt, scope, caller, op, request, task)
     async with _released_on_failure(acct):
-        result = await fallback.complete_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
+        result = await fallback.complete_with_fallback(acct.plan, rt.providers, request, ctx, rt.health)
     acct.attempts = result.attempts
     scope.upstream_ms = result.upstream_ms
     headers = acct.response_headers(result.target)
+    body = result.completion.body
     # An answer without usage (a proxy or a model that leaves it out) is billed from its text, not as free.
-    usage = result.completion.usage or acct.estimate_usage(result.target, _answer_text(result.completion.body))
+    usage = result.completion.usage or op.usage(body) or acct.estimate_usage(result.target, op.answer_text(body))
     cost = await acct.finish(result.target, usage, status="ok")
-    return Served(result.completion.body, result.target, usage, cost, headers)
+    return Served(body, result.target, usage, cost, headers)
 
 
-async def _admit(rt: Runtime, scope: Scope, caller: Caller, chat: ChatRequest,
+async def _admit(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
                  task: str | None) -> tuple[Accounting, CallContext]:
     """Plan the route, screen the input and reserve quota: everything before the first upstream byte."""
-    alias = await rt.admission.effective_alias(caller, chat.model)
+    alias = await rt.admission.effective_alias(caller, request.model)
     plan = routing.plan_route(
-        alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=chat.provider_hint,
-        priority=chat.priority, health=rt.health.view(), request=chat,
+        alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=request.provider_hint,
+        priority=request.priority, health=rt.health.view(), request=request,
     )
-    screened = guardrails.screen(chat, caller.tier, plan.targets, rt.settings.limits)
+    screened = guardrails.screen(op.prompt(request), caller.tier, plan.targets, rt.settings.limits)
     plan = plan.only(screened.eligible)  # targets whose context window the request fits
-    acct = Accounting(rt, scope, caller, chat, alias, task, plan, screened)
+    acct = Accounting(rt, scope, caller, request, alias, task, plan, screened)
     await acct.reserve()
     return acct, CallContext(request_id=scope.request_id, traceparent=scope.traceparent,
                              max_tokens=screened.max_tokens)
@@ -103,18 +106,19 @@ async def _released_on_failure(acct: Accounting) -> AsyncIterator[None]:
         raise
 
 
-async def _stream(rt: Runtime, acct: Accounting, chat: ChatRequest, ctx: CallContext) -> Response:
+async def _stream(rt: Runtime, acct: Accounting, op: Operation[Any], request: OperationRequest,
+                  ctx: CallContext) -> Response:
     # The first event is pulled before any byte goes out: until then a failed target can
     # still be replaced by the next one. After it, a failure ends the stream with an error event.
     async with _released_on_failure(acct):
-        opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, chat, ctx, rt.health)
+        opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, request, ctx, rt.health)
     acct.attempts = opened.attempts
     acct.scope.upstream_ms = opened.upstream_ms
-    body = _sse_body(acct, chat, opened.first, opened.events)
+    body = _sse_body(acct, op, request, opened.first, opened.events)
 
     async def settle_unstarted() -> None:  # the body settles the request itself if it ever starts
         await opened.events.aclose()
-        usage = acct.estimate_usage(opened.target, opened.first.text)  # the upstream was asked and answered
+        usage = acct.estimate_usage(opened.target, op.stream_text(opened.first))  # the upstream was asked and answered
         await acct.finish(opened.target, usage, status="client_disconnected")
 
     return _SettledStream(body, settle_unstarted, media_type="text/event-stream",
@@ -139,7 +143,7 @@ class _SettledStream(StreamingResponse):
             await self._settle_unstarted()  # a no-op if the body settled
 
 
-async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
+async def _sse_body(acct: Accounting, op: Operation[Any], request: OperationRequest, first: StreamEvent,
                     events: fallback.UpstreamEvents) -> AsyncGenerator[bytes, None]:
     target = acct.served_by
     usage: Usage | None = None
@@ -150,26 +154,24 @@ async def _sse_body(acct: Accounting, chat: ChatRequest, first: StreamEvent,
     try:
         async with aclosing(_timed(first, events, acct)) as stream:
             async for event in stream:
-                streamed.append(event.text)
-                if event.usage is not None:
-                    usage = event.usage
-                frame = _visible_chunk(event, chat.include_usage)
+                streamed.append(op.stream_text(event))
+                usage = op.stream_usage(event) or usage
+                frame = op.frame(request, event)
                 if frame is not None:
-                    frames.append(b"data: " + event.raw + b"\n\n" if frame is event.chunk and event.raw
-                                  else sse(frame))
+                    frames.append(frame)
                 if frames and not event.more:
                     yield b"".join(frames)
                     frames.clear()
-        yield b"".join(frames) + SSE_DONE
+        yield b"".join(frames) + op.stream_end
         status = "ok"
     except ProviderError as exc:
         # Bytes already went out, so no fallback: tell the caller plainly instead of truncating silently.
         status, error = "upstream_cut", exc
-        yield b"".join(frames) + sse(exc.body())
+        yield b"".join(frames) + op.error_frame(exc)
     except Exception as exc:  # a bug (e.g. in translating a provider's events): an error event, never silence
         log.error("stream failed: %s", type(exc).__name__)  # the type only: messages may quote content
         status, error = "error", InternalError()
-        yield b"".join(frames) + sse(error.body())
+        yield b"".join(frames) + op.error_frame(error)
     finally:
         if usage is None:  # cut or abandoned: count what was streamed so the spend is not lost
             usage = acct.estimate_usage(target, "".join(streamed))
@@ -192,26 +194,3 @@ async def _timed(first: StreamEvent, rest: fallback.UpstreamEvents,
             finally:
                 acct.scope.upstream_ms += (loop.time() - started) * 1000
             yield event
-
-
-def _visible_chunk(event: StreamEvent, include_usage: bool) -> dict | None:
-    """The chunk as the caller should see it: the gateway always asks for usage, the caller may not have."""
-    chunk = event.chunk
-    if event.usage is None or include_usage:
-        return chunk
-    if not chunk.get("choices"):
-        return None  # the usage-only final chunk the caller did not ask for
-    return {k: v for k, v in chunk.items() if k != "usage"}
-
-
-def _answer_text(body: dict[str, Any]) -> str:
-    """What a whole answer generated: its content, tool-call names and arguments (for a usage estimate)."""
-    parts: list[str] = []
-    for choice in body.get("choices") or []:
-        message = choice.get("message") or {} if isinstance(choice, dict) else {}
-        content = message.get("content")
-        parts.append(content if isinstance(content, str) else "")
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {} if isinstance(call, dict) else {}
-            parts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
-    return "".join(parts)

@@ -12,14 +12,15 @@ name the parameter the way OpenAI does: ``messages[0].content``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway_lib.errors import InvalidRequest
+from gateway_lib.providers import registry
+from gateway_lib.providers.base import CHAT
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-ProviderHint = Literal["azure_openai", "bedrock"]
 Priority = Literal["low_cost", "low_latency", "quality"]
 
 
@@ -62,6 +63,8 @@ class ChatRequest(BaseModel):
     """OpenAI Chat Completions request, plus the gateway's routing hints."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    operation: ClassVar[str] = CHAT
+    produces_output: ClassVar[bool] = True
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1)
@@ -82,13 +85,20 @@ class ChatRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
     # Gateway extensions (ignored by OpenAI clients that do not send them).
-    provider_hint: ProviderHint | None = None
+    provider_hint: str | None = None  # a registered provider's name
     priority: Priority | None = None
 
     @field_validator("stream", mode="before")
     @classmethod
     def _null_stream(cls, stream: Any) -> Any:
         return False if stream is None else stream
+
+    @field_validator("provider_hint")
+    @classmethod
+    def _known_provider(cls, hint: str | None) -> str | None:
+        if hint is not None and hint not in registry.names():
+            raise ValueError(f"must be one of {', '.join(registry.names())}")
+        return hint
 
     @field_validator("n")
     @classmethod
@@ -119,6 +129,9 @@ class ChatRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def features(self) -> frozenset[str]:
+        return frozenset({"n"}) if (self.n or 1) > 1 else frozenset()
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -133,7 +146,7 @@ class GenerateRequest(BaseModel):
     task: Literal["chat", "summarise", "extract", "classify", "rewrite"] = "chat"
     model: str = Field(default="chat-default", min_length=1, max_length=256)
     priority: Priority | None = None
-    provider_hint: ProviderHint | None = None
+    provider_hint: str | None = None  # a registered provider's name
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     labels: list[str] | None = None  # classify: the allowed labels

@@ -1,9 +1,11 @@
 """The narrow protocol every provider adapter implements.
 
-An adapter turns a validated ``ChatRequest`` plus one ``Target`` into an
-OpenAI-shaped completion, or into a stream of OpenAI ``chat.completion.chunk``
-dicts. Adapters never touch quotas, storage, auth or settings; every upstream
-failure leaves them as a ``ProviderError`` that says whether a fallback may follow.
+An adapter turns one validated operation request (chat, embeddings, responses, messages) plus one
+``Target`` into a whole answer in that operation's wire shape, or into a stream of its events. It says
+up front what each target can do (``Capabilities``) and, for one request, whether it can take it
+(``check``): "not supported here" is an ordinary answer, never an exception. Adapters never touch
+quotas, storage, auth or settings; every upstream failure leaves them as a ``ProviderError`` that
+says whether a fallback may follow.
 """
 
 from __future__ import annotations
@@ -11,10 +13,67 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from gateway_lib.config.catalog import Target
-from gateway_lib.operations.schema import ChatRequest
+if TYPE_CHECKING:
+    from gateway_lib.config.catalog import Target
+
+# Operations, as capabilities name them. A streamed call is its own capability: "<operation>_stream".
+CHAT, EMBEDDINGS, RESPONSES, MESSAGES = "chat", "embeddings", "responses", "messages"
+
+
+def streamed(operation: str) -> str:
+    return f"{operation}_stream"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one target can do: operations (``chat``, ``chat_stream``, ``embeddings``...) and the
+    parameter features a request may need (``n``, ``logprobs``, ``audio``, ``prediction``, ``store``...)."""
+
+    operations: frozenset[str] = frozenset()
+    features: frozenset[str] = frozenset()
+
+    def lacks(self, operation: str, features: frozenset[str]) -> str | None:
+        """The first thing asked that this target cannot do (an operation or a feature), or None."""
+        if operation not in self.operations:
+            return operation
+        missing = sorted(features - self.features)
+        return missing[0] if missing else None
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A target cannot take this request; ``param`` names what (the caller's 400 if no target can)."""
+
+    message: str
+    param: str | None = None
+    code: str = "unsupported_parameter"
+
+
+class OperationRequest(Protocol):
+    """What every validated request offers the pipeline, whatever its dialect."""
+
+    operation: ClassVar[str]
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def provider_hint(self) -> str | None: ...
+
+    @property
+    def priority(self) -> str | None: ...
+
+    @property
+    def requested_max_tokens(self) -> int | None: ...
+
+    def features(self) -> frozenset[str]:
+        """Parameter capabilities a target needs to serve this request (``n``, ``logprobs``...)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +121,7 @@ def usage_of(reported: Any, prompt_key: str, completion_key: str) -> Usage | Non
 
 @dataclass
 class Completion:
-    """A whole (non-streamed) answer in OpenAI ``chat.completion`` shape."""
+    """A whole (non-streamed) answer in the operation's wire shape (``chat.completion``, an embeddings list...)."""
 
     body: dict[str, Any]
     usage: Usage | None  # None: the upstream reported none (the pipeline bills an estimate instead)
@@ -70,11 +129,11 @@ class Completion:
 
 @dataclass
 class StreamEvent:
-    """One OpenAI ``chat.completion.chunk`` dict.
+    """One event of a stream in the operation's wire shape (an OpenAI ``chat.completion.chunk``, a
+    Responses or Anthropic event named by ``name``).
 
-    The adapter always asks its upstream for usage. The final event carries it in
-    ``usage`` (and in ``chunk["usage"]`` with empty ``choices``); the pipeline decides
-    whether the caller asked to see that chunk.
+    The adapter always asks its upstream for usage. The event that carries it has ``usage`` set;
+    the operation decides whether the caller sees it.
     """
 
     chunk: dict[str, Any]
@@ -82,16 +141,21 @@ class StreamEvent:
     text: str = field(default="")  # the content delta, for counting tokens of a cut stream
     raw: bytes | None = None  # the chunk's JSON exactly as the upstream sent it: relayed without re-encoding
     more: bool = False  # another event already arrived with this one: the pipeline writes them together
+    name: str | None = None  # the SSE ``event:`` field, for dialects that name their events
 
 
 class Provider(Protocol):
-    """What the pipeline needs from a provider: one call, and one stream."""
+    """What the pipeline needs from a provider: a check, one call, and one stream."""
 
     name: str
 
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion: ...
+    def check(self, request: Any, target: Target) -> Unsupported | None:
+        """Whether ``target`` can take this very request (content it cannot carry, a tool it lacks)."""
+        ...
 
-    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+    async def complete(self, request: Any, target: Target, ctx: CallContext) -> Completion: ...
+
+    def stream(self, request: Any, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
         """Open the upstream stream. Connection and status errors must surface on the first
         ``__anext__`` (before any chunk), so the router can still fall back."""
         ...

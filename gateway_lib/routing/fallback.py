@@ -3,9 +3,9 @@
 Fallback moves on at once (no sleep) after a *retryable* ``ProviderError``; never
 after a non-retryable one (the caller's own mistake would fail everywhere) and never
 once a stream has produced its first event (bytes may be on the wire). A target that
-cannot take the request at all (an ``InvalidRequest`` from its adapter: Bedrock and a
-remote image URL, a model without tools) is passed over; the 400 stands only if no
-target of the plan could take it.
+cannot take the request at all (its adapter's ``check`` answers ``Unsupported``: Bedrock
+and a remote image URL, a model without tools) is an ordinary outcome: it is passed over,
+and the 400 stands only if no target of the plan could take it.
 
 Targets whose circuit is cooling down are skipped. One exception: when *every*
 target is cooling down, the one closest to recovery is tried once, unless its
@@ -29,8 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import InvalidRequest, ProviderError, RateLimited, ServiceUnavailable
-from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, Provider, StreamEvent
+from gateway_lib.providers.base import CallContext, Completion, OperationRequest, Provider, StreamEvent, Unsupported
 from gateway_lib.routing.plan import RoutePlan, RouteStep
 from gateway_lib.routing.target_health import TargetHealth
 
@@ -92,19 +91,19 @@ class OpenedStream(NamedTuple):
         return sum(a.latency_ms for a in self.attempts)
 
 
-async def complete_with_fallback(plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest,
+async def complete_with_fallback(plan: RoutePlan, providers: Mapping[str, Provider], request: OperationRequest,
                                  ctx: CallContext, health: TargetHealth,
                                  clock: Clock = time.monotonic) -> Completed:
     """The first completion any target of the plan gives."""
     async def call(provider: Provider, target: Target) -> Completion:
         return await provider.complete(request, target, ctx)
 
-    completion, target, attempts = await _first_success(plan, providers, health, clock, call)
+    completion, target, attempts = await _first_success(plan, providers, request, health, clock, call)
     return Completed(completion, target, attempts)
 
 
 async def open_stream_with_fallback(
-    plan: RoutePlan, providers: Mapping[str, Provider], request: ChatRequest, ctx: CallContext,
+    plan: RoutePlan, providers: Mapping[str, Provider], request: OperationRequest, ctx: CallContext,
     health: TargetHealth, clock: Clock = time.monotonic,
 ) -> OpenedStream:
     """Open the first stream that yields an event; returns that event and the rest of the stream."""
@@ -120,28 +119,32 @@ async def open_stream_with_fallback(
             raise
         return first, stream
 
-    (first, stream), target, attempts = await _first_success(plan, providers, health, clock, call)
+    (first, stream), target, attempts = await _first_success(plan, providers, request, health, clock, call)
     return OpenedStream(target, first, UpstreamEvents(stream, target, health), attempts)
 
 
-async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], health: TargetHealth, clock: Clock,
+async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], request: OperationRequest,
+                         health: TargetHealth, clock: Clock,
                          call: Callable[[Provider, Target], Awaitable[T]]) -> tuple[T, Target, list[Attempt]]:
     attempts: list[Attempt] = []
     last: ProviderError | None = None
-    unsupported: InvalidRequest | None = None  # the first target that could not take the request, and why
+    unsupported: Unsupported | None = None  # the first target that could not take the request, and why
     budget_ends = clock() + FALLBACK_BUDGET_SECONDS
     for step in _admitted(plan, providers, health, attempts):
+        provider = providers[step.target.provider]
+        refusal = provider.check(request, step.target)
+        if refusal is not None:
+            health.release(step.target.id)  # admitted but not called: its probe slot goes back
+            attempts.append(Attempt(step.target.id, step.target.provider, "unsupported"))
+            unsupported = unsupported or refusal
+            continue
         remaining = budget_ends - clock()
         if remaining <= 0:
-            health.release(step.target.id)  # admitted but never called: its probe slot goes back
+            health.release(step.target.id)
             break
         started = clock()
         try:
-            result = await _attempt(providers[step.target.provider], step.target, health, call, remaining)
-        except InvalidRequest as error:
-            attempts.append(Attempt(step.target.id, step.target.provider, "unsupported"))
-            unsupported = unsupported or error
-            continue
+            result = await _attempt(provider, step.target, health, call, remaining)
         except ProviderError as error:
             attempts.append(_failed(step.target, error, clock() - started))
             if not error.retryable:
@@ -154,8 +157,9 @@ async def _first_success(plan: RoutePlan, providers: Mapping[str, Provider], hea
         attempts.append(Attempt(step.target.id, step.target.provider, "ok", 200, latency_ms))
         return result, step.target, attempts
     if unsupported is not None and last is None:  # no target failed; those called could not take it: the caller's 400
-        unsupported.attempts = attempts
-        raise unsupported
+        refused = InvalidRequest(unsupported.message, code=unsupported.code, param=unsupported.param)
+        refused.attempts = attempts
+        raise refused
     exhausted = _exhausted(plan, attempts, last, health, clock())
     exhausted.attempts = attempts
     raise exhausted

@@ -28,7 +28,8 @@ from gateway_lib.billing import pricing
 from gateway_lib.config.catalog import Catalogue, Target
 from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import InvalidRequest, ModelNotFound, PermissionDenied
-from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.providers import registry
+from gateway_lib.providers.base import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, OperationRequest, streamed
 from gateway_lib.routing.target_health import HealthView
 
 DEFAULT_OUTPUT_ESTIMATE = 1024
@@ -62,7 +63,7 @@ class RoutePlan:
 def plan_route(alias: str, catalogue: Catalogue, tier: Tier, provider_hint: str | None, priority: str | None,
                health_view: HealthView | None = None, estimate_prompt_tokens: int | None = None,
                max_tokens: int | None = None, now: float | None = None, *, health: HealthView | None = None,
-               request: ChatRequest | None = None) -> RoutePlan:
+               request: OperationRequest | None = None) -> RoutePlan:
     """Order the alias's targets for this request.
 
     ``now`` is the health clock's time (default: ``time.monotonic()``, TargetHealth's
@@ -81,13 +82,14 @@ def plan_route(alias: str, catalogue: Catalogue, tier: Tier, provider_hint: str 
     if not tier.allows(alias):
         raise PermissionDenied(f"Your tier '{tier.name}' is not allowed to use model '{alias}'.",
                                code="model_not_allowed", param="model")
-    targets = _filter(alias, catalogue.targets_for(alias), provider_hint)
+    targets = _capable(alias, _filter(alias, catalogue.targets_for(alias), provider_hint), request)
     ranked = _rank(targets, priority, view, estimate_prompt_tokens, max_tokens)
     return RoutePlan(alias, priority, _apply_health(ranked, view, now))
 
 
-def _rough_prompt_tokens(request: ChatRequest | None) -> int:
-    return 0 if request is None else sum(len(m.text()) for m in request.messages) // 4
+def _rough_prompt_tokens(request: OperationRequest | None) -> int:
+    messages = getattr(request, "messages", None) or ()
+    return sum(len(m.text()) for m in messages) // 4
 
 
 def _filter(alias: str, targets: Sequence[Target], provider_hint: str | None) -> list[Target]:
@@ -100,6 +102,32 @@ def _filter(alias: str, targets: Sequence[Target], provider_hint: str | None) ->
                                  "drop provider_hint or choose another model.", code="invalid_value",
                                  param="provider_hint")
     return list(targets)
+
+
+def _capable(alias: str, targets: list[Target], request: OperationRequest | None) -> list[Target]:
+    """The targets able to serve the request's operation and parameters: a 400 naming what none can do."""
+    if request is None:
+        return targets
+    kind = EMBEDDINGS if request.operation == EMBEDDINGS else CHAT
+    targets = [t for t in targets if t.kind == kind]
+    if not targets:
+        raise InvalidRequest(f"Model '{alias}' does not serve {_OPERATION_NAMES.get(request.operation, request.operation)};"
+                             " choose a model of that kind (see /api/v1/models).", code="model_not_supported",
+                             param="model")
+    operation = streamed(request.operation) if request.stream else request.operation
+    needs = request.features()
+    lacking = [missing for t in targets if (missing := registry.capabilities(t).lacks(operation, needs))]
+    if len(lacking) < len(targets):
+        return [t for t in targets if not registry.capabilities(t).lacks(operation, needs)]
+    missing = lacking[0]
+    if missing in (operation, request.operation):
+        raise InvalidRequest(f"Model '{alias}' cannot serve {operation.replace('_', ' ')} requests.",
+                             code="model_not_supported", param="stream" if request.stream else "model")
+    raise InvalidRequest(f"Model '{alias}' has no target that supports '{missing}'; drop it or choose another model.",
+                         code="unsupported_parameter", param=missing)
+
+
+_OPERATION_NAMES = {CHAT: "chat completions", EMBEDDINGS: "embeddings", RESPONSES: "responses", MESSAGES: "messages"}
 
 
 def _rank(targets: list[Target], priority: str | None, view: HealthView, prompt_tokens: int,

@@ -42,6 +42,14 @@ def base(simulator: Any) -> Iterator[tuple[Any, ProviderSettings, Any]]:
     simulator.state.faults.clear()
 
 
+def aoai(providers: ProviderSettings, token_provider: Any = None, upstream_timeout_seconds: float | None = None,
+         **section: Any) -> AzureOpenAIProvider:
+    """The adapter on the example settings, with changes to its own section or the shared timeout."""
+    shared = providers if upstream_timeout_seconds is None else replace(
+        providers, upstream_timeout_seconds=upstream_timeout_seconds)
+    return AzureOpenAIProvider(replace(providers.section("azure_openai"), **section), shared, token_provider)
+
+
 def _chat(**extra: Any) -> ChatRequest:
     return ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello adapter test"}], **extra)
 
@@ -68,7 +76,7 @@ def test_managed_identity_mode_sends_an_entra_bearer_token_and_no_key(base: Any)
         tokens.append("issued")
         return "entra-access-token"
 
-    provider = AzureOpenAIProvider(replace(settings, azure_openai_auth="managed_identity"), token_provider)
+    provider = aoai(settings, token_provider, auth="managed_identity")
     completion = _run(provider, lambda: provider.complete(_chat(), target, CTX))
     headers = {k.lower(): v for k, v in _last(simulator)["headers"].items()}
     assert headers["authorization"].startswith("Bearer ") and "api-key" not in headers
@@ -78,14 +86,14 @@ def test_managed_identity_mode_sends_an_entra_bearer_token_and_no_key(base: Any)
 
 def test_api_key_mode_sends_the_key_header(base: Any) -> None:
     simulator, settings, target = base
-    provider = AzureOpenAIProvider(settings)
+    provider = aoai(settings)
     _run(provider, lambda: provider.complete(_chat(), target, CTX))
     assert "api-key" in {k.lower() for k in _last(simulator)["headers"]}
 
 
 def test_stream_always_asks_for_usage_and_drops_the_prompt_filter_preamble(base: Any) -> None:
     simulator, settings, target = base
-    provider = AzureOpenAIProvider(settings)
+    provider = aoai(settings)
 
     async def collect() -> list[Any]:
         return [event async for event in provider.stream(_chat(stream=True), target, CTX)]
@@ -108,7 +116,7 @@ def test_upstream_failures_become_one_provider_error_without_sdk_retries(base: A
                                                                        retryable: bool) -> None:
     simulator, settings, target = base
     simulator.state.faults.add({**fault, "count": 5})
-    provider = AzureOpenAIProvider(settings)
+    provider = aoai(settings)
     with pytest.raises(ProviderError) as raised:
         _run(provider, lambda: provider.complete(_chat(), target, CTX))
     assert (raised.value.kind, raised.value.retryable) == (kind, retryable)
@@ -120,11 +128,11 @@ def test_upstream_failures_become_one_provider_error_without_sdk_retries(base: A
 def test_timeout_and_refused_connection(base: Any) -> None:
     simulator, settings, target = base
     simulator.state.faults.add({"mode": "slow", "delay_ms": 2500, "count": 1})
-    provider = AzureOpenAIProvider(replace(settings, upstream_timeout_seconds=1))
+    provider = aoai(settings, upstream_timeout_seconds=1)
     with pytest.raises(ProviderError) as slow:
         _run(provider, lambda: provider.complete(_chat(), target, CTX))
     assert slow.value.kind == "timeout" and slow.value.retryable
-    closed = AzureOpenAIProvider(replace(settings, azure_openai_endpoint=f"http://127.0.0.1:{free_port()}"))
+    closed = aoai(settings, endpoint=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ProviderError) as refused:
         _run(closed, lambda: closed.complete(_chat(), target, CTX))
     assert refused.value.kind == "connection" and refused.value.retryable
@@ -137,7 +145,7 @@ def test_timeout_and_refused_connection(base: Any) -> None:
 def test_a_stream_failing_mid_way_is_named_for_what_happened(base: Any, fault: dict[str, Any], kind: str) -> None:
     simulator, settings, target = base
     simulator.state.faults.add({**fault, "count": 1})
-    provider = AzureOpenAIProvider(replace(settings, upstream_timeout_seconds=1))
+    provider = aoai(settings, upstream_timeout_seconds=1)
     seen: list[Any] = []
 
     async def consume() -> None:
@@ -152,7 +160,7 @@ def test_a_stream_failing_mid_way_is_named_for_what_happened(base: Any, fault: d
 def test_a_cut_stream_raises_after_the_first_events(base: Any) -> None:
     simulator, settings, target = base
     simulator.state.faults.add({"mode": "cut", "after_chunks": 3, "count": 1})
-    provider = AzureOpenAIProvider(settings)
+    provider = aoai(settings)
     seen: list[Any] = []
 
     async def consume() -> None:

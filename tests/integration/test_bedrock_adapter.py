@@ -22,6 +22,7 @@ from gateway_lib.errors import ProviderError
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, StreamEvent
 from gateway_lib.providers.bedrock.adapter import BedrockProvider
+from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import build_credentials
 from gateway_lib.routing.fallback import complete_with_fallback
 from gateway_lib.routing.plan import RoutePlan, RouteStep
@@ -51,14 +52,13 @@ def target(model_id: str = HAIKU, tid: str = "bedrock-haiku") -> Target:
                   context_window=200000, max_output_tokens=4096, tokenizer="claude")
 
 
-def settings(sim: RunningSimulator, **overrides: Any) -> ProviderSettings:
-    values: dict[str, Any] = dict(
-        azure_openai_endpoint=None, azure_openai_api_version="2024-10-21", azure_openai_auth="managed_identity",
-        azure_openai_api_key=None, azure_openai_token_scope="s", azure_client_id=None, bedrock_region="us-east-1",
-        bedrock_endpoint_url=sim.url, aws_role_arn=None, aws_web_identity_audience=None, aws_sts_endpoint_url=None,
-        aws_role_session_name="ai-gateway", upstream_timeout_seconds=10, connect_timeout_seconds=2)
+def settings(sim: RunningSimulator, upstream_timeout_seconds: float = 10,
+             **overrides: Any) -> tuple[BedrockSettings, ProviderSettings]:
+    values: dict[str, Any] = dict(region="us-east-1", endpoint_url=sim.url, role_arn=None, web_identity_audience=None,
+                                  sts_endpoint_url=None, role_session_name="ai-gateway")
     values.update(overrides)
-    return ProviderSettings(**values)
+    return BedrockSettings(**values), ProviderSettings(azure_client_id=None, connect_timeout_seconds=2,
+                                                        upstream_timeout_seconds=upstream_timeout_seconds)
 
 
 def request(text: str = "Tell me about Oslo", **extra: Any) -> ChatRequest:
@@ -71,7 +71,7 @@ CTX = CallContext(request_id="req-1", traceparent=TRACEPARENT, max_tokens=64)
 
 @pytest.fixture
 def provider(sim: RunningSimulator) -> Iterator[BedrockProvider]:
-    bedrock = BedrockProvider(settings(sim), credentials=Credentials("AKIDEXAMPLE", "secret"), max_workers=4)
+    bedrock = BedrockProvider(*settings(sim), credentials=Credentials("AKIDEXAMPLE", "secret"), max_workers=4)
     yield bedrock
     asyncio.run(bedrock.aclose())
 
@@ -186,10 +186,10 @@ def test_web_identity_credentials_through_the_sts_stand_in_refresh_after_expiry(
     control(sim, "POST", "/_sim/config", {"sts_audience": AUDIENCE, "sts_expiry_seconds": 900})
     issuer = DevIssuer(audience=AUDIENCE)
     clock = JumpClock()
-    config = settings(sim, aws_role_arn=ROLE_ARN, aws_web_identity_audience=AUDIENCE, aws_sts_endpoint_url=sim.url)
-    credentials = build_credentials(config, token_provider=lambda: issuer.token(roles=()), time_fetcher=clock)
+    config = settings(sim, role_arn=ROLE_ARN, web_identity_audience=AUDIENCE, sts_endpoint_url=sim.url)
+    credentials = build_credentials(*config, token_provider=lambda: issuer.token(roles=()), time_fetcher=clock)
     assert control(sim, "GET", "/_sim/stats")["sts"]["count"] == 0  # deferred: nothing fetched yet
-    bedrock = BedrockProvider(config, credentials=credentials, max_workers=2)
+    bedrock = BedrockProvider(*config, credentials=credentials, max_workers=2)
     try:
         asyncio.run(bedrock.complete(request(), target(), CTX))
         asyncio.run(bedrock.complete(request(), target(), CTX))
@@ -211,7 +211,7 @@ def _access_key(stats: dict[str, Any]) -> str:
 
 def test_read_timeout_is_a_retryable_timeout_without_a_botocore_retry(sim: RunningSimulator) -> None:
     control(sim, "POST", "/_sim/faults", {"provider": "bedrock", "mode": "slow", "delay_ms": 1500, "count": 1})
-    bedrock = BedrockProvider(settings(sim, upstream_timeout_seconds=0.3), credentials=Credentials("a", "b"))
+    bedrock = BedrockProvider(*settings(sim, upstream_timeout_seconds=0.3), credentials=Credentials("a", "b"))
     try:
         with pytest.raises(ProviderError) as info:
             asyncio.run(bedrock.complete(request(), target(), CTX))
@@ -235,8 +235,8 @@ def test_a_consumer_stopping_early_closes_the_stream(sim: RunningSimulator, prov
 
 def test_provider_federates_from_settings_with_an_injected_entra_token(sim: RunningSimulator) -> None:
     issuer = DevIssuer(audience=AUDIENCE)
-    config = settings(sim, aws_role_arn=ROLE_ARN, aws_web_identity_audience=AUDIENCE, aws_sts_endpoint_url=sim.url)
-    bedrock = BedrockProvider(config, web_identity_token=lambda: issuer.token(roles=()), max_workers=2)
+    config = settings(sim, role_arn=ROLE_ARN, web_identity_audience=AUDIENCE, sts_endpoint_url=sim.url)
+    bedrock = BedrockProvider(*config, web_identity_token=lambda: issuer.token(roles=()), max_workers=2)
     try:
         asyncio.run(bedrock.complete(request(), target(), CTX))
     finally:

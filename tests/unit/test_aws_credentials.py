@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gateway_lib.config.settings import ProviderSettings
+from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import (
     FederationError,
     WebIdentityFetcher,
@@ -45,23 +46,21 @@ class FakeSts:
                                 "Expiration": self.clock.now + timedelta(hours=1)}}
 
 
-def settings(**overrides: Any) -> ProviderSettings:
+def settings(**overrides: Any) -> tuple[BedrockSettings, ProviderSettings]:
     values: dict[str, Any] = dict(
-        azure_openai_endpoint=None, azure_openai_api_version="v", azure_openai_auth="managed_identity",
-        azure_openai_api_key=None, azure_openai_token_scope="s", azure_client_id="cid", bedrock_region="us-east-1",
-        bedrock_endpoint_url=None, aws_role_arn="arn:aws:iam::123456789012:role/gw",
-        aws_web_identity_audience="api://AzureADTokenExchange", aws_sts_endpoint_url=None,
-        aws_role_session_name="ai-gateway", upstream_timeout_seconds=30, connect_timeout_seconds=2)
+        region="us-east-1", endpoint_url=None, role_arn="arn:aws:iam::123456789012:role/gw",
+        web_identity_audience="api://AzureADTokenExchange", sts_endpoint_url=None, role_session_name="ai-gateway")
     values.update(overrides)
-    return ProviderSettings(**values)
+    return BedrockSettings(**values), ProviderSettings(azure_client_id="cid", upstream_timeout_seconds=30,
+                                                        connect_timeout_seconds=2)
 
 
 def federated(clock: FakeClock, sts: FakeSts, token: Any = lambda: "header.payload.sig") -> Any:
-    return build_credentials(settings(), token_provider=token, sts_client_factory=lambda: sts, time_fetcher=clock)
+    return build_credentials(*settings(), token_provider=token, sts_client_factory=lambda: sts, time_fetcher=clock)
 
 
 def test_without_role_settings_the_standard_chain_is_used() -> None:
-    assert build_credentials(settings(aws_role_arn=None, aws_web_identity_audience=None)) is None
+    assert build_credentials(*settings(role_arn=None, web_identity_audience=None)) is None
 
 
 def test_nothing_is_fetched_until_the_credentials_are_first_used() -> None:

@@ -12,7 +12,8 @@ import pytest
 from gateway_lib.config.catalog import Price, Target
 from gateway_lib.errors import InvalidRequest, ProviderError, RateLimited, ServiceUnavailable
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Unsupported, Usage
+from gateway_lib.providers.mock import Call, MockProvider
 from gateway_lib.routing.fallback import complete_with_fallback, open_stream_with_fallback
 from gateway_lib.routing.plan import RoutePlan, RouteStep
 from gateway_lib.routing.target_health import TargetHealth
@@ -44,41 +45,30 @@ def server_error() -> ProviderError:
     return ProviderError("boom", provider="fake", kind="server_error", retryable=True, upstream_status=500)
 
 
-class FakeProvider:
-    """Answers per target id from a script: an exception to raise, or text to return/stream."""
-
-    name = "fake"
-
-    def __init__(self, script: dict[str, Any], clock: FakeClock | None = None, cost_s: float = 0.0) -> None:
-        self.script = script
-        self.calls: list[str] = []
-        self.closed: list[str] = []
-        self.clock, self.cost_s = clock, cost_s
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        self.calls.append(target.id)
-        if self.clock:
-            self.clock.now += self.cost_s
-        outcome = self.script[target.id]
+def FakeProvider(script: dict[str, Any], clock: FakeClock | None = None, cost_s: float = 0.0) -> MockProvider:
+    """Answers per target id from a script: an exception to raise, an ``Unsupported`` refusal, or text to
+    return (whole) or stream (a list of deltas, an exception among them raised at that point)."""
+    def handler(call: Call) -> Any:
+        if clock and not call.stream:
+            clock.now += cost_s
+        outcome = script[call.target.id]
         if isinstance(outcome, BaseException):
             raise outcome
+        if call.stream:
+            return [item if isinstance(item, BaseException) else StreamEvent({"delta": item}, text=item)
+                    for item in outcome]
         return Completion(body={"text": outcome}, usage=Usage(1, 1))
 
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        self.calls.append(target.id)
-        try:
-            outcome = self.script[target.id]
-            if isinstance(outcome, BaseException):
-                raise outcome
-            for item in outcome:
-                if isinstance(item, BaseException):
-                    raise item
-                yield StreamEvent({"delta": item}, text=item)
-        finally:
-            self.closed.append(target.id)
+    def check(request: Any, target: Target) -> Unsupported | None:
+        outcome = script.get(target.id)
+        return outcome if isinstance(outcome, Unsupported) else None
 
-    async def aclose(self) -> None:
-        return None
+    provider = MockProvider(handler, check=check, name="fake")
+    return provider
+
+
+def called(provider: MockProvider) -> list[str]:
+    return [call.target.id for call in provider.calls]
 
 
 def make_plan(*tids: str, unavailable: tuple[str, ...] = ()) -> RoutePlan:
@@ -89,7 +79,7 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def complete(plan: RoutePlan, provider: FakeProvider, health: TargetHealth, clock: FakeClock) -> Any:
+def complete(plan: RoutePlan, provider: MockProvider, health: TargetHealth, clock: FakeClock) -> Any:
     return run(complete_with_fallback(plan, {"fake": provider}, REQUEST, CTX, health, clock))
 
 
@@ -98,7 +88,7 @@ def test_first_healthy_target_answers_and_latency_is_recorded() -> None:
     health = TargetHealth(clock)
     provider = FakeProvider({"a": "hello"}, clock, cost_s=0.25)
     completion, chosen, attempts = complete(make_plan("a", "b"), provider, health, clock)
-    assert completion.body == {"text": "hello"} and chosen.id == "a" and provider.calls == ["a"]
+    assert completion.body == {"text": "hello"} and chosen.id == "a" and called(provider) == ["a"]
     assert [(a.target_id, a.outcome, a.latency_ms) for a in attempts] == [("a", "ok", 250.0)]
     assert health.view().status("a").latency_ms == 250.0
 
@@ -120,33 +110,34 @@ def test_non_retryable_error_is_raised_without_fallback() -> None:
     provider = FakeProvider({"a": bad, "b": "never"})
     with pytest.raises(ProviderError) as info:
         complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
-    assert info.value is bad and provider.calls == ["a"]
+    assert info.value is bad and called(provider) == ["a"]
 
 
 def test_a_target_that_cannot_take_the_request_is_passed_over() -> None:
     # E.g. Bedrock and a remote image URL: the next target may take it, and the target is not at fault.
     clock = FakeClock()
     health = TargetHealth(clock)
-    cannot = InvalidRequest("Images must be base64 data URLs for this model.", code="unsupported_content")
+    cannot = Unsupported("Images must be base64 data URLs for this model.", code="unsupported_content")
     provider = FakeProvider({"a": rate_limited(), "b": cannot, "c": "from c"})
     _, chosen, attempts = complete(make_plan("a", "b", "c"), provider, health, clock)
-    assert chosen.id == "c" and provider.calls == ["a", "b", "c"]
+    assert chosen.id == "c" and called(provider) == ["a", "c"], "b was asked whether it can, not called"
     assert [a.outcome for a in attempts] == ["rate_limited", "unsupported", "ok"]
     assert health.view().status("b").circuit == "closed", "no failure counted against b"
 
 
 def test_the_400_stands_when_no_target_could_take_the_request() -> None:
     clock = FakeClock()
-    first = InvalidRequest("no tools here", code="tools_unsupported", param="tools")
-    provider = FakeProvider({"a": first, "b": InvalidRequest("nor here", code="tools_unsupported")})
+    first = Unsupported("no tools here", code="tools_unsupported", param="tools")
+    provider = FakeProvider({"a": first, "b": Unsupported("nor here", code="tools_unsupported")})
     with pytest.raises(InvalidRequest) as info:
         complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
-    assert info.value is first and [a.outcome for a in info.value.attempts] == ["unsupported", "unsupported"]
+    assert (info.value.message, info.value.code, info.value.param) == ("no tools here", "tools_unsupported", "tools")
+    assert [a.outcome for a in info.value.attempts] == ["unsupported", "unsupported"] and called(provider) == []
 
 
 def test_unsupported_and_failed_targets_end_in_the_failures_status() -> None:
     clock = FakeClock()
-    provider = FakeProvider({"a": rate_limited(5), "b": InvalidRequest("no", code="unsupported_content")})
+    provider = FakeProvider({"a": rate_limited(5), "b": Unsupported("no", code="unsupported_content")})
     with pytest.raises(RateLimited):  # the target that could take it is throttled: back off, as the 429 says
         complete(make_plan("a", "b"), provider, TargetHealth(clock), clock)
 
@@ -176,7 +167,7 @@ def test_cooling_targets_are_skipped() -> None:
     health.record_failure("a")
     provider = FakeProvider({"a": "never", "b": "from b"})
     _, chosen, attempts = complete(make_plan("a", "b"), provider, health, clock)
-    assert chosen.id == "b" and provider.calls == ["b"]
+    assert chosen.id == "b" and called(provider) == ["b"]
     assert attempts[0].outcome == "circuit_open"
 
 
@@ -187,7 +178,7 @@ def test_when_everything_cools_down_the_closest_to_recovery_is_tried_once() -> N
     health.record_failure("b")
     provider = FakeProvider({"a": "recovered", "b": "never"})
     _, chosen, _ = complete(make_plan("a", "b", unavailable=("a", "b")), provider, health, clock)
-    assert chosen.id == "a" and provider.calls == ["a"]
+    assert chosen.id == "a" and called(provider) == ["a"]
 
 
 def test_callers_arriving_while_everything_cools_down_send_one_probe_at_a_time() -> None:
@@ -196,16 +187,17 @@ def test_callers_arriving_while_everything_cools_down_send_one_probe_at_a_time()
     health.record_failure("a")
     calls = 0
 
-    class Struggling(FakeProvider):
-        async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.02)  # slow, then failing again
-            raise server_error()
+    async def struggling(call: Call) -> Completion:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)  # slow, then failing again
+        raise server_error()
+
+    providers = {"fake": MockProvider(struggling, name="fake")}
 
     async def fifty() -> list[Any]:
-        return await asyncio.gather(*(complete_with_fallback(make_plan("a", unavailable=("a",)),
-                                                             {"fake": Struggling({})}, REQUEST, CTX, health, clock)
+        return await asyncio.gather(*(complete_with_fallback(make_plan("a", unavailable=("a",)), providers, REQUEST,
+                                                             CTX, health, clock)
                                       for _ in range(50)), return_exceptions=True)
 
     outcomes = run(fifty())
@@ -233,7 +225,7 @@ def test_the_attempts_of_one_request_share_one_time_budget() -> None:
     provider = FakeProvider({t: timeout for t in "abcd"}, clock=clock, cost_s=100.0)
     with pytest.raises(ServiceUnavailable):
         complete(make_plan("a", "b", "c", "d"), provider, health, clock)
-    assert provider.calls == ["a", "b", "c"]
+    assert called(provider) == ["a", "b", "c"]
     assert health.admit("d"), "the target never called keeps its slot"
 
 
@@ -242,14 +234,13 @@ def test_an_attempt_is_cut_when_the_request_has_no_time_left(monkeypatch: Any) -
 
     monkeypatch.setattr(fallback, "FALLBACK_BUDGET_SECONDS", 0.05)
 
-    class Hanging(FakeProvider):
-        async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-            await asyncio.sleep(30)
-            raise AssertionError("not reached")
+    async def hanging(call: Call) -> Completion:
+        await asyncio.sleep(30)
+        raise AssertionError("not reached")
 
     health = TargetHealth()
     with pytest.raises(ServiceUnavailable) as info:
-        run(complete_with_fallback(make_plan("a"), {"fake": Hanging({})}, REQUEST, CTX, health))
+        run(complete_with_fallback(make_plan("a"), {"fake": MockProvider(hanging, name="fake")}, REQUEST, CTX, health))
     assert info.value.attempts[0].outcome == "timeout"
     assert health.admit("a"), "the request's deadline is no verdict on the target"
 
@@ -261,7 +252,7 @@ def test_an_upstream_retry_after_is_honoured_even_as_last_resort() -> None:
     provider = FakeProvider({"a": "never"})
     with pytest.raises(ServiceUnavailable) as info:
         complete(RoutePlan("chat", None, (RouteStep(target("a"), "t", False, 20, True),)), provider, health, clock)
-    assert provider.calls == [] and info.value.retry_after == 20
+    assert called(provider) == [] and info.value.retry_after == 20
     assert "cooling down" in info.value.message
 
 
@@ -298,7 +289,7 @@ async def collect(rest: AsyncIterator[StreamEvent]) -> list[str]:
     return [e.text async for e in rest]
 
 
-def open_stream(plan: RoutePlan, provider: FakeProvider, health: TargetHealth, clock: FakeClock) -> Any:
+def open_stream(plan: RoutePlan, provider: MockProvider, health: TargetHealth, clock: FakeClock) -> Any:
     return open_stream_with_fallback(plan, {"fake": provider}, REQUEST, CTX, health, clock)
 
 
@@ -326,7 +317,7 @@ def test_stream_error_after_the_first_event_is_not_retried() -> None:
 
     with pytest.raises(ProviderError):
         run(scenario())
-    assert provider.calls == ["a"]
+    assert called(provider) == ["a"]
     assert health.view().status("a").circuit == "open"  # the cut still counts against the target
 
 

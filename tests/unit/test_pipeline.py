@@ -20,6 +20,7 @@ from gateway_lib.config.settings import Settings
 from gateway_lib.errors import InternalError, ProviderError, ServiceUnavailable
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline
+from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
 from gateway_lib.quota.admission import COUNTERS_ROW, Counters
@@ -31,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Broken:
     name = "azure_openai"
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         raise RuntimeError("a bug in an adapter")
@@ -46,6 +50,9 @@ class Chatty:
     """Streams many content chunks and never a usage event (like a stream cut short)."""
 
     name = "azure_openai"
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": target.model}
@@ -96,7 +103,7 @@ def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> No
         rt = _runtime(Broken())
         caller = _caller(rt)
         with pytest.raises(RuntimeError):
-            await pipeline.complete(rt, _scope(), caller, _chat())
+            await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat())
         counters, ledger = await _counters(rt, caller)
         assert counters.in_flight_tokens == 0 and counters.day_usd == 0
         assert len(ledger) == 1 and ledger[0]["status"] == "error"
@@ -109,6 +116,9 @@ class Overloaded:
     """Every target answers 503."""
 
     name = "azure_openai"
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         raise ProviderError("overloaded", provider=target.provider, kind="server_error", retryable=True,
@@ -127,7 +137,7 @@ def test_a_request_every_target_refused_leaves_a_row_naming_the_last_provider_it
         caller = _caller(rt)
         # chat-default: Azure East US, Bedrock, then Azure Sweden Central.
         with pytest.raises(ServiceUnavailable):
-            await pipeline.complete(rt, _scope(), caller, _chat(model="chat-default"))
+            await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(model="chat-default"))
         _, ledger = await _counters(rt, caller)
         assert len(ledger) == 1 and ledger[0]["status"] == "error" and ledger[0]["attempts"] == 3
         row = ledger[0]
@@ -141,7 +151,7 @@ def test_a_stream_the_caller_abandons_is_settled_from_what_was_streamed() -> Non
     async def run() -> None:
         rt = _runtime(Chatty())
         caller = _caller(rt)
-        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+        response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)
         body = response.body_iterator
         frames = [await body.__anext__() for _ in range(5)]  # the caller reads a little, then hangs up
@@ -157,17 +167,23 @@ def test_a_stream_the_caller_abandons_is_settled_from_what_was_streamed() -> Non
 
 
 def test_usage_chunk_is_hidden_unless_the_caller_asked_for_it() -> None:
+    from gateway_lib.operations import chat
+
     usage_chunk = StreamEvent(chunk={"choices": [], "usage": {"prompt_tokens": 1}}, usage=Usage(1, 2))
     last_content = StreamEvent(chunk={"choices": [{"delta": {}}], "usage": {"prompt_tokens": 1}}, usage=Usage(1, 2))
-    assert pipeline._visible_chunk(usage_chunk, include_usage=False) is None
-    assert pipeline._visible_chunk(usage_chunk, include_usage=True) == usage_chunk.chunk
-    assert "usage" not in (pipeline._visible_chunk(last_content, include_usage=False) or {})
+    plain, asked = _chat(stream=True), _chat(stream=True, stream_options={"include_usage": True})
+    assert chat.frame(plain, usage_chunk) is None
+    assert chat.frame(asked, usage_chunk) == b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n'
+    assert b"usage" not in (chat.frame(plain, last_content) or b"")
 
 
 class Bursty:
     """Events in two bursts (as two network reads would deliver them), the first relayed as raw JSON."""
 
     name = "azure_openai"
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         raise NotImplementedError
@@ -186,7 +202,7 @@ class Bursty:
 def test_events_that_arrived_together_go_out_in_one_write_and_raw_json_as_received() -> None:
     async def run() -> list[bytes]:
         rt = _runtime(Bursty())
-        response = await pipeline.run_chat(rt, _scope(), _caller(rt), _chat(stream=True))
+        response = await pipeline.run(rt, _scope(), _caller(rt), CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)
         return [bytes(w) async for w in response.body_iterator]  # type: ignore[arg-type]
 
@@ -218,6 +234,9 @@ class Scripted:
         self.usage, self.ending = usage, ending
         self.closed = 0
 
+    def check(self, request: Any, target: Any) -> None:
+        return None
+
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         message = {"role": "assistant", "content": "a fairly long answer " * 20,
                    "tool_calls": [{"id": "c1", "type": "function",
@@ -244,7 +263,7 @@ def test_an_answer_without_usage_is_billed_from_its_text_not_as_free() -> None:
     async def run() -> None:
         rt = _runtime(Scripted(usage=None))
         caller = _caller(rt)
-        served = await pipeline.complete(rt, _scope(), caller, _chat())
+        served = await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat())
         counters, ledger = await _counters(rt, caller)
         assert len(ledger) == 1 and ledger[0]["prompt_tokens"] > 0
         assert ledger[0]["completion_tokens"] >= 80, "the answer's words and its tool call, counted"
@@ -279,7 +298,7 @@ def test_a_stream_whose_caller_left_before_its_headers_went_out_is_settled_once(
         provider = Scripted()
         rt = _runtime(provider)
         caller = _caller(rt)
-        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+        response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         await serve_to_a_caller_already_gone(response)
         counters, ledger = await _counters(rt, caller)
         assert counters.in_flight_tokens == 0 and provider.closed == 1
@@ -303,7 +322,7 @@ def test_a_request_cancelled_while_its_settlement_is_written_still_settles_once(
         store = SlowTransactions()
         rt = _runtime(Scripted(), store)
         caller = _caller(rt)
-        task = asyncio.ensure_future(pipeline.complete(rt, _scope(), caller, _chat()))
+        task = asyncio.ensure_future(pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat()))
         await store.writing.wait()  # the answer is in, its settlement on the wire: the host cancels the request
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -319,7 +338,7 @@ def test_a_stream_that_fails_with_a_bug_ends_with_an_error_event_and_is_recorded
     async def run() -> None:
         rt = _runtime(Scripted(ending=KeyError("toolUseId")))
         caller = _caller(rt)
-        response = await pipeline.run_chat(rt, _scope(), caller, _chat(stream=True))
+        response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)
         body = b"".join([bytes(w) async for w in response.body_iterator])  # type: ignore[arg-type]
         last = json.loads(body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))

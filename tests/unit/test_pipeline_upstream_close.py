@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway_lib.config.catalog import Target
 from gateway_lib.operations import pipeline
+from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent
 from tests.unit.test_pipeline import _caller, _chat, _runtime, _scope, serve_to_a_caller_already_gone
@@ -21,6 +22,9 @@ class Tracked:
     def __init__(self) -> None:
         self.closed = 0
         self.streams: list[Any] = []  # e.g. a client's registry of open responses
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         raise NotImplementedError
@@ -46,7 +50,7 @@ def test_an_unstarted_streams_upstream_is_closed_by_the_response_not_by_the_garb
     async def run() -> None:
         provider = Tracked()
         rt = _runtime(provider)
-        response = await pipeline.run_chat(rt, _scope(), _caller(rt), _chat(stream=True))
+        response = await pipeline.run(rt, _scope(), _caller(rt), CHAT_COMPLETIONS, _chat(stream=True))
         await serve_to_a_caller_already_gone(response)
         for _ in range(10):
             await asyncio.sleep(0)

@@ -14,6 +14,7 @@ from gateway_lib.auth.identity import Caller
 from gateway_lib.config.settings import Settings
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline
+from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.base import CallContext, Completion, Usage
 from gateway_lib.runtime import Runtime, build_runtime
@@ -32,6 +33,9 @@ class SlowStore(MemoryTableStore):
 
 class Quick:
     name = "azure_openai"
+
+    def check(self, request: Any, target: Any) -> None:
+        return None
 
     async def complete(self, request: ChatRequest, target: Any, ctx: CallContext) -> Completion:
         body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": target.model}
@@ -58,7 +62,7 @@ def _request(rt: Runtime, i: int) -> Any:
                     roles=frozenset({"Gateway.Standard"}), scopes=frozenset(), is_admin=False)
     scope = Scope(request_id=f"r{i}", trace_id="0" * 31 + "1", traceparent="00-" + "0" * 31 + "1-" + "0" * 15 + "1-01",
                   route="chat")
-    return pipeline.complete(rt, scope, caller, ChatRequest(model="gpt-4o-mini",
+    return pipeline.complete(rt, scope, caller, CHAT_COMPLETIONS, ChatRequest(model="gpt-4o-mini",
                                                            messages=[{"role": "user", "content": "hi"}]))
 
 

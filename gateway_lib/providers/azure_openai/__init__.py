@@ -1,0 +1,31 @@
+"""Azure OpenAI, reached with the Function App's managed identity."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway_lib.providers.azure_openai import config
+from gateway_lib.providers.base import CHAT, Capabilities, streamed
+from gateway_lib.providers.registry import ProviderSpec, register
+
+if TYPE_CHECKING:
+    from gateway_lib.config.catalog import Target
+    from gateway_lib.config.settings import ProviderSettings
+    from gateway_lib.providers.base import Provider
+
+_CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT)}),
+                     features=frozenset({"n", "logprobs", "audio", "prediction", "store"}))
+
+
+def _capabilities(target: Target) -> Capabilities:
+    return _CHAT if target.kind == CHAT else Capabilities()
+
+
+def _build(section: config.AzureOpenAISettings, shared: ProviderSettings, credential: Any) -> Provider:
+    from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
+
+    return AzureOpenAIProvider(section, shared, token_provider=credential)
+
+
+register(ProviderSpec(name=config.NAME, setting_names=config.SETTING_NAMES, read_settings=config.read,
+                      build=_build, capabilities=_capabilities, check=config.check))

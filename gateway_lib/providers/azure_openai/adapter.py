@@ -16,7 +16,8 @@ from gateway_lib.config.catalog import Target
 from gateway_lib.config.settings import ProviderSettings
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, seconds, usage_of
+from gateway_lib.providers.azure_openai.config import AzureOpenAISettings
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Unsupported, seconds, usage_of
 
 NAME = "azure_openai"
 _PATH = "/chat/completions"  # the Azure client prefixes /openai/deployments/{model}
@@ -30,8 +31,9 @@ _PASSTHROUGH = ("temperature", "top_p", "stop", "user", "response_format", "tool
 class AzureOpenAIProvider:
     name = NAME
 
-    def __init__(self, settings: ProviderSettings, token_provider: TokenProvider | None = None) -> None:
-        self._settings = settings
+    def __init__(self, section: AzureOpenAISettings, shared: ProviderSettings,
+                 token_provider: TokenProvider | None = None) -> None:
+        self._section, self._shared = section, shared
         self._token_provider = token_provider
         self._clients: dict[str, Any] = {}  # endpoint -> AsyncAzureOpenAI, reused across invocations
 
@@ -40,6 +42,9 @@ class AzureOpenAIProvider:
     # JSON: the gateway relays dicts. The typed ``chat.completions.create`` walks the request through the
     # SDK's TypedDict transform and builds a pydantic model per answer or SSE chunk, only for us to dump
     # it again: together ~1 ms per call and ~4 ms per stream (docs/benchmarks.md).
+
+    def check(self, request: ChatRequest, target: Target) -> Unsupported | None:
+        return None  # Azure OpenAI takes every chat request the schema accepts; capabilities cover the rest
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         client = self._client(target)
@@ -85,7 +90,7 @@ class AzureOpenAIProvider:
         self._clients.clear()
 
     def _client(self, target: Target) -> Any:
-        endpoint = target.endpoint or self._settings.azure_openai_endpoint
+        endpoint = target.endpoint or self._section.endpoint
         if endpoint is None:  # settings validation makes this unreachable; keep the message clear anyway
             raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error",
                                 retryable=False)
@@ -97,29 +102,29 @@ class AzureOpenAIProvider:
     def _new_client(self, endpoint: str) -> Any:
         import openai  # heavy: imported on first use to keep cold start short
 
-        s = self._settings
+        s, shared = self._section, self._shared
         auth: dict[str, Any]
-        if s.azure_openai_auth == "api_key":
-            auth = {"api_key": s.azure_openai_api_key}
+        if s.auth == "api_key":
+            auth = {"api_key": s.api_key}
         else:
-            auth = {"azure_ad_token_provider": self._token_provider or _managed_identity_provider(s)}
-        timeout = openai.Timeout(s.upstream_timeout_seconds, connect=s.connect_timeout_seconds)
+            auth = {"azure_ad_token_provider": self._token_provider or _managed_identity_provider(s, shared)}
+        timeout = openai.Timeout(shared.upstream_timeout_seconds, connect=shared.connect_timeout_seconds)
         # aiohttp under the SDK's HTTP client (the ``openai[aiohttp]`` transport): the default httpx
         # pool walks every pooled connection, polling its socket, on each request; with a few dozen
         # connections open that pool was a third of the gateway's CPU per request.
         return openai.AsyncAzureOpenAI(
-            azure_endpoint=endpoint, api_version=s.azure_openai_api_version, max_retries=0, timeout=timeout,
+            azure_endpoint=endpoint, api_version=s.api_version, max_retries=0, timeout=timeout,
             http_client=openai.DefaultAioHttpClient(timeout=timeout), **auth,
         )
 
 
-def _managed_identity_provider(s: ProviderSettings) -> TokenProvider:
+def _managed_identity_provider(s: AzureOpenAISettings, shared: ProviderSettings) -> TokenProvider:
     """Entra token provider: the Function's user-assigned identity in Azure, the default chain elsewhere."""
     from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential, get_bearer_token_provider
 
-    credential = (ManagedIdentityCredential(client_id=s.azure_client_id) if s.azure_client_id
+    credential = (ManagedIdentityCredential(client_id=shared.azure_client_id) if shared.azure_client_id
                   else DefaultAzureCredential())
-    return get_bearer_token_provider(credential, s.azure_openai_token_scope)
+    return get_bearer_token_provider(credential, s.token_scope)
 
 
 def _body(request: ChatRequest, target: Target, ctx: CallContext) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway_lib.config.catalog import Target
 from gateway_lib.config.settings import ProviderSettings
-from gateway_lib.errors import ProviderError
+from gateway_lib.errors import InvalidRequest, ProviderError
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, seconds
+from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Unsupported, seconds
+from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import FederationError, TokenProvider, botocore_session, build_credentials
 from gateway_lib.providers.bedrock.transform import (
     PROVIDER,
@@ -44,17 +45,18 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar("bedrock_traceparent", default=None)
 _END = object()
+_CHECK = CallContext(request_id="check")
 
 
 class BedrockProvider:
     name = PROVIDER
 
-    def __init__(self, settings: ProviderSettings, *, credentials: Credentials | None = None,
+    def __init__(self, section: BedrockSettings, shared: ProviderSettings, *, credentials: Credentials | None = None,
                  web_identity_token: TokenProvider | None = None, max_workers: int = 32,
                  clock: Callable[[], float] = time.time) -> None:
         """``credentials`` wins; else federation per settings (``web_identity_token`` replaces
         the managed identity, for tests and the local stack); else the standard AWS chain."""
-        self._settings = settings
+        self._section, self._shared = section, shared
         self._credentials = credentials
         self._web_identity_token = web_identity_token
         self._max_workers = max_workers
@@ -63,6 +65,14 @@ class BedrockProvider:
         self._session: Session | None = None
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()  # clients are built in pool threads
+
+    def check(self, request: ChatRequest, target: Target) -> Unsupported | None:
+        """Whether Converse can carry this request to ``target`` (images by URL, tools on a model without)."""
+        try:
+            to_converse_request(request, target, _CHECK)
+        except InvalidRequest as error:
+            return Unsupported(error.message, error.param, error.code or "unsupported_parameter")
+        return None
 
     async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
         kwargs = to_converse_request(request, target, ctx)
@@ -119,16 +129,16 @@ class BedrockProvider:
         from botocore.config import Config
 
         if self._session is None:
-            credentials = self._credentials or build_credentials(self._settings,
+            credentials = self._credentials or build_credentials(self._section, self._shared,
                                                                  token_provider=self._web_identity_token)
             self._session = botocore_session(credentials)
         config = Config(
             region_name=region, retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=self._settings.connect_timeout_seconds,
-            read_timeout=self._settings.upstream_timeout_seconds,
+            connect_timeout=self._shared.connect_timeout_seconds,
+            read_timeout=self._shared.upstream_timeout_seconds,
             max_pool_connections=self._max_workers, user_agent_extra="ai-gateway")
         client = self._session.create_client("bedrock-runtime", region_name=region, config=config,
-                                             endpoint_url=self._settings.bedrock_endpoint_url)
+                                             endpoint_url=self._section.endpoint_url)
         client.meta.events.register("before-sign.bedrock-runtime", _add_traceparent)
         return client
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway_lib.config.settings import ProviderSettings
+from gateway_lib.providers.bedrock.config import BedrockSettings
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials
@@ -111,7 +112,7 @@ def web_identity_credentials(fetcher: Callable[[], dict[str, str]],
     return FederatedCredentials(refresh_using=fetcher, method=METHOD, time_fetcher=time_fetcher)
 
 
-def default_sts_factory(settings: ProviderSettings) -> StsClientFactory:
+def default_sts_factory(section: BedrockSettings, shared: ProviderSettings) -> StsClientFactory:
     def create() -> Any:
         import botocore.session
         from botocore import UNSIGNED
@@ -119,23 +120,22 @@ def default_sts_factory(settings: ProviderSettings) -> StsClientFactory:
 
         # AssumeRoleWithWebIdentity is unsigned: the web identity token is the credential.
         config = Config(signature_version=UNSIGNED, retries={"total_max_attempts": 3, "mode": "standard"},
-                        connect_timeout=settings.connect_timeout_seconds, read_timeout=30)
+                        connect_timeout=shared.connect_timeout_seconds, read_timeout=30)
         return botocore.session.get_session().create_client(
-            "sts", region_name=settings.bedrock_region, endpoint_url=settings.aws_sts_endpoint_url, config=config)
+            "sts", region_name=section.region, endpoint_url=section.sts_endpoint_url, config=config)
 
     return create
 
 
-def build_credentials(settings: ProviderSettings, *, token_provider: TokenProvider | None = None,
+def build_credentials(section: BedrockSettings, shared: ProviderSettings, *, token_provider: TokenProvider | None = None,
                       sts_client_factory: StsClientFactory | None = None,
                       time_fetcher: Callable[[], Any] | None = None) -> Credentials | None:
     """Federated credentials when configured; None means "use the standard AWS chain"."""
-    if not (settings.aws_role_arn and settings.aws_web_identity_audience):
+    if not (section.role_arn and section.web_identity_audience):
         return None
-    provider = token_provider or managed_identity_token_provider(settings.azure_client_id,
-                                                                 settings.aws_web_identity_audience)
-    fetcher = WebIdentityFetcher(settings.aws_role_arn, settings.aws_role_session_name, provider,
-                                 sts_client_factory or default_sts_factory(settings))
+    provider = token_provider or managed_identity_token_provider(shared.azure_client_id, section.web_identity_audience)
+    fetcher = WebIdentityFetcher(section.role_arn, section.role_session_name, provider,
+                                 sts_client_factory or default_sts_factory(section, shared))
     return web_identity_credentials(fetcher, time_fetcher)
 
 

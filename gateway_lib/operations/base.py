@@ -1,0 +1,59 @@
+"""What an operation tells the one pipeline: how to screen it, read its usage, and render it.
+
+Chat completions, embeddings, the Responses API, Anthropic Messages and the task API all run the
+same pipeline (``operations/pipeline.py``). Each is described once by an ``Operation``: its request
+model's prompt (what guardrails screen and count), how usage and text are read from a whole answer
+and from one stream event (relays pass wire JSON through, so the dialect knows where usage sits),
+and how events and errors are framed for the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from gateway_lib.errors import GatewayError
+from gateway_lib.providers.base import StreamEvent, Usage
+
+if TYPE_CHECKING:
+    from gateway_lib.guardrails.screen import Prompt
+
+R = TypeVar("R")
+
+
+def sse(data: dict[str, Any], name: str | None = None) -> bytes:
+    """One Server-Sent Event; ``name`` becomes its ``event:`` field (Responses and Anthropic name theirs)."""
+    payload = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: " + name.encode() + b"\n" + payload if name else payload
+
+
+def _relayed(event: StreamEvent) -> bytes:
+    """The event as the upstream sent it when it is unchanged; else re-encoded."""
+    data = b"data: " + event.raw + b"\n\n" if event.raw is not None else sse(event.chunk)
+    return b"event: " + event.name.encode() + b"\n" + data if event.name else data
+
+
+def _openai_error(error: GatewayError) -> dict[str, Any]:
+    return error.body()
+
+
+@dataclass(frozen=True)
+class Operation(Generic[R]):
+    """One operation's part in the pipeline. ``R`` is its validated request model."""
+
+    name: str  # the capability it needs: chat | embeddings | responses | messages
+    route: str  # the route label on cost rows and telemetry
+    prompt: Callable[[R], Prompt]  # what guardrails screen and count
+    usage: Callable[[dict[str, Any]], Usage | None]  # from a whole answer (None: unreported)
+    answer_text: Callable[[dict[str, Any]], str]  # what an answer generated (billing an answer without usage)
+    stream_usage: Callable[[StreamEvent], Usage | None] = field(default=lambda event: event.usage)
+    stream_text: Callable[[StreamEvent], str] = field(default=lambda event: event.text)
+    frame: Callable[[R, StreamEvent], bytes | None] = field(default=lambda request, event: _relayed(event))
+    stream_end: bytes = b""  # what closes a whole stream (chat's ``data: [DONE]``)
+    error_body: Callable[[GatewayError], dict[str, Any]] = field(default=_openai_error)  # the dialect's shape
+    error_event: str | None = None  # the ``event:`` name of a mid-stream error, in dialects that name events
+
+    def error_frame(self, error: GatewayError) -> bytes:
+        return sse(self.error_body(error), self.error_event)
