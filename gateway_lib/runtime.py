@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway_lib.auth.authenticator import Authenticator
-from gateway_lib.billing import accounting
+from gateway_lib.billing import settlements
 from gateway_lib.config.settings import ConfigError, Settings, get_settings
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.guardrails import tokens
@@ -54,7 +54,7 @@ class Runtime:
             gc.freeze()
 
     async def aclose(self) -> None:
-        await accounting.drain()  # settlements of requests the host cancelled, before the journal is committed
+        await settlements.drain()  # settlements of requests the host cancelled, before the journal is committed
         await self.admission.aclose()  # commits a leased journal while storage is still open
         for provider in self.providers.values():
             await provider.aclose()

@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from gateway_lib.auth.identity import Caller
 from gateway_lib.billing import pricing
 from gateway_lib.billing.ledger import CostRow
+from gateway_lib.billing.settlements import shielded
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import GatewayError, ProviderError
 from gateway_lib.guardrails import tokens
@@ -34,28 +35,6 @@ if TYPE_CHECKING:
     from gateway_lib.runtime import Runtime
 
 log = logging.getLogger("gateway.accounting")
-T = TypeVar("T")
-
-_pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancelled request: kept from the GC
-
-
-async def drain() -> None:
-    """Let the settlements under way now finish (graceful shutdown). Those started meanwhile are not waited
-    for: another runtime of the process may be serving, and its traffic would keep this from returning."""
-    pending = list(_pending)
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def shielded(task: asyncio.Future[T]) -> T:
-    """Await ``task`` even if the awaiting request is cancelled; the task then completes in the background."""
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        log.info("request cancelled; its settlement continues in the background")
-        raise
 
 
 @dataclass

@@ -18,16 +18,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
 from gateway_lib.billing import alerts as alerting
 from gateway_lib.billing import ledger
-from gateway_lib.billing.alerts import Alert, AlertSink, TelemetrySink, WebhookSink, claim_alert, deliver_pending, key_part
+from gateway_lib.billing.alerts import Alert, AlertSink, claim_alert, deliver_pending, key_part
 from gateway_lib.billing.spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end, period_start
 from gateway_lib.config.settings import BudgetSettings
-from gateway_lib.quota import admission as quota
 from gateway_lib.storage.base import Entity, EntityExists, PreconditionFailed, StorageUnavailable, TableStore
 
 log = logging.getLogger("gateway.budget")
@@ -502,36 +501,3 @@ async def _deliver(run: _Run) -> None:
     report = await deliver_pending(run.store, run.prefix, run.sinks, run.clock(), deadline=run.deadline,
                                    clock=run.clock)
     run.report.alerts_delivered, run.report.alerts_pending = report.delivered, report.pending
-
-
-# --- timer entry ---------------------------------------------------------------------------------
-
-
-async def rollup_timer_entry(timer_past_due: bool) -> RollupReport:
-    """The timer function's body: build dependencies from the runtime and run one bounded pass."""
-    from gateway_lib.billing.enforcement import OverrideBudgets, OverrideEnforcer  # it builds on this module's types
-    from gateway_lib.runtime import get_runtime
-
-    rt = get_runtime()
-    settings, prefix = rt.settings, rt.settings.storage.table_prefix
-    sinks: list[AlertSink] = []
-    if settings.appinsights_connection_string:  # otherwise the event would be dropped yet recorded as sent
-        sinks.append(TelemetrySink(rt.telemetry.track_event))
-    if settings.budget.alert_webhook_url:
-        sinks.append(WebhookSink(settings.budget.alert_webhook_url))
-    elif settings.budget.alert_webhook_unresolved:
-        log.warning("ALERT_WEBHOOK_URL is a Key Vault reference App Service could not resolve: no webhook alerts")
-    clock: Clock = lambda: datetime.now(UTC)  # noqa: E731
-    await rt.store.ensure_tables([*quota.tables(prefix), rollup_table(prefix), alerting.alerts_table(prefix)])
-    report = await run_rollup(
-        rt.store, settings.budget, OverrideBudgets(rt.store, prefix, settings.tiers), clock, sinks, prefix=prefix,
-        enforcer=OverrideEnforcer(rt.store, prefix, settings.budget.enforcement, settings.budget.downgrade_alias,
-                                  clock),
-        deadline=clock() + TIMER_BUDGET,
-    )
-    log.info("budget rollup finished", extra={"custom_dimensions": {
-        "past_due": timer_past_due, "callers": report.callers, "rows": report.rows_applied,
-        "late_rows": report.late_rows_applied, "backlog": report.backlog, "stopped_early": report.stopped_early,
-        "alerts": len(report.alerts_raised), "pending": report.alerts_pending, "restricted": len(report.restricted),
-        "lifted": report.lifted, "callers_failed": len(report.callers_failed)}})
-    return report

@@ -8,13 +8,11 @@ change is a new version, never an edit in place.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from typing import Any
-
-from gateway_lib.providers import registry
 
 KINDS = ("chat", "embeddings")  # what a target serves: chat-style operations, or embeddings
 TOKENIZERS = ("o200k_base", "cl100k_base", "claude")
@@ -69,8 +67,8 @@ def default_catalogue_json() -> str:
     return resources.files("gateway_lib.config.defaults").joinpath("models.json").read_text(encoding="utf-8")
 
 
-def parse_catalogue(raw: str, problems: list[str]) -> Catalogue | None:
-    """Parse catalogue JSON, appending every problem found to ``problems``."""
+def parse_catalogue(raw: str, problems: list[str], providers: Collection[str]) -> Catalogue | None:
+    """Parse catalogue JSON, appending every problem found to ``problems``; ``providers``: the registered names."""
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -79,7 +77,7 @@ def parse_catalogue(raw: str, problems: list[str]) -> Catalogue | None:
     if not isinstance(doc, dict):
         problems.append("GATEWAY_MODELS: must be a JSON object with 'version', 'targets' and 'aliases'")
         return None
-    targets = {tid: t for tid, spec in _obj(doc, "targets", problems).items() if (t := _target(tid, spec, problems))}
+    targets = {tid: t for tid, spec in _obj(doc, "targets", problems).items() if (t := _target(tid, spec, problems, providers))}
     aliases: dict[str, ModelAlias] = {}
     for name, spec in _obj(doc, "aliases", problems).items():
         listed = spec.get("targets") if isinstance(spec, dict) else None
@@ -104,15 +102,15 @@ def _obj(doc: dict[str, Any], key: str, problems: list[str]) -> dict[str, Any]:
     return value
 
 
-def _target(tid: str, spec: Any, problems: list[str]) -> Target | None:
+def _target(tid: str, spec: Any, problems: list[str], providers: Collection[str]) -> Target | None:
     where = f"GATEWAY_MODELS: target '{tid}'"
     if not isinstance(spec, dict):
         problems.append(f"{where} must be an object")
         return None
     before = len(problems)
     provider = spec.get("provider")
-    if provider not in registry.names():
-        problems.append(f"{where}: provider must be one of {', '.join(registry.names())}")
+    if provider not in providers:
+        problems.append(f"{where}: provider must be one of {', '.join(sorted(providers))}")
     kind = spec.get("kind", "chat")
     if kind not in KINDS:
         problems.append(f"{where}: kind must be one of {', '.join(KINDS)}")

@@ -9,19 +9,18 @@ holds the three together).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
-from urllib.parse import urlparse
 
 from gateway_lib.config.catalog import Catalogue, default_catalogue_json, parse_catalogue
+from gateway_lib.config.reader import SettingsReader as _Env
 from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
+from gateway_lib.guardrails.pii import pii_problems
 from gateway_lib.providers import registry
+from gateway_lib.providers.base import ProviderSettings
 
 # Every app setting the gateway reads. Platform settings (FUNCTIONS_*, AzureWebJobsStorage,
 # PYTHON_ENABLE_INIT_INDEXING) belong to the host and are listed in PLATFORM_SETTING_NAMES.
@@ -94,19 +93,6 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
-class ProviderSettings:
-    """What every provider shares, plus each provider's own section by name (read by its folder)."""
-
-    azure_client_id: str | None  # user-assigned managed identity client id
-    upstream_timeout_seconds: float
-    connect_timeout_seconds: float
-    sections: Mapping[str, Any] = field(default_factory=dict)
-
-    def section(self, provider: str) -> Any:
-        return self.sections[provider]
-
-
-@dataclass(frozen=True)
 class LimitSettings:
     max_body_bytes: int
     max_prompt_chars: int
@@ -151,10 +137,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
+        env = _Env(os.environ if environ is None else environ, SETTING_NAMES)
         settings = cls(
             environment=env.choice("GATEWAY_ENVIRONMENT", ("local", "dev", "test", "prod"), "prod"),
-            catalogue=parse_catalogue(env.text("GATEWAY_MODELS") or default_catalogue_json(), env.problems),  # type: ignore[arg-type]
+            catalogue=parse_catalogue(env.text("GATEWAY_MODELS") or default_catalogue_json(), env.problems, registry.names()),  # type: ignore[arg-type]
             tiers=parse_tiers(env.text("GATEWAY_TIERS") or default_tiers_json(), env.problems),  # type: ignore[arg-type]
             auth=_auth(env),
             providers=_providers(env),
@@ -218,7 +204,6 @@ def _limits(env: _Env) -> LimitSettings:
             re.compile(pattern)
         except re.error as exc:
             env.problems.append(f"GATEWAY_DENY_PATTERNS: '{pattern}' is not a valid regex ({exc})")
-    from gateway_lib.guardrails.screen import pii_problems  # guardrails owns the detector names
 
     env.problems.extend(pii_problems(env.csv("GATEWAY_PII_PATTERNS")))
     return LimitSettings(
@@ -286,91 +271,3 @@ def _cross_checks(s: Settings, env: _Env) -> None:
                 env.problems.append(f"GATEWAY_TIERS: tier '{tier.name}' allows unknown model alias '{alias}'")
     if s.budget.enforcement == "downgrade" and s.budget.downgrade_alias not in s.catalogue.aliases:
         env.problems.append("BUDGET_DOWNGRADE_ALIAS must name a catalogue alias when BUDGET_ENFORCEMENT=downgrade")
-
-
-class _Env:
-    """Typed reads of app settings that record problems instead of raising."""
-
-    def __init__(self, raw: Mapping[str, str]) -> None:
-        self.raw = raw
-        self.problems: list[str] = []
-
-    @property
-    def on_azure(self) -> bool:
-        return bool(self.raw.get("WEBSITE_INSTANCE_ID"))
-
-    def text(self, name: str) -> str | None:
-        assert name in SETTING_NAMES, f"{name} missing from SETTING_NAMES"
-        value = self.raw.get(name, "").strip()
-        return value or None
-
-    def csv(self, name: str) -> list[str]:
-        return [item.strip() for item in (self.text(name) or "").split(",") if item.strip()]
-
-    def json_list(self, name: str) -> list[str]:
-        raw = self.text(name)
-        if raw is None:
-            return []
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.problems.append(f"{name}: must be a JSON list of strings")
-            return []
-        return value
-
-    def integer(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name}: '{raw}' is not an integer")
-            return default
-        return self._bounded(name, value, lo, hi, default)
-
-    def number(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.problems.append(f"{name}: '{raw}' is not a number")
-            return default
-        return self._bounded(name, value, lo, hi, default)
-
-    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
-        value = self.text(name) or default
-        if value not in options:
-            self.problems.append(f"{name}: '{value}' is not one of {', '.join(options)}")
-            return default
-        return value
-
-    def url(self, name: str) -> str | None:
-        value = self.text(name)
-        if value is not None:
-            try:
-                parsed = urlparse(value)
-                parsed.port  # noqa: B018  # raises on a port that is not a number in 0..65535
-            except ValueError:  # e.g. "https://[host/": an unclosed IPv6 bracket
-                parsed = urlparse("")
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                # The value is not quoted: a webhook URL carries its secret in the path.
-                self.problems.append(f"{name}: not an http(s) URL (scheme://host/...)")
-                return None
-        return value
-
-    def _bounded(self, name: str, value: Any, lo: Any, hi: Any, default: Any) -> Any:
-        # NaN compares false with everything: without the isfinite check it passes any bounds.
-        if (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and value < lo) or (
-                hi is not None and value > hi):
-            self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
-            return default
-        return value
-
-
-
-SettingsReader = _Env  # what a provider's settings section reads from

@@ -154,9 +154,9 @@ async def health(request: Request) -> Response:
 
 async def budget_rollup(past_due: bool) -> None:
     """The timer's body (the rollup logs its own report)."""
-    from gateway_lib.billing import budget
+    from gateway_lib.billing import rollup_timer
 
-    await budget.rollup_timer_entry(past_due)
+    await rollup_timer.rollup_timer_entry(past_due)
 
 
 def _setting_names(problems: list[str]) -> list[str]:

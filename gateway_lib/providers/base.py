@@ -11,7 +11,7 @@ says whether a fallback may follow.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -24,6 +24,19 @@ CHAT, EMBEDDINGS, RESPONSES, MESSAGES = "chat", "embeddings", "responses", "mess
 
 def streamed(operation: str) -> str:
     return f"{operation}_stream"
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """What every provider shares, plus each provider's own section by name (read by its folder)."""
+
+    azure_client_id: str | None  # user-assigned managed identity client id
+    upstream_timeout_seconds: float
+    connect_timeout_seconds: float
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, provider: str) -> Any:
+        return self.sections[provider]
 
 
 @dataclass(frozen=True)

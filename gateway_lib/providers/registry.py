@@ -19,8 +19,8 @@ from gateway_lib.providers.base import Capabilities
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Catalogue, Target
-    from gateway_lib.config.settings import ProviderSettings, SettingsReader
-    from gateway_lib.providers.base import Provider
+    from gateway_lib.config.reader import SettingsReader
+    from gateway_lib.providers.base import Provider, ProviderSettings
 
 
 def _no_check(section: Any, catalogue: Catalogue, problems: list[str]) -> None:

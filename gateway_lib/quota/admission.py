@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ from gateway_lib.quota.overrides import (
     overrides_table,
     put_override,
 )
+from gateway_lib.quota.reservation import Reservation, Settlement
 from gateway_lib.storage.base import (
     Entity,
     EntityExists,
@@ -93,29 +94,6 @@ def team_partition(team: str) -> str:
 
 
 # ---- the engine ----------------------------------------------------------------------------------
-
-@dataclass
-class Reservation:
-    """What ``reserve`` admitted; hand it back to ``settle`` or ``release`` exactly once."""
-
-    caller_key: str
-    request_id: str
-    tier: str
-    team: str | None
-    tokens: int  # estimated prompt + max_tokens
-    usd: Decimal  # priced at the dearest target the request may fall back to
-    minute: str
-    epoch: int
-    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
-    accounted: bool = True  # False: admitted fail-open without counters
-    round_trips: int = 0  # storage round trips spent on this request so far
-
-
-@dataclass(frozen=True)
-class Settlement:
-    already_settled: bool  # the cost row existed: a retried settle, counted once
-    round_trips: int  # total for the request (reserve + settle)
-
 
 class Admission:
     """Reserve/settle against shared counters. One per process; safe for concurrent requests."""

@@ -20,7 +20,7 @@ from gateway_lib.quota.overrides import LIMIT_NAMES, Override, money_json
 from gateway_lib.storage.base import Entity
 
 if TYPE_CHECKING:
-    from gateway_lib.quota.admission import Reservation
+    from gateway_lib.quota.reservation import Reservation
 
 COUNTERS_ROW = "counters"
 # Every counters write carries a fresh marker, and the row keeps the last few. A write whose reply was

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.config.settings import ProviderSettings, Settings
+from gateway_lib.config.settings import Settings
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
-from gateway_lib.providers.base import CallContext
+from gateway_lib.providers.base import CallContext, ProviderSettings
 from tools.provider_simulator import start_in_thread
 from tools.stack import free_port
 

@@ -17,10 +17,9 @@ import pytest
 from botocore.credentials import Credentials
 
 from gateway_lib.config.catalog import Price, Target
-from gateway_lib.config.settings import ProviderSettings
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, StreamEvent
+from gateway_lib.providers.base import CallContext, ProviderSettings, StreamEvent
 from gateway_lib.providers.bedrock.adapter import BedrockProvider
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import build_credentials

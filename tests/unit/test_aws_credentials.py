@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway_lib.config.settings import ProviderSettings
+from gateway_lib.providers.base import ProviderSettings
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import (
     FederationError,

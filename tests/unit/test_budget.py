@@ -888,7 +888,9 @@ def test_the_timer_entry_builds_its_dependencies_from_the_runtime(monkeypatch: p
         await prepare(store, "gw")
         await set_budget(store, "gw", caller_key("a"), day="1")
         await write_cost(store, "gw", "a", datetime.now(UTC) - timedelta(minutes=10), "0.6")
-        return await budget.rollup_timer_entry(timer_past_due=False)
+        from gateway_lib.billing import rollup_timer
+
+        return await rollup_timer.rollup_timer_entry(timer_past_due=False)
 
     report = run(go())
     assert report.rows_applied == 1 and report.alerts_delivered >= 1

@@ -13,8 +13,8 @@ from gateway_lib.config.catalog import Price, Target
 from gateway_lib.config.settings import LimitSettings
 from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import ContentFiltered, InvalidRequest
+from gateway_lib.guardrails import pii, tokens
 from gateway_lib.guardrails import screen as guardrails
-from gateway_lib.guardrails import tokens
 from gateway_lib.operations.schema import ChatRequest
 
 LIMITS = LimitSettings(max_body_bytes=1_048_576, max_prompt_chars=10_000, max_messages=8, deny_patterns=(),
@@ -220,7 +220,7 @@ PII_CASES = [
 
 @pytest.mark.parametrize(("name", "hits", "misses"), PII_CASES, ids=[c[0] for c in PII_CASES])
 def test_pii_detector(name: str, hits: list[str], misses: list[str]) -> None:
-    detect = guardrails.PII_DETECTORS[name]
+    detect = pii.PII_DETECTORS[name]
     assert [h for h in hits if not detect(h)] == []
     assert [m for m in misses if detect(m)] == []
 
@@ -241,7 +241,7 @@ def test_rules_are_compiled_once_per_configuration() -> None:
 
 
 def test_unknown_detector_names_are_configuration_problems() -> None:
-    assert guardrails.pii_problems(["email", "Phone", "passport"]) == [
+    assert pii.pii_problems(["email", "Phone", "passport"]) == [
         "GATEWAY_PII_PATTERNS: unknown detector 'passport'; known: email, credit_card, us_ssn, iban, phone"]
     with pytest.raises(ValueError, match="passport"):
         guardrails.content_rules((), ("passport",))
@@ -250,7 +250,7 @@ def test_unknown_detector_names_are_configuration_problems() -> None:
 @pytest.mark.parametrize("text", ["a" * 400_000, "a.a" * 130_000 + "@", "1" * 400_000, "1-" * 200_000,
                                   "+1" + " 1" * 200_000, "AB12" + " A1B2" * 80_000, "x@" + "a." * 200_000])
 def test_detectors_stay_linear_on_adversarial_input(text: str) -> None:
-    rules = guardrails.content_rules((), guardrails.PII_DETECTOR_NAMES)
+    rules = guardrails.content_rules((), pii.PII_DETECTOR_NAMES)
     started = time.perf_counter()
     guardrails.find_violation([("messages[0]", text)], rules)
     # A hang check, not a speed target: a backtracking pattern takes hours on these inputs, a linear one

@@ -10,6 +10,7 @@ from gateway_lib.config.catalog import Catalogue, default_catalogue_json, parse_
 from gateway_lib.config.tiers import Tier
 from gateway_lib.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.providers import registry
 from gateway_lib.routing.plan import RoutePlan, plan_route
 from gateway_lib.routing.target_health import HealthView, TargetHealth, TargetStatus
 
@@ -18,7 +19,7 @@ NOW = 500.0
 
 def catalogue() -> Catalogue:
     problems: list[str] = []
-    result = parse_catalogue(default_catalogue_json(), problems)
+    result = parse_catalogue(default_catalogue_json(), problems, registry.names())
     assert result is not None and not problems
     return result
 

@@ -10,8 +10,7 @@ from gateway_lib.providers.registry import ProviderSpec, register
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
-    from gateway_lib.config.settings import ProviderSettings
-    from gateway_lib.providers.base import Provider
+    from gateway_lib.providers.base import Provider, ProviderSettings
 
 _CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT)}),
                      features=frozenset({"n", "logprobs", "audio", "prediction", "store"}))

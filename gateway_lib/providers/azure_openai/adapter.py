@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gateway_lib.config.catalog import Target
-from gateway_lib.config.settings import ProviderSettings
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.azure_openai.config import AzureOpenAISettings
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Unsupported, seconds, usage_of
+from gateway_lib.providers.base import CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds, usage_of
 
 NAME = "azure_openai"
 _PATH = "/chat/completions"  # the Azure client prefixes /openai/deployments/{model}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Catalogue
-    from gateway_lib.config.settings import SettingsReader
+    from gateway_lib.config.reader import SettingsReader
 
 NAME = "azure_openai"
 SETTING_NAMES = ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_VERSION", "AZURE_OPENAI_AUTH", "AZURE_OPENAI_API_KEY",

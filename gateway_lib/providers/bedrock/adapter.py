@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway_lib.config.catalog import Target
-from gateway_lib.config.settings import ProviderSettings
 from gateway_lib.errors import InvalidRequest, ProviderError
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Unsupported, seconds
+from gateway_lib.providers.base import CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import FederationError, TokenProvider, botocore_session, build_credentials
 from gateway_lib.providers.bedrock.transform import (

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway_lib.config.settings import SettingsReader
+    from gateway_lib.config.reader import SettingsReader
 
 NAME = "bedrock"
 SETTING_NAMES = ("BEDROCK_REGION", "BEDROCK_ENDPOINT_URL", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_AUDIENCE",

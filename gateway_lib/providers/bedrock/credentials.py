@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway_lib.config.settings import ProviderSettings
+from gateway_lib.providers.base import ProviderSettings
 from gateway_lib.providers.bedrock.config import BedrockSettings
 
 if TYPE_CHECKING:
