@@ -46,9 +46,8 @@ class Runtime:
 
     def warmed_up(self) -> None:
         """After the first request: move everything alive now (modules, SDK clients, the tokenizer tables)
-        out of the cyclic collector's reach. A full collection walked ~90,000 such objects in ~23 ms,
-        and the storage SDK allocates enough to trigger one every few seconds: that stall was the p99
-        (docs/benchmarks.md). Later garbage is collected as usual."""
+        out of the cyclic collector's reach: the SDKs allocate enough to trigger full collections, each
+        walking all of them on a request's path (docs/benchmarks.md). Later garbage is collected as usual."""
         if not self.warm:
             self.warm = True
             gc.freeze()

@@ -211,8 +211,7 @@ def _build(name: str, spec: _Spec) -> tiktoken.Encoding:
     built = tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
                               special_tokens=dict(spec.special_tokens))
     # The Rust core keeps its own copies of the ranks; the Encoding holds on to this dict only to be
-    # pickled, which the gateway never does. Emptying it frees ~22 MiB per encoding (o200k, measured),
-    # an eighth of the process's idle memory.
+    # pickled, which the gateway never does. Emptying it frees tens of MiB per encoding.
     ranks.clear()
     return built
 

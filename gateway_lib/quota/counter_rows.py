@@ -275,8 +275,7 @@ class CounterRows:
     def _marker_kept_while_unknown(self, pk: str) -> Iterator[None]:
         """A counters write's marker outlives the write only when its outcome is unknown (its reply was lost):
         a marker left behind by a write that surely failed would later be taken for a doubt and looked for
-        instead of the one that matters: the interleaving test caught a settle retried after its own write had
-        landed, refused as "already settled", that skipped the team's counters (an undo would count twice)."""
+        instead of the one that matters (tests/unit/test_quota_interleavings.py pins it)."""
         unknown = False
         try:
             yield

@@ -60,9 +60,8 @@ log = logging.getLogger(__name__)
 LEASE_MAX_REQUESTS = 1024
 # A lease holds about this much of the caller's recent traffic on this process, and at least
 # LEASE_RUNWAY_GRANTS times as long as the last grant took to write (row lock wait included): the successor
-# is reserved when a quarter is used, and the rest must outlast its grant. With Azurite at 64 concurrent requests a
-# grant took ~0.4 s (it queues behind a journal commit on a busy event loop); leases sized for a fixed
-# 0.5 s, at most 64 requests, then ran dry every round and requests waited for grants: p99 0.56 s.
+# is reserved when a quarter is used, and the rest must outlast its grant, however slow grants get under load
+# (ADR 0007).
 LEASE_HORIZON_SECONDS = 0.5
 LEASE_HORIZON_MAX_SECONDS = 2.0
 LEASE_RUNWAY_GRANTS = 4
@@ -73,11 +72,9 @@ BATCH_ROWS = TRANSACTION_OPS - 1  # 99 cost rows + the counters row
 LATE_BATCH_ROWS = 49  # late rows come with their twins: 49 rows + 49 twins + the counters row
 LATE_CUT_MARGIN = timedelta(seconds=15)  # a batch with rows about to be late is cut small already
 MAX_PENDING_ROWS = 20_000
-# Backpressure. One row's journal is committed one transaction at a time, and on a saturated event loop a
-# commit waits behind every request in flight: driven in-process with 64 concurrent requests of one caller,
-# a commit took ~0.45 s for ~85 rows while ~800 requests/s settled, and the journal grew by ~800 rows/s
-# without end (measured). Past this many rows behind (~20 transactions), that row's new requests wait for
-# a commit; past BEHIND_WAIT_SECONDS, 503. A lower bound (4 transactions) made bursts wait for seconds.
+# Backpressure. One row's journal is committed one transaction at a time, so a caller settling faster than
+# its commits land would grow it without end. Past this many rows behind (~20 transactions), that row's new
+# requests wait for a commit; past BEHIND_WAIT_SECONDS, 503 (docs/storage.md, "Leased mode").
 JOURNAL_MAX_BEHIND = 20 * BATCH_ROWS
 BEHIND_WAIT_SECONDS = 5.0
 
@@ -173,7 +170,7 @@ class LeasedAdmission(Admission):
             headers = rate_headers(lease.take(res, now), limits, self._clock())
             if lease.requests * 4 < lease.granted * 3 and not lease.renewing:
                 # A quarter used: reserve the successor now, in the background, so no request waits for a grant
-                # (a grant queues behind a journal commit on the row lock: that wait was the p99).
+                # (a grant queues behind a journal commit on the row lock).
                 lease.renewing = True
                 self._background(self._renew(pk, limits, res, who, lease))
             return headers

@@ -8,11 +8,9 @@ operation, or, when the changeset fails, a single response whose error message s
 failing operation's index (``"1:The specified entity already exists."``).
 
 Why not ``TableClient.submit_transaction``: it builds and parses this MIME with the standard
-library's ``email`` package, which costs ~2.4 ms of CPU for a one-row transaction plus ~0.27 ms for
-every further row (measured against Azurite; docs/benchmarks.md). That cost lands on every settle in
-strict quota mode, and on leased mode's journal commit, where it holds the event loop while requests
-are in flight. Written directly, a one-row transaction costs ~0.9 ms (most of it the SDK's pipeline)
-and each further row ~0.03 ms. The request still goes through the SDK's pipeline (request signing,
+library's ``email`` package, several times the CPU of writing it directly (ADR 0008 has the numbers).
+That cost lands on every settle in strict quota mode, and on leased mode's journal commit, where it
+holds the event loop while requests are in flight. The request still goes through the SDK's pipeline (request signing,
 x-ms-date, retries, tracing, transport); only the body and the reading of the answer are ours.
 """
 

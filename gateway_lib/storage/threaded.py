@@ -1,14 +1,10 @@
 """``StorageThread``: a ``TableStore`` whose calls run on an event loop of their own, in a thread.
 
 Leased quota mode writes usage behind the requests: one transaction of up to 100 rows per caller
-every 50 ms. On the request loop every step of such a commit (send, wait for the reply, read it)
-waits its turn behind every request in flight. With one caller at 64 concurrent requests and the
-gateway's core saturated, commits took 80+ ms each (16 ms for the same batch on an idle loop), the
-journal fell behind, backpressure held requests for seconds and some got 503 (benchmark, fresh
-Azurite partition: p99 3.8-5.0 s, 737-743 RPS). Here the table client lives on a loop that serves
-storage only; the request loop just awaits a future. The calls take the same CPU (the GIL is
-shared), but a commit no longer waits for a turn among the requests: same benchmark, p99 0.38-0.39 s,
-849-851 RPS, no errors (docs/benchmarks.md). Nothing changed at 1 or 8 concurrent requests.
+every 50 ms. On the request loop every step of such a commit would wait its turn behind every request
+in flight, and a busy loop would let the journal fall behind. Here the table client lives on a loop
+that serves storage only; the request loop just awaits a future. The calls take the same CPU (the GIL
+is shared), but a commit no longer waits for a turn among the requests (ADR 0009 has the measurements).
 
 Used in leased mode, where storage calls are background work. Strict mode keeps the store on the
 request loop: there every call is on a request's path, and crossing threads would only add to it.
