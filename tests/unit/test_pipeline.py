@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,14 @@ from starlette.responses import StreamingResponse
 
 from gateway_lib.auth.identity import Caller
 from gateway_lib.billing.ledger import usage_table
-from gateway_lib.config.catalog import Target
 from gateway_lib.config.settings import Settings
 from gateway_lib.errors import InternalError, ProviderError, ServiceUnavailable
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline
 from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.base import Completion, StreamEvent, Usage
+from gateway_lib.providers.mock import Call, MockProvider
 from gateway_lib.quota.admission import COUNTERS_ROW, Counters
 from gateway_lib.runtime import Runtime, build_runtime
 from gateway_lib.storage.memory import MemoryTableStore
@@ -30,41 +29,18 @@ from gateway_lib.storage.memory import MemoryTableStore
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Broken:
-    name = "azure_openai"
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        raise RuntimeError("a bug in an adapter")
-
-    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        raise RuntimeError("a bug in an adapter")
-
-    async def aclose(self) -> None:
-        pass
+def broken(call: Call) -> Any:
+    raise RuntimeError("a bug in an adapter")
 
 
-class Chatty:
+def chatty(call: Call) -> Any:
     """Streams many content chunks and never a usage event (like a stream cut short)."""
-
-    name = "azure_openai"
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": target.model}
+    if not call.stream:
+        body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": call.target.model}
         return Completion(body=body, usage=Usage(5, 1))
-
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        for i in range(50):
-            yield StreamEvent(chunk={"object": "chat.completion.chunk",
-                                     "choices": [{"index": 0, "delta": {"content": f"word{i} "}}]}, text=f"word{i} ")
-
-    async def aclose(self) -> None:
-        pass
+    return [StreamEvent(chunk={"object": "chat.completion.chunk",
+                               "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}, text=f"w{i} ")
+            for i in range(50)]
 
 
 def _runtime(provider: Any, store: MemoryTableStore | None = None) -> Runtime:
@@ -100,7 +76,7 @@ def _chat(**extra: Any) -> ChatRequest:
 
 def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> None:
     async def run() -> None:
-        rt = _runtime(Broken())
+        rt = _runtime(MockProvider(broken))
         caller = _caller(rt)
         with pytest.raises(RuntimeError):
             await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat())
@@ -112,28 +88,15 @@ def test_a_bug_in_a_provider_releases_the_reservation_and_leaves_one_row() -> No
     asyncio.run(run())
 
 
-class Overloaded:
+def overloaded(call: Call) -> Any:
     """Every target answers 503."""
-
-    name = "azure_openai"
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        raise ProviderError("overloaded", provider=target.provider, kind="server_error", retryable=True,
-                            upstream_status=503)
-
-    def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        pass
+    raise ProviderError("overloaded", provider=call.target.provider, kind="server_error", retryable=True,
+                        upstream_status=503)
 
 
 def test_a_request_every_target_refused_leaves_a_row_naming_the_last_provider_it_was_sent_to() -> None:
     async def run() -> None:
-        rt = _runtime(Overloaded())
+        rt = _runtime(MockProvider(overloaded))
         caller = _caller(rt)
         # chat-default: Azure East US, Bedrock, then Azure Sweden Central.
         with pytest.raises(ServiceUnavailable):
@@ -149,7 +112,7 @@ def test_a_request_every_target_refused_leaves_a_row_naming_the_last_provider_it
 
 def test_a_stream_the_caller_abandons_is_settled_from_what_was_streamed() -> None:
     async def run() -> None:
-        rt = _runtime(Chatty())
+        rt = _runtime(MockProvider(chatty))
         caller = _caller(rt)
         response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)
@@ -177,31 +140,20 @@ def test_usage_chunk_is_hidden_unless_the_caller_asked_for_it() -> None:
     assert b"usage" not in (chat.frame(plain, last_content) or b"")
 
 
-class Bursty:
+def bursty(call: Call) -> Any:
     """Events in two bursts (as two network reads would deliver them), the first relayed as raw JSON."""
-
-    name = "azure_openai"
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        raise NotImplementedError
-
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        for burst in range(2):
-            for i in range(3):
-                chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}
-                raw = json.dumps(chunk, separators=(", ", ": ")).encode() if burst == 0 else None
-                yield StreamEvent(chunk=chunk, text=f"w{i}", raw=raw, more=i < 2)
-
-    async def aclose(self) -> None:
-        pass
+    events = []
+    for burst in range(2):
+        for i in range(3):
+            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}
+            raw = json.dumps(chunk, separators=(", ", ": ")).encode() if burst == 0 else None
+            events.append(StreamEvent(chunk=chunk, text=f"w{i}", raw=raw, more=i < 2))
+    return events
 
 
 def test_events_that_arrived_together_go_out_in_one_write_and_raw_json_as_received() -> None:
     async def run() -> list[bytes]:
-        rt = _runtime(Bursty())
+        rt = _runtime(MockProvider(bursty))
         response = await pipeline.run(rt, _scope(), _caller(rt), CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)
         return [bytes(w) async for w in response.body_iterator]  # type: ignore[arg-type]
@@ -224,44 +176,29 @@ def test_an_answer_with_a_lone_surrogate_is_escaped_not_a_500() -> None:
                                               route="chat")).body == '{"name":"é"}'.encode()
 
 
-class Scripted:
+def scripted(usage: Usage | None = Usage(5, 1), ending: BaseException | None = None) -> MockProvider:
     """A whole answer as given (``usage`` may be None: not reported), or a stream of words ending with
     ``ending``: a usage event, or an exception that is not a ProviderError (a bug)."""
+    def handler(call: Call) -> Any:
+        if not call.stream:
+            message = {"role": "assistant", "content": "a fairly long answer " * 20,
+                       "tool_calls": [{"id": "c1", "type": "function",
+                                       "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}]}
+            return Completion(body={"object": "chat.completion", "choices": [{"index": 0, "message": message}]},
+                              usage=usage)
+        events: list[Any] = [StreamEvent(chunk={"object": "chat.completion.chunk",
+                                                "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]},
+                                         text=f"w{i} ") for i in range(3)]
+        events.append(ending if ending is not None else StreamEvent(
+            chunk={"object": "chat.completion.chunk", "choices": [], "usage": {}}, usage=Usage(5, 3)))
+        return events
 
-    name = "azure_openai"
-
-    def __init__(self, usage: Usage | None = Usage(5, 1), ending: BaseException | None = None) -> None:
-        self.usage, self.ending = usage, ending
-        self.closed = 0
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        message = {"role": "assistant", "content": "a fairly long answer " * 20,
-                   "tool_calls": [{"id": "c1", "type": "function",
-                                   "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}]}
-        return Completion(body={"object": "chat.completion", "choices": [{"index": 0, "message": message}]},
-                          usage=self.usage)
-
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        try:
-            for i in range(3):
-                yield StreamEvent(chunk={"object": "chat.completion.chunk",
-                                         "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}, text=f"w{i} ")
-            if self.ending is not None:
-                raise self.ending
-            yield StreamEvent(chunk={"object": "chat.completion.chunk", "choices": [], "usage": {}}, usage=Usage(5, 3))
-        finally:
-            self.closed += 1
-
-    async def aclose(self) -> None:
-        pass
+    return MockProvider(handler)
 
 
 def test_an_answer_without_usage_is_billed_from_its_text_not_as_free() -> None:
     async def run() -> None:
-        rt = _runtime(Scripted(usage=None))
+        rt = _runtime(scripted(usage=None))
         caller = _caller(rt)
         served = await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat())
         counters, ledger = await _counters(rt, caller)
@@ -295,13 +232,13 @@ def test_a_stream_whose_caller_left_before_its_headers_went_out_is_settled_once(
     # generator that never started runs no ``finally``): the response itself must settle, and close the upstream.
 
     async def run() -> None:
-        provider = Scripted()
+        provider = scripted()
         rt = _runtime(provider)
         caller = _caller(rt)
         response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         await serve_to_a_caller_already_gone(response)
         counters, ledger = await _counters(rt, caller)
-        assert counters.in_flight_tokens == 0 and provider.closed == 1
+        assert counters.in_flight_tokens == 0 and len(provider.closed) == 1
         assert len(ledger) == 1 and ledger[0]["status"] == "client_disconnected" and ledger[0]["prompt_tokens"] > 0
 
     asyncio.run(run())
@@ -320,7 +257,7 @@ def test_a_request_cancelled_while_its_settlement_is_written_still_settles_once(
 
     async def run() -> None:
         store = SlowTransactions()
-        rt = _runtime(Scripted(), store)
+        rt = _runtime(scripted(), store)
         caller = _caller(rt)
         task = asyncio.ensure_future(pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat()))
         await store.writing.wait()  # the answer is in, its settlement on the wire: the host cancels the request
@@ -336,7 +273,7 @@ def test_a_request_cancelled_while_its_settlement_is_written_still_settles_once(
 
 def test_a_stream_that_fails_with_a_bug_ends_with_an_error_event_and_is_recorded_as_an_error() -> None:
     async def run() -> None:
-        rt = _runtime(Scripted(ending=KeyError("toolUseId")))
+        rt = _runtime(scripted(ending=KeyError("toolUseId")))
         caller = _caller(rt)
         response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
         assert isinstance(response, StreamingResponse)

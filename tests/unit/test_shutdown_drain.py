@@ -16,7 +16,8 @@ from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline
 from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, Usage
+from gateway_lib.providers.base import Completion, Usage
+from gateway_lib.providers.mock import Call, MockProvider
 from gateway_lib.runtime import Runtime, build_runtime
 from gateway_lib.storage.memory import MemoryTableStore
 
@@ -31,28 +32,16 @@ class SlowStore(MemoryTableStore):
         return await super().transact(*a, **k)
 
 
-class Quick:
-    name = "azure_openai"
-
-    def check(self, request: Any, target: Any) -> None:
-        return None
-
-    async def complete(self, request: ChatRequest, target: Any, ctx: CallContext) -> Completion:
-        body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": target.model}
-        return Completion(body=body, usage=Usage(5, 1))
-
-    def stream(self, *a: Any) -> Any:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        pass
+def quick(call: Call) -> Completion:
+    body = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "model": call.target.model}
+    return Completion(body=body, usage=Usage(5, 1))
 
 
 def _runtime() -> Runtime:
     values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     values["GATEWAY_STORAGE_MODE"] = "memory"
     rt = build_runtime(Settings.from_env(values), store=SlowStore())
-    rt.providers = {"azure_openai": Quick(), "bedrock": Quick()}
+    rt.providers = dict.fromkeys(("azure_openai", "bedrock"), MockProvider(quick))
     return rt
 
 
