@@ -5,22 +5,41 @@ and ``boto3`` clients talk to it unchanged. Start it with::
 
     python -m tools.provider_simulator --port 7072 [--latency-ms 50] [--chunk-delay-ms 5]
 
-or in-process with ``start_in_thread()``. Tests steer it over HTTP:
+or in-process with ``start_in_thread()``. Routes (a fault's ``target`` is the deployment or model id):
+
+* Azure OpenAI (``api-key`` or ``Authorization: Bearer``): ``POST /openai/deployments/{d}/chat/completions``
+  and ``.../embeddings`` with ``?api-version=``; the v1 paths ``POST /openai/v1/chat/completions``,
+  ``/openai/v1/embeddings`` and ``/openai/v1/responses`` take the deployment from the body's ``model``;
+  ``POST /openai/responses?api-version=`` (the preview path ``AzureOpenAI`` uses); ``GET``/``DELETE``
+  ``/openai/v1/responses/{id}`` and ``/openai/responses/{id}?api-version=``. Chat: ``tools.sim_azure_chat``
+  (``n``, ``logprobs``, ``response_format`` JSON schema, forced ``tool_choice``); embeddings:
+  ``tools.sim_embeddings``; Responses API: ``tools.sim_responses``.
+* Bedrock Runtime (SigV4 or bearer): ``POST /model/{id}/converse`` and ``/converse-stream``
+  (``tools.sim_bedrock``); ``/model/{id}/invoke`` and ``/invoke-with-response-stream`` with Anthropic
+  Messages, Titan Text Embeddings V2 or Cohere Embed v3 bodies (``tools.sim_invoke``).
+* STS ``POST /`` ``AssumeRoleWithWebIdentity`` (``tools.sim_sts``).
+
+Structured answers (a JSON schema in ``response_format``, ``text.format``, a forced tool) are
+deterministic values of the schema (``tools.sim_schema``); embeddings are deterministic per input.
+Tests steer the simulator over HTTP:
 
 * ``POST /_sim/faults`` ``{"target": "gpt-4o-mini" | "<modelId>" | "sts" | "*", "mode": "status" | "slow" |
   "stall" | "cut" | "malformed", "status": 429, "retry_after": 2, "delay_ms": 500, "after_chunks": 2, "count": 3,
   "provider": "azure_openai" | "bedrock" | "sts", "error_type": "ModelTimeoutException", "message": "..."}``.
   ``status`` with ``after_chunks`` on a stream is a mid-stream error event; ``cut``/``malformed`` on a stream
   strike after ``after_chunks`` frames (default 1); ``stall`` pauses a stream there for ``delay_ms`` and then
-  carries on (on a whole answer it is ``slow``); ``count`` absent = until ``DELETE /_sim/faults``.
+  carries on (on a whole answer it is ``slow``); ``count`` absent = until ``DELETE /_sim/faults``. Every
+  answering route above serves faults the same way.
 * ``GET /_sim/stats`` (per-target counts, last request's redacted headers and body, STS claims),
-  ``POST /_sim/reset`` (clear stats), ``GET|POST /_sim/config`` (latency, STS audience and expiry...).
+  ``POST /_sim/reset`` (clear stats and stored responses), ``GET|POST /_sim/config`` (latency, STS audience
+  and expiry...).
 
 Token counts follow the rule documented in ``tools.sim_text``. Words in the last user message
 steer the answer (``tools.sim_text``): ``CALL_TOOL`` (a tool call, when tools are offered),
 ``SIM_REPLY_WORDS=500`` (a long reply), ``SIM_FILTER_PROMPT`` (Azure's input filter refuses the
 prompt: 400 ``content_filter``), ``SIM_FILTER_OUTPUT`` (the output filter stops the answer half-way:
-Azure ``finish_reason: content_filter``, Bedrock ``stopReason: content_filtered``).
+Azure ``finish_reason: content_filter``, Bedrock ``stopReason: content_filtered``). A turn that only
+returns tool results is answered in text unless a tool is forced.
 """
 
 from __future__ import annotations
@@ -34,12 +53,16 @@ from urllib.parse import parse_qs, unquote
 
 import uvicorn
 
-from . import sim_azure, sim_bedrock, sim_sts
+from . import sim_azure, sim_azure_chat, sim_bedrock, sim_embeddings, sim_invoke, sim_responses, sim_sts
 from .sim_http import BodyTooLarge, Receive, Request, Scope, Send, read_request, send_json
 from .sim_state import ConfigError, SimConfig, SimState, redact_headers
 
 HOST = "127.0.0.1"
-_AZURE_PREFIX, _AZURE_SUFFIX = "/openai/deployments/", "/chat/completions"
+_DEPLOYMENTS = "/openai/deployments/"
+_AZURE_OPERATIONS = {"chat/completions": sim_azure_chat.handle_chat, "embeddings": sim_embeddings.handle_embeddings}
+_RESPONSES_PATHS = ("/openai/v1/responses/", "/openai/responses/")
+_BEDROCK_ACTIONS = ("/converse", "/converse-stream", "/invoke", "/invoke-with-response-stream")
+_NOT_FOUND = {"error": {"code": "404", "message": "Resource not found"}}
 # Longer than any client pool's idle expiry, so the client, not the server, retires idle
 # connections; otherwise a reused connection can race the server's close.
 KEEP_ALIVE_S = 75
@@ -71,22 +94,52 @@ class Simulator:
         path = request.path
         if path.startswith("/_sim/"):
             await self.control(request, send)
+        elif path.startswith(_RESPONSES_PATHS) and request.method in ("GET", "DELETE"):
+            response_id = unquote(path.rsplit("/", 1)[-1])
+            self._record(sim_azure.PROVIDER, "responses", request)
+            await sim_responses.handle_stored(request, response_id, self.state, send, "/v1/" not in path)
         elif request.method != "POST":
             await send_json(send, 405, {"message": f"{request.method} not allowed on {path}"})
-        elif path.startswith(_AZURE_PREFIX) and path.endswith(_AZURE_SUFFIX):
-            deployment = unquote(path[len(_AZURE_PREFIX):-len(_AZURE_SUFFIX)])
-            self._record(sim_azure.PROVIDER, deployment, request)
-            await sim_azure.handle_chat(request, deployment, self.state, send)
-        elif path.startswith("/model/") and path.endswith(("/converse", "/converse-stream")):
+        elif path.startswith("/openai/"):
+            await self._azure(request, send)
+        elif path.startswith("/model/") and path.endswith(_BEDROCK_ACTIONS):
             encoded, _, action = path[len("/model/"):].rpartition("/")
             model_id = unquote(encoded)
             self._record(sim_bedrock.PROVIDER, model_id, request)
-            await sim_bedrock.handle_converse(request, model_id, action == "converse-stream", self.state, send)
+            if action.startswith("converse"):
+                await sim_bedrock.handle_converse(request, model_id, action == "converse-stream", self.state, send)
+            else:
+                await sim_invoke.handle_invoke(request, model_id, action != "invoke", self.state, send)
         elif path == "/":
             self._record(sim_sts.PROVIDER, sim_sts.TARGET, request, form=True)
             await sim_sts.handle_sts(request, self.state, send)
         else:
-            await send_json(send, 404, {"error": {"code": "404", "message": "Resource not found"}})
+            await send_json(send, 404, _NOT_FOUND)
+
+    async def _azure(self, request: Request, send: Send) -> None:
+        """Azure OpenAI: ``/openai/deployments/{d}/...`` (api-version required) and ``/openai/v1/...`` (model in body)."""
+        path, body = request.path, request.json()
+        model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+        if path in ("/openai/v1/responses", "/openai/responses"):
+            self._record(sim_azure.PROVIDER, model or "responses", request)
+            await sim_responses.handle_create(request, self.state, send, path == "/openai/responses")
+            return
+        if path.startswith(_DEPLOYMENTS):
+            deployment, _, operation = unquote(path[len(_DEPLOYMENTS):]).partition("/")
+            versioned = True
+        elif path.startswith("/openai/v1/"):
+            deployment, operation, versioned = model or "", path[len("/openai/v1/"):], False
+        else:
+            deployment, operation, versioned = "", "", False
+        handler = _AZURE_OPERATIONS.get(operation)
+        if handler is None:
+            await send_json(send, 404, _NOT_FOUND)
+            return
+        if not deployment:
+            await send_json(send, 400, sim_azure.invalid("Missing required parameter: 'model'.", "model"))
+            return
+        self._record(sim_azure.PROVIDER, deployment, request)
+        await handler(request, deployment, self.state, send, versioned)
 
     def _record(self, provider: str, target: str, request: Request, form: bool = False) -> None:
         body: Any = _redacted_form(request.body) if form else request.json()
@@ -112,6 +165,7 @@ class Simulator:
                 await send_json(send, 200, state.stats.snapshot())
             elif key == ("POST", "/_sim/reset"):
                 state.stats.reset()
+                state.responses.clear()
                 await send_json(send, 200, {"reset": True})
             elif key == ("POST", "/_sim/config"):
                 state.config.update(request.json() or {})

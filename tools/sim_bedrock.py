@@ -18,7 +18,7 @@ from typing import Any
 from . import sim_text
 from .sim_eventstream import broken_frame, event_frame, exception_frame
 from .sim_http import Request, Send, StreamFaultFrames, drop_connection, send_bytes, send_json, send_stream
-from .sim_state import Fault, SimState, take_fault
+from .sim_state import Fault, SimState, replaces_answer, take_fault
 
 PROVIDER = "bedrock"
 _STOP = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence", "filtered": "content_filtered"}
@@ -62,20 +62,21 @@ async def handle_converse(request: Request, model_id: str, stream: bool, state: 
         await send_error(send, exc)
         return
     fault = await take_fault(state, PROVIDER, model_id, stream)
-    if fault and (not stream or (fault.mode == "status" and fault.after_chunks is None)):
-        await _non_stream_fault(send, fault)
+    if fault and replaces_answer(fault, stream):
+        await non_stream_fault(send, fault)
         return
     answer = build_answer(body, model_id)
     if not stream:
-        await send_json(send, 200, converse_body(answer, _elapsed_ms(started)), _request_id())
+        await send_json(send, 200, converse_body(answer, elapsed_ms(started)), request_id())
         return
-    frames = stream_frames(answer, _elapsed_ms(started))
-    spelled = StreamFaultFrames(error=_stream_error, malformed=broken_frame())
-    await send_stream(send, frames, "application/vnd.amazon.eventstream", _request_id(),
+    frames = stream_frames(answer, elapsed_ms(started))
+    spelled = StreamFaultFrames(error=stream_error, malformed=broken_frame())
+    await send_stream(send, frames, "application/vnd.amazon.eventstream", request_id(),
                       state.config.chunk_delay_ms, fault, spelled)
 
 
-def _validated(request: Request) -> dict[str, Any]:
+def json_body(request: Request) -> dict[str, Any]:
+    """The signed request's JSON object body, or the ``BedrockError`` Bedrock answers instead."""
     auth = request.headers.get("authorization", "")
     # Any SigV4 signature is accepted unverified; Bedrock API keys arrive as bearer tokens.
     if not auth.startswith(("AWS4-HMAC-SHA256 ", "Bearer ")):
@@ -83,6 +84,11 @@ def _validated(request: Request) -> dict[str, Any]:
     body = request.json()
     if not isinstance(body, dict):
         raise BedrockError(400, "Malformed input request, please reformat your input and try again.")
+    return body
+
+
+def _validated(request: Request) -> dict[str, Any]:
+    body = json_body(request)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BedrockError(400, "A conversation must start with a user message. Try again with a conversation "
@@ -113,24 +119,25 @@ def _check_conversation(messages: list[Any], has_tools: bool) -> None:
                                         "content blocks.")
 
 
-def _request_id() -> dict[str, str]:
+def request_id() -> dict[str, str]:
     return {"x-amzn-requestid": str(uuid.uuid4())}
 
 
-def _elapsed_ms(started: float) -> int:
+def elapsed_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
 async def send_error(send: Send, error: BedrockError) -> None:
-    headers = {**_request_id(), "x-amzn-errortype": error.error_type}
+    headers = {**request_id(), "x-amzn-errortype": error.error_type}
     await send_json(send, error.status, {"message": error.message}, headers)
 
 
-async def _non_stream_fault(send: Send, fault: Fault) -> None:
+async def non_stream_fault(send: Send, fault: Fault, malformed: bytes = b'{"output": {"message": ') -> None:
+    """A fault that replaces a whole answer: a dropped connection, a truncated body, or an error status."""
     if fault.mode == "cut":
         await drop_connection(send)
     elif fault.mode == "malformed":
-        await send_bytes(send, 200, b'{"output": {"message": ', "application/json", _request_id())
+        await send_bytes(send, 200, malformed, "application/json", request_id())
     else:
         await send_error(send, BedrockError(fault.status, fault.message or _default_message(fault.status),
                                             fault.error_type))
@@ -142,8 +149,9 @@ def _default_message(status: int) -> str:
     return f"Simulated Bedrock error {status}."
 
 
-def _stream_error(fault: Fault) -> bytes:
-    name = fault.error_type or _STREAM_EXCEPTIONS.get(fault.status, "internalServerException")
+def stream_error(fault: Fault, names: dict[int, str] = _STREAM_EXCEPTIONS) -> bytes:
+    """A modelled mid-stream exception frame (its name by status from ``names``, or the fault's ``error_type``)."""
+    name = fault.error_type or names.get(fault.status, "internalServerException")
     return exception_frame(name[0].lower() + name[1:], fault.message or _default_message(fault.status))
 
 

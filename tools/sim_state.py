@@ -24,7 +24,11 @@ DEFAULT_DEPLOYMENT_MODELS = {
     "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
     "gpt-4o-mini-swc": "gpt-4o-mini-2024-07-18",
     "gpt-4o": "gpt-4o-2024-08-06",
+    "text-embedding-3-small": "text-embedding-3-small",
+    "text-embedding-3-large": "text-embedding-3-large",
+    "text-embedding-ada-002": "text-embedding-ada-002",
 }
+MAX_STORED_RESPONSES = 10_000
 
 
 class ConfigError(ValueError):
@@ -187,11 +191,40 @@ class Stats:
             return copy.deepcopy({"total": self._total, "targets": self._targets, "sts": self._sts})
 
 
+class ResponseStore:
+    """Stored Responses API answers, for ``previous_response_id`` and ``GET /responses/{id}`` (Azure keeps state)."""
+
+    def __init__(self, limit: int = MAX_STORED_RESPONSES) -> None:
+        self._lock = threading.Lock()
+        self._responses: dict[str, dict[str, Any]] = {}
+        self._limit = limit
+
+    def put(self, response: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._responses) >= self._limit:  # oldest first: dicts keep insertion order
+                del self._responses[next(iter(self._responses))]
+            self._responses[response["id"]] = copy.deepcopy(response)
+
+    def get(self, response_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._responses.get(response_id)
+            return copy.deepcopy(found) if found else None
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            return self._responses.pop(response_id, None) is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._responses.clear()
+
+
 @dataclass
 class SimState:
     config: SimConfig = field(default_factory=SimConfig)
     faults: FaultBook = field(default_factory=FaultBook)
     stats: Stats = field(default_factory=Stats)
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
 
 async def take_fault(state: SimState, provider: str, target: str, stream: bool = False) -> Fault | None:
@@ -206,3 +239,8 @@ async def take_fault(state: SimState, provider: str, target: str, stream: bool =
     if delay_ms:
         await asyncio.sleep(min(delay_ms, MAX_DELAY_MS) / 1000)
     return None if fault is None or waits_here else fault
+
+
+def replaces_answer(fault: Fault | None, stream: bool) -> bool:
+    """Whether ``fault`` stands in for the whole answer (else a stream serves it after ``after_chunks`` frames)."""
+    return fault is not None and (not stream or (fault.mode == "status" and fault.after_chunks is None))

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import sim_schema
+
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 # A piece is one token plus the whitespace before it, so the pieces of a text join back to it.
 PIECE_RE = re.compile(r"\s*(?:\w+|[^\w\s])")
@@ -66,7 +68,7 @@ def make_reply(prefix: str, prompt: str, max_tokens: int | None, stops: list[str
     cut = _first_stop(text, stops)
     if cut is not None:
         text, finish = text[:cut], "stop"
-    pieces = _pieces(text)
+    pieces = split_pieces(text)
     if max_tokens is not None and len(pieces) > max_tokens:
         pieces, finish = pieces[:max_tokens], "length"
     if FILTER_OUTPUT_TRIGGER in prompt:  # generation ran this far, then the output filter stopped it
@@ -74,7 +76,7 @@ def make_reply(prefix: str, prompt: str, max_tokens: int | None, stops: list[str
     return Reply(pieces=pieces, finish=finish)
 
 
-def _pieces(text: str) -> tuple[str, ...]:
+def split_pieces(text: str) -> tuple[str, ...]:
     pieces = PIECE_RE.findall(text)
     trailing = text[len(text.rstrip()):]
     if pieces and trailing:  # e.g. the space before a stop sequence: providers return it
@@ -105,16 +107,37 @@ def wants_tool(prompt: str, tool_count: int) -> bool:
     return tool_count > 0 and TOOL_TRIGGER in prompt
 
 
+def prompt_echo(prompt: str, words: int = 4) -> str:
+    """The first words of the prompt (trigger words removed): the strings of a structured answer."""
+    return " ".join(prompt.replace(TOOL_TRIGGER, "").split()[:words]) or "simulated"
+
+
 def tool_arguments(schema: Any, prompt: str) -> dict[str, Any]:
-    """Deterministic arguments for a JSON-schema ``object``: one value per declared property."""
-    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
-    echo = " ".join(prompt.replace(TOOL_TRIGGER, "").split()[:4]) or "simulated"
-    samples: dict[str, Any] = {"string": echo, "integer": 1, "number": 1.5, "boolean": True,
-                               "array": [], "object": {}}
-    return {name: samples.get(spec.get("type", "string") if isinstance(spec, dict) else "string")
-            for name, spec in properties.items()}
+    """Deterministic arguments valid for a tool's JSON-schema ``object`` (see ``tools.sim_schema``)."""
+    value = sim_schema.generate(schema if isinstance(schema, dict) else {"type": "object"}, prompt_echo(prompt))
+    return value if isinstance(value, dict) else {}
 
 
 def chunk_text(text: str, size: int = 8) -> list[str]:
     """Split ``text`` (tool-call JSON) into fixed-size pieces, as providers stream arguments."""
     return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+def structured_reply(value: Any, max_tokens: int | None) -> Reply:
+    """A JSON answer in token pieces; ``max_tokens`` cuts it like any reply (leaving invalid JSON, as models do)."""
+    pieces = split_pieces(json.dumps(value))
+    if max_tokens is not None and len(pieces) > max_tokens:
+        return Reply(pieces=pieces[:max_tokens], finish="length")
+    return Reply(pieces=pieces, finish="end")
+
+
+def token_logprobs(pieces: tuple[str, ...] | list[str], top: int) -> list[dict[str, Any]]:
+    """OpenAI-shaped logprobs, one entry per piece: the piece itself ranks first among ``top`` alternatives."""
+    entries = []
+    for index, piece in enumerate(pieces):
+        logprob = -0.01 * (1 + index % 7)
+        ranked = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}]
+        ranked += [{"token": f"{piece}{'~' * k}", "logprob": logprob - k, "bytes": list(f"{piece}{'~' * k}".encode())}
+                   for k in range(1, top)]
+        entries.append({**ranked[0], "top_logprobs": ranked[:top]})
+    return entries
