@@ -29,7 +29,7 @@ Tests steer the simulator over HTTP:
   ``status`` with ``after_chunks`` on a stream is a mid-stream error event; ``cut``/``malformed`` on a stream
   strike after ``after_chunks`` frames (default 1); ``stall`` pauses a stream there for ``delay_ms`` and then
   carries on (on a whole answer it is ``slow``); ``count`` absent = until ``DELETE /_sim/faults``. Every
-  answering route above serves faults the same way.
+  POST route above serves faults the same way (reading or deleting a stored response takes none).
 * ``GET /_sim/stats`` (per-target counts, last request's redacted headers and body, STS claims),
   ``POST /_sim/reset`` (clear stats and stored responses), ``GET|POST /_sim/config`` (latency, STS audience
   and expiry...).

@@ -5,7 +5,8 @@ The request is Anthropic's Messages body with ``anthropic_version`` ("bedrock-20
 is Anthropic's events (``message_start`` ... ``message_stop``), each one JSON document that the caller
 wraps in an event-stream ``chunk`` (see ``tools.sim_invoke``). A forced ``tool_choice`` (``any`` or
 ``tool``) always answers with a ``tool_use`` block whose ``input`` is valid for the tool's
-``input_schema``; ``CALL_TOOL`` in the last user turn calls a tool under ``auto``.
+``input_schema``; ``CALL_TOOL`` in the last user turn calls a tool under ``auto``; ``output_config.format``
+``{"type": "json_schema", "schema"}`` is answered with text that is valid JSON of the schema.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .sim_invoke_types import InvokeAnswer
 _STOP = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence", "filtered": "refusal"}
 ALLOWED_KEYS = frozenset({
     "anthropic_version", "anthropic_beta", "messages", "system", "max_tokens", "temperature", "top_p", "top_k",
-    "stop_sequences", "tools", "tool_choice", "metadata", "thinking", "output_format", "output_config",
+    "stop_sequences", "tools", "tool_choice", "metadata", "thinking", "output_config",
 })
 
 
@@ -110,7 +111,8 @@ def build(body: dict[str, Any], model_id: str) -> InvokeAnswer:
 
 
 def _reply(body: dict[str, Any], model_id: str, prompt: str) -> tuple[sim_text.Reply, str | None]:
-    fmt = sim_schema.as_object(body.get("output_format"))
+    # Bedrock's structured output for Claude on InvokeModel: output_config.format (docs: structured-output.html).
+    fmt = sim_schema.as_object(sim_schema.as_object(body.get("output_config")).get("format"))
     if fmt.get("type") == "json_schema":
         value = sim_schema.generate(fmt.get("schema") or {"type": "object"}, sim_text.prompt_echo(prompt))
         return sim_text.structured_reply(value, body["max_tokens"]), None

@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +107,10 @@ def test_azure_embeddings_faults(sim: RunningSimulator, azure: openai.AzureOpenA
     with pytest.raises(openai.RateLimitError) as caught:
         azure.embeddings.create(model=EMBEDDING, input="x")
     assert caught.value.response.headers["retry-after"] == "3"
+    control(sim, "POST", "/_sim/faults", {"target": EMBEDDING, "mode": "slow", "delay_ms": 300, "count": 1})
+    started = time.monotonic()
+    assert azure.embeddings.create(model=EMBEDDING, input="x").data
+    assert time.monotonic() - started >= 0.3
     control(sim, "POST", "/_sim/faults", {"target": EMBEDDING, "mode": "cut", "count": 1})
     with pytest.raises(openai.APIConnectionError):
         azure.embeddings.create(model=EMBEDDING, input="x")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.eventstream import ChecksumMismatch
 from botocore.exceptions import ClientError, ConnectionClosedError, EventStreamError
 from urllib3.exceptions import ProtocolError
 
@@ -124,6 +126,14 @@ def test_forced_tool_gives_structured_output_for_its_schema(bedrock: Any) -> Non
     assert body["content"][0]["input"] == {"sentiment": "positive", "score": 1.0, "topics": [{"name": "great"}]}
 
 
+def test_output_config_json_schema_answers_valid_json_text(bedrock: Any) -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"], "additionalProperties": False}
+    body, _ = invoke(bedrock, messages_body("Name a film", output_config={"format": {"type": "json_schema",
+                                                                                     "schema": schema}}))
+    assert json.loads(body["content"][0]["text"]) == {"title": "Name a film", "year": 1}
+
+
 def test_bedrock_refuses_bodies_it_does_not_know(bedrock: Any) -> None:
     for body, needle in (({**messages_body("x"), "model": "claude"}, "extraneous key [model]"),
                          ({**messages_body("x"), "stream": True}, "extraneous key [stream]"),
@@ -161,6 +171,16 @@ def test_invoke_cut_and_malformed_faults(sim: RunningSimulator, bedrock: Any) ->
     control(sim, "POST", "/_sim/faults", {"target": MODEL_ID, "mode": "malformed", "count": 1})
     with pytest.raises(json.JSONDecodeError):
         invoke(bedrock, messages_body("x"))
+
+
+def test_invoke_slow_and_malformed_stream_faults(sim: RunningSimulator, bedrock: Any) -> None:
+    control(sim, "POST", "/_sim/faults", {"target": MODEL_ID, "mode": "slow", "delay_ms": 300, "count": 1})
+    started = time.monotonic()
+    invoke(bedrock, messages_body("x"))
+    assert time.monotonic() - started >= 0.3
+    control(sim, "POST", "/_sim/faults", {"target": MODEL_ID, "mode": "malformed", "after_chunks": 2, "count": 1})
+    with pytest.raises(ChecksumMismatch):
+        stream_events(bedrock, messages_body("x"))
 
 
 def test_chunk_bytes_decode_to_json_and_content_type_is_reported(bedrock: Any) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,3 +166,23 @@ def test_responses_fault_injection(sim: RunningSimulator, v1: openai.OpenAI) -> 
     control(sim, "POST", "/_sim/faults", {"target": DEPLOYMENT, "mode": "malformed", "count": 1})
     with pytest.raises(json.JSONDecodeError):
         v1.responses.create(model=DEPLOYMENT, input="x")
+
+
+def test_responses_stall_pauses_the_stream_then_completes(sim: RunningSimulator, v1: openai.OpenAI) -> None:
+    control(sim, "POST", "/_sim/faults", {"target": DEPLOYMENT, "mode": "stall", "after_chunks": 2, "delay_ms": 300,
+                                          "count": 1})
+    started = time.monotonic()
+    events = list(v1.responses.create(model=DEPLOYMENT, input="x", stream=True))
+    assert time.monotonic() - started >= 0.3 and events[-1].type == "response.completed"
+    control(sim, "POST", "/_sim/faults", {"target": DEPLOYMENT, "mode": "malformed", "after_chunks": 1, "count": 1})
+    with pytest.raises(json.JSONDecodeError):
+        list(v1.responses.create(model=DEPLOYMENT, input="x", stream=True))
+
+
+def test_preview_path_needs_an_api_version(sim: RunningSimulator) -> None:
+    request = urllib.request.Request(f"{sim.url}/openai/responses", method="POST", headers={"api-key": "k"},
+                                     data=json.dumps({"model": DEPLOYMENT, "input": "x"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    with caught.value as error:
+        assert error.code == 400 and json.loads(error.read())["error"]["param"] == "api-version"
