@@ -28,6 +28,7 @@ token: deps                    ## a dev token: make token CALLER=bob ROLES=Gatew
 
 lint: deps
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
 typecheck: deps
 	$(PY) -m mypy
