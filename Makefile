@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CALLER ?= alice
 ROLES ?= Gateway.Standard
 
-.PHONY: run test token deps lint typecheck unit integration infra-check bench clean
+.PHONY: run test token deps lint typecheck unit integration infra-check mono bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ token: deps                    ## a dev token: make token CALLER=bob ROLES=Gatew
 
 lint: deps
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
 typecheck: deps
 	$(PY) -m mypy
@@ -41,7 +42,10 @@ integration: deps
 infra-check:
 	bash tools/check_infra.sh
 
-test: deps lint typecheck infra-check   ## every tier: lint, types, infra checks, unit + integration tests
+mono:                          ## Mono's C# compiler for the C# client's tier (apt-get when mcs is missing; CI fails without it)
+	bash tools/install_mono.sh || [ -z "$$CI" ]
+
+test: deps lint typecheck infra-check mono   ## every tier: lint, types, infra checks, unit + integration tests
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: deps
