@@ -18,8 +18,8 @@ def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str
     """Build the caller from verified claims; 401 when identity claims are missing, 403 without a tier.
 
     ``admin_tenants``: the tenants whose admin role counts (the gateway's home tenant). A partner tenant
-    of a multi-tenant deployment assigns roles in its own directory; its "admin" must not administer
-    everyone's limits. None: no restriction (single-tenant use and tests)."""
+    of a multi-tenant deployment assigns roles in its own directory; its "admin" (or team lead) must not
+    administer everyone's limits or read their spend. None: no restriction (single-tenant use and tests)."""
     app_id = _text(claims, "azp") or _text(claims, "appid")  # v2 names the client azp, v1 appid
     if app_id is None:
         raise AuthenticationFailed("token lacks the client application claim (azp or appid)")
@@ -28,13 +28,18 @@ def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str
         raise AuthenticationFailed("token lacks the tenant claim (tid)")
     roles = _roles(claims)
     if admin_tenants is not None and tenant_id.lower() not in admin_tenants:
-        roles = roles - {policy.admin_role}
+        roles = roles - {policy.admin_role, policy.team_lead_role}
     scopes = frozenset((_text(claims, "scp") or "").split())
     user_id = _user_id(claims, delegated=bool(scopes))
     return Caller(
         app_id=app_id, tenant_id=tenant_id, user_id=user_id, tier=_tier(roles, scopes, policy),
         roles=roles, scopes=scopes, is_admin=policy.admin_role in roles,
         team=_team(claims, policy, app_id, user_id), label=label,
+        is_team_lead=policy.team_lead_role in roles,
+        # Names for the spend reports' callers directory only: v1 tokens carry the app's display name,
+        # v2 tokens only its id; a delegated token names its user.
+        app_name=_text(claims, "app_displayname") or app_id,
+        user_name=(_text(claims, "name") or _text(claims, "preferred_username")) if user_id else None,
     )
 
 

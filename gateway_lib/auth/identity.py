@@ -18,6 +18,9 @@ class Caller:
     is_admin: bool
     team: str | None = None
     label: str | None = None  # e.g. APIM subscription name: recorded, never trusted as identity
+    is_team_lead: bool = False  # may read its own team's spend reports (app role Gateway.TeamLead)
+    app_name: str | None = None  # readable names for the callers directory, from the token; never identity
+    user_name: str | None = None
 
     @property
     def key(self) -> str:

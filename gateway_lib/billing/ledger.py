@@ -219,6 +219,15 @@ class CallerEntry:
     team: str | None
     tier: str | None  # the tier seen first; the rollup uses it for default budgets
     first_seen: str
+    tenant_id: str | None = None
+    app_name: str | None = None  # readable names from the token that listed the caller (spend reports)
+    user_name: str | None = None
+
+    @classmethod
+    def of(cls, entity: Entity) -> CallerEntry:
+        p = entity.properties
+        return cls(entity.row_key, str(p.get("caller_key", entity.row_key)), p.get("team"), p.get("tier"),
+                   str(p.get("first_seen", "")), p.get("tenant_id"), p.get("app_name"), p.get("user_name"))
 
 
 async def list_callers(
@@ -227,31 +236,36 @@ async def list_callers(
     """Caller partitions that have (or may have) cost rows, by partition key, strictly after ``after``."""
     rows = await store.query(callers_table(prefix), CALLERS_PARTITION,
                              row_key_from=f"{after} " if after else None, limit=limit)
-    return [CallerEntry(e.row_key, str(e.properties.get("caller_key", e.row_key)), e.properties.get("team"),
-                        e.properties.get("tier"), str(e.properties.get("first_seen", ""))) for e in rows]
+    return [CallerEntry.of(e) for e in rows]
 
 
 class CallerDirectory:
     """``{prefix}callers``: every caller with its current team and tier, remembered per process (~1 round trip
     per caller per process). The rollup budgets a caller by the tier listed here, so a caller that moved to
-    another tier or team is listed anew: a caller upgraded from basic must not be blocked at basic's budget."""
+    another tier or team is listed anew: a caller upgraded from basic must not be blocked at basic's budget.
+    Readable names are kept from when the caller was first listed with them (spend reports)."""
 
     def __init__(self, store: TableStore, prefix: str, max_remembered: int = 100_000) -> None:
         self._store, self._table = store, callers_table(prefix)
         self._seen: dict[str, tuple[str | None, str]] = {}
         self._max = max_remembered
 
-    async def register(self, caller_key: str, team: str | None, tier: str, now: datetime) -> int:
+    async def register(self, caller_key: str, team: str | None, tier: str, now: datetime, *,
+                       tenant: str | None = None, names: tuple[str | None, str | None] = (None, None)) -> int:
         """List the caller as it is now; returns the storage round trips spent (0 when remembered)."""
         if self._seen.get(caller_key) == (team, tier):
             return 0
         key = table_key(caller_key)
         listed = await self._store.get(self._table, CALLERS_PARTITION, key)
         trips = 1
-        if listed is None or (listed.properties.get("team"), listed.properties.get("tier")) != (team, tier):
-            first_seen = listed.properties.get("first_seen") if listed else now.astimezone(UTC).isoformat()
+        old = listed.properties if listed else {}
+        named = {"tenant_id": old.get("tenant_id") or tenant, "app_name": old.get("app_name") or names[0],
+                 "user_name": old.get("user_name") or names[1]}
+        if listed is None or (old.get("team"), old.get("tier")) != (team, tier) or any(
+                named[k] != old.get(k) for k in named):
+            first_seen = old.get("first_seen") or now.astimezone(UTC).isoformat()
             entity = Entity(CALLERS_PARTITION, key, {"caller_key": caller_key, "team": team, "tier": tier,
-                                                     "first_seen": first_seen})
+                                                     "first_seen": first_seen, **named})
             # Unconditional: instances racing here write what their callers' tokens say; the newest wins.
             await self._store.upsert(self._table, entity)
             trips += 1

@@ -42,6 +42,7 @@ class TierPolicy:
     scope_tiers: Mapping[str, str]  # delegated scope -> tier
     tier_order: tuple[str, ...]  # best first: a caller holding several roles gets the first match
     admin_role: str
+    team_lead_role: str  # reads its own team's spend reports
     team_claim: str | None  # claim carrying team / cost centre, if any
     teams: Mapping[str, str]  # app id or object id -> team, when no claim carries it
 
@@ -78,6 +79,7 @@ def parse_tiers(raw: str, problems: list[str]) -> TierPolicy | None:
     return TierPolicy(
         tiers=tiers, role_tiers=role_tiers, scope_tiers=scope_tiers, tier_order=order,
         admin_role=str(doc.get("admin_role") or "Gateway.Admin"),
+        team_lead_role=str(doc.get("team_lead_role") or "Gateway.TeamLead"),
         team_claim=_team_claim(doc, problems), teams=_mapping(doc, "teams", problems),
     )
 

@@ -169,7 +169,7 @@ class Admission:
     async def _reserve(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation:
         now = self._clock()
         res = Reservation(caller.key, request_id, caller.tier.name, caller.team, tokens, usd, minute_key(now),
-                          epoch_of(now))
+                          epoch_of(now), names=(caller.app_name, caller.user_name))
         try:
             res.round_trips += await self._ensure_tables()
             override = await self._cached_override(caller.key, "caller", res)
@@ -362,7 +362,8 @@ class Admission:
         except AlreadySettled:
             return Settlement(True, res.round_trips)
         try:  # list the caller for the budget rollup (once per process; retried on its next request if this fails)
-            res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time)
+            res.round_trips += await self._directory.register(res.caller_key, res.team, res.tier, row.time,
+                                                              tenant=row.tenant_id, names=res.names)
         except StorageError:
             log.warning("caller not yet listed for the budget rollup", extra={"caller": res.caller_key})
         if res.team:

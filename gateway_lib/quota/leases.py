@@ -397,7 +397,8 @@ class LeasedAdmission(Admission):
     async def _list_callers(self, batch: list[Entry]) -> None:
         res, row = batch[0]
         try:  # the rollup's caller directory (remembered per process: 0 round trips after the first)
-            await self._directory.register(res.caller_key, res.team, res.tier, row.time)
+            await self._directory.register(res.caller_key, res.team, res.tier, row.time, tenant=row.tenant_id,
+                                           names=res.names)
         except StorageError:
             log.warning("caller not yet listed for the budget rollup", extra={"caller": res.caller_key})
 

@@ -21,6 +21,7 @@ class Reservation:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     accounted: bool = True  # False: admitted fail-open without counters
     round_trips: int = 0  # storage round trips spent on this request so far
+    names: tuple[str | None, str | None] = (None, None)  # the app's and the user's readable names, for the directory
 
 
 @dataclass(frozen=True)
