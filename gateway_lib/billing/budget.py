@@ -15,6 +15,7 @@ only a read optimisation; the watermarks are the truth.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from gateway_lib.billing import alerts as alerting
 from gateway_lib.billing import ledger
 from gateway_lib.billing.alerts import Alert, AlertSink, claim_alert, deliver_pending, key_part
 from gateway_lib.billing.spend import crossed_thresholds, day_period, forecast_exhaustion, month_period, period_end, period_start
+from gateway_lib.billing.spend_index import SPEND_PREFIX, SpendKey, settle_day, spend_pk
 from gateway_lib.config.settings import BudgetSettings
 from gateway_lib.storage.base import Entity, EntityExists, PreconditionFailed, StorageUnavailable, TableStore
 
@@ -105,15 +107,20 @@ class CostRow:
     provider: str | None
     model: str | None
     late: bool = False  # from the late index: ``row_key`` is measured against ``late_applied_to``
+    input_tokens: int = 0
+    output_tokens: int = 0
+    price_version: str = ""
+    spend_key: SpendKey | None = None  # the daily spend row it belongs to (spend_index)
 
     @classmethod
-    def of(cls, row: ledger.CostRow) -> CostRow:
-        return cls(row.row_key, row.time, row.cost_usd, row.total_tokens, row.team, row.provider, row.model)
+    def of(cls, row: ledger.CostRow, late_key: str | None = None) -> CostRow:
+        return cls(late_key or row.row_key, row.time, row.cost_usd, row.total_tokens, row.team, row.provider,
+                   row.model, late=late_key is not None, input_tokens=row.prompt_tokens,
+                   output_tokens=row.completion_tokens, price_version=row.price_version, spend_key=SpendKey.of(row))
 
     @classmethod
     def of_late(cls, late: ledger.LateRow) -> CostRow:
-        r = late.row
-        return cls(late.key, r.time, r.cost_usd, r.total_tokens, r.team, r.provider, r.model, late=True)
+        return cls.of(late.row, late.key)
 
 
 @dataclass
@@ -141,6 +148,9 @@ class Aggregate:
     first_at: datetime | None = None
     applied_to: str = ""  # last ledger RowKey folded in: the idempotency watermark
     late_applied_to: str = ""  # the same for the late index (its keys are in commit order)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    versions: frozenset[str] = frozenset()  # catalogue versions whose prices the rows carry
 
     def fresh(self, rows: Sequence[CostRow]) -> list[CostRow]:
         """The rows this aggregate has not folded in yet, each judged by its own watermark."""
@@ -153,11 +163,16 @@ class Aggregate:
             first_at=min(filter(None, (self.first_at, *(r.settled_at for r in rows)))),
             applied_to=max([self.applied_to, *(r.row_key for r in rows if not r.late)]),
             late_applied_to=max([self.late_applied_to, *(r.row_key for r in rows if r.late)]),
+            input_tokens=self.input_tokens + sum(r.input_tokens for r in rows),
+            output_tokens=self.output_tokens + sum(r.output_tokens for r in rows),
+            versions=self.versions | {r.price_version for r in rows if r.price_version},
         )
 
     def props(self) -> dict[str, Any]:
         props = {"spend": str(self.spend), "tokens": self.tokens, "requests": self.requests,
-                 "first_at": self.first_at.isoformat() if self.first_at else None, "applied_to": self.applied_to}
+                 "first_at": self.first_at.isoformat() if self.first_at else None, "applied_to": self.applied_to,
+                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        props |= {"versions": json.dumps(sorted(self.versions))} if self.versions else {}
         return props | ({"late_applied_to": self.late_applied_to} if self.late_applied_to else {})
 
     @classmethod
@@ -168,7 +183,8 @@ class Aggregate:
         first = p.get("first_at")
         return cls(Decimal(p.get("spend", "0")), int(p.get("tokens", 0)), int(p.get("requests", 0)),
                    datetime.fromisoformat(first) if first else None, p.get("applied_to", ""),
-                   p.get("late_applied_to", ""))
+                   p.get("late_applied_to", ""), int(p.get("input_tokens", 0)), int(p.get("output_tokens", 0)),
+                   frozenset(json.loads(p.get("versions") or "[]")))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -356,6 +372,8 @@ def _targets(caller_key: str, rows: Sequence[CostRow]) -> dict[tuple[str, str], 
     targets: dict[tuple[str, str], list[CostRow]] = {}
     caller = key_part(caller_key)
     for row in rows:
+        if row.spend_key is not None:  # the spend reports' daily row
+            targets.setdefault((spend_pk(settle_day(row.settled_at)), row.spend_key.row_key), []).append(row)
         for period in (day_period(row.settled_at), month_period(row.settled_at)):
             keys = [(caller_pk(caller_key), period)]
             if row.provider and row.model:  # a request that never reached a provider has no model to bill
@@ -371,7 +389,7 @@ async def _apply(run: _Run, caller_key: str, rows: Sequence[CostRow]) -> dict[tu
     targets = _targets(caller_key, rows)
     keys = list(targets)
     results = await asyncio.gather(*(_apply_one(run, pk, rk, targets[(pk, rk)]) for pk, rk in keys))
-    totals = {(pk, rk.split("|by|", 1)[0]) for pk, rk in keys if "|by|" in rk}
+    totals = {(pk, rk.split("|by|", 1)[0]) for pk, rk in keys if "|by|" in rk and not pk.startswith(SPEND_PREFIX)}
     # Totals are recomputed even when every contribution was already applied: a crash after the
     # contributions but before the totals re-reads the same rows (checkpoint not moved) and lands here.
     total_results = await asyncio.gather(*(_recompute_total(run, pk, period) for pk, period in totals))
@@ -387,8 +405,9 @@ async def _apply_one(run: _Run, pk: str, rk: str, rows: Sequence[CostRow]) -> Ag
         if not fresh:
             return current
         updated = current.plus(fresh)
+        labels = fresh[0].spend_key.props() if pk.startswith(SPEND_PREFIX) and fresh[0].spend_key else {}
         try:
-            await _write(run, Entity(pk, rk, updated.props()), entity)
+            await _write(run, Entity(pk, rk, updated.props() | labels), entity)
             return updated
         except (EntityExists, PreconditionFailed):
             continue
@@ -407,7 +426,10 @@ async def _recompute_total(run: _Run, pk: str, period: str) -> Aggregate:
         total = Aggregate()
         for part in map(Aggregate.of, parts):
             total = Aggregate(total.spend + part.spend, total.tokens + part.tokens, total.requests + part.requests,
-                              min(filter(None, (total.first_at, part.first_at)), default=None))
+                              min(filter(None, (total.first_at, part.first_at)), default=None),
+                              input_tokens=total.input_tokens + part.input_tokens,
+                              output_tokens=total.output_tokens + part.output_tokens,
+                              versions=total.versions | part.versions)
         try:
             await _write(run, Entity(pk, period, total.props() | {"contributors": len(parts)}), entity)
             return total
