@@ -12,7 +12,7 @@ Server-Sent Events through the Functions host.
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
-from gateway_lib.http import api
+from gateway_lib.http import admin_reports, api, dashboard_page
 
 # Function keys guard the function endpoint (APIM holds one as a named value);
 # callers are still authenticated by their Entra token inside every handler.
@@ -48,9 +48,36 @@ async def admin_limits(req: Request) -> Response:
     return await api.admin_limits(req)
 
 
-@app.route(route="api/admin/alerts", methods=["GET"])
+# The dashboard's page and the routes it reads are anonymous to the Functions host: a browser holds no
+# function key. Each data route still authenticates the Entra token and needs the admin or team lead role.
+@app.route(route="api/admin/alerts", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 async def admin_alerts(req: Request) -> Response:
     return await api.admin_alerts(req)
+
+
+@app.route(route="api/admin/spend", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def admin_spend(req: Request) -> Response:
+    return await admin_reports.spend(req)
+
+
+@app.route(route="api/admin/callers", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def admin_callers(req: Request) -> Response:
+    return await admin_reports.callers(req)
+
+
+@app.route(route="api/admin/chargeback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def admin_chargeback(req: Request) -> Response:
+    return await admin_reports.chargeback(req)
+
+
+@app.route(route="api/admin/dashboard", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def admin_dashboard(req: Request) -> Response:
+    return await dashboard_page.page(req)
+
+
+@app.route(route="api/admin/dashboard/assets/{name}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def admin_dashboard_asset(req: Request) -> Response:
+    return await dashboard_page.asset(req)
 
 
 @app.route(route="api/health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)

@@ -106,7 +106,7 @@ class DevIssuer:
             "uti": uuid.uuid4().hex[:22], "ver": "2.0" if version == 2 else "1.0",
         }
         claims.update({"azp": app_id_for(caller), "azpacr": "1"} if version == 2
-                      else {"appid": app_id_for(caller), "appidacr": "1"})
+                      else {"appid": app_id_for(caller), "appidacr": "1", "app_displayname": caller})
         if roles:
             claims["roles"] = roles
         if delegated:
