@@ -66,14 +66,25 @@ class FactPage:
 
 
 async def collect(store: TableStore, prefix: str, first: date, last: date, *, after: str | None = None,
-                  callers: int = 500, team: str | None = None) -> FactPage:
-    """The facts of ``first``..``last`` (UTC days, inclusive) for the next ``callers`` callers of the directory;
-    with ``team``, only the facts of that team's cost rows."""
-    listed = await ledger.list_callers(store, prefix, after=after, limit=callers)
+                  callers: int = 500, team: str | None = None, caller_key: str | None = None) -> FactPage:
+    """The facts of ``first``..``last`` (UTC days, inclusive) for the next ``callers`` callers of the directory
+    (or for ``caller_key`` alone); with ``team``, only the facts of that team's cost rows."""
+    if caller_key is not None:
+        listed, more = [await _entry(store, prefix, caller_key)], False
+    else:
+        listed = await ledger.list_callers(store, prefix, after=after, limit=callers)
+        more = len(listed) == callers
     facts = await _slice_facts(store, prefix, first, last, listed) if listed else []
     if team is not None:
         facts = [f for f in facts if f.key.team == team]
-    return FactPage(facts, listed, listed[-1].partition_key if len(listed) == callers else None)
+    return FactPage(facts, listed, listed[-1].partition_key if more else None)
+
+
+async def _entry(store: TableStore, prefix: str, caller_key: str) -> ledger.CallerEntry:
+    """The caller's directory entry; its ledger is read even when it is not listed (yet)."""
+    key = ledger.table_key(caller_key)
+    found = await store.get(ledger.callers_table(prefix), ledger.CALLERS_PARTITION, key)
+    return ledger.CallerEntry.of(found) if found else ledger.CallerEntry(key, caller_key, None, None, "")
 
 
 async def _slice_facts(store: TableStore, prefix: str, first: date, last: date,

@@ -55,7 +55,8 @@ async def spend(request: Request) -> Response:
         await _ready(rt)
         page = await reports.collect(rt.store, rt.settings.storage.table_prefix, first, last, team=team,
                                      after=views.decode_token(q.get("continuation"), query),
-                                     callers=_int_param(request, "page_size", DEFAULT_PAGE, 1, MAX_PAGE))
+                                     callers=_int_param(request, "page_size", DEFAULT_PAGE, 1, MAX_PAGE),
+                                     caller_key=q.get("caller") or None)
         token = views.encode_token(page.after, query) if page.after else None
         if fmt == "csv":
             headers = scope.headers() | ({"x-continuation": token} if token else {}) | {

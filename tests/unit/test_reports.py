@@ -270,3 +270,40 @@ def test_usd_renders_as_an_exact_decimal_string() -> None:
     for usd in ("0.1", "0.2", "1E-8"):
         total.usd += Decimal(usd)
     assert views.usd(total.usd) == "0.30000001"
+
+
+def test_the_directory_keeps_the_names_a_caller_was_first_listed_with() -> None:
+    async def go() -> ledger.CallerEntry:
+        store = MemoryTableStore()
+        await store.ensure_tables([ledger.callers_table("t")])
+        await ledger.CallerDirectory(store, "t").register("k", "red", "standard", DAY1, tenant="tid",
+                                                          names=("Billing bot", None))
+        # Another instance, a later token: a new name does not replace the first; a missing one is filled in.
+        await ledger.CallerDirectory(store, "t").register("k", "red", "standard", DAY1, tenant="tid",
+                                                          names=("Renamed bot", "Ada"))
+        [entry] = await ledger.list_callers(store, "t")
+        return entry
+
+    entry = run(go())
+    assert (entry.app_name, entry.user_name, entry.tenant_id, entry.team) == ("Billing bot", "Ada", "tid", "red")
+
+
+def test_one_callers_report_reads_only_that_caller_and_equals_its_rows() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        seed = await Seeder.of(store, "t")
+        for day in DAYS[:2]:
+            await seed.day(day)
+        await rollup(store, "t", FakeClock(DAYS[1] + timedelta(hours=2)))
+        first, last = DAYS[0].date(), DAYS[1].date()
+        rows = await ledger_rows(store, "t")
+        for who in callers():
+            got = await reports.collect(store, "t", first, last, caller_key=who.key)
+            assert got.after is None and [c.caller_key for c in got.callers] == [who.key]
+            want = expected([r for r in rows if r.caller_key == who.key], first, last, ["day", "model"])
+            assert {k: (t.requests, t.input_tokens, t.output_tokens, t.usd)
+                    for k, t in views.group(got.facts, ["day", "model"])} == want
+        unknown = await reports.collect(store, "t", first, last, caller_key="tid:nobody:-")
+        assert unknown.facts == []
+
+    run(go())
