@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 CALLER ?= alice
 ROLES ?= Gateway.Standard
 
-.PHONY: run test token deps lint typecheck unit integration infra-check mono bench clean
+DASHBOARD_VENDOR := gateway_lib/http/dashboard/vendor
+
+.PHONY: run test token deps lint typecheck unit integration infra-check mono browser bench clean dashboard-assets
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +20,17 @@ node_modules/.installed: package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-deps: $(VENV)/.installed node_modules/.installed
+# The dashboard's one browser dependency, from npm, copied beside the page so the deployed package serves it.
+$(DASHBOARD_VENDOR)/msal-browser.min.js: node_modules/.installed
+	mkdir -p $(DASHBOARD_VENDOR)
+	cp node_modules/@azure/msal-browser/lib/msal-browser.min.js node_modules/@azure/msal-browser/LICENSE $(DASHBOARD_VENDOR)/
+
+dashboard-assets: $(DASHBOARD_VENDOR)/msal-browser.min.js
+
+deps: $(VENV)/.installed node_modules/.installed dashboard-assets
+
+browser:                       ## headless Chromium for the dashboard test (apt-get when missing; its test fails under CI without it)
+	bash tools/install_chromium.sh || [ -z "$$CI" ]
 
 run: deps                      ## the local stack on 127.0.0.1:7071 (Ctrl-C stops it)
 	$(PY) -m tools.run_local
@@ -45,11 +57,11 @@ infra-check:
 mono:                          ## Mono's C# compiler for the C# client's tier (apt-get when mcs is missing; CI fails without it)
 	bash tools/install_mono.sh || [ -z "$$CI" ]
 
-test: deps lint typecheck infra-check mono   ## every tier: lint, types, infra checks, unit + integration tests
+test: deps lint typecheck infra-check mono browser   ## every tier: lint, types, infra checks, unit + integration tests
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: deps
 	$(PY) -m bench.run
 
 clean:
-	rm -rf .local .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .local .pytest_cache .mypy_cache .ruff_cache $(DASHBOARD_VENDOR)

@@ -101,6 +101,7 @@ RG="$(output AZURE_RESOURCE_GROUP)"
 
 publish_package() {
   cd "$ROOT"
+  make dashboard-assets  # MSAL for the dashboard, from npm, into the package (gitignored, not funcignored)
   if command -v func >/dev/null; then
     # Remote build: dependencies are installed for the Flex Consumption Linux image.
     func azure functionapp publish "$APP" --python

@@ -151,6 +151,10 @@ def test_the_caller_dimension_is_the_usage_routes_caller_key(seeded: Seeded) -> 
     key = seeded.get("v1/usage", "rep-red-2").json()["caller"]
     rows = seeded.get("admin/spend", **{"from": seeded.today, "to": seeded.today, "group_by": "caller"}).json()["rows"]
     assert key in {r["caller"] for r in rows}
+    one = seeded.get("admin/spend", caller=key, **{"from": seeded.today, "to": seeded.today, "group_by": "model"})
+    day = datetime.now(UTC).date()
+    mine = [r for r in seeded.cost_rows() if r.caller_key == key]
+    assert mine and _as_sums(one.json()["rows"], ["model"]) == expected(mine, day, day, ["model"])
 
 
 def test_spend_as_csv_has_the_same_numbers(seeded: Seeded) -> None:
@@ -336,3 +340,18 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
 def _js_number(value: float) -> str:
     """How the page's String(n) renders a JSON number."""
     return str(int(value)) if value == int(value) else repr(value)
+
+
+def test_the_dashboard_and_its_assets_come_from_the_app_itself(seeded: Seeded) -> None:
+    page = requests.get(f"{seeded.base}/admin/dashboard", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "http" not in csp.replace("https://login.microsoftonline.com", "")
+    assert '"mode": "dev-token"' in page.text  # the local audience names no Entra client id
+    msal = requests.get(f"{seeded.base}/admin/dashboard/assets/msal-browser.min.js", timeout=30)
+    assert msal.status_code == 200 and msal.headers["content-type"].startswith("text/javascript")
+    assert msal.content.startswith(b"/*! @azure/msal-browser")
+    for name in ("dashboard.js", "dashboard.css"):
+        assert requests.get(f"{seeded.base}/admin/dashboard/assets/{name}", timeout=30).status_code == 200
+    for name in ("index.html", "..%2Fdashboard_page.py", "LICENSE", "nope.js"):
+        assert requests.get(f"{seeded.base}/admin/dashboard/assets/{name}", timeout=30).status_code == 404, name

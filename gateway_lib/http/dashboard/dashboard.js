@@ -137,7 +137,7 @@ function chart(targetId, rows, dim, from, to) {
   const top = Math.max(...perDay.values(), 1e-9);
   const width = 720, height = 200, pad = 30, barW = (width - pad) / Math.max(days.length, 1);
   const root = svg("svg", { width, height: height + 20, viewBox: `0 0 ${width} ${height + 20}`, role: "img" });
-  svg("text", { x: 0, y: 12, "font-size": 10 }, root).textContent = "$" + top.toFixed(2);
+  svg("text", { x: 0, y: 12, "font-size": 10 }, root).textContent = "$" + top.toPrecision(3);
   const stack = new Map(days.map((d) => [d, 0]));
   for (const r of rows.slice().sort((a, b) => series.indexOf(a[dim] || "(none)") - series.indexOf(b[dim] || "(none)"))) {
     const i = days.indexOf(r.day);
