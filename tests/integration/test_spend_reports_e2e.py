@@ -331,6 +331,12 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
                            ] == [(a["subject"], a["spend_usd"], a["budget_usd"], str(a["threshold"])) for a in alerts_api]
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-team svg rect") and \
         browser.find_elements(By.CSS_SELECTOR, "#chart-model svg rect")
+    by_day = spend("day")["rows"]
+    peak = max(by_day, key=lambda r: Decimal(r["usd"]))["usd"]  # the charts' scale: the busiest day's total
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".chart svg text.peak")]
+    assert len(labels) == 2 and all(Decimal(x.removeprefix("$")) == Decimal(peak) for x in labels), (labels, peak)
+    bars = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, "#chart-team svg rect title")]
+    assert sorted(bars) == sorted(f"{r['day']} {r['team'] or '(none)'}: ${r['usd']}" for r in spend("day,team")["rows"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

@@ -132,12 +132,14 @@ function chart(targetId, rows, dim, from, to) {
   }
   const series = [...new Set(rows.map((r) => r[dim] || "(none)"))].sort();
   const usd = (r) => Number(r.usd);  // drawing only: bar heights need no exactness
-  const perDay = new Map(days.map((d) => [d, 0]));
-  for (const r of rows) perDay.set(r.day, (perDay.get(r.day) || 0) + usd(r));
-  const top = Math.max(...perDay.values(), 1e-9);
+  const perDay = new Map(days.map((d) => [d, "0"]));  // exact, for the scale's label
+  for (const r of rows) perDay.set(r.day, addUsd(perDay.get(r.day) || "0", r.usd));
+  const peak = [...perDay.values()].reduce((a, b) => (Number(b) > Number(a) ? b : a), "0");
+  const top = Math.max(Number(peak), 1e-9);
   const width = 720, height = 200, pad = 30, barW = (width - pad) / Math.max(days.length, 1);
   const root = svg("svg", { width, height: height + 20, viewBox: `0 0 ${width} ${height + 20}`, role: "img" });
-  svg("text", { x: 0, y: 12, "font-size": 10 }, root).textContent = "$" + top.toPrecision(3);
+  const label = svg("text", { x: 0, y: 12, "font-size": 10, class: "peak" }, root);
+  label.textContent = "$" + peak;  // the busiest day's total, as the API adds it
   const stack = new Map(days.map((d) => [d, 0]));
   for (const r of rows.slice().sort((a, b) => series.indexOf(a[dim] || "(none)") - series.indexOf(b[dim] || "(none)"))) {
     const i = days.indexOf(r.day);
