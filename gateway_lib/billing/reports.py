@@ -92,6 +92,9 @@ async def _slice_facts(store: TableStore, prefix: str, first: date, last: date,
     keys = {c.caller_key for c in callers}
     parts = sorted(key_part(k) for k in keys)
     gate = asyncio.Semaphore(CONCURRENCY)
+    # Checkpoints before daily rows: the rollup writes a batch's daily rows before it moves the checkpoint, so
+    # a checkpoint read first never runs ahead of the daily rows read after it (a row is then in one or the
+    # other, judged by the watermark the daily row had when it was read).
     checkpoints, late_checkpoints = await asyncio.gather(
         _rollup_range(store, prefix, CHECKPOINTS, parts[0], parts[-1] + "~"),
         _rollup_range(store, prefix, LATE_CHECKPOINTS, parts[0], parts[-1] + "~"))
