@@ -307,3 +307,38 @@ def test_one_callers_report_reads_only_that_caller_and_equals_its_rows() -> None
         assert unknown.facts == []
 
     run(go())
+
+
+class RollupMidRead:
+    """A store that runs a whole rollup right after the report's first read of the rollup table: the race of a
+    report and a timer run, at its worst point."""
+
+    def __init__(self, inner: TableStore, prefix: str, clock: FakeClock) -> None:
+        self.inner, self.prefix, self.clock, self.fired = inner, prefix, clock, False
+
+    async def query(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        found = await self.inner.query(table, *args, **kwargs)
+        if table == budget.rollup_table(self.prefix) and not self.fired:
+            self.fired = True
+            assert (await rollup(self.inner, self.prefix, self.clock)).rows_applied > 0
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_rollup_run_during_a_report_neither_loses_nor_doubles_a_row() -> None:
+    async def go() -> None:
+        store = MemoryTableStore()
+        seed = await Seeder.of(store, "t")
+        await seed.day(DAYS[0])
+        await rollup(store, "t", FakeClock(DAYS[0] + timedelta(hours=1, minutes=40)))  # part of the day
+        day = DAYS[0].date()
+        want = expected(await ledger_rows(store, "t"), day, day, ["caller", "model"])
+        racing = RollupMidRead(store, "t", FakeClock(DAYS[1]))
+        got = await reports.collect(racing, "t", day, day)  # type: ignore[arg-type]
+        assert racing.fired
+        assert {k: (t.requests, t.input_tokens, t.output_tokens, t.usd)
+                for k, t in views.group(got.facts, ["caller", "model"])} == want
+
+    run(go())
