@@ -5,7 +5,8 @@ Azure Functions Core Tools cannot be installed here, so this host reads the
 For every HTTP trigger it mounts ``/{routePrefix}/{route}`` (routePrefix from host.json,
 ``api`` by default; this app sets it to "" and spells ``api/`` in its routes) with the
 declared methods, and calls the user function with the Starlette request exactly as the
-HTTP-streams worker does. A route the real host would refuse (one starting with "admin"
+HTTP-streams worker does. Routing is the host's: case-insensitive, a trailing slash optional, and an unknown
+route or an undeclared method an empty 404. A route the real host would refuse (one starting with "admin"
 or "runtime") is refused here too, so the tests see what Azure would. Like ``func start``,
 non-HTTP functions run on demand through ``POST /admin/functions/{name}``, and
 function keys are not enforced locally.
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tools.host_rules import HttpRoute
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("local_host")
@@ -118,33 +121,34 @@ def _admin_endpoint(functions: dict[str, tuple[str, Callable[..., Any]]]) -> Cal
     return invoke
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-                        status_code=status, headers={"x-request-id": str(uuid.uuid4()), **(headers or {})})
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "error"}},
+                        status_code=status, headers={"x-request-id": str(uuid.uuid4())})
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return _error(404, f"No route for {request.method} {request.url.path}")
+    # The Functions host answers an unknown route and a method the function does not declare alike: an empty 404.
+    return Response(status_code=404)
 
 
-async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    # Starlette's exception carries the Allow header, which a 405 must send (RFC 9110).
-    return _error(405, f"Method {request.method} is not allowed on {request.url.path}", getattr(exc, "headers", None))
+class _HostRouting:
+    """ASP.NET Core routing as the Functions host does it: literal segments match case-insensitively and a
+    trailing slash is the same route. The path is rewritten to the declared template's spelling for Starlette."""
 
-
-class _TrailingSlashOptional:
-    """ASP.NET Core routing (the Functions host) matches a route with or without a trailing slash; Starlette
-    would answer the slash with a bare redirect instead."""
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, templates: list[str]) -> None:
         self.app = app
+        self.routes = [HttpRoute("", t, frozenset(), "anonymous") for t in templates]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            raw = scope.get("raw_path") or path.encode()
-            scope = dict(scope, path=path.rstrip("/") or "/", raw_path=raw.rstrip(b"/") or b"/")
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            for route in self.routes:
+                values = route.match(path, "")
+                if values is not None:
+                    canonical = "/" + "/".join(values.get(seg.strip("{}?").split(":")[0], seg)
+                                               for seg in route.template.strip("/").split("/"))
+                    scope = dict(scope, path=canonical, raw_path=canonical.encode())
+                    break
         await self.app(scope, receive, send)
 
 
@@ -154,9 +158,10 @@ def build_app(function_app: Any, prefix: str | None = None, functions: list[Any]
     functions = indexed(function_app) if functions is None else functions
     routes = [_exactly(Route(f"{base}/{route}", _endpoint(fn), methods=methods, name=name), methods)
               for name, route, methods, fn in http_functions(functions)]
+    templates = [r.path for r in routes]
     routes.append(Route("/admin/functions/{name}", _admin_endpoint(other_functions(functions)), methods=["POST"]))
-    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed},
-                     middleware=[Middleware(_TrailingSlashOptional)], lifespan=_lifespan)
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found},
+                     middleware=[Middleware(_HostRouting, templates=templates)], lifespan=_lifespan)
 
 
 def _exactly(route: Route, methods: Any) -> Route:
