@@ -12,7 +12,12 @@ Server-Sent Events through the Functions host.
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
+from gateway_lib.config.settings import check_worker_indexing
 from gateway_lib.http import admin_reports, api, dashboard_page
+
+# Under the Functions host a wrong PYTHON_ENABLE_INIT_INDEXING fails indexing here, naming the setting,
+# instead of every HTTP call hanging (an environment read, no I/O).
+check_worker_indexing()
 
 # Function keys guard the function endpoint (APIM holds one as a named value);
 # callers are still authenticated by their Entra token inside every handler.

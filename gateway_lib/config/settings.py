@@ -70,6 +70,24 @@ PLATFORM_SETTING_NAMES: tuple[str, ...] = (
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
+def worker_indexing_problem(environ: Mapping[str, str]) -> str | None:
+    """Under the Functions host, HTTP streams need the worker to index at init: with PYTHON_ENABLE_INIT_INDEXING
+    unset the worker reports no HTTP endpoint and every HTTP call waits for the front end's timeout; with 0
+    no function loads. Outside the host (tests, tools) the setting is not needed."""
+    under_host = "FUNCTIONS_WORKER_RUNTIME" in environ or bool(environ.get("WEBSITE_INSTANCE_ID"))
+    if under_host and environ.get("PYTHON_ENABLE_INIT_INDEXING") != "1":
+        return ("PYTHON_ENABLE_INIT_INDEXING must be '1' under the Functions host (HTTP streams): unset, every HTTP "
+                "call hangs until the front end's timeout; '0', no function loads")
+    return None
+
+
+def check_worker_indexing(environ: Mapping[str, str] | None = None) -> None:
+    """Fail indexing loudly (the host logs it, naming the setting) instead of serving nothing silently."""
+    problem = worker_indexing_problem(os.environ if environ is None else environ)
+    if problem:
+        raise ConfigError([problem])
+
+
 class ConfigError(Exception):
     """Raised once with every configuration problem found."""
 
@@ -256,6 +274,8 @@ def _budget(env: _Env) -> BudgetSettings:
 
 def _cross_checks(s: Settings, env: _Env) -> None:
     on_azure = env.on_azure
+    if indexing := worker_indexing_problem(env.raw):
+        env.problems.append(indexing)
     if on_azure and s.storage.mode == "memory":
         env.problems.append("GATEWAY_STORAGE_MODE=memory keeps quotas per process; it is refused in Azure")
     for name, url in (("AUTH_JWKS_URL", s.auth.jwks_url), ("AUTH_OPENID_CONFIG_URL", s.auth.openid_config_url)):

@@ -265,7 +265,7 @@ def test_signing_key_urls_must_be_https_in_azure() -> None:
 
     env = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
            "GATEWAY_TABLE_ENDPOINT": "https://acct.table.core.windows.net", "AZURE_OPENAI_ENDPOINT": "https://a.example",
-           "WEBSITE_INSTANCE_ID": "instance-1"}
+           "WEBSITE_INSTANCE_ID": "instance-1", "PYTHON_ENABLE_INIT_INDEXING": "1"}
     Settings.from_env(env | {"AUTH_JWKS_URL": "https://keys.example/keys"})
     for name in ("AUTH_JWKS_URL", "AUTH_OPENID_CONFIG_URL"):
         with pytest.raises(ConfigError, match=f"{name} must be an https URL in Azure"):
