@@ -8,7 +8,7 @@ ROLES ?= Gateway.Standard
 
 DASHBOARD_VENDOR := gateway_lib/http/dashboard/vendor
 
-.PHONY: run test token deps lint typecheck unit integration infra-check mono browser bench clean dashboard-assets
+.PHONY: run test token deps worker lint typecheck unit integration infra-check mono browser bench clean dashboard-assets
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,7 +57,10 @@ infra-check:
 mono:                          ## Mono's C# compiler for the C# client's tier (apt-get when mcs is missing; CI fails without it)
 	bash tools/install_mono.sh || [ -z "$$CI" ]
 
-test: deps lint typecheck infra-check mono browser   ## every tier: lint, types, infra checks, unit + integration tests
+worker: deps                   ## the real Functions Python worker under .local/ (skipped with a reason when its source is absent)
+	$(PY) -m tools.worker_setup
+
+test: deps lint typecheck infra-check mono browser worker   ## every tier: lint, types, infra checks, unit + integration tests
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: deps
