@@ -82,7 +82,7 @@ param storageSku string = 'Standard_GZRS'
 // --- API Management ---
 @description('false on the first pass of deploy.sh: the function host must run code before its keys can be read.')
 param deployApim bool = true
-@allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'PremiumV2', 'Premium'])
+@allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'Premium'])
 param apimSku string = 'StandardV2'
 param apimPublisherEmail string
 param apimPublisherName string
@@ -166,7 +166,7 @@ module keyVault 'app/keyvault.bicep' = {
     location: location
     tags: tags
     alertWebhookUrl: alertWebhookUrl
-    alertWebhookEnabled: alertWebhookEnabled
+    alertWebhookEnabled: alertWebhookEnabled || !empty(alertWebhookUrl)
   }
 }
 

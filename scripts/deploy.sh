@@ -73,11 +73,23 @@ deploy() {  # deploy create|what-if DEPLOY_APIM [extra az args...]
     --parameters "@$PARAMS" --parameters "@$SECRET_PARAMS" --parameters "deployApim=$with_apim" "$@"
 }
 
-# A previous deployment means the function app already runs code, so APIM can be part of the what-if.
-if az deployment sub show --name "$DEPLOYMENT" --query properties.provisioningState -o tsv >/dev/null 2>&1; then
-  FIRST_RUN=false
-else
-  FIRST_RUN=true
+output() {  # output NAME -> a deployment output value
+  az deployment sub show --name "$DEPLOYMENT" --query "properties.outputs.$1.value" -o tsv
+}
+
+# APIM reads the host key, which exists only once the app runs code: so not a first run only after a
+# *successful* deployment whose app has a published package (its functions are listed). A failed or
+# half-done earlier run is a first run again.
+FIRST_RUN=true
+STATE="$(az deployment sub show --name "$DEPLOYMENT" --query properties.provisioningState -o tsv 2>/dev/null || true)"
+if [[ "$STATE" == "Succeeded" ]]; then
+  EXISTING_APP="$(output AZURE_FUNCTION_NAME 2>/dev/null || true)"
+  EXISTING_RG="$(output AZURE_RESOURCE_GROUP 2>/dev/null || true)"
+  if [[ -n "$EXISTING_APP" && -n "$EXISTING_RG" ]]; then
+    FUNCTIONS="$(az functionapp function list --resource-group "$EXISTING_RG" --name "$EXISTING_APP" \
+      --query 'length(@)' -o tsv 2>/dev/null || echo 0)"
+    [[ "${FUNCTIONS:-0}" =~ ^[1-9][0-9]*$ ]] && FIRST_RUN=false
+  fi
 fi
 WITH_APIM=$([[ "$FIRST_RUN" == true ]] && echo false || echo true)
 
@@ -89,10 +101,6 @@ if ! $ASSUME_YES; then
   read -r -p "Apply these changes to '$ENV_NAME'? [y/N] " answer
   [[ "$answer" =~ ^[Yy]$ ]] || die "aborted"
 fi
-
-output() {  # output NAME -> a deployment output value
-  az deployment sub show --name "$DEPLOYMENT" --query "properties.outputs.$1.value" -o tsv
-}
 
 log "infrastructure (deployApim=$WITH_APIM)"
 deploy create "$WITH_APIM" --only-show-errors -o none
@@ -119,9 +127,21 @@ publish_package() {
   fi
 }
 
+# Role assignments made by this deployment can take minutes to take effect: until then publishing is
+# refused (403). Retry with doubling waits, a bounded number of times.
+publish_with_retry() {
+  local attempt=1 attempts="${PUBLISH_ATTEMPTS:-6}" wait="${PUBLISH_BACKOFF_SECONDS:-15}"
+  until (publish_package); do
+    (( attempt < attempts )) || die "publishing failed $attempts times; roles may still be propagating: rerun later"
+    log "publish failed (attempt $attempt/$attempts); retrying in ${wait}s"
+    sleep "$wait"
+    attempt=$((attempt + 1)) wait=$((wait * 2))
+  done
+}
+
 if $PUBLISH; then
   log "publish package to $APP"
-  publish_package
+  publish_with_retry
 fi
 
 if [[ "$FIRST_RUN" == true ]]; then

@@ -3,7 +3,7 @@
 param name string
 param location string
 param tags object = {}
-@allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'PremiumV2', 'Premium'])
+@allowed(['Developer', 'BasicV2', 'StandardV2', 'Standard', 'Premium'])
 param skuName string = 'StandardV2'
 param skuCapacity int = 1
 @description('Log Analytics workspace for the gateway log; empty for none.')
@@ -38,6 +38,15 @@ resource functionApp 'Microsoft.Web/sites@2024-11-01' existing = {
   name: functionAppName
 }
 
+var classicTlsSettings = {
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
+}
+
 resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
   name: name
   location: location
@@ -57,14 +66,8 @@ resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
     publisherName: publisherName
     publicNetworkAccess: 'Enabled'
     virtualNetworkType: 'None'
-    customProperties: {
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
-    }
+    // Protocol and cipher settings exist on the classic tiers only; a v2 tier refuses them (TLS 1.2+ there).
+    customProperties: classicTier ? classicTlsSettings : {}
   }
 }
 

@@ -7,7 +7,7 @@ param tags object = {}
 @secure()
 @description('Alert webhook URL; stored as a secret when non-empty.')
 param alertWebhookUrl string = ''
-@description('The app reads the secret (true once it has been stored; it stays true on redeploys without the URL).')
+@description('The app reads the secret (main.bicep: alertWebhookEnabled or a URL passed now; it stays true on redeploys without the URL).')
 param alertWebhookEnabled bool = false
 
 resource vault 'Microsoft.KeyVault/vaults@2024-11-01' = {
@@ -50,4 +50,5 @@ output id string = vault.id
 output name string = vault.name
 output uri string = vault.properties.vaultUri
 // The secret's URI (no version: the app picks up rotations). Empty when no webhook is configured.
-output alertWebhookSecretUri string = (alertWebhookEnabled || !empty(alertWebhookUrl)) ? '${vault.properties.vaultUri}secrets/alert-webhook-url' : ''
+// Derived from alertWebhookEnabled only: an output must not be an expression of a @secure() parameter.
+output alertWebhookSecretUri string = alertWebhookEnabled ? '${vault.properties.vaultUri}secrets/alert-webhook-url' : ''

@@ -18,7 +18,7 @@ resource workspace 'Microsoft.OperationalInsights/workspaces@2025-02-01' = {
     }
     retentionInDays: retentionInDays
     features: {
-      disableLocalAuth: true
+      disableLocalAuth: disableLocalAuth
     }
   }
 }

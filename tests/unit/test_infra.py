@@ -532,12 +532,15 @@ def test_aws_role_trusts_only_the_gateway_identity_for_bedrock_invoke() -> None:
 def test_a_redeploy_without_the_webhook_secret_keeps_the_apps_reference_to_it() -> None:
     # The reference came from the secret's value, so a deploy without ALERT_WEBHOOK_URL blanked the app setting
     # (alerts silently stopped). It follows a plain flag now, which the parameter files keep.
+    # The output reads the flag only (no output may derive from the @secure() URL); main.bicep sets the flag
+    # when a URL is passed now.
     vault = bicep(INFRA / "app" / "keyvault.bicep")
-    assert ("output alertWebhookSecretUri string = (alertWebhookEnabled || !empty(alertWebhookUrl)) ? "
+    assert ("output alertWebhookSecretUri string = alertWebhookEnabled ? "
             "'${vault.properties.vaultUri}secrets/alert-webhook-url' : ''") in vault
     main = bicep(MAIN)
     assert "param alertWebhookEnabled bool = false" in main
-    assert "alertWebhookEnabled: alertWebhookEnabled" in block_after(main, main.index("module keyVault "))
+    assert ("alertWebhookEnabled: alertWebhookEnabled || !empty(alertWebhookUrl)"
+            in block_after(main, main.index("module keyVault ")))
 
 
 def test_audit_logs_go_to_log_analytics() -> None:
