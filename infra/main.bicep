@@ -295,5 +295,6 @@ output FUNCTION_API_BASE_URL string = '${function.outputs.url}/api'
 output GATEWAY_IDENTITY_CLIENT_ID string = gatewayIdentity.outputs.clientId
 // The object id AWS trusts as `sub` (infra/aws/bedrock-web-identity-role.json).
 output GATEWAY_IDENTITY_PRINCIPAL_ID string = gatewayIdentity.outputs.principalId
-output APIM_GATEWAY_URL string = deployApim ? apim.outputs.gatewayUrl : ''
-output CHAT_COMPLETIONS_URL string = deployApim ? '${apim.outputs.apiBaseUrl}/v1/chat/completions' : ''
+// apim is conditional: its outputs are read null-safely (BCP318), empty when it is not deployed.
+output APIM_GATEWAY_URL string = apim.?outputs.gatewayUrl ?? ''
+output CHAT_COMPLETIONS_URL string = deployApim ? '${apim.?outputs.apiBaseUrl ?? ''}/v1/chat/completions' : ''

@@ -65,6 +65,15 @@ def test_no_output_is_an_expression_of_a_secure_parameter(path: Path) -> None:
         assert not (_names(output["value"]) & secure), f"output {name} derives from {secure}"
 
 
+def test_conditional_modules_and_resources_are_read_null_safely() -> None:
+    for path in sorted(INFRA.rglob("*.bicep")):
+        text = path.read_text()
+        conditional = re.findall(r"^(?:module|resource) (\w+) '[^']+' = if \(", text, re.M)
+        for name in conditional:
+            unsafe = re.findall(rf"\b{name}\.(?:outputs|properties)\b", text)
+            assert not unsafe, f"{path.name}: {name} is conditional; read it with {name}.?outputs / .?properties"
+
+
 FAKE_AZ = r"""#!/usr/bin/env bash
 echo "$*" >> "$AZ_LOG"
 case "$*" in
