@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,13 @@ async def _json(send: Any, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM after its shutdown, which would kill this host before it stops the worker.
+        yield
+
+
 async def serve(args: argparse.Namespace) -> None:
     settings = host_rules.app_settings(args.settings)
     keys = Keys(master=args.master_key, host_default=secrets.token_urlsafe(24), function_default=args.function_key)
@@ -358,8 +365,10 @@ async def serve(args: argparse.Namespace) -> None:
     await host.start()
     print(f"worker host: {len(host.routes)} HTTP functions, {len(host.functions)} in all, "
           f"{len(host.errors)} errors, on http://127.0.0.1:{args.port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(HttpFront(host), host="127.0.0.1", port=args.port, log_level="warning",
-                                          access_log=False, loop="asyncio", lifespan="off"))
+    server = _Server(uvicorn.Config(HttpFront(host), host="127.0.0.1", port=args.port, log_level="warning",
+                                    access_log=False, loop="asyncio", lifespan="off"))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, setattr, server, "should_exit", True)
     try:
         await server.serve()
     finally:

@@ -6,7 +6,7 @@ Its pinned packages go into the worker's own folder (``pip install --target``), 
 protobuf modules are generated here with grpcio-tools, as the upstream build does. The folder name
 ``python/<X.Y>/<OS>/<ARCH>`` is the one the worker recognises as its own dependency path.
 
-    python -m tools.worker_setup          # idempotent; exits 0 with a reason when there is no source (not under CI)
+    python -m tools.worker_setup          # idempotent; without a source it says why and exits 0
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ def ensure() -> tuple[Worker | None, str]:
 
 def main() -> int:
     worker, reason = ensure()
-    if worker is None:
+    if worker is None:  # the other tiers still run; the real-worker tier skips, or fails under CI, saying why
         under_ci = bool(os.environ.get("CI"))
-        print(f"worker_setup: {reason}; the real-worker test tier will be "
-              f"{'FAILED (CI is set)' if under_ci else 'skipped'}", file=sys.stderr)
-        return 1 if under_ci else 0
+        print(f"worker_setup: {reason}; the real-worker test tier will "
+              f"{'FAIL (CI is set)' if under_ci else 'be skipped'}", file=sys.stderr)
+        return 0
     print(f"worker_setup: Azure Functions Python worker ready in {worker.directory.relative_to(ROOT)}")
     return 0
 

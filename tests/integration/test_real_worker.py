@@ -196,18 +196,23 @@ def test_the_two_hosts_load_packages_in_their_own_order(wstack: WorkerStack) -> 
     assert "Finished prioritize_customer_dependencies" not in host_log(wstack, "host")
 
 
-@pytest.mark.parametrize("host", HOSTS)
-def test_telemetry_export_starts_in_both_sys_path_orders(wstack: WorkerStack, host: str) -> None:
-    # With the worker's protobuf first, an app protobuf newer than it failed the exporter's import (the
-    # gateway then served without telemetry); the requirements pin protobuf to the worker's major version.
-    assert requests.get(url(wstack, "/api/health", host), timeout=30).status_code == 200
-    log = host_log(wstack, host)
-    assert "Application Insights export disabled" not in log, log[-3000:]
-
-
 def test_without_init_indexing_the_app_fails_loudly_by_name(wstack: WorkerStack) -> None:
     base = wstack.add_host("no-init-indexing", without=("PYTHON_ENABLE_INIT_INDEXING",))
     status = requests.get(f"{base}/admin/host/status", headers={"x-functions-key": wstack.master_key}, timeout=10)
     assert status.json()["state"] == "Error"
     assert any("PYTHON_ENABLE_INIT_INDEXING must be '1'" in e for e in status.json()["errors"]), status.json()
     assert "PYTHON_ENABLE_INIT_INDEXING must be '1'" in host_log(wstack, "no-init-indexing")
+
+
+def test_telemetry_is_exported_in_both_sys_path_orders(wstack: WorkerStack, collectors: dict[str, Collector]) -> None:
+    # With the worker's protobuf first, an app protobuf newer than it failed the exporter's import and the gateway
+    # served without telemetry; requirements.txt pins protobuf to the worker's major version. Runs last: stopping
+    # a host ends its worker, whose exit flushes the exporters (they send every 60 s otherwise).
+    token = wstack.token("rw-telemetry")
+    for host in HOSTS:
+        assert chat(wstack, token, "gpt-4o-mini", host).status_code == 200
+        wstack.stop_process(host)
+    for host in HOSTS:
+        log = host_log(wstack, host)
+        assert "Application Insights export disabled" not in log, log[-3000:]
+        assert wait_for(lambda h=host: collectors[h].envelopes, timeout=15), f"{host}: nothing reached the collector"
