@@ -127,6 +127,7 @@ class WorkerHost:
         self.http_uri: str | None = None
         self.routes: list[HttpRoute] = []
         self.process: subprocess.Popen[bytes] | None = None
+        self.server: Any = None
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -170,7 +171,7 @@ class WorkerHost:
             self.functions[function.name] = function
             if function.error is None:
                 await self._load(function)
-        self.routes = [self._route(f) for f in self.functions.values() if f.error is None and self._is_http(f)]
+        self.routes = [self._route(f) for f in self.functions.values() if f.error is None and self.is_http(f)]
         if self.routes and not self.http_uri:
             self._error("HTTP functions are loaded but the worker reported no HttpUri: HTTP streams need "
                         "PYTHON_ENABLE_INIT_INDEXING=1 (every HTTP call would wait until the front end's timeout)")
@@ -198,7 +199,7 @@ class WorkerHost:
         log.error("%s", message)
 
     @staticmethod
-    def _is_http(function: Function) -> bool:
+    def is_http(function: Function) -> bool:
         return function.trigger.get("type", "").lower() == "httptrigger"
 
     @staticmethod
@@ -210,9 +211,9 @@ class WorkerHost:
 
     async def invoke(self, function: Function, data: Any, timeout: float = 300) -> Any:
         invocation_id = str(uuid.uuid4())
-        return await self._invoke_as(invocation_id, function, data, timeout)
+        return await self.invoke_as(invocation_id, function, data, timeout)
 
-    async def _invoke_as(self, invocation_id: str, function: Function, data: Any, timeout: float) -> Any:
+    async def invoke_as(self, invocation_id: str, function: Function, data: Any, timeout: float) -> Any:
         request = pb.StreamingMessage(request_id=str(uuid.uuid4()), invocation_request=pb.InvocationRequest(
             invocation_id=invocation_id, function_id=function.function_id,
             input_data=[pb.ParameterBinding(name=function.trigger["name"], data=data)]))
@@ -229,7 +230,8 @@ class WorkerHost:
                 await asyncio.sleep(0.1)
             else:
                 os.killpg(self.process.pid, signal.SIGKILL)
-        await self.server.stop(1)
+        if self.server is not None:
+            await self.server.stop(1)
 
 
 class HttpFront:
@@ -270,7 +272,7 @@ class HttpFront:
                                     for f in self.host.functions.values()])
         elif len(parts) == 3 and parts[:2] == ["admin", "functions"] and method == "POST":
             function = self.host.functions.get(parts[2])
-            if function is None or function.error or WorkerHost._is_http(function):
+            if function is None or function.error or WorkerHost.is_http(function):
                 await _empty(send, 404)
                 return
             result = (await self.host.invoke(function, pb.TypedData(json=TIMER_INPUT))).result
@@ -287,7 +289,7 @@ class HttpFront:
         invocation_id = str(uuid.uuid4())
         url = f"http://{headers.get('host', '127.0.0.1')}{scope['path']}"
         http = pb.RpcHttp(method=scope["method"], url=url, headers=headers, query=query, params=values)
-        invocation = asyncio.create_task(self.host._invoke_as(invocation_id, function, pb.TypedData(http=http), 600))
+        invocation = asyncio.create_task(self.host.invoke_as(invocation_id, function, pb.TypedData(http=http), 600))
         body: asyncio.Queue[bytes | None] = asyncio.Queue()
         gone = asyncio.Event()
 
