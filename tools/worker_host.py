@@ -12,6 +12,7 @@ resolved in bindings; keys and routing follow tools/host_rules.py. Run it with t
 PYTHONPATH (its grpcio and protobuf): tools/worker_stack.py does.
 
     python -m tools.worker_host --worker DIR [--port 7071] [--settings FILE] [--master-key K] [--function-key K]
+                                [--allow-network]   # else the worker runs under tools/netguard.py
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ from tools.host_rules import HttpRoute, Keys
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("worker_host")
 TIMER_INPUT = json.dumps({"Schedule": {"AdjustForDST": True}, "ScheduleStatus": None, "IsPastDue": False})
+# Runs the worker with Linux's parent-death signal set: if this host dies abruptly, its worker is killed
+# instead of living on (it does not exit when its stream closes). The setting survives exec.
+_ORPHAN_GUARD = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+                 "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 
 
@@ -118,8 +123,9 @@ class _Servicer(rpc.FunctionRpcServicer):
 
 
 class WorkerHost:
-    def __init__(self, worker_dir: Path, settings: dict[str, str], keys: Keys, app_dir: Path = ROOT) -> None:
-        self.worker_dir, self.settings, self.keys, self.app_dir = worker_dir, settings, keys, app_dir
+    def __init__(self, worker_dir: Path, settings: dict[str, str], keys: Keys, app_dir: Path = ROOT,
+                 guard: bool = True) -> None:
+        self.worker_dir, self.settings, self.keys, self.app_dir, self.guard = worker_dir, settings, keys, app_dir, guard
         self.prefix = host_rules.route_prefix(app_dir)
         self.connection = WorkerConnection()
         self.functions: dict[str, Function] = {}
@@ -143,10 +149,16 @@ class WorkerHost:
         self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
 
     def _spawn(self, port: int) -> subprocess.Popen[bytes]:
-        # No PYTHONPATH: the worker orders sys.path itself (worker.py), as under Core Tools.
-        env = {k: v for k, v in self.settings.items() if k != "PYTHONPATH"} | {"AzureWebJobsScriptRoot": str(self.app_dir)}
-        args = [sys.executable, str(self.worker_dir / "worker.py"), "--host", "127.0.0.1", "--port", str(port),
-                "--workerId", str(uuid.uuid4()), "--requestId", str(uuid.uuid4()), "--grpcMaxMessageLength", "2147483647"]
+        # The worker orders sys.path itself (worker.py), as under Core Tools; PYTHONPATH holds only the loopback
+        # guard's sitecustomize, which shadows no package. CONTAINER_NAME / WEBSITE_INSTANCE_ID would make it
+        # take Azure's code paths (a re-exec with Azure's PYTHONPATH, Linux Consumption's package handling).
+        env = {k: v for k, v in self.settings.items() if k not in ("PYTHONPATH", "CONTAINER_NAME", "WEBSITE_INSTANCE_ID")}
+        env["AzureWebJobsScriptRoot"] = str(self.app_dir)
+        if self.guard:
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parent / "worker_netguard")
+        args = [sys.executable, "-c", _ORPHAN_GUARD, str(self.worker_dir / "worker.py"), "--host", "127.0.0.1",
+                "--port", str(port), "--workerId", str(uuid.uuid4()), "--requestId", str(uuid.uuid4()),
+                "--grpcMaxMessageLength", "2147483647"]
         return subprocess.Popen(args, cwd=self.app_dir, env=env, start_new_session=True)
 
     async def _init(self) -> None:
@@ -363,7 +375,7 @@ class _Server(uvicorn.Server):
 async def serve(args: argparse.Namespace) -> None:
     settings = host_rules.app_settings(args.settings)
     keys = Keys(master=args.master_key, host_default=secrets.token_urlsafe(24), function_default=args.function_key)
-    host = WorkerHost(args.worker, settings, keys)
+    host = WorkerHost(args.worker, settings, keys, guard=not args.allow_network)
     await host.start()
     print(f"worker host: {len(host.routes)} HTTP functions, {len(host.functions)} in all, "
           f"{len(host.errors)} errors, on http://127.0.0.1:{args.port}", flush=True)
@@ -384,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=Path, default=host_rules.settings_file(ROOT))
     parser.add_argument("--master-key", default=secrets.token_urlsafe(24))
     parser.add_argument("--function-key", default=secrets.token_urlsafe(24))
+    parser.add_argument("--allow-network", action="store_true", help="no loopback-only guard in the worker")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(args))

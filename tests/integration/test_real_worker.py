@@ -61,6 +61,8 @@ def wstack(worker_dir: Any, collectors: dict[str, Collector]) -> Iterator[Worker
         running.add_host("isolated", env={"PYTHON_ISOLATE_WORKER_DEPENDENCIES": "1",
                                           "APPLICATIONINSIGHTS_CONNECTION_STRING": collectors["isolated"].connection_string})
         yield running
+        for host in running.hosts:
+            assert "netguard:" not in host_log(running, host), f"{host}: the app tried to leave loopback"
     finally:
         running.stop()
 
