@@ -121,6 +121,15 @@ def test_health_is_anonymous_and_routes_ignore_case(wstack: WorkerStack, host: s
     assert requests.get(url(wstack, "/API/Health/", host), timeout=30).status_code == 200
 
 
+def test_route_values_reach_the_function(wstack: WorkerStack) -> None:
+    # {name} travels as a route value in the InvocationRequest and on to the Starlette request's path_params.
+    css = requests.get(url(wstack, "/api/admin/dashboard/assets/dashboard.css"), timeout=30)
+    assert css.status_code == 200, css.text
+    assert css.headers["content-type"].startswith("text/css")
+    assert css.content == (worker_setup.ROOT / "gateway_lib/http/dashboard/dashboard.css").read_bytes()
+    assert requests.get(url(wstack, "/api/admin/dashboard/assets/nothing.js"), timeout=30).status_code == 404
+
+
 def test_models_need_the_function_key_and_then_the_token(wstack: WorkerStack) -> None:
     token = wstack.token("rw-models")
     no_key = requests.get(url(wstack, "/api/v1/models"), headers={"Authorization": f"Bearer {token}"}, timeout=30)
