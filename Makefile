@@ -8,7 +8,7 @@ ROLES ?= Gateway.Standard
 
 DASHBOARD_VENDOR := gateway_lib/http/dashboard/vendor
 
-.PHONY: run test token deps worker lint typecheck unit integration infra-check mono browser bench clean dashboard-assets
+.PHONY: run test token deps worker lint typecheck unit integration infra-check mono browser bench clean dashboard-assets chat-params
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ run: deps                      ## the local stack on 127.0.0.1:7071 (Ctrl-C stop
 
 token: deps                    ## a dev token: make token CALLER=bob ROLES=Gateway.Premium
 	@$(PY) -m tools.dev_issuer token --caller $(CALLER) --roles $(ROLES) --key-dir .local/dev-issuer
+
+chat-params: deps             ## regenerate the chat parameter list from the installed openai SDK
+	$(PY) -m tools.gen_chat_params
 
 lint: deps
 	$(PY) -m ruff check .

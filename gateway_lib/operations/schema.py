@@ -1,7 +1,9 @@
 """Request models at the JSON edge: OpenAI Chat Completions and the task API.
 
-Unknown top-level fields are **rejected** with 400 ``unknown_parameter`` (as OpenAI
-does), so a typo such as ``max_token`` never silently changes behaviour. Unknown keys
+Top-level fields are those the installed ``openai`` SDK types (``chat_params``); any other is
+**rejected** with 400 ``unknown_parameter`` (as OpenAI does), so a typo such as ``max_token`` never
+silently changes behaviour. SDK parameters the gateway does not model are kept as sent (pydantic's
+extras) for the relays that forward them. Unknown keys
 inside a message are ignored: SDKs echo assistant messages back with extra keys
 (``refusal``, ``audio``) and rejecting them would break multi-turn chats.
 
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway_lib.errors import InvalidRequest
+from gateway_lib.operations import chat_params
 from gateway_lib.providers import registry
 from gateway_lib.providers.base import CHAT
 
@@ -57,12 +60,14 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
 class ChatRequest(BaseModel):
     """OpenAI Chat Completions request, plus the gateway's routing hints."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # extra="allow" keeps the SDK-typed parameters not modelled below; ``_sdk_parameters`` refuses the rest.
+    model_config = ConfigDict(extra="allow", strict=True)
     operation: ClassVar[str] = CHAT
     produces_output: ClassVar[bool] = True
 
@@ -73,7 +78,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False  # null is accepted and means false, as OpenAI has it
     stream_options: StreamOptions | None = None
@@ -84,9 +89,37 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, int | float] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # Advisory: forwarded where the target's API takes them (docs in README "Chat parameters").
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    reasoning_effort: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
     # Gateway extensions (ignored by OpenAI clients that do not send them).
     provider_hint: str | None = None  # a registered provider's name
     priority: Priority | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sdk_parameters(cls, payload: Any) -> Any:
+        if not isinstance(payload, dict):
+            return payload
+        name = chat_params.unknown(payload)
+        if name is not None:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", code="unknown_parameter",
+                                 param=name)
+        return chat_params.whole_numbers(payload)
 
     @field_validator("stream", mode="before")
     @classmethod
@@ -99,13 +132,6 @@ class ChatRequest(BaseModel):
         if hint is not None and hint not in registry.names():
             raise ValueError(f"must be one of {', '.join(registry.names())}")
         return hint
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -130,7 +156,12 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
     def features(self) -> frozenset[str]:
-        return frozenset({"n"}) if (self.n or 1) > 1 else frozenset()
+        return chat_params.features(self)
+
+    @property
+    def choices(self) -> int:
+        """Answers asked for (``n``): each may use up to the output cap."""
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
