@@ -54,14 +54,21 @@ class Accounting:
     _finished: bool = False
 
     async def reserve(self) -> None:
-        """Reserve the worst case: the prompt estimate plus max_tokens, priced at the dearest candidate target
-        (fallback may land on any of them)."""
-        s = self.screened
-        self.estimated_usd = max(pricing.estimate(t.price, s.prompt_tokens, s.max_tokens) for t in self.plan.targets)
+        """Reserve USD at the worst case: the prompt estimate plus max_tokens for every choice, priced at the
+        dearest candidate target (fallback may land on any of them). Tokens count the prompt plus the output
+        the caller's answers are expected to use (quota/expected.py): a burst of short answers is no breach."""
+        s, choices = self.screened, self._choices
+        self.estimated_usd = max(pricing.estimate(t.price, s.prompt_tokens, s.max_tokens * choices)
+                                 for t in self.plan.targets)
+        expected = self.rt.admission.expected_output.tokens(self.caller.key, s.max_tokens) * choices
         self.reservation = await self.rt.admission.reserve(
-            self.caller, tokens=s.prompt_tokens + s.max_tokens, usd=self.estimated_usd,
+            self.caller, tokens=s.prompt_tokens + expected, usd=self.estimated_usd,
             request_id=self.scope.request_id,
         )
+
+    @property
+    def _choices(self) -> int:
+        return int(getattr(self.request, "choices", 1))
 
     def response_headers(self, target: Target) -> dict[str, str]:
         self.served_by = target
@@ -86,6 +93,8 @@ class Accounting:
         if self._finished:
             return Decimal(0)
         self._finished = True
+        if status == "ok" and self.screened.max_tokens:  # an answer of an operation with output: learn its length
+            self.rt.admission.expected_output.observe(self.caller.key, usage.completion_tokens / self._choices)
         return await shielded(asyncio.ensure_future(self._settle(target, usage, status, error)))
 
     async def _settle(self, target: Target | None, usage: Usage, status: str, error: GatewayError | None) -> Decimal:

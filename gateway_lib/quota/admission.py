@@ -5,8 +5,8 @@ instances, so each caller has one counters row (``{prefix}usage``, PK = caller k
 RK ``counters``) and every change to it is a conditional write on its ETag. Layout,
 round trips and the overspend bound: docs/storage.md.
 
-* ``reserve`` admits a request against its worst case (estimated prompt + max_tokens,
-  priced) or raises ``RateLimited`` / ``QuotaExceeded`` / ``ServiceUnavailable``.
+* ``reserve`` admits a request (estimated prompt + expected output tokens, its worst case in USD)
+  or raises ``RateLimited`` / ``QuotaExceeded`` / ``ServiceUnavailable``.
 * ``settle`` / ``release`` swap the reservation for the actual usage and insert the
   request's cost row, in one entity-group transaction (idempotent per request).
 """
@@ -52,6 +52,7 @@ from gateway_lib.quota.counters import (
     seconds_until,
     usage_document,
 )
+from gateway_lib.quota.expected import ExpectedOutput
 from gateway_lib.quota.overrides import (
     Override,
     get_override,
@@ -117,6 +118,7 @@ class Admission:
         self._detached: set[asyncio.Future[Any]] = set()
         self._directory = CallerDirectory(store, self._prefix)
         self._tables_ready = False
+        self.expected_output = ExpectedOutput()  # what tokens-per-minute admission counts for an answer
 
     async def effective_alias(self, caller: Caller, alias: str) -> str:
         """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
