@@ -33,9 +33,19 @@ async def chat_completions(req: Request) -> Response:
     return await api.chat_completions(req)
 
 
+@app.route(route="api/v1/embeddings", methods=["POST"])
+async def embeddings(req: Request) -> Response:
+    return await api.embeddings(req)
+
+
 @app.route(route="api/v1/models", methods=["GET"])
 async def list_models(req: Request) -> Response:
     return await api.list_models(req)
+
+
+@app.route(route="api/v1/models/{model}", methods=["GET"])
+async def retrieve_model(req: Request) -> Response:
+    return await api.retrieve_model(req)
 
 
 @app.route(route="api/generate", methods=["POST"])

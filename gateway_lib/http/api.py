@@ -17,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway_lib.auth.identity import Caller
-from gateway_lib.errors import GatewayError, InvalidRequest, PermissionDenied
-from gateway_lib.http import edge
+from gateway_lib.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway_lib.http import edge, models
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline, tasks
 from gateway_lib.operations.chat import CHAT_COMPLETIONS
+from gateway_lib.operations.embeddings import EMBEDDINGS_OP, EmbeddingsRequest
 from gateway_lib.operations.schema import ChatRequest, GenerateRequest, parse_model
 from gateway_lib.runtime import Runtime, get_runtime, try_runtime
 
@@ -61,6 +62,15 @@ async def chat_completions(request: Request) -> Response:
     return await _serve(request, "chat", handle)
 
 
+async def embeddings(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        body = parse_model(EmbeddingsRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
+        return await pipeline.run(rt, scope, caller, EMBEDDINGS_OP, body)
+
+    return await _serve(request, "embeddings", handle)
+
+
 async def generate(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
@@ -77,10 +87,22 @@ async def generate(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
-        data = [{"id": alias.name, "object": "model", "created": 0, "owned_by": "ai-gateway",
-                 "description": alias.description}
-                for alias in rt.settings.catalogue.aliases.values() if caller.tier.allows(alias.name)]
+        data = [models.model_object(rt.settings.catalogue, alias) for alias in rt.settings.catalogue.aliases.values()
+                if caller.tier.allows(alias.name)]
         return edge.json_response({"object": "list", "data": data}, scope)
+
+    return await _serve(request, "models", handle)
+
+
+async def retrieve_model(request: Request) -> Response:
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        name = str(request.path_params.get("model", ""))
+        alias = rt.settings.catalogue.aliases.get(name)
+        if alias is None or not caller.tier.allows(name):  # one answer for both: the catalogue is not disclosed
+            raise ModelNotFound(f"The model '{name[:256]}' does not exist or you do not have access to it.",
+                                param="model")
+        return edge.json_response(models.model_object(rt.settings.catalogue, alias), scope)
 
     return await _serve(request, "models", handle)
 
@@ -178,5 +200,5 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return int(raw)
 
 
-__all__ = ["admin_alerts", "admin_limits", "budget_rollup", "chat_completions", "generate", "health", "list_models",
-           "usage"]
+__all__ = ["admin_alerts", "admin_limits", "budget_rollup", "chat_completions", "embeddings", "generate", "health",
+           "list_models", "retrieve_model", "usage"]

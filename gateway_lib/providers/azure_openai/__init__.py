@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway_lib.providers.azure_openai import config
-from gateway_lib.providers.base import CHAT, Capabilities, streamed
+from gateway_lib.providers.base import CHAT, EMBEDDINGS, Capabilities, streamed
 from gateway_lib.providers.registry import ProviderSpec, register
 
 if TYPE_CHECKING:
@@ -13,11 +13,12 @@ if TYPE_CHECKING:
     from gateway_lib.providers.base import Provider, ProviderSettings
 
 _CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT)}),
-                     features=frozenset({"n", "logprobs", "audio", "prediction", "store"}))
+                     features=frozenset({"n", "logprobs", "audio", "prediction", "store", "functions"}))
+_EMBEDDINGS = Capabilities(operations=frozenset({EMBEDDINGS}))  # relayed to /embeddings as sent
 
 
 def _capabilities(target: Target) -> Capabilities:
-    return _CHAT if target.kind == CHAT else Capabilities()
+    return _CHAT if target.kind == CHAT else _EMBEDDINGS if target.kind == EMBEDDINGS else Capabilities()
 
 
 def _build(section: config.AzureOpenAISettings, shared: ProviderSettings, credential: Any) -> Provider:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gateway_lib.providers.base import CHAT, Capabilities, streamed
+from gateway_lib.providers.base import CHAT, EMBEDDINGS, Capabilities, streamed
 from gateway_lib.providers.bedrock import config
 from gateway_lib.providers.registry import ProviderSpec, register
 
@@ -13,10 +13,11 @@ if TYPE_CHECKING:
     from gateway_lib.providers.base import Provider, ProviderSettings
 
 _CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT)}))
+_EMBEDDINGS = Capabilities(operations=frozenset({EMBEDDINGS}))  # Titan v2 and Cohere Embed by InvokeModel
 
 
 def _capabilities(target: Target) -> Capabilities:
-    return _CHAT if target.kind == CHAT else Capabilities()
+    return _CHAT if target.kind == CHAT else _EMBEDDINGS if target.kind == EMBEDDINGS else Capabilities()
 
 
 def _build(section: config.BedrockSettings, shared: ProviderSettings, credential: Any) -> Provider:

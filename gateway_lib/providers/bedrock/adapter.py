@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import threading
 import time
 import uuid
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import InvalidRequest, ProviderError
 from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds
+from gateway_lib.providers.base import EMBEDDINGS, CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds
+from gateway_lib.providers.bedrock import embeddings
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import FederationError, TokenProvider, botocore_session, build_credentials
 from gateway_lib.providers.bedrock.transform import (
@@ -40,6 +42,8 @@ from gateway_lib.providers.bedrock.transform import (
 if TYPE_CHECKING:
     from botocore.credentials import Credentials
     from botocore.session import Session
+
+    from gateway_lib.operations.embeddings import EmbeddingsRequest
 
 T = TypeVar("T")
 _traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar("bedrock_traceparent", default=None)
@@ -65,15 +69,20 @@ class BedrockProvider:
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()  # clients are built in pool threads
 
-    def check(self, request: ChatRequest, target: Target) -> Unsupported | None:
-        """Whether Converse can carry this request to ``target`` (images by URL, tools on a model without)."""
+    def check(self, request: Any, target: Target) -> Unsupported | None:
+        """Whether Converse can carry this request to ``target`` (images by URL, tools on a model without),
+        or the embeddings model can take its inputs."""
+        if request.operation == EMBEDDINGS:
+            return embeddings.check(request, target)
         try:
             to_converse_request(request, target, _CHECK)
         except InvalidRequest as error:
             return Unsupported(error.message, error.param, error.code or "unsupported_parameter")
         return None
 
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
+    async def complete(self, request: Any, target: Target, ctx: CallContext) -> Completion:
+        if request.operation == EMBEDDINGS:
+            return await self._embed(request, target, ctx)
         kwargs = to_converse_request(request, target, ctx)
         response = await self._run(ctx, self._call, target.region, "converse", kwargs)
         return from_converse_response(response, target, completion_id=_completion_id(), created=int(self._clock()))
@@ -92,6 +101,23 @@ class BedrockProvider:
                     yield out
         finally:
             events.close()  # cancellation or an early stop: release the connection now
+
+    async def _embed(self, request: EmbeddingsRequest, target: Target, ctx: CallContext) -> Completion:
+        """InvokeModel per body (Titan: one per input, concurrently in the pool), into one OpenAI list."""
+        calls = [self._run(ctx, self._invoke, target.region, target.deployment, body)
+                 for body in embeddings.invocations(request, target)]
+        answers = await asyncio.gather(*calls)
+        try:
+            return embeddings.to_completion(request, target, list(answers))
+        except ValueError as exc:
+            raise ProviderError(f"Bedrock returned an unreadable embeddings answer ({exc}).", provider=PROVIDER,
+                                kind="malformed", retryable=True) from exc
+
+    def _invoke(self, region: str, model_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        response = self._client(region).invoke_model(modelId=model_id, body=json.dumps(body),
+                                                     contentType="application/json", accept="application/json")
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return embeddings.decode(response["body"].read()), headers
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
