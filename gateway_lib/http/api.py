@@ -97,7 +97,7 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
-        name = str(request.path_params.get("model", ""))
+        name = edge.path_param(request, "model", after="models")
         alias = rt.settings.catalogue.aliases.get(name)
         if alias is None or not caller.tier.allows(name):  # one answer for both: the catalogue is not disclosed
             raise ModelNotFound(f"The model '{name[:256]}' does not exist or you do not have access to it.",

@@ -55,7 +55,7 @@ async def _serve(request: Request, route: str, op: Operation[Any], model: type[A
         caller = await api._caller(rt, request, scope)
         body = await edge.read_json(request, rt.settings.limits.max_body_bytes)
         if not v1 and isinstance(body, dict):
-            body["model"] = str(request.path_params.get("deployment", ""))
+            body["model"] = edge.path_param(request, "deployment", after="deployments")
         return await pipeline.run(rt, scope, caller, op, parse_model(model, body))
 
     return await api._serve(request, route, handle)

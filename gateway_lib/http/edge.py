@@ -150,3 +150,13 @@ def sse(data: dict[str, Any]) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def path_param(request: Request, name: str, after: str) -> str:
+    """A route parameter: as the host passed it, else the path segment after ``after`` (the HTTP-streams
+    worker syncs route parameters into ``path_params`` only when its request scope already has them)."""
+    value = request.path_params.get(name)
+    if value is None:
+        parts = request.url.path.split("/")
+        value = parts[parts.index(after) + 1] if after in parts[:-1] else ""
+    return str(value)

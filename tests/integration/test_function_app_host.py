@@ -32,7 +32,13 @@ pytestmark = pytest.mark.integration
 
 EXPECTED_HTTP = {
     "chat_completions": ("api/v1/chat/completions", {"POST"}, "function"),
+    "embeddings": ("api/v1/embeddings", {"POST"}, "function"),
     "list_models": ("api/v1/models", {"GET"}, "function"),
+    "retrieve_model": ("api/v1/models/{model}", {"GET"}, "function"),
+    "azure_chat_completions": ("api/openai/deployments/{deployment}/chat/completions", {"POST"}, "function"),
+    "azure_embeddings": ("api/openai/deployments/{deployment}/embeddings", {"POST"}, "function"),
+    "azure_v1_chat_completions": ("api/openai/v1/chat/completions", {"POST"}, "function"),
+    "azure_v1_embeddings": ("api/openai/v1/embeddings", {"POST"}, "function"),
     "generate": ("api/generate", {"POST"}, "function"),
     "usage": ("api/v1/usage", {"GET"}, "function"),
     "admin_limits": ("api/admin/limits", {"GET", "PUT"}, "function"),
@@ -105,7 +111,7 @@ def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "13 []", "13 functions, and no heavy SDK imported at import time"
+    assert out.stdout.strip() == "19 []", "19 functions, and no heavy SDK imported at import time"
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +163,31 @@ def test_other_http_functions_invoked_like_the_host(functions: dict[str, Any], w
     assert _invoke(functions, "admin_alerts", _request("GET", "/api/admin/alerts", token))[0].status_code == 200
     unauthorised = _invoke(functions, "list_models", _request("GET", "/api/v1/models", None))[0]
     assert unauthorised.status_code == 401
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_route_parameters_reach_the_azure_and_model_functions(functions: dict[str, Any], wired: DevIssuer,
+                                                              synced: bool) -> None:
+    # The worker copies route parameters into the request's path_params (the extension's RequestSynchronizer);
+    # without them the handlers read the path itself.
+    token = wired.token(roles=["Gateway.Standard"])
+
+    def request(method: str, path: str, params: dict[str, str], body: Any = None, query: str = "") -> Request:
+        built = _request(method, path, token, body, query=query)
+        if synced:
+            built.scope["path_params"] = {}
+            built.path_params.update(params)
+        return built
+
+    chat = {"model": None, "messages": [{"role": "user", "content": "hi from Azure's path"}]}
+    response, body = _invoke(functions, "azure_chat_completions",
+                             request("POST", "/api/openai/deployments/gpt-4o-mini/chat/completions",
+                                     {"deployment": "gpt-4o-mini"}, chat, query="api-version=2024-10-21"))
+    assert response.status_code == 200, body
+    assert response.headers["x-gateway-model"] == "gpt-4o-mini"
+    response, body = _invoke(functions, "retrieve_model",
+                             request("GET", "/api/v1/models/claude-3-haiku", {"model": "claude-3-haiku"}))
+    assert response.status_code == 200 and json.loads(body)["id"] == "claude-3-haiku"
 
 
 def test_timer_function_invoked_like_the_host(functions: dict[str, Any], wired: DevIssuer) -> None:
