@@ -91,7 +91,7 @@ def test_same_request_is_served_by_bedrock_when_hinted(base_url: str, token: str
 def test_models_lists_the_callers_tier(base_url: str, token: str, admin_token: str) -> None:
     standard = {m.id for m in client(base_url, token).models.list()}
     admin = {m.id for m in client(base_url, admin_token).models.list()}
-    assert standard == {"gpt-4o-mini", "claude-3-haiku", "chat-default"}
+    assert standard == {"gpt-4o-mini", "claude-3-haiku", "chat-default", "text-embedding-3-small", "titan-embed-text-v2"}
     assert standard < admin and "gpt-4o" in admin
 
 
@@ -127,7 +127,9 @@ BAD_INPUT = [
      "invalid_value", "messages[0].role"),
     ("temperature too high", json.dumps(hello(temperature=3)), "application/json", 400, "invalid_value",
      "temperature"),
-    ("n above one", json.dumps(hello(n=2)), "application/json", 400, "invalid_value", "n"),
+    ("n above 128", json.dumps(hello(n=129)), "application/json", 400, "invalid_value", "n"),
+    ("n above one on a model that cannot", json.dumps(hello(n=2, model="claude-3-haiku")), "application/json", 400,
+     "unsupported_parameter", "n"),
     ("unknown field", json.dumps(hello(max_token=5)), "application/json", 400, "unknown_parameter", "max_token"),
     ("unknown model", json.dumps(hello(model="gpt-17")), "application/json", 404, "model_not_found", "model"),
     # Types are strict, as OpenAI's are, and a union's error names the field, not pydantic's branch:
