@@ -58,6 +58,13 @@ CHAT_OPTIONAL = {
     "seed": json_values, "provider_hint": st.one_of(st.sampled_from(["azure_openai", "bedrock"]), json_values),
     "priority": st.one_of(st.sampled_from(["low_cost", "low_latency", "quality"]), json_values),
     "max_token": json_values, "functions": json_values,
+    # The rest of the SDK's typed parameters (issue 19): semantic, advisory, and ones the gateway keeps as sent.
+    "logprobs": json_values, "top_logprobs": st.one_of(st.integers(-3, 30), json_values), "logit_bias": json_values,
+    "metadata": st.one_of(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=20), json_values),
+    "store": json_values, "service_tier": json_values, "modalities": json_values, "audio": json_values,
+    "prediction": json_values, "web_search_options": json_values, "function_call": json_values,
+    "reasoning_effort": json_values, "verbosity": json_values, "prompt_cache_key": json_values,
+    "safety_identifier": json_values, "moderation": json_values,
 }
 chat_bodies = st.fixed_dictionaries({"model": models, "messages": messages}, optional=CHAT_OPTIONAL)
 generate_bodies = st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=200), json_values)}, optional={
@@ -68,6 +75,18 @@ generate_bodies = st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=20
     "fields": st.one_of(st.lists(st.text(max_size=10), max_size=4), json_values),
     "style": st.one_of(st.text(max_size=300), json_values), "stream": json_values,
 })
+embedding_models = st.one_of(st.sampled_from(["text-embedding-3-small", "titan-embed-text-v2",
+                                               "cohere-embed-english-v3", "gpt-4o-mini", ""]), json_values)
+embedding_inputs = st.one_of(st.text(max_size=60), st.lists(st.text(max_size=20), max_size=4),
+                             st.lists(st.integers(-5, 200_000), max_size=5),
+                             st.lists(st.lists(st.integers(-5, 200_000), max_size=4), max_size=3), json_values)
+embeddings_bodies = st.fixed_dictionaries({"model": embedding_models, "input": embedding_inputs}, optional={
+    "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), json_values),
+    "dimensions": st.one_of(st.sampled_from([256, 512, 1024, 300, 0, 256.0]), json_values), "user": json_values,
+    "provider_hint": json_values, "stream": json_values,
+})
+api_versions = st.one_of(st.sampled_from(["2024-10-21", "2025-01-01-preview", "2024-13-45", "preview", ""]),
+                         st.text(max_size=20))
 # Deep nesting is valid JSON that a recursive parser may not survive.
 deep = st.integers(min_value=900, max_value=20_000).map(lambda n: b"[" * n + b"]" * n)
 raw_bytes = st.one_of(st.binary(max_size=300), deep, st.sampled_from(
@@ -175,5 +194,34 @@ def test_odd_headers_never_fail_with_a_500(stack: Stack, fuzz_token: str, path: 
         sent_id = sent.get("x-request-id", "").strip()
         if SAFE_REQUEST_ID.fullmatch(sent_id):
             assert echoed == sent_id, "a well-formed caller request id must be kept"
+
+    run()
+
+
+def test_embeddings_never_fail_with_a_500_whatever_the_body(stack: Stack, fuzz_token: str) -> None:
+    @FUZZ
+    @given(body=encoded(embeddings_bodies))
+    @example(body=json.dumps({"model": "titan-embed-text-v2", "input": [[100_300]]}).encode())
+    def run(body: bytes) -> None:
+        sent = {"Content-Type": "application/json", "Authorization": f"Bearer {fuzz_token}"}
+        fuzz_post(stack, "/v1/embeddings", body, sent)
+
+    run()
+
+
+def test_azure_dialect_never_fails_with_a_500(stack: Stack, fuzz_token: str) -> None:
+    @FUZZ
+    @given(deployment=st.one_of(st.sampled_from(["gpt-4o-mini", "text-embedding-3-small", "nope"]),
+                                st.text(st.characters(min_codepoint=0x30, max_codepoint=0x7A), min_size=1, max_size=12)),
+           operation=st.sampled_from(["chat/completions", "embeddings"]), version=api_versions,
+           body=st.one_of(encoded(chat_bodies), encoded(embeddings_bodies)),
+           api_key=st.booleans())
+    def run(deployment: str, operation: str, version: str, body: bytes, api_key: bool) -> None:
+        sent = {"Content-Type": "application/json"} | (
+            {"api-key": "k"} if api_key else {"Authorization": f"Bearer {fuzz_token}"})
+        with requests.post(f"{stack.base_url}/openai/deployments/{deployment}/{operation}", data=body, timeout=30,
+                           params={"api-version": version}, headers=sent, stream=True) as response:
+            response.content  # noqa: B018
+            check_answer(response, sent)
 
     run()
