@@ -1,6 +1,6 @@
 """Write the chat parameter names the installed ``openai`` SDK types, for the gateway's request schema.
 
-``openai.types`` takes ~0.4 s to import, too much for a cold start, so the names are generated here
+Importing ``openai.types`` is too slow for a cold start (docs/api.md), so the names are generated here
 into ``gateway_lib/operations/chat_params.json`` (checked in) and a unit test holds the file equal
 to the installed SDK: upgrading the SDK fails that test until this is re-run (``make chat-params``).
 

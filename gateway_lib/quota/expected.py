@@ -1,8 +1,7 @@
 """How many output tokens a request is expected to use, for tokens-per-minute admission.
 
-Reserving every request's whole output cap refused bursts of short answers: 50 concurrent requests
-without ``max_tokens`` reserved 50 x 4,096 tokens of a 200,000 tokens-per-minute tier while using a few
-hundred. The minute window therefore counts the prompt plus an expected output: twice the caller's recent
+Reserving every request's whole output cap refuses bursts of short answers a caller never asked to be
+long. Token windows therefore count the prompt plus an expected output: twice the caller's recent
 average answer (an exponentially weighted mean, per process), ``DEFAULT_OUTPUT_TOKENS`` before its first
 answer, never above the request's cap. Settling replaces it with the actual usage. USD budgets are still
 reserved at the worst case; the overshoot this allows on token windows is bounded in docs/storage.md.
