@@ -14,7 +14,7 @@ name the parameter the way OpenAI does: ``messages[0].content``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -91,7 +91,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    logit_bias: dict[str, int | float] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -125,6 +125,11 @@ class ChatRequest(BaseModel):
     @classmethod
     def _null_stream(cls, stream: Any) -> Any:
         return False if stream is None else stream
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _whole_biases(cls, biases: Any) -> Any:
+        return chat_params.whole_numbers(biases, tuple(biases)) if isinstance(biases, dict) else biases
 
     @field_validator("provider_hint")
     @classmethod

@@ -61,9 +61,10 @@ def test_a_key_the_sdk_does_not_type_is_a_400_naming_it(typo: str) -> None:
 
 
 def test_an_integer_written_with_a_zero_fraction_is_an_integer() -> None:
-    request = parse_model(ChatRequest, {**BASE, "seed": 12236.0, "n": 2.0, "max_tokens": 100.0})
+    request = parse_model(ChatRequest, {**BASE, "seed": 12236.0, "n": 2.0, "max_tokens": 100.0,
+                                        "logit_bias": {"50256": -100.0}})
     assert (request.seed, request.n, request.max_tokens) == (12236, 2, 100)
-    assert all(type(v) is int for v in (request.seed, request.n, request.max_tokens))
+    assert all(type(v) is int for v in (request.seed, request.n, request.max_tokens, request.logit_bias["50256"]))
     with pytest.raises(InvalidRequest) as raised:
         parse_model(ChatRequest, {**BASE, "seed": 12236.5})
     assert raised.value.param == "seed"
@@ -85,7 +86,8 @@ def test_semantic_parameters_are_the_features_a_target_must_have(extra: dict[str
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"n": 0}, "n"), ({"n": 129}, "n"), ({"top_logprobs": 21}, "top_logprobs"), ({"store": "yes"}, "store"),
+    ({"n": 0}, "n"), ({"n": 129}, "n"), ({"logit_bias": {"1": 101}}, "logit_bias.1"),
+    ({"top_logprobs": 21}, "top_logprobs"), ({"store": "yes"}, "store"),
     ({"metadata": {"k": 1}}, "metadata.k"), ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"modalities": ["video"]}, "modalities[0]"), ({"stream": True, "stream_options": {"include_obfuscation": 1}},
                                                    "stream_options.include_obfuscation"),
