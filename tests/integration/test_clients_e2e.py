@@ -200,6 +200,34 @@ def test_langchain_azure_chat_structured_output_and_openai_embeddings(stack: Sta
     assert_one_row_per_answer(stack, token, 4, {"chat", "embeddings"})
 
 
+@pytest.fixture()
+def tiktoken_offline(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiktoken's download cache, filled from the rank files the gateway ships (no network here)."""
+    import gzip
+    import hashlib
+
+    from gateway_lib.guardrails import tokens
+
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    ranks = gzip.decompress(tokens.rank_file_path("cl100k_base").read_bytes())
+    (tmp_path / hashlib.sha1(blob.encode()).hexdigest()).write_bytes(ranks)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+
+def test_langchain_openai_embeddings_by_default_sends_token_arrays(stack: Stack, sim: Any,
+                                                                    tiktoken_offline: None) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    token = fresh_token(stack)
+    embedder = OpenAIEmbeddings(model="text-embedding-3-small", base_url=f"{stack.base_url}/v1", api_key=token,
+                                max_retries=0)  # check_embedding_ctx_length: tokenizes with tiktoken first
+    vectors = embedder.embed_documents(["first document", "second document"])
+    assert len(vectors) == 2 and len(vectors[0]) > 0
+    sent = sim.last("text-embedding-3-small")["body"]["input"]
+    assert all(isinstance(t, int) for item in sent for t in item)  # relayed as token arrays
+    assert_one_row_per_answer(stack, token, 1, {"embeddings"})
+
+
 # ---- a burst is not a breach ----------------------------------------------------------------------
 
 def test_fifty_concurrent_requests_without_max_tokens_from_a_fresh_standard_caller_are_not_429(stack: Stack) -> None:
