@@ -13,7 +13,7 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from gateway_lib.config.settings import check_worker_indexing
-from gateway_lib.http import admin_reports, api, azure, dashboard_page
+from gateway_lib.http import admin_reports, api, azure_dialect, dashboard_page
 
 # Under the Functions host a wrong PYTHON_ENABLE_INIT_INDEXING fails indexing here, naming the setting,
 # instead of every HTTP call hanging (an environment read, no I/O).
@@ -51,22 +51,22 @@ async def retrieve_model(req: Request) -> Response:
 # Azure OpenAI's dialect (AzureOpenAI, AzureChatOpenAI): the deployment in the path is a gateway alias.
 @app.route(route="api/openai/deployments/{deployment}/chat/completions", methods=["POST"])
 async def azure_chat_completions(req: Request) -> Response:
-    return await azure.deployment_chat(req)
+    return await azure_dialect.deployment_chat(req)
 
 
 @app.route(route="api/openai/deployments/{deployment}/embeddings", methods=["POST"])
 async def azure_embeddings(req: Request) -> Response:
-    return await azure.deployment_embeddings(req)
+    return await azure_dialect.deployment_embeddings(req)
 
 
 @app.route(route="api/openai/v1/chat/completions", methods=["POST"])
 async def azure_v1_chat_completions(req: Request) -> Response:
-    return await azure.v1_chat(req)
+    return await azure_dialect.v1_chat(req)
 
 
 @app.route(route="api/openai/v1/embeddings", methods=["POST"])
 async def azure_v1_embeddings(req: Request) -> Response:
-    return await azure.v1_embeddings(req)
+    return await azure_dialect.v1_embeddings(req)
 
 
 @app.route(route="api/generate", methods=["POST"])

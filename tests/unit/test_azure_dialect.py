@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway_lib.errors import InvalidRequest
-from gateway_lib.http.azure import check_api_version
+from gateway_lib.http.azure_dialect import check_api_version
 
 
 @pytest.mark.parametrize("version", ["2024-02-01", "2024-06-01", "2024-10-21", "2025-01-01-preview",
