@@ -130,6 +130,17 @@ def test_route_values_reach_the_function(wstack: WorkerStack) -> None:
     assert requests.get(url(wstack, "/api/admin/dashboard/assets/nothing.js"), timeout=30).status_code == 404
 
 
+def test_the_deployment_and_model_route_values_reach_the_functions(wstack: WorkerStack) -> None:
+    token = wstack.token("rw-azure")
+    body = {"model": None, "messages": [{"role": "user", "content": "hello from Azure's path"}]}
+    azure = requests.post(url(wstack, "/api/openai/deployments/claude-3-haiku/chat/completions"), json=body,
+                          params={"api-version": "2024-10-21"}, headers=keyed(wstack, token), timeout=60)
+    assert azure.status_code == 200, azure.text
+    assert azure.headers["x-gateway-model"] == "claude-3-haiku"
+    model = requests.get(url(wstack, "/api/v1/models/titan-embed-text-v2"), headers=keyed(wstack, token), timeout=30)
+    assert model.status_code == 200 and model.json()["operations"] == ["embeddings"]
+
+
 def test_models_need_the_function_key_and_then_the_token(wstack: WorkerStack) -> None:
     token = wstack.token("rw-models")
     no_key = requests.get(url(wstack, "/api/v1/models"), headers={"Authorization": f"Bearer {token}"}, timeout=30)
