@@ -290,7 +290,6 @@ BAD = [
      "model_not_found", "model"),
     ("embeddings: Titan dimensions", "POST", EMBED, {"model": "titan-embed-text-v2", "input": "x", "dimensions": 300},
      None, None, 400, "invalid_value", "dimensions"),
-    ("embeddings: wrong method", "GET", EMBED, None, None, None, 405, "method_not_allowed", None),
     ("chat model for embeddings in Azure's path", "POST",
      "/openai/deployments/gpt-4o-mini/embeddings?api-version=" + API_VERSION, {"input": "x"}, None, None, 400,
      "model_not_supported", "model"),
