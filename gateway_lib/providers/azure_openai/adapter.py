@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from gateway_lib.providers.base import ProviderSettings
 
 NAME = "azure_openai"
+_decode = json.JSONDecoder().decode  # on str: json.loads would sniff each event's encoding first
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class _Stream:
         return events
 
     def _event(self, data: bytes, name: str | None) -> StreamEvent | None:
-        chunk = json.loads(data)
+        chunk = _decode(data.decode())
         if not isinstance(chunk, dict):
             raise ValueError("SSE data is not a JSON object")
         if chunk.get("error") or name == "error" or chunk.get("type") == "error":
