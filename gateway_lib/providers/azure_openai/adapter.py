@@ -181,7 +181,7 @@ class AzureOpenAIProvider:
             timeout = aiohttp.ClientTimeout(total=None, connect=shared.connect_timeout_seconds,
                                             sock_read=shared.upstream_timeout_seconds)
             # No pool limit: the host bounds concurrency, and a queue here would spend the connect timeout.
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=0)
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
         return self._session
 
