@@ -86,6 +86,19 @@ def test_managed_identity_mode_sends_an_entra_bearer_token_and_no_key(base: Any)
     assert headers["traceparent"] == CTX.traceparent and headers["x-ms-client-request-id"] == CTX.request_id
 
 
+def test_a_token_that_cannot_be_had_is_an_auth_error_before_anything_is_sent(base: Any) -> None:
+    simulator, settings, target = base
+
+    def token_provider() -> str:
+        raise RuntimeError("no managed identity here")
+
+    provider = aoai(settings, token_provider, auth="managed_identity")
+    with pytest.raises(ProviderError) as raised:
+        _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert (raised.value.kind, raised.value.retryable) == ("auth", True)
+    assert simulator.state.stats.snapshot()["total"] == 0
+
+
 def test_api_key_mode_sends_the_key_header(base: Any) -> None:
     simulator, settings, target = base
     provider = aoai(settings)
