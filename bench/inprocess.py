@@ -2,7 +2,9 @@
 
 The local host's Starlette app (exactly what ``tools.local_host`` serves) is called over raw
 ASGI, so no HTTP server or client shares the profile; the upstream is the harness's fake
-upstream on loopback in another process. Prints one JSON document.
+upstream on loopback in another process. The relay floor's app (``bench.relay_floor``) is driven
+the same way, so what the gateway spends above it is measured here too, and the profile shows
+where. Prints one JSON document.
 
     python -m bench.inprocess --settings FILE --upstream URL --key-dir DIR [--requests N] [--profile OUT]
 """
@@ -31,10 +33,10 @@ STREAM_BODY = BODY | {"stream": True, "stream_options": {"include_usage": True}}
 PATH = "/api/v1/chat/completions"
 
 
-async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
+async def call(app: App, body: bytes, token: str, path: str = PATH) -> tuple[int, bytes]:
     """One POST through the ASGI app; returns status and the whole body (a stream is read to its end)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": PATH, "raw_path": PATH.encode(), "query_string": b"", "root_path": "",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "server": ("127.0.0.1", 7071), "client": ("127.0.0.1", 50000),
              "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {token}".encode()),
                          (b"content-length", str(len(body)).encode())]}
@@ -60,7 +62,8 @@ async def call(app: App, body: bytes, token: str) -> tuple[int, bytes]:
     return status, b"".join(chunks)
 
 
-async def batch(app: App, body: bytes, tokens: list[str], n: int, concurrency: int) -> dict[int, int]:
+async def batch(app: App, body: bytes, tokens: list[str], n: int, concurrency: int,
+                path: str = PATH) -> dict[int, int]:
     """``n`` requests at fixed concurrency, worker i sending as caller ``tokens[i % len(tokens)]``;
     returns a count per HTTP status."""
     statuses: dict[int, int] = defaultdict(int)
@@ -68,7 +71,7 @@ async def batch(app: App, body: bytes, tokens: list[str], n: int, concurrency: i
 
     async def worker(token: str) -> None:
         for _ in todo:
-            status, _ = await call(app, body, token)
+            status, _ = await call(app, body, token, path)
             statuses[status] += 1
 
     await asyncio.gather(*(worker(tokens[i % len(tokens)]) for i in range(concurrency)))
@@ -103,16 +106,25 @@ async def round_trips(app: App, tokens: list[str], n: int) -> dict[str, Any]:
     return out
 
 
-async def cpu_per_request(app: App, tokens: list[str], n: int) -> dict[str, float]:
+async def cpu_per_request(app: App, tokens: list[str], n: int, path: str = PATH) -> dict[str, float]:
     """Process CPU per request without a profiler (gateway + fake client side of ASGI, no HTTP server)."""
     out = {}
     for mode, body in (("nonstream", BODY), ("stream", STREAM_BODY)):
         raw = json.dumps(body).encode()
-        await batch(app, raw, tokens, 50, 1)
+        statuses = await batch(app, raw, tokens, 50, 1, path)
+        if set(statuses) != {200}:
+            raise SystemExit(f"{path}: warm-up answered {statuses}")
         t0 = time.process_time()
-        await batch(app, raw, tokens, n, 1)
+        await batch(app, raw, tokens, n, 1, path)
         out[mode] = 1000 * (time.process_time() - t0) / n
     return out
+
+
+async def floor_cpu_per_request(upstream: str, n: int) -> dict[str, float]:
+    """The relay floor's CPU per request, driven exactly as the gateway is."""
+    from bench.relay_floor import build_app
+
+    return await cpu_per_request(build_app(upstream), ["unused"], n, "/v1/chat/completions")
 
 
 def profile(app: App, tokens: list[str], n: int, out: Path, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
@@ -195,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"store": os.environ.get("GATEWAY_STORAGE_MODE"),
                               "quota_mode": os.environ.get("GATEWAY_QUOTA_MODE", "strict")}
     result["round_trips"] = loop.run_until_complete(round_trips(app, tokens, max(50, args.requests // 10)))
-    result["cpu_ms_per_request_inprocess"] = loop.run_until_complete(cpu_per_request(app, tokens[:1], args.requests))
+    result["cpu_ms_per_request_inprocess"] = ours = loop.run_until_complete(cpu_per_request(app, tokens[:1], args.requests))
+    result["relay_floor_cpu_ms_per_request_inprocess"] = floor = loop.run_until_complete(
+        floor_cpu_per_request(args.upstream, args.requests))
+    result["above_relay_floor_cpu_ms"] = {mode: ours[mode] - floor[mode] for mode in ours}
     if args.profile:
         result["profile"] = profile(app, tokens[:1], args.requests, args.profile, loop)
     json.dump(result, sys.stdout, indent=1)

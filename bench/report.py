@@ -1,6 +1,6 @@
 """Turn the harness's results.json and the in-process numbers into the summary: cells, process facts, ratios.
 
-Targets from the issue, checked per store (and for the SDK floor, to show what the stack alone reaches)
+Targets from the issue, checked per store (and for the relay floor, to show what the stack alone reaches)
 against LiteLLM measured in the same run:
 added latency <= 1/10 of LiteLLM's, RPS >= 10x, memory <= 1/2, cold start <= 1/4.
 """
@@ -36,10 +36,10 @@ def build(peer: dict[str, Any], inprocess: dict[str, Any], command: list[str],
         "harness_outdir_stamp": peer.get("stamp"), "pinning": peer.get("pinning"),
         "facts": peer["facts"] | _our_versions(), "harness_args": peer["args"],
         "cells": cells, "gateways": gateways,
-        "vs_litellm": {n: _targets_check(n, cells, gateways) for n in [*ours, "sdk-floor"]
+        "vs_litellm": {n: _targets_check(n, cells, gateways) for n in [*ours, "relay-floor"]
                        if "litellm" in gateways and n in gateways},
         "vs_floor": {n: _floor(n, cells, "passthru") for n in ours if "passthru" in gateways},
-        "vs_sdk_floor": {n: _floor(n, cells, "sdk-floor") for n in ours if "sdk-floor" in gateways},
+        "vs_relay_floor": {n: _floor(n, cells, "relay-floor") for n in ours if "relay-floor" in gateways},
         "inprocess": inprocess, "skipped": peer.get("skipped"), "runtime_s": peer.get("runtime_s"),
     }
 
@@ -116,7 +116,7 @@ def _floor(name: str, cells: list[Row], floor: str) -> list[Row]:
 
 def _our_versions() -> dict[str, str]:
     versions = {"python_gateway": platform.python_version()}
-    for dist in ("uvicorn", "starlette", "openai", "httpx2", "azure-data-tables", "pydantic", "PyJWT", "tiktoken"):
+    for dist in ("uvicorn", "starlette", "aiohttp", "azure-identity", "azure-data-tables", "pydantic", "PyJWT", "tiktoken"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -151,7 +151,7 @@ def markdown(s: dict[str, Any]) -> str:
         lines += [f"| {c['metric']} | {_f(c['ours'], 3)} | {_f(c['litellm'], 3)} | {_f(c['ratio'], 3)} | "
                   f"{c['target']} | {'yes' if c['met'] else 'no' if c['met'] is not None else '-'} |" for c in checks]
     floors = [(name, rows, "pass-through floor") for name, rows in s["vs_floor"].items()]
-    floors += [(name, rows, "SDK floor") for name, rows in s.get("vs_sdk_floor", {}).items()]
+    floors += [(name, rows, "relay floor") for name, rows in s.get("vs_relay_floor", {}).items()]
     for name, rows, floor in floors:
         lines += ["", f"**{name} vs {floor}**", "",
                   "| mode | c | added p50 ours / floor ms | p50 above floor ms | RPS ratio | CPU ratio |",
@@ -159,13 +159,19 @@ def markdown(s: dict[str, Any]) -> str:
         lines += [f"| {r['mode']} | {r['conc']} | {_f(r['added_p50_ms'][0], 3)} / {_f(r['added_p50_ms'][1], 3)} | "
                   f"{_f(r['extra_p50_ms'], 3)} | {_f(r['rps_ratio'], 3)} | {_f(r['cpu_ratio'], 1)} |" for r in rows]
     for store, res in s["inprocess"].items():
-        lines += ["", f"**in-process, {store}**: CPU ms/request {res['cpu_ms_per_request_inprocess']}; "
+        lines += ["", f"**in-process, {store}**: CPU ms/request {_ms(res['cpu_ms_per_request_inprocess'])}; "
+                  f"relay floor {_ms(res.get('relay_floor_cpu_ms_per_request_inprocess'))}; "
+                  f"above the floor {_ms(res.get('above_relay_floor_cpu_ms'))}; "
                   f"first request {res['round_trips']['first_request']}"]
         lines += [f"- {case}: {v['round_trips_per_request']:.2f} round trips/request, statuses {v['statuses']}"
                   for case, v in res["round_trips"].items() if case != "first_request"]
         if "profile" in res:
             lines += _profile_lines(res["profile"])
     return "\n".join(lines) + "\n"
+
+
+def _ms(by_mode: dict[str, float] | None) -> str:
+    return ", ".join(f"{mode} {ms:.2f}" for mode, ms in by_mode.items()) if by_mode else "-"
 
 
 def _cold(g: Row) -> str:

@@ -1,11 +1,11 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
-    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--no-sdk-floor]
+    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--no-relay-floor]
                         [--skip-inprocess]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
 2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
-3. Runs the harness: direct, LiteLLM, the pass-through floor, the SDK floor (``bench.sdk_floor``)
+3. Runs the harness: direct, LiteLLM, the pass-through floor, the relay floor (``bench.relay_floor``)
    and ``ours-<store>``, c=1,8,64,
    non-streamed and streamed; the harness starts each gateway pinned to CPU 1 and measures
    cold start, RSS and CPU per request.
@@ -76,12 +76,12 @@ def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: s
         args += ["--target", "passthru", f"http://127.0.0.1:{port}/v1/chat/completions",
                  "--header", "passthru", f"Authorization: Bearer {PASSTHRU_KEY}",
                  "--start-cmd", "passthru", f"{python} {peer / 'example_passthrough_gateway.py'} --port {port}"]
-    if not a.no_sdk_floor:
+    if not a.no_relay_floor:
         port = free_port()
-        cmd = ["env", "-C", str(ROOT), "PYTHONUNBUFFERED=1", sys.executable, "-m", "bench.sdk_floor",
+        cmd = ["env", "-C", str(ROOT), "PYTHONUNBUFFERED=1", sys.executable, "-m", "bench.relay_floor",
                "--port", str(port), "--upstream", "{upstream}"]
-        args += ["--target", "sdk-floor", f"http://127.0.0.1:{port}/v1/chat/completions",
-                 "--start-cmd", "sdk-floor", shlex.join(cmd)]
+        args += ["--target", "relay-floor", f"http://127.0.0.1:{port}/v1/chat/completions",
+                 "--start-cmd", "relay-floor", shlex.join(cmd)]
     for store in a.stores:
         name, port = f"ours-{store}", free_port()
         args += ["--target", name, f"http://127.0.0.1:{port}/api/v1/chat/completions",
@@ -202,8 +202,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of gateway stores to benchmark: memory, table (strict quota), table-leased")
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--no-floor", action="store_true", help="skip the pass-through floor target")
-    ap.add_argument("--no-sdk-floor", action="store_true",
-                    help="skip the SDK floor (bench.sdk_floor: our server stack and openai client, no pipeline)")
+    ap.add_argument("--no-relay-floor", action="store_true",
+                    help="skip the relay floor (bench.relay_floor: our server stack and one aiohttp call, no pipeline)")
     ap.add_argument("--skip-inprocess", action="store_true", help="no round-trip count and no profile")
     ap.add_argument("--cold-starts", type=int, help="cold starts per gateway for the median (default 5, quick 2; "
                                                      "0 keeps the harness's single sample)")

@@ -20,6 +20,9 @@ from gateway_lib.errors import InvalidRequest
 from gateway_lib.providers import registry
 from gateway_lib.providers.base import CHAT
 
+# Gateway extensions: routing hints the upstream never sees.
+_GATEWAY_ONLY = frozenset({"provider_hint", "priority"})
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Priority = Literal["low_cost", "low_latency", "quality"]
 
@@ -131,6 +134,14 @@ class ChatRequest(BaseModel):
 
     def features(self) -> frozenset[str]:
         return frozenset({"n"}) if (self.n or 1) > 1 else frozenset()
+
+    def wire_body(self, max_tokens: int | None) -> dict[str, Any]:
+        """What the caller set, as OpenAI wire JSON; the output cap under the name the caller used."""
+        body = self.model_dump(include=self.model_fields_set - _GATEWAY_ONLY, exclude_none=True)
+        cap = max_tokens or self.requested_max_tokens
+        if cap is not None:
+            body["max_completion_tokens" if self.max_completion_tokens else "max_tokens"] = cap
+        return body
 
     @property
     def include_usage(self) -> bool:

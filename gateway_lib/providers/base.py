@@ -88,6 +88,12 @@ class OperationRequest(Protocol):
         """Parameter capabilities a target needs to serve this request (``n``, ``logprobs``...)."""
         ...
 
+    def wire_body(self, max_tokens: int | None) -> dict[str, Any]:
+        """The request as its dialect's wire JSON, without gateway-only fields (``provider_hint``,
+        ``priority``), with ``max_tokens`` (the effective output cap, when set) under the caller's own
+        parameter name. A relay adds only what its upstream needs (the deployment as ``model``...)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Usage:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +84,19 @@ def test_managed_identity_mode_sends_an_entra_bearer_token_and_no_key(base: Any)
     assert headers["authorization"].startswith("Bearer ") and "api-key" not in headers
     assert tokens and completion.usage.prompt_tokens > 0
     assert headers["traceparent"] == CTX.traceparent and headers["x-ms-client-request-id"] == CTX.request_id
+
+
+def test_a_token_that_cannot_be_had_is_an_auth_error_before_anything_is_sent(base: Any) -> None:
+    simulator, settings, target = base
+
+    def token_provider() -> str:
+        raise RuntimeError("no managed identity here")
+
+    provider = aoai(settings, token_provider, auth="managed_identity")
+    with pytest.raises(ProviderError) as raised:
+        _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert (raised.value.kind, raised.value.retryable) == ("auth", True)
+    assert simulator.state.stats.snapshot()["total"] == 0
 
 
 def test_api_key_mode_sends_the_key_header(base: Any) -> None:
@@ -171,3 +186,50 @@ def test_a_cut_stream_raises_after_the_first_events(base: Any) -> None:
         _run(provider, consume)
     assert seen, "some events arrived before the cut"
     assert cut.value.retryable
+
+
+def test_retry_after_ms_is_preferred_for_its_precision(base: Any) -> None:
+    simulator, settings, target = base
+    simulator.state.faults.add({"mode": "status", "status": 429, "retry_after": 1.5, "count": 1})
+    provider = aoai(settings)
+    with pytest.raises(ProviderError) as raised:
+        _run(provider, lambda: provider.complete(_chat(), target, CTX))
+    assert raised.value.retry_after == 1.5, "retry-after says 2, retry-after-ms says 1500"
+
+
+_NO_SDK = """
+import asyncio, json, sys
+from gateway_lib.config.settings import Settings
+from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
+from gateway_lib.providers.base import CallContext
+
+values = json.loads(open("local.settings.example.json").read())["Values"]
+values.update({"AZURE_OPENAI_ENDPOINT": sys.argv[1], "GATEWAY_STORAGE_MODE": "memory"})
+settings = Settings.from_env(values)
+target = settings.catalogue.targets["aoai-gpt-4o-mini-eastus"]
+
+async def main():
+    provider = AzureOpenAIProvider(settings.providers.section("azure_openai"), settings.providers)
+    ctx = CallContext(request_id="no-sdk")
+    try:
+        answer = await provider.complete(ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]),
+                                         target, ctx)
+        streamed = [e async for e in provider.stream(
+            ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True), target, ctx)]
+    finally:
+        await provider.aclose()
+    print(json.dumps({"choices": len(answer.body["choices"]), "events": len(streamed),
+                      "sdk": sorted(m for m in sys.modules if m == "openai" or m.startswith("openai."))}))
+
+asyncio.run(main())
+"""
+
+
+def test_no_openai_sdk_is_imported_on_the_request_path(base: Any) -> None:
+    simulator, _, _ = base
+    out = subprocess.run([sys.executable, "-c", _NO_SDK, simulator.url], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["choices"] == 1 and seen["events"] > 2, "the chat really ran"
+    assert seen["sdk"] == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway_lib.errors import ProviderError
-from gateway_lib.providers.azure_openai.adapter import _events
+from gateway_lib.providers.azure_openai.adapter import _events, _Stream
 
 PREAMBLE = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}'
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}'
@@ -24,3 +24,13 @@ def test_an_error_event_inside_the_stream_is_a_provider_error() -> None:
     with pytest.raises(ProviderError) as raised:
         _events([CHUNK, b'data: {"error":{"message":"overloaded"}}'])
     assert raised.value.kind == "server_error" and raised.value.retryable
+
+
+def test_an_event_name_split_from_its_data_across_reads_still_names_it() -> None:
+    stream = _Stream(chat=False)
+    assert stream.feed(b"event: response.created\ndata: {\"type\":\"response.cr") == []
+    first = stream.feed(b"eated\"}\n\nevent: response.completed\n")
+    last = stream.feed(b"data: {\"type\":\"response.completed\"}\n\n")
+    assert [(e.name, e.chunk["type"], e.usage) for e in first + last] == [
+        ("response.created", "response.created", None), ("response.completed", "response.completed", None)]
+    assert stream.end() == []

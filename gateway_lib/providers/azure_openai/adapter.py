@@ -1,193 +1,253 @@
-"""Azure OpenAI adapter on the official ``openai`` SDK (async client).
+"""Azure OpenAI as a relay: the request's wire JSON goes up, the answer's wire JSON comes back.
 
-Auth is an Entra token provider (managed identity in Azure) or, for local
-development only, an api-key. SDK retries are off (``max_retries=0``): the gateway's
-own fallback decides what happens after a 429 or 5xx, and hidden retries would
-both delay that decision and hide the throttling from it.
+One ``aiohttp`` session per provider and event loop (the runtime builds one provider per loop), so
+warm invocations reuse pooled connections. No SDK sits on this path: a gateway forwards JSON, it
+does not rebuild it through typed models. No retries either: the gateway's own fallback decides what
+happens after a 429 or a 5xx, and a hidden retry would delay that decision and hide the throttling.
+
+Operations differ only by their row in ``ROUTES``; the body is the request's own ``wire_body``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ProviderError
-from gateway_lib.operations.schema import ChatRequest
 from gateway_lib.providers.azure_openai.config import AzureOpenAISettings
-from gateway_lib.providers.base import CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds, usage_of
+from gateway_lib.providers.azure_openai.token import TokenCache, TokenSource, bearer, managed_identity
+from gateway_lib.providers.base import (
+    CHAT,
+    EMBEDDINGS,
+    RESPONSES,
+    CallContext,
+    Completion,
+    OperationRequest,
+    StreamEvent,
+    Unsupported,
+    seconds,
+    usage_of,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
+
+    from gateway_lib.config.catalog import Target
+    from gateway_lib.providers.base import ProviderSettings
 
 NAME = "azure_openai"
-_PATH = "/chat/completions"  # the Azure client prefixes /openai/deployments/{model}
-TokenProvider = Callable[[], Awaitable[str]]
+_decode = json.JSONDecoder().decode  # on str: json.loads would sniff each event's encoding first
 
-# Caller fields forwarded verbatim when set; everything else is gateway-only.
-_PASSTHROUGH = ("temperature", "top_p", "stop", "user", "response_format", "tools", "tool_choice",
-                "parallel_tool_calls", "presence_penalty", "frequency_penalty", "seed")
+
+@dataclass(frozen=True)
+class Route:
+    """Where one operation goes upstream and what its answers look like."""
+
+    path: str  # ``{deployment}`` is the target's deployment
+    versioned: bool = True  # takes ``?api-version=`` (the v1 surface does not)
+    answer_key: str = "choices"  # a key every answer of the operation has: the shape check
+    stream_options: bool = False  # streams take ``stream_options.include_usage``
+
+
+ROUTES: dict[str, Route] = {
+    CHAT: Route("/openai/deployments/{deployment}/chat/completions", stream_options=True),
+    EMBEDDINGS: Route("/openai/deployments/{deployment}/embeddings", answer_key="data"),
+    # Azure's v1 surface: no deployment in the path, the deployment goes in the body's "model".
+    RESPONSES: Route("/openai/v1/responses", versioned=False, answer_key="output"),
+}
 
 
 class AzureOpenAIProvider:
     name = NAME
 
     def __init__(self, section: AzureOpenAISettings, shared: ProviderSettings,
-                 token_provider: TokenProvider | None = None) -> None:
+                 token_provider: TokenSource | None = None) -> None:
         self._section, self._shared = section, shared
-        self._token_provider = token_provider
-        self._clients: dict[str, Any] = {}  # endpoint -> AsyncAzureOpenAI, reused across invocations
+        self._token: TokenSource | None = token_provider
+        self._own_token: TokenCache | None = None  # built here, so closed here
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the session's loop
+        self._urls: dict[tuple[str, str, str], URL] = {}
 
-    # Both calls go through the SDK's client (auth, endpoint and deployment routing, timeouts, status
-    # errors, SSE decoding) by its generic ``post`` with ``cast_to=object``, which hands back the wire
-    # JSON: the gateway relays dicts. The typed ``chat.completions.create`` walks the request through the
-    # SDK's TypedDict transform and builds a pydantic model per answer or SSE chunk, only for us to dump
-    # it again: together ~1 ms per call and ~4 ms per stream (docs/benchmarks.md).
+    def check(self, request: OperationRequest, target: Target) -> Unsupported | None:
+        if request.operation not in ROUTES:
+            return Unsupported(f"Azure OpenAI has no route for {request.operation}", code="unsupported_operation")
+        return None  # capabilities cover the parameters
 
-    def check(self, request: ChatRequest, target: Target) -> Unsupported | None:
-        return None  # Azure OpenAI takes every chat request the schema accepts; capabilities cover the rest
-
-    async def complete(self, request: ChatRequest, target: Target, ctx: CallContext) -> Completion:
-        client = self._client(target)
+    async def complete(self, request: OperationRequest, target: Target, ctx: CallContext) -> Completion:
+        route = ROUTES[request.operation]
+        body = self._body(request, target, ctx)
         try:
-            body = _json_object(await client.post(_PATH, cast_to=object, body=_body(request, target, ctx),
-                                                  options={"headers": _headers(ctx)}))
-        except Exception as exc:
-            raise _translate(exc) from exc
-        return Completion(body=body, usage=usage_of(body.get("usage"), "prompt_tokens", "completion_tokens"))
-
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
-        import openai
-
-        client = self._client(target)
-        body = _body(request, target, ctx) | {"stream": True, "stream_options": {"include_usage": True}}
-        try:  # status errors surface here, before any chunk
-            chunks = await client.post(_PATH, cast_to=object, body=body, options={"headers": _headers(ctx)},
-                                       stream=True, stream_cls=openai.AsyncStream[object])
-        except Exception as exc:
-            raise _translate(exc) from exc
-        try:
-            # The SSE lines themselves rather than the SDK's decoded events: each chunk's JSON is parsed
-            # once (usage, text) and relayed as received, not re-encoded; events that arrived in one read
-            # are marked so the pipeline writes them to the caller in one write.
-            tail = b""
-            async for received in chunks.response.aiter_bytes():
-                lines = (tail + received).split(b"\n")
-                tail = lines.pop()  # an incomplete line waits for the next read
-                for event in _events(lines):
-                    yield event
-            for event in _events([tail]):
-                yield event
+            async with self._post(request.operation, route, target, body, await self._headers(ctx)) as response:
+                raw = await response.read()
+                if response.status >= 400:
+                    raise _status_error(response.status, response.headers, _upstream_message(response.status, raw))
         except ProviderError:
             raise
         except Exception as exc:
-            raise _translate(exc, mid_stream=True) from exc
-        finally:
-            await chunks.close()
+            raise _translate(exc) from exc
+        answer = _answer(raw, route)
+        usage = usage_of(answer.get("usage"), "prompt_tokens", "completion_tokens") if request.operation == CHAT else None
+        return Completion(body=answer, usage=usage)
+
+    async def stream(self, request: OperationRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+        route = ROUTES[request.operation]
+        body = self._body(request, target, ctx) | {"stream": True}
+        if route.stream_options:
+            body["stream_options"] = {"include_usage": True}
+        reader = _Stream(chat=request.operation == CHAT)
+        try:
+            async with self._post(request.operation, route, target, body, await self._headers(ctx)) as response:
+                if response.status >= 400:  # before any event: the router can still fall back
+                    raw = await response.read()
+                    raise _status_error(response.status, response.headers, _upstream_message(response.status, raw))
+                reader.opened = True
+                async for received in response.content.iter_any():
+                    for event in reader.feed(received):
+                        yield event
+                for event in reader.end():
+                    yield event
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, mid_stream=reader.opened) from exc
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._own_token is not None:
+            await self._own_token.aclose()
+            self._own_token = None
 
-    def _client(self, target: Target) -> Any:
-        endpoint = target.endpoint or self._section.endpoint
-        if endpoint is None:  # settings validation makes this unreachable; keep the message clear anyway
-            raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error",
-                                retryable=False)
-        client = self._clients.get(endpoint)
-        if client is None:
-            client = self._clients[endpoint] = self._new_client(endpoint)
-        return client
+    def _body(self, request: OperationRequest, target: Target, ctx: CallContext) -> dict[str, Any]:
+        return request.wire_body(ctx.max_tokens) | {"model": target.deployment}
 
-    def _new_client(self, endpoint: str) -> Any:
-        import openai  # heavy: imported on first use to keep cold start short
+    def _post(self, operation: str, route: Route, target: Target, body: dict[str, Any],
+              headers: dict[str, str]) -> Any:
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        return self._client().post(self._url(operation, route, target), data=payload, headers=headers)
 
-        s, shared = self._section, self._shared
-        auth: dict[str, Any]
-        if s.auth == "api_key":
-            auth = {"api_key": s.api_key}
-        else:
-            auth = {"azure_ad_token_provider": self._token_provider or _managed_identity_provider(s, shared)}
-        timeout = openai.Timeout(shared.upstream_timeout_seconds, connect=shared.connect_timeout_seconds)
-        # aiohttp under the SDK's HTTP client (the ``openai[aiohttp]`` transport): the default httpx
-        # pool walks every pooled connection, polling its socket, on each request; with a few dozen
-        # connections open that pool was a third of the gateway's CPU per request.
-        return openai.AsyncAzureOpenAI(
-            azure_endpoint=endpoint, api_version=s.api_version, max_retries=0, timeout=timeout,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout), **auth,
-        )
+    async def _headers(self, ctx: CallContext) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "x-ms-client-request-id": ctx.request_id}
+        if ctx.traceparent:
+            headers["traceparent"] = ctx.traceparent
+        if self._section.auth == "api_key":
+            headers["api-key"] = self._section.api_key or ""
+            return headers
+        try:
+            headers["Authorization"] = "Bearer " + await bearer(self._token or self._managed_identity())
+        except Exception as exc:
+            raise ProviderError("the gateway could not get an Entra token for Azure OpenAI", provider=NAME,
+                                kind="auth", retryable=True) from exc
+        return headers
+
+    def _managed_identity(self) -> TokenCache:
+        if self._own_token is None:
+            self._own_token = managed_identity(self._shared.azure_client_id, self._section.token_scope)
+        return self._own_token
+
+    def _url(self, operation: str, route: Route, target: Target) -> URL:
+        key = (operation, target.endpoint or "", target.deployment)
+        url = self._urls.get(key)
+        if url is None:
+            from yarl import URL
+
+            endpoint = target.endpoint or self._section.endpoint
+            if endpoint is None:  # settings validation makes this unreachable; keep the message clear anyway
+                raise ProviderError("no Azure OpenAI endpoint configured", provider=NAME, kind="server_error",
+                                    retryable=False)
+            url = URL(endpoint.rstrip("/") + route.path.format(deployment=target.deployment))
+            if route.versioned:
+                url = url.with_query({"api-version": self._section.api_version})
+            self._urls[key] = url
+        return url
+
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            import aiohttp
+
+            if self._session is not None and not self._session.closed:
+                self._session.detach()  # bound to another (finished) loop: it cannot be closed from this one
+            self._loop = loop
+
+            shared = self._shared
+            # The upstream timeout bounds each wait for data (a stream's every chunk), not the whole call.
+            timeout = aiohttp.ClientTimeout(total=None, connect=shared.connect_timeout_seconds,
+                                            sock_read=shared.upstream_timeout_seconds)
+            # No pool limit: the host bounds concurrency, and a queue here would spend the connect timeout.
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+        return self._session
 
 
-def _managed_identity_provider(s: AzureOpenAISettings, shared: ProviderSettings) -> TokenProvider:
-    """Entra token provider: the Function's user-assigned identity in Azure, the default chain elsewhere."""
-    from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential, get_bearer_token_provider
-
-    credential = (ManagedIdentityCredential(client_id=shared.azure_client_id) if shared.azure_client_id
-                  else DefaultAzureCredential())
-    return get_bearer_token_provider(credential, s.token_scope)
-
-
-def _body(request: ChatRequest, target: Target, ctx: CallContext) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": target.deployment,
-        "messages": [m.model_dump(mode="json", exclude_none=True) for m in request.messages],
-    }
-    for field in _PASSTHROUGH:
-        value = getattr(request, field)
-        if value is not None:
-            body[field] = value
-    cap = ctx.max_tokens or request.requested_max_tokens
-    if cap is not None:
-        body["max_completion_tokens" if request.max_completion_tokens else "max_tokens"] = cap
-    return body
+def _answer(raw: bytes, route: Route) -> dict[str, Any]:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get(route.answer_key), list):
+        raise ProviderError("Azure OpenAI returned an unreadable response", provider=NAME, kind="malformed",
+                            retryable=True)
+    return answer
 
 
-def _headers(ctx: CallContext) -> dict[str, str]:
-    headers = {"x-ms-client-request-id": ctx.request_id}
-    if ctx.traceparent:
-        headers["traceparent"] = ctx.traceparent
-    return headers
+class _Stream:
+    """One upstream stream's SSE lines, into events; an ``event:`` line names the ``data:`` line after it."""
 
+    def __init__(self, chat: bool) -> None:
+        self.chat, self.tail = chat, b""
+        self.name: str | None = None  # the pending ``event:`` field
+        self.opened = False  # the upstream answered 2xx: a failure from here on is mid-stream
 
-def _json_object(value: object) -> dict[str, Any]:
-    if not isinstance(value, dict) or not isinstance(value.get("choices"), list):
-        raise ValueError("not a chat completion object")
-    return value
+    def feed(self, received: bytes) -> list[StreamEvent]:
+        lines = (self.tail + received).split(b"\n")
+        self.tail = lines.pop()  # an incomplete line waits for the next read
+        return self.events(lines)
+
+    def end(self) -> list[StreamEvent]:
+        lines, self.tail = [self.tail], b""
+        return self.events(lines)
+
+    def events(self, lines: list[bytes]) -> list[StreamEvent]:
+        """The events of complete lines that arrived together, all but the last marked ``more``."""
+        events = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                data, name, self.name = line[5:].strip(), self.name, None
+                event = None if data == b"[DONE]" else self._event(data, name)
+                if event is not None:
+                    events.append(event)
+            elif line.startswith(b"event:"):
+                self.name = line[6:].strip().decode()
+            elif not line.strip():
+                self.name = None
+        for event in events[:-1]:
+            event.more = True
+        return events
+
+    def _event(self, data: bytes, name: str | None) -> StreamEvent | None:
+        chunk = _decode(data.decode())
+        if not isinstance(chunk, dict):
+            raise ValueError("SSE data is not a JSON object")
+        if chunk.get("error") or name == "error" or chunk.get("type") == "error":
+            # Azure reports a failure inside an open stream as an error event
+            raise ProviderError("Azure OpenAI reported an error mid-stream", provider=NAME, kind="server_error",
+                                retryable=True)
+        return _chat_event(chunk, data) if self.chat else StreamEvent(chunk=chunk, raw=data, name=name)
 
 
 def _events(lines: list[bytes]) -> list[StreamEvent]:
-    """The events of complete SSE lines that arrived together, all but the last marked ``more``."""
-    events = []
-    for line in lines:
-        data = _sse_data(line)
-        if data is None:
-            continue
-        event = _event(_chunk(data), data)
-        if event is not None:
-            events.append(event)
-    for event in events[:-1]:
-        event.more = True
-    return events
+    """The chat events of complete SSE lines read together."""
+    return _Stream(chat=True).events(lines)
 
 
-def _sse_data(line: bytes) -> bytes | None:
-    """The payload of one ``data:`` line; None for comments, other fields, blank lines and ``[DONE]``."""
-    if not line.startswith(b"data:"):
-        return None
-    data = line[5:].strip()
-    return None if data == b"[DONE]" else data
-
-
-def _chunk(data: bytes) -> dict[str, Any]:
-    chunk = json.loads(data)
-    if not isinstance(chunk, dict):
-        raise ValueError("SSE data is not a JSON object")
-    if chunk.get("error"):  # Azure reports a failure inside an open stream as an error event
-        raise ProviderError("Azure OpenAI reported an error mid-stream", provider=NAME, kind="server_error",
-                            retryable=True)
-    return chunk
-
-
-def _event(chunk: dict[str, Any], raw: bytes | None = None) -> StreamEvent | None:
+def _chat_event(chunk: dict[str, Any], raw: bytes) -> StreamEvent | None:
     usage = chunk.get("usage")
     choices = chunk.get("choices") or []
     if not choices and not usage:
@@ -195,46 +255,20 @@ def _event(chunk: dict[str, Any], raw: bytes | None = None) -> StreamEvent | Non
     text = "".join(str((c.get("delta") or {}).get("content") or "") for c in choices)
     text += "".join(str(((tc.get("function") or {}).get("arguments")) or "")
                     for c in choices for tc in (c.get("delta") or {}).get("tool_calls") or [])
-    parsed = usage_of(usage, "prompt_tokens", "completion_tokens")
-    return StreamEvent(chunk=chunk, usage=parsed, text=text, raw=raw)
+    return StreamEvent(chunk=chunk, usage=usage_of(usage, "prompt_tokens", "completion_tokens"), text=text, raw=raw)
 
 
 def _translate(exc: Exception, mid_stream: bool = False) -> ProviderError:
-    """Map SDK exceptions onto the one provider error type (the only place that knows them)."""
+    """Map transport failures onto the one provider error type (the only place that knows them)."""
     import aiohttp
-    import openai
 
     where = " mid-stream" if mid_stream else ""
-    # Mid-stream reads bypass the SDK's own mapping: its HTTP client's errors arrive, the transport's inside.
-    timed_out = isinstance(exc, openai.APITimeoutError) or (mid_stream and _caused_by(exc, TimeoutError))
-    if timed_out and not _refused(exc):
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors too
         return ProviderError(f"Azure OpenAI timed out{where}", provider=NAME, kind="timeout", retryable=True)
-    if isinstance(exc, openai.APIConnectionError) or (mid_stream and _caused_by(exc, aiohttp.ClientError)):
+    if isinstance(exc, aiohttp.ClientError | ConnectionError):
         return ProviderError(f"Azure OpenAI connection failed{where}", provider=NAME, kind="connection", retryable=True)
-    if isinstance(exc, openai.APIStatusError):
-        return _status_error(exc.status_code, exc.response.headers, _upstream_message(exc))
-    if isinstance(exc, openai.APIError):  # an error event inside an SSE stream
-        return ProviderError(f"Azure OpenAI reported an error{where}", provider=NAME, kind="server_error",
-                             retryable=True)
     return ProviderError(f"Azure OpenAI returned an unreadable response{where}", provider=NAME, kind="malformed",
                          retryable=True)
-
-
-def _refused(exc: BaseException) -> bool:
-    """A refused or reset connection somewhere under ``exc``: the aiohttp transport reports every
-    connection failure as a connect *timeout*, the refusal itself stays in the exception chain."""
-    return _caused_by(exc, ConnectionError)
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, kind):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
@@ -260,13 +294,17 @@ def _status_error(status: int, headers: Any, detail: str) -> ProviderError:
                          retryable=False, upstream_status=status)
 
 
-def _upstream_message(exc: Any) -> str:
-    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
-    error = body.get("error", body) if isinstance(body, dict) else {}
+def _upstream_message(status: int, raw: bytes) -> str:
+    """``code: message`` from an error answer's ``error`` object, else the status."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
-    message = str(error.get("message", "")) if isinstance(error, dict) else ""
+    message = str(error.get("message") or "") if isinstance(error, dict) else ""
     # Upstream messages can quote the prompt (e.g. validation errors): keep them short.
-    return f"{code or exc.status_code}: {message[:200]}" if message else str(code or exc.status_code)
+    return f"{code or status}: {message[:200]}" if message else str(code or status)
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -275,4 +313,3 @@ def _retry_after(headers: Any) -> float | None:
         if value is not None:
             return value / 1000 if name == "retry-after-ms" else value
     return None
-
