@@ -12,7 +12,7 @@ Server-Sent Events through the Functions host.
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
-from gateway_lib.http import admin_reports, api, dashboard_page
+from gateway_lib.http import admin_reports, api, dashboard_page, dialects
 
 # Function keys guard the function endpoint (APIM holds one as a named value);
 # callers are still authenticated by their Entra token inside every handler.
@@ -26,6 +26,21 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 @app.route(route="api/v1/chat/completions", methods=["POST"])
 async def chat_completions(req: Request) -> Response:
     return await api.chat_completions(req)
+
+
+@app.route(route="api/v1/responses", methods=["POST"])
+async def responses(req: Request) -> Response:
+    return await dialects.responses(req)
+
+
+@app.route(route="api/v1/messages", methods=["POST"])
+async def messages(req: Request) -> Response:
+    return await dialects.messages(req)
+
+
+@app.route(route="api/v1/messages/count_tokens", methods=["POST"])
+async def count_tokens(req: Request) -> Response:
+    return await dialects.count_tokens(req)
 
 
 @app.route(route="api/v1/models", methods=["GET"])

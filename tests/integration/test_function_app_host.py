@@ -32,6 +32,9 @@ pytestmark = pytest.mark.integration
 
 EXPECTED_HTTP = {
     "chat_completions": ("api/v1/chat/completions", {"POST"}, "function"),
+    "responses": ("api/v1/responses", {"POST"}, "function"),
+    "messages": ("api/v1/messages", {"POST"}, "function"),
+    "count_tokens": ("api/v1/messages/count_tokens", {"POST"}, "function"),
     "list_models": ("api/v1/models", {"GET"}, "function"),
     "generate": ("api/generate", {"POST"}, "function"),
     "usage": ("api/v1/usage", {"GET"}, "function"),
@@ -105,7 +108,7 @@ def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "13 []", "13 functions, and no heavy SDK imported at import time"
+    assert out.stdout.strip() == "16 []", "16 functions, and no heavy SDK imported at import time"
 
 
 @pytest.fixture(scope="module")
