@@ -89,7 +89,7 @@ class BedrockProvider:
     async def complete(self, request: Any, target: Target, ctx: CallContext) -> Completion:
         region, created = target.region, int(self._clock())
         if request.operation == MESSAGES:
-            raw = await self._run(ctx, self._invoke, region, messages.invoke_kwargs(request, target, ctx))
+            raw = await self._run(ctx, self._invoke_bytes, region, messages.invoke_kwargs(request, target, ctx))
             return messages.from_invoke(raw)
         if request.operation == RESPONSES:
             response = await self._run(ctx, self._call, region, "converse", responses.to_converse(request, target, ctx))
@@ -147,7 +147,7 @@ class BedrockProvider:
     def _call(self, region: str, operation: str, kwargs: dict[str, Any]) -> Any:
         return getattr(self._client(region), operation)(**kwargs)
 
-    def _invoke(self, region: str, kwargs: dict[str, Any]) -> bytes:
+    def _invoke_bytes(self, region: str, kwargs: dict[str, Any]) -> bytes:
         """InvokeModel, its body read in the same pool job (reading it blocks too)."""
         body = self._client(region).invoke_model(**kwargs)["body"]
         try:
