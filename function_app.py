@@ -13,7 +13,7 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from gateway_lib.config.settings import check_worker_indexing
-from gateway_lib.http import admin_reports, api, azure_dialect, dashboard_page
+from gateway_lib.http import admin_reports, api, azure_dialect, dashboard_page, dialects
 
 # Under the Functions host a wrong PYTHON_ENABLE_INIT_INDEXING fails indexing here, naming the setting,
 # instead of every HTTP call hanging (an environment read, no I/O).
@@ -36,6 +36,21 @@ async def chat_completions(req: Request) -> Response:
 @app.route(route="api/v1/embeddings", methods=["POST"])
 async def embeddings(req: Request) -> Response:
     return await api.embeddings(req)
+
+
+@app.route(route="api/v1/responses", methods=["POST"])
+async def responses(req: Request) -> Response:
+    return await dialects.responses(req)
+
+
+@app.route(route="api/v1/messages", methods=["POST"])
+async def messages(req: Request) -> Response:
+    return await dialects.messages(req)
+
+
+@app.route(route="api/v1/messages/count_tokens", methods=["POST"])
+async def count_tokens(req: Request) -> Response:
+    return await dialects.count_tokens(req)
 
 
 @app.route(route="api/v1/models", methods=["GET"])

@@ -202,6 +202,9 @@ def _estimates(request: Prompt, targets: Sequence[Target]) -> dict[str, int]:
 
 
 def _token_param(request: Prompt) -> str:
+    named = getattr(type(request), "token_param", None)  # a dialect's own name (max_output_tokens, max_tokens)
+    if isinstance(named, str):
+        return named
     return "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger("gateway.api")
 Handler = Callable[[Runtime, Scope], Awaitable[Response]]
 
 
-async def _serve(request: Request, route: str, handler: Handler) -> Response:
+async def _serve(request: Request, route: str, handler: Handler, shape: edge.ErrorShape | None = None) -> Response:
     scope = edge.begin(request, route)
     rt: Runtime | None = None
 
@@ -39,7 +39,7 @@ async def _serve(request: Request, route: str, handler: Handler) -> Response:
         rt = get_runtime()
         return await handler(rt, scope)
 
-    response = await edge.guarded(scope, run)
+    response = await edge.guarded(scope, run, shape)
     if rt is not None:
         if response.status_code >= 400 and not scope.recorded:
             rt.telemetry.rejection(scope, response.status_code, scope.error_code)

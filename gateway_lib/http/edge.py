@@ -116,32 +116,36 @@ def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str,
     return _JSON(body, status_code=status, headers=scope.headers() | (headers or {}))
 
 
-def error_response(error: GatewayError, scope: Scope) -> Response:
+ErrorShape = Callable[[GatewayError], Any]
+
+
+def error_response(error: GatewayError, scope: Scope, shape: ErrorShape | None = None) -> Response:
+    """The error in the route's dialect (OpenAI's by default; Anthropic's on /messages)."""
     scope.error_code = error.code
     headers = scope.headers() | error.headers
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse((shape or GatewayError.body)(error), status_code=error.status, headers=headers)
 
 
-async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]]) -> Response:
+async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]], shape: ErrorShape | None = None) -> Response:
     """Run a handler; our errors render as themselves, anything else as a generic 500 (logged, not shown)."""
     try:
         return await handler()
     except GatewayError as error:
-        return error_response(error, scope)
+        return error_response(error, scope, shape)
     except StorageError:
         log.error("storage unavailable", extra={"custom_dimensions": {"request_id": scope.request_id,
                                                                       "route": scope.route}})
         return error_response(ServiceUnavailable("Gateway storage is unavailable; retry shortly.",
-                                                 code="storage_unavailable", retry_after=5), scope)
+                                                 code="storage_unavailable", retry_after=5), scope, shape)
     except Exception:
         # Only the exception type and the code locations: messages can quote request content.
         exc_type, _, tb = sys.exc_info()
         log.error("unhandled %s", exc_type.__name__ if exc_type else "error", extra={"custom_dimensions": {
             "request_id": scope.request_id, "route": scope.route,
             "stack": "".join(traceback.format_tb(tb)[-8:])}})
-        return error_response(InternalError(), scope)
+        return error_response(InternalError(), scope, shape)
 
 
 def sse(data: dict[str, Any]) -> bytes:

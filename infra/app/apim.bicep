@@ -134,6 +134,9 @@ resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
 
 var operations = [
   { name: 'chat-completions', method: 'POST', urlTemplate: '/v1/chat/completions', displayName: 'Create chat completion' }
+  { name: 'responses', method: 'POST', urlTemplate: '/v1/responses', displayName: 'Create response (Responses API)' }
+  { name: 'messages', method: 'POST', urlTemplate: '/v1/messages', displayName: 'Create message (Anthropic Messages)' }
+  { name: 'count-tokens', method: 'POST', urlTemplate: '/v1/messages/count_tokens', displayName: 'Count message tokens' }
   { name: 'list-models', method: 'GET', urlTemplate: '/v1/models', displayName: 'List models' }
   { name: 'generate', method: 'POST', urlTemplate: '/generate', displayName: 'Generate (task-routed)' }
   { name: 'usage', method: 'GET', urlTemplate: '/v1/usage', displayName: 'Usage and remaining budget' }
@@ -181,13 +184,44 @@ resource chatOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-
   name: 'chat-completions'
 }
 
+resource responsesOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
+  parent: api
+  name: 'responses'
+}
+
+resource messagesOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
+  parent: api
+  name: 'messages'
+}
+
 resource healthOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
   parent: api
   name: 'health'
 }
 
+// Every operation that may stream Server-Sent Events forwards unbuffered (chat-stream.xml says why).
 resource chatPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
   parent: chatOperation
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: loadTextContent('../apim/policies/chat-stream.xml')
+  }
+  dependsOn: [ops]
+}
+
+resource responsesPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
+  parent: responsesOperation
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: loadTextContent('../apim/policies/chat-stream.xml')
+  }
+  dependsOn: [ops]
+}
+
+resource messagesPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
+  parent: messagesOperation
   name: 'policy'
   properties: {
     format: 'rawxml'

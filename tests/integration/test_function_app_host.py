@@ -33,6 +33,9 @@ pytestmark = pytest.mark.integration
 EXPECTED_HTTP = {
     "chat_completions": ("api/v1/chat/completions", {"POST"}, "function"),
     "embeddings": ("api/v1/embeddings", {"POST"}, "function"),
+    "responses": ("api/v1/responses", {"POST"}, "function"),
+    "messages": ("api/v1/messages", {"POST"}, "function"),
+    "count_tokens": ("api/v1/messages/count_tokens", {"POST"}, "function"),
     "list_models": ("api/v1/models", {"GET"}, "function"),
     "retrieve_model": ("api/v1/models/{model}", {"GET"}, "function"),
     "azure_chat_completions": ("api/openai/deployments/{deployment}/chat/completions", {"POST"}, "function"),
@@ -111,7 +114,7 @@ def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "19 []", "19 functions, and no heavy SDK imported at import time"
+    assert out.stdout.strip() == "22 []", "22 functions, and no heavy SDK imported at import time"
 
 
 @pytest.fixture(scope="module")

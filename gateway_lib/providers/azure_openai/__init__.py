@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway_lib.providers.azure_openai import config
-from gateway_lib.providers.base import CHAT, EMBEDDINGS, Capabilities, streamed
+from gateway_lib.providers.base import CHAT, EMBEDDINGS, RESPONSES, Capabilities, streamed
 from gateway_lib.providers.registry import ProviderSpec, register
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
     from gateway_lib.providers.base import Provider, ProviderSettings
 
-_CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT)}),
-                     features=frozenset({"n", "logprobs", "audio", "prediction", "store", "functions"}))
+# Azure keeps stored responses (the Responses API's store and previous_response_id) and runs reasoning models.
+_CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT), RESPONSES, streamed(RESPONSES)}),
+                     features=frozenset({"n", "logprobs", "audio", "prediction", "store", "functions",
+                                         "previous_response_id", "reasoning"}))
 _EMBEDDINGS = Capabilities(operations=frozenset({EMBEDDINGS}))  # relayed to /embeddings as sent
 
 

@@ -26,9 +26,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import InvalidRequest, ProviderError
-from gateway_lib.operations.schema import ChatRequest
-from gateway_lib.providers.base import EMBEDDINGS, CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds
-from gateway_lib.providers.bedrock import embeddings
+from gateway_lib.providers.base import (
+    EMBEDDINGS,
+    MESSAGES,
+    RESPONSES,
+    CallContext,
+    Completion,
+    ProviderSettings,
+    StreamEvent,
+    Unsupported,
+    seconds,
+)
+from gateway_lib.providers.bedrock import embeddings, messages, responses
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import FederationError, TokenProvider, botocore_session, build_credentials
 from gateway_lib.providers.bedrock.transform import (
@@ -71,29 +80,38 @@ class BedrockProvider:
 
     def check(self, request: Any, target: Target) -> Unsupported | None:
         """Whether Converse can carry this request to ``target`` (images by URL, tools on a model without),
-        or the embeddings model can take its inputs."""
+        or the embeddings model can take its inputs. Anthropic Messages go as they are: Bedrock's own
+        validation answers for them."""
         if request.operation == EMBEDDINGS:
             return embeddings.check(request, target)
         try:
-            to_converse_request(request, target, _CHECK)
+            if request.operation == RESPONSES:
+                responses.to_converse(request, target, _CHECK)
+            elif request.operation != MESSAGES:
+                to_converse_request(request, target, _CHECK)
         except InvalidRequest as error:
             return Unsupported(error.message, error.param, error.code or "unsupported_parameter")
         return None
 
     async def complete(self, request: Any, target: Target, ctx: CallContext) -> Completion:
+        region, created = target.region, int(self._clock())
         if request.operation == EMBEDDINGS:
             return await self._embed(request, target, ctx)
-        kwargs = to_converse_request(request, target, ctx)
-        response = await self._run(ctx, self._call, target.region, "converse", kwargs)
-        return from_converse_response(response, target, completion_id=_completion_id(), created=int(self._clock()))
+        if request.operation == MESSAGES:
+            raw = await self._run(ctx, self._invoke_bytes, region, messages.invoke_kwargs(request, target, ctx))
+            return messages.from_invoke(raw)
+        if request.operation == RESPONSES:
+            response = await self._run(ctx, self._call, region, "converse", responses.to_converse(request, target, ctx))
+            return responses.from_converse(response, request, target, created=created)
+        response = await self._run(ctx, self._call, region, "converse", to_converse_request(request, target, ctx))
+        return from_converse_response(response, target, completion_id=_completion_id(), created=created)
 
-    async def stream(self, request: ChatRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: Any, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
         """Opens the stream and reads its first event before yielding, so any error
         (HTTP status, or an exception event first thing) surfaces on the first ``__anext__``."""
-        kwargs = to_converse_request(request, target, ctx)
-        translator = StreamTranslator(target, completion_id=_completion_id(), created=int(self._clock()))
-        response = await self._run(ctx, self._call, target.region, "converse_stream", kwargs)
-        events = response["stream"]
+        operation, key, kwargs, translator = self._stream_call(request, target, ctx)
+        response = await self._run(ctx, self._call, target.region, operation, kwargs)
+        events = response[key]
         try:
             iterator = iter(events)
             while (event := await self._run(ctx, _next_event, iterator)) is not _END:
@@ -119,6 +137,18 @@ class BedrockProvider:
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         return embeddings.decode(response["body"].read()), headers
 
+    def _stream_call(self, request: Any, target: Target, ctx: CallContext) -> tuple[str, str, dict[str, Any], Any]:
+        """The streaming operation, the response key its events are under, its arguments and their translator."""
+        created = int(self._clock())
+        if request.operation == MESSAGES:  # Anthropic's own events, in Anthropic's own format
+            return ("invoke_model_with_response_stream", "body", messages.invoke_kwargs(request, target, ctx),
+                    messages.MessagesStreamTranslator())
+        if request.operation == RESPONSES:
+            return ("converse_stream", "stream", responses.to_converse(request, target, ctx),
+                    responses.ResponsesStreamTranslator(request, target, created=created))
+        return ("converse_stream", "stream", to_converse_request(request, target, ctx),
+                StreamTranslator(target, completion_id=_completion_id(), created=created))
+
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -142,6 +172,14 @@ class BedrockProvider:
 
     def _call(self, region: str, operation: str, kwargs: dict[str, Any]) -> Any:
         return getattr(self._client(region), operation)(**kwargs)
+
+    def _invoke_bytes(self, region: str, kwargs: dict[str, Any]) -> bytes:
+        """InvokeModel, its body read in the same pool job (reading it blocks too)."""
+        body = self._client(region).invoke_model(**kwargs)["body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
 
     def _client(self, region: str) -> Any:
         with self._lock:
