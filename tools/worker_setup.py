@@ -3,7 +3,8 @@
 The worker source (upstream 4.34.0, MIT) is not on any registry for Python 3.11; it is looked up as
 ``$FUNCTIONS_WORKER_DIR``, then ``<repo>/../shared/functions-worker``, then ``/work/shared/functions-worker``.
 Its pinned packages go into the worker's own folder (``pip install --target``), never the app's venv, and its
-protobuf modules are generated here with grpcio-tools, as the upstream build does. The folder name
+protobuf modules are generated here with grpcio-tools, as the upstream build does, from the protocol that
+tools/worker_protocol.py finds (the source's .proto files, else a pinned PyPI wheel) and checks. The folder name
 ``python/<X.Y>/<OS>/<ARCH>`` is the one the worker recognises as its own dependency path.
 
     python -m tools.worker_setup          # idempotent; without a source it says why and exits 0
@@ -19,15 +20,19 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools import worker_protocol, worker_protocol_check
+from tools.worker_protocol import PROTOS
+
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".local" / "functions-worker"
+DOWNLOADS = ROOT / ".local" / "downloads"  # outside HOME: a reinstall keeps the verified wheel
 WORKER_PINS = ("grpcio~=1.59.0", "protobuf~=4.25.3", "python-dateutil~=2.9.0", "azurefunctions-extensions-base")
 BUILD_PINS = ("grpcio-tools~=1.59.0",)  # the generator matching the worker's protobuf 4.25 runtime
 PROTO_SUBDIR = Path("azure_functions_worker/protos/_src/src/proto")
-PROTOS = ("FunctionRpc.proto", "identity/ClaimsIdentityRpc.proto", "shared/NullableTypes.proto")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,6 @@ def find_source() -> tuple[Path | None, str]:
     looked = candidates()
     for path in looked:
         if (path / "azure_functions_worker").is_dir() and (path / "python" / "prodV4" / "worker.py").is_file():
-            missing = [p for p in PROTOS if not (path / PROTO_SUBDIR / p).is_file()]
-            if missing:
-                return None, f"{path} has no .proto files under {PROTO_SUBDIR} ({', '.join(missing)})"
             return path, ""
     return None, "no Azure Functions Python worker source in " + ", ".join(str(p) for p in looked)
 
@@ -63,7 +65,8 @@ def worker_dir(home: Path = HOME) -> Path:
 
 
 def _fingerprint(source: Path) -> str:
-    digest = hashlib.sha256(json.dumps([WORKER_PINS, BUILD_PINS, sys.version]).encode())
+    pins = [WORKER_PINS, BUILD_PINS, worker_protocol.WHEEL_SHA256, sys.version]
+    digest = hashlib.sha256(json.dumps(pins).encode())
     for path in sorted(source.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(source)).encode())
@@ -78,16 +81,37 @@ def _pip(target: Path, *pins: str) -> None:
         raise RuntimeError(f"pip install --target {target} {' '.join(pins)} failed:\n{out.stdout}\n{out.stderr}")
 
 
-def _generate_protos(source: Path, build: Path, out_dir: Path) -> None:
-    include = source / PROTO_SUBDIR
+def has_protos(source: Path) -> bool:
+    return all((source / PROTO_SUBDIR / p).is_file() for p in PROTOS)
+
+
+def generate_protos(source: Path, build: Path, out_dir: Path, downloads: Path = DOWNLOADS) -> str:
+    """Write the worker's ``_pb2``/``_pb2_grpc`` modules; returns where the protocol came from."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return _generate_in(source, build, out_dir, downloads, Path(scratch) / "FunctionRpc.binpb")
+
+
+def _generate_in(source: Path, build: Path, out_dir: Path, downloads: Path, descriptors: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(build)}
-    args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *PROTOS]
+    protoc = [sys.executable, "-m", "grpc_tools.protoc"]
+    if has_protos(source):
+        fds = worker_protocol.from_protos(source / PROTO_SUBDIR, protoc, env, descriptors)
+        origin = f"the .proto files in {source / PROTO_SUBDIR}"
+    else:
+        fds = worker_protocol.from_wheel(worker_protocol.fetch_wheel(downloads))
+        descriptors.write_bytes(fds.SerializeToString())
+        origin = f"{worker_protocol.WHEEL} (sha256 {worker_protocol.WHEEL_SHA256[:12]}...)"
+    problems = worker_protocol_check.problems(fds, source / "azure_functions_worker")
+    if problems:
+        raise RuntimeError(f"the protocol from {origin} does not fit the worker:\n  " + "\n  ".join(problems))
+    args = [*protoc, f"--descriptor_set_in={descriptors}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+            *PROTOS]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"protoc failed:\n{out.stdout}\n{out.stderr}")
     for generated in out_dir.rglob("*_pb2*.py"):
         generated.write_text(absolute_imports(generated.read_text()))
+    return origin
 
 
 def absolute_imports(code: str) -> str:
@@ -115,9 +139,20 @@ def install(source: Path, home: Path = HOME) -> Worker:
         path.chmod(path.stat().st_mode | 0o200)
     _pip(target, *WORKER_PINS)
     _pip(home / "build", *BUILD_PINS)
-    _generate_protos(source, home / "build", target / "azure_functions_worker" / "protos")
+    origin = generate_protos(source, home / "build", target / "azure_functions_worker" / "protos")
+    _check_imports(target)
+    print(f"worker_setup: protocol generated from {origin}", file=sys.stderr)
     stamp.write_text(fingerprint)
     return Worker(target)
+
+
+def _check_imports(target: Path) -> None:
+    """The worker's own ``protos`` package imports with its own grpcio/protobuf: every name it re-exports exists."""
+    code = "import azure_functions_worker.protos as p; print(p.StreamingMessage.DESCRIPTOR.full_name)"
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
+                         cwd=target, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 or out.stdout.strip() != "AzureFunctionsRpcMessages.StreamingMessage":
+        raise RuntimeError(f"the generated protos do not import in the worker's environment:\n{out.stdout}\n{out.stderr}")
 
 
 def ensure() -> tuple[Worker | None, str]:
@@ -125,7 +160,10 @@ def ensure() -> tuple[Worker | None, str]:
     source, reason = find_source()
     if source is None:
         return None, reason
-    return install(source), ""
+    try:
+        return install(source), ""
+    except worker_protocol.ProtocolUnavailable as exc:  # e.g. no registry: locally a skip, under CI a failure
+        return None, str(exc)
 
 
 def main() -> int:
