@@ -137,7 +137,7 @@ def test_openai_models_retrieve_and_list_say_what_each_model_serves(stack: Stack
     model = client.models.retrieve("gpt-4o-mini")
     assert (model.id, model.object) == ("gpt-4o-mini", "model")
     listed = {m.id: getattr(m, "operations", None) for m in client.models.list()}
-    assert listed["gpt-4o-mini"] == ["chat"] and listed["titan-embed-text-v2"] == ["embeddings"]
+    assert listed["gpt-4o-mini"] == ["chat", "responses"] and listed["titan-embed-text-v2"] == ["embeddings"]
     for unknown in ("gpt-17", "gpt-4o"):  # gpt-4o exists, but not for the standard tier: the same answer
         with pytest.raises(openai.NotFoundError) as missing:
             client.models.retrieve(unknown)
