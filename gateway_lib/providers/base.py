@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
@@ -180,3 +180,15 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class KeepsObjects(Protocol):
+    """A provider whose upstream keeps what it answered (Azure's stored responses) and can read or delete it.
+    Providers without state do not implement it; one that does may still answer ``Unsupported`` per operation."""
+
+    async def stored(self, operation: str, object_id: str, target: Target, ctx: CallContext, *,
+                     delete: bool = False) -> dict[str, Any] | Unsupported | None:
+        """The object ``operation`` keeps under ``object_id`` (or, with ``delete``, the deletion's answer);
+        None when the upstream has no such object (expired, deleted)."""
+        ...

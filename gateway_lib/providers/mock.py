@@ -3,6 +3,8 @@
 The handler gets each ``Call`` and returns a ``Completion`` (whole answers), an iterable or async iterable
 of ``StreamEvent`` (streams; an exception in it is raised at that point of the stream), or raises a
 ``ProviderError``. It may be sync or async. Not registered: tests install it in ``Runtime.providers``.
+Kept objects (``KeepsObjects.stored``) come from ``objects``, a dict of object id to its JSON; without it the
+provider keeps nothing and answers ``Unsupported``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ Check = Callable[[Any, Target], Unsupported | None]
 
 
 class MockProvider:
-    def __init__(self, handler: Handler, *, check: Check | None = None, name: str = "mock") -> None:
+    def __init__(self, handler: Handler, *, check: Check | None = None, name: str = "mock",
+                 objects: dict[str, dict[str, Any]] | None = None) -> None:
         self.name = name
         self.calls: list[Call] = []
+        self.objects = objects
+        self.object_calls: list[tuple[str, str, str]] = []  # (GET | DELETE, object id, target id)
         self.closed: list[str] = []  # targets whose stream was closed (finished, cut or abandoned)
         self._handler, self._check = handler, check
 
@@ -55,6 +60,15 @@ class MockProvider:
                     yield _raised(event)
         finally:
             self.closed.append(target.id)
+
+    async def stored(self, operation: str, object_id: str, target: Target, ctx: CallContext, *,
+                     delete: bool = False) -> dict[str, Any] | Unsupported | None:
+        if self.objects is None:
+            return Unsupported("this mock keeps nothing", code="unsupported_operation")
+        self.object_calls.append(("DELETE" if delete else "GET", object_id, target.id))
+        if delete:
+            return {"id": object_id, "object": "response.deleted", "deleted": True} if self.objects.pop(object_id, None) else None
+        return self.objects.get(object_id)
 
     async def aclose(self) -> None:
         return None

@@ -16,9 +16,10 @@ import pytest
 
 from gateway_lib.config.settings import Settings
 from gateway_lib.errors import ProviderError
-from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.operations.responses import ResponsesRequest
+from gateway_lib.operations.schema import ChatRequest, parse_model
 from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
-from gateway_lib.providers.base import CallContext, ProviderSettings
+from gateway_lib.providers.base import CHAT, RESPONSES, CallContext, ProviderSettings, Unsupported
 from tools.provider_simulator import start_in_thread
 from tools.stack import free_port
 
@@ -120,6 +121,28 @@ def test_stream_always_asks_for_usage_and_drops_the_prompt_filter_preamble(base:
     assert "".join(e.text for e in events)
 
 
+def test_a_kept_response_is_read_and_deleted_on_the_relays_session_and_auth(base: Any) -> None:
+    simulator, settings, target = base
+    provider = aoai(settings)
+    request = parse_model(ResponsesRequest, {"model": "gpt-4o-mini", "input": "keep this"})
+
+    async def lifecycle() -> list[Any]:
+        made = await provider.complete(request, target, CTX)
+        kept = await provider.stored(RESPONSES, made.body["id"], target, CTX)
+        deleted = await provider.stored(RESPONSES, made.body["id"], target, CTX, delete=True)
+        gone = await provider.stored(RESPONSES, made.body["id"], target, CTX)
+        odd = await provider.stored(RESPONSES, "resp_/../x?y", target, CTX)  # one path segment, whatever it holds
+        chat = await provider.stored(CHAT, "chatcmpl-1", target, CTX)
+        return [made.body, kept, deleted, gone, odd, chat]
+
+    made, kept, deleted, gone, odd, chat = _run(provider, lifecycle)
+    assert kept == made and deleted == {"id": made["id"], "object": "response.deleted", "deleted": True}
+    assert gone is None and odd is None
+    assert isinstance(chat, Unsupported)
+    last = simulator.state.stats.snapshot()["targets"]["responses"]["last"]
+    assert last["path"] == "/openai/v1/responses/resp_%2F..%2Fx%3Fy" and "api-key" in {k.lower() for k in last["headers"]}
+
+
 @pytest.mark.parametrize(("fault", "kind", "retryable"), [
     ({"mode": "status", "status": 429, "retry_after": 2}, "rate_limited", True),
     ({"mode": "status", "status": 500}, "server_error", True),
@@ -200,7 +223,8 @@ def test_retry_after_ms_is_preferred_for_its_precision(base: Any) -> None:
 _NO_SDK = """
 import asyncio, json, sys
 from gateway_lib.config.settings import Settings
-from gateway_lib.operations.schema import ChatRequest
+from gateway_lib.operations.responses import ResponsesRequest
+from gateway_lib.operations.schema import ChatRequest, parse_model
 from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
 from gateway_lib.providers.base import CallContext
 

@@ -51,13 +51,14 @@ class Route:
     versioned: bool = True  # takes ``?api-version=`` (the v1 surface does not)
     answer_key: str = "choices"  # a key every answer of the operation has: the shape check
     stream_options: bool = False  # streams take ``stream_options.include_usage``
+    keeps: bool = False  # answers are kept upstream, readable and deletable at ``{path}/{id}``
 
 
 ROUTES: dict[str, Route] = {
     CHAT: Route("/openai/deployments/{deployment}/chat/completions", stream_options=True),
     EMBEDDINGS: Route("/openai/deployments/{deployment}/embeddings", answer_key="data"),
     # Azure's v1 surface: no deployment in the path, the deployment goes in the body's "model".
-    RESPONSES: Route("/openai/v1/responses", versioned=False, answer_key="output"),
+    RESPONSES: Route("/openai/v1/responses", versioned=False, answer_key="output", keeps=True),
 }
 
 
@@ -90,7 +91,7 @@ class AzureOpenAIProvider:
             raise
         except Exception as exc:
             raise _translate(exc) from exc
-        answer = _answer(raw, route)
+        answer = _answer(raw, route.answer_key)
         usage = usage_of(answer.get("usage"), "prompt_tokens", "completion_tokens") if request.operation == CHAT else None
         return Completion(body=answer, usage=usage)
 
@@ -115,6 +116,27 @@ class AzureOpenAIProvider:
             raise
         except Exception as exc:
             raise _translate(exc, mid_stream=reader.opened) from exc
+
+    async def stored(self, operation: str, object_id: str, target: Target, ctx: CallContext, *,
+                     delete: bool = False) -> dict[str, Any] | Unsupported | None:
+        """A kept answer (``GET {path}/{id}``) or its deletion (``DELETE``), on the relay's session and auth."""
+        route = ROUTES.get(operation)
+        if route is None or not route.keeps:
+            return Unsupported(f"Azure OpenAI keeps no {operation} objects", code="unsupported_operation")
+        url = self._object_url(operation, route, target, object_id)
+        try:
+            async with self._client().request("DELETE" if delete else "GET", url,
+                                              headers=await self._headers(ctx)) as response:
+                raw = await response.read()
+                if response.status == 404:  # expired or deleted upstream: the caller's 404, not a configuration fault
+                    return None
+                if response.status >= 400:
+                    raise _status_error(response.status, response.headers, _upstream_message(response.status, raw))
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _translate(exc) from exc
+        return _answer(raw, "deleted", bool) if delete else _answer(raw, route.answer_key)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -167,6 +189,12 @@ class AzureOpenAIProvider:
             self._urls[key] = url
         return url
 
+    def _object_url(self, operation: str, route: Route, target: Target, object_id: str) -> URL:
+        from urllib.parse import quote
+
+        base = self._url(operation, route, target)
+        return base.with_path(f"{base.raw_path}/{quote(object_id, safe='')}", encoded=True).with_query(base.query)
+
     def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
@@ -186,12 +214,13 @@ class AzureOpenAIProvider:
         return self._session
 
 
-def _answer(raw: bytes, route: Route) -> dict[str, Any]:
+def _answer(raw: bytes, key: str, kind: type = list) -> dict[str, Any]:
+    """The answer's JSON object, checked by one key every answer of its kind has."""
     try:
         answer = json.loads(raw)
     except ValueError:
         answer = None
-    if not isinstance(answer, dict) or not isinstance(answer.get(route.answer_key), list):
+    if not isinstance(answer, dict) or not isinstance(answer.get(key), kind):
         raise ProviderError("Azure OpenAI returned an unreadable response", provider=NAME, kind="malformed",
                             retryable=True)
     return answer
