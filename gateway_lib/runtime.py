@@ -21,6 +21,7 @@ from gateway_lib.billing import settlements
 from gateway_lib.config.settings import ConfigError, Settings, get_settings
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.guardrails import tokens
+from gateway_lib.operations.response_owners import ResponseOwners
 from gateway_lib.providers import registry
 from gateway_lib.providers.base import Provider
 from gateway_lib.quota.admission import Admission
@@ -41,6 +42,7 @@ class Runtime:
     store: TableStore
     admission: Admission
     telemetry: Telemetry
+    response_owners: ResponseOwners  # who made each response a target keeps
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     warm: bool = field(default=False, repr=False)
 
@@ -86,6 +88,7 @@ def build_runtime(settings: Settings, *, credentials: Mapping[str, Any] | None =
         store=store,
         admission=(LeasedAdmission if settings.storage.quota_mode == "leased" else Admission)(store, settings),
         telemetry=telemetry,
+        response_owners=ResponseOwners(store, settings.storage.table_prefix),
     )
 
 

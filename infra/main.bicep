@@ -143,6 +143,7 @@ module storage 'app/storage.bicep' = {
       '${tablePrefix}callers'
       '${tablePrefix}rollup'
       '${tablePrefix}alerts'
+      '${tablePrefix}responses'
     ]
   }
 }

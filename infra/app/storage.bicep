@@ -1,5 +1,5 @@
 // Storage for the Functions host (blobs: leases, timer locks, keys), the Flex Consumption deployment
-// container, and the gateway's tables (quota, ledger, callers, roll-ups, alerts).
+// container, and the gateway's tables (quota, ledger, callers, roll-ups, alerts, stored-response owners).
 // Shared keys are off: every client (host, deployment, gateway) authenticates with Entra ID.
 param name string
 param location string

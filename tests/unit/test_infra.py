@@ -256,7 +256,7 @@ def test_gateway_tables_match_the_table_prefix() -> None:
     prefix = re.search(r"var tablePrefix = '(\w+)'", text)
     assert prefix and prefix.group(1) == local_settings()["GATEWAY_TABLE_PREFIX"]
     tables = re.findall(r"'\$\{tablePrefix\}(\w+)'", text)
-    assert sorted(tables) == ["alerts", "callers", "overrides", "rollup", "usage"]
+    assert sorted(tables) == ["alerts", "callers", "overrides", "responses", "rollup", "usage"]
 
 
 # --- main.bicep composition and parameter files ---
