@@ -43,6 +43,11 @@ async def responses(req: Request) -> Response:
     return await dialects.responses(req)
 
 
+@app.route(route="api/v1/responses/{response_id}", methods=["GET", "DELETE"])
+async def stored_response(req: Request) -> Response:
+    return await dialects.stored_response(req)
+
+
 @app.route(route="api/v1/messages", methods=["POST"])
 async def messages(req: Request) -> Response:
     return await dialects.messages(req)

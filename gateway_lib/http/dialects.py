@@ -10,13 +10,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway_lib.errors import AuthenticationFailed
+from gateway_lib.errors import AuthenticationFailed, InvalidRequest
 from gateway_lib.guardrails import tokens
 from gateway_lib.http import edge
 from gateway_lib.http.api import _caller, _serve
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import messages as anthropic
-from gateway_lib.operations import pipeline
+from gateway_lib.operations import pipeline, response_state
 from gateway_lib.operations.responses import RESPONSES_API, ResponsesRequest
 from gateway_lib.operations.schema import parse_model
 from gateway_lib.routing import plan as routing
@@ -27,9 +27,26 @@ async def responses(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
         body = parse_model(ResponsesRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
-        return await pipeline.run(rt, scope, caller, RESPONSES_API, body)
+        state = response_state.ResponseState(rt.response_owners, caller, body)
+        return await pipeline.run(rt, scope, caller, RESPONSES_API, body, state)
 
     return await _serve(request, "responses", handle)
+
+
+async def stored_response(request: Request) -> Response:
+    """``GET`` / ``DELETE /v1/responses/{id}``: the caller's own kept response, from the target keeping it."""
+    delete = request.method == "DELETE"
+
+    async def handle(rt: Runtime, scope: Scope) -> Response:
+        caller = await _caller(rt, request, scope)
+        if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+            raise InvalidRequest("Streaming a stored response back is not supported; retrieve it whole.",
+                                 code="unsupported_parameter", param="stream")
+        response_id = edge.path_param(request, "response_id", after="responses")
+        answer = await response_state.retrieve(rt, scope, caller, response_id, delete=delete)
+        return edge.json_response(answer, scope)
+
+    return await _serve(request, "responses_delete" if delete else "responses_retrieve", handle)
 
 
 async def messages(request: Request) -> Response:
@@ -66,4 +83,4 @@ def _refuse_api_key(request: Request) -> None:
             code="api_key_not_accepted", headers={"WWW-Authenticate": "Bearer"})
 
 
-__all__ = ["count_tokens", "messages", "responses"]
+__all__ = ["count_tokens", "messages", "responses", "stored_response"]

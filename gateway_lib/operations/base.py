@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway_lib.errors import GatewayError
 from gateway_lib.providers.base import StreamEvent, Usage
 
 if TYPE_CHECKING:
+    from gateway_lib.config.catalog import Target
     from gateway_lib.guardrails.screen import Prompt
+    from gateway_lib.routing.plan import RoutePlan
 
 R = TypeVar("R")
 
@@ -57,3 +59,20 @@ class Operation(Generic[R]):
 
     def error_frame(self, error: GatewayError) -> bytes:
         return sse(self.error_body(error), self.error_event)
+
+
+class KeptState(Protocol):
+    """A request's part in state its target keeps between requests (the Responses API's stored responses):
+    ``operations/response_state.py``. The pipeline calls it where routing and answers pass."""
+
+    async def pin(self, plan: RoutePlan) -> RoutePlan:
+        """The plan narrowed to the target that keeps what the request continues (or raises)."""
+        ...
+
+    async def keep(self, target: Target, answer: dict[str, Any]) -> None:
+        """Note a whole answer the target keeps, before the caller sees it."""
+        ...
+
+    async def see(self, target: Target, event: StreamEvent) -> None:
+        """The same for a stream, event by event, before each goes out."""
+        ...

@@ -27,7 +27,7 @@ from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ClientDisconnected, GatewayError, InternalError, ProviderError
 from gateway_lib.guardrails import screen as guardrails
 from gateway_lib.http.edge import SSE_HEADERS, Scope, json_response
-from gateway_lib.operations.base import Operation
+from gateway_lib.operations.base import KeptState, Operation
 from gateway_lib.providers.base import CallContext, OperationRequest, StreamEvent, Usage
 from gateway_lib.routing import fallback
 from gateway_lib.routing import plan as routing
@@ -49,19 +49,21 @@ class Served:
     headers: dict[str, str]
 
 
-async def run(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest) -> Response:
-    """Serve one request of ``op`` (streamed or not) for an authenticated caller."""
+async def run(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
+              state: KeptState | None = None) -> Response:
+    """Serve one request of ``op`` (streamed or not) for an authenticated caller. ``state``: the request's
+    part in state its target keeps (stored responses), if its operation has any."""
     if request.stream:
-        acct, ctx = await _admit(rt, scope, caller, op, request, task=None)
-        return await _stream(rt, acct, op, request, ctx)
-    served = await complete(rt, scope, caller, op, request)
+        acct, ctx = await _admit(rt, scope, caller, op, request, task=None, state=state)
+        return await _stream(rt, acct, op, request, ctx, state)
+    served = await complete(rt, scope, caller, op, request, state=state)
     return json_response(served.body, scope, headers=served.headers)
 
 
 async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
-                   task: str | None = None) -> Served:
+                   task: str | None = None, state: KeptState | None = None) -> Served:
     """The non-streamed path, shared by every operation and the task API."""
-    acct, ctx = await _admit(rt, scope, caller, op, request, task)
+    acct, ctx = await _admit(rt, scope, caller, op, request, task, state)
     async with _released_on_failure(acct):
         result = await fallback.complete_with_fallback(acct.plan, rt.providers, request, ctx, rt.health)
     acct.attempts = result.attempts
@@ -71,17 +73,21 @@ async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any]
     # An answer without usage (a proxy or a model that leaves it out) is billed from its text, not as free.
     usage = result.completion.usage or op.usage(body) or acct.estimate_usage(result.target, op.answer_text(body))
     cost = await acct.finish(result.target, usage, status="ok")
+    if state is not None:
+        await state.keep(result.target, body)
     return Served(body, result.target, usage, cost, headers)
 
 
 async def _admit(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
-                 task: str | None) -> tuple[Accounting, CallContext]:
+                 task: str | None, state: KeptState | None = None) -> tuple[Accounting, CallContext]:
     """Plan the route, screen the input and reserve quota: everything before the first upstream byte."""
     alias = await rt.admission.effective_alias(caller, request.model)
     plan = routing.plan_route(
         alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=request.provider_hint,
         priority=request.priority, health=rt.health.view(), request=request,
     )
+    if state is not None:  # after the capability check: a target that keeps no state is refused as such first
+        plan = await state.pin(plan)
     screened = guardrails.screen(op.prompt(request), caller.tier, plan.targets, rt.settings.limits)
     plan = plan.only(screened.eligible)  # targets whose context window the request fits
     acct = Accounting(rt, scope, caller, request, alias, task, plan, screened)
@@ -107,14 +113,14 @@ async def _released_on_failure(acct: Accounting) -> AsyncIterator[None]:
 
 
 async def _stream(rt: Runtime, acct: Accounting, op: Operation[Any], request: OperationRequest,
-                  ctx: CallContext) -> Response:
+                  ctx: CallContext, state: KeptState | None) -> Response:
     # The first event is pulled before any byte goes out: until then a failed target can
     # still be replaced by the next one. After it, a failure ends the stream with an error event.
     async with _released_on_failure(acct):
         opened = await fallback.open_stream_with_fallback(acct.plan, rt.providers, request, ctx, rt.health)
     acct.attempts = opened.attempts
     acct.scope.upstream_ms = opened.upstream_ms
-    body = _sse_body(acct, op, request, opened.first, opened.events)
+    body = _sse_body(acct, op, request, opened.first, opened.events, state)
 
     async def settle_unstarted() -> None:  # the body settles the request itself if it ever starts
         await opened.events.aclose()
@@ -144,7 +150,7 @@ class _SettledStream(StreamingResponse):
 
 
 async def _sse_body(acct: Accounting, op: Operation[Any], request: OperationRequest, first: StreamEvent,
-                    events: fallback.UpstreamEvents) -> AsyncGenerator[bytes, None]:
+                    events: fallback.UpstreamEvents, state: KeptState | None) -> AsyncGenerator[bytes, None]:
     target = acct.served_by
     usage: Usage | None = None
     streamed: list[str] = []
@@ -154,6 +160,8 @@ async def _sse_body(acct: Accounting, op: Operation[Any], request: OperationRequ
     try:
         async with aclosing(_timed(first, events, acct)) as stream:
             async for event in stream:
+                if state is not None and target is not None:
+                    await state.see(target, event)
                 streamed.append(op.stream_text(event))
                 usage = op.stream_usage(event) or usage
                 frame = op.frame(request, event)

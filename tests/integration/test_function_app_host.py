@@ -34,6 +34,7 @@ EXPECTED_HTTP = {
     "chat_completions": ("api/v1/chat/completions", {"POST"}, "function"),
     "embeddings": ("api/v1/embeddings", {"POST"}, "function"),
     "responses": ("api/v1/responses", {"POST"}, "function"),
+    "stored_response": ("api/v1/responses/{response_id}", {"GET", "DELETE"}, "function"),
     "messages": ("api/v1/messages", {"POST"}, "function"),
     "count_tokens": ("api/v1/messages/count_tokens", {"POST"}, "function"),
     "list_models": ("api/v1/models", {"GET"}, "function"),
@@ -114,7 +115,7 @@ def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "22 []", "22 functions, and no heavy SDK imported at import time"
+    assert out.stdout.strip() == "23 []", "23 functions, and no heavy SDK imported at import time"
 
 
 @pytest.fixture(scope="module")
