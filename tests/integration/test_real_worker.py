@@ -141,6 +141,16 @@ def test_the_deployment_and_model_route_values_reach_the_functions(wstack: Worke
     assert model.status_code == 200 and model.json()["operations"] == ["embeddings"]
 
 
+def test_the_response_id_route_value_reaches_the_function(wstack: WorkerStack) -> None:
+    token = wstack.token("rw-stored")
+    made = requests.post(url(wstack, "/api/v1/responses"), json={"model": "gpt-4o-mini", "input": "keep this"},
+                         headers=keyed(wstack, token), timeout=60)
+    assert made.status_code == 200, made.text
+    kept = requests.get(url(wstack, f"/api/v1/responses/{made.json()['id']}"), headers=keyed(wstack, token), timeout=30)
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["id"] == made.json()["id"]
+
+
 def test_models_need_the_function_key_and_then_the_token(wstack: WorkerStack) -> None:
     token = wstack.token("rw-models")
     no_key = requests.get(url(wstack, "/api/v1/models"), headers={"Authorization": f"Bearer {token}"}, timeout=30)
