@@ -352,7 +352,8 @@ class Admission:
                 undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             return await self._rows.write(entity, undone.to_entity(pk), res)
 
-        await self._rows.until_written(res, pk or table_key(res.caller_key), write, "undo", gives_back_only=True)
+        await self._rows.until_written(res, pk or table_key(res.caller_key), write, "undo", gives_back_only=True,
+                                       owed=Release(res.minute, res.epoch, 1, res.tokens, res.usd))
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
