@@ -5,10 +5,13 @@ lock, and against a store that does not answer each would spend the whole timeou
 
 * every call ends within ``CALL_SECONDS``, and within what is left of the request's storage deadline
   (``deadline``), which also bounds the request's waits for a row lock (``quota.counter_rows``);
-* a call that times out or cannot connect marks the store down for ``HOLD_SECONDS``: calls made meanwhile
-  raise ``StorageDown`` at once, and so do requests waiting for a row lock (``Circuit.opened``);
-* after the hold, one call goes through as a probe; its answer closes the circuit, its failure holds again.
-  Recovery needs nobody: the next request, or a background write, is the probe.
+* a call that times out or cannot connect marks the store down for as long as that call took, at most
+  ``HOLD_SECONDS``: calls made meanwhile raise ``StorageDown`` at once, and so do requests waiting for a
+  row lock (``Circuit.opened``). Holding as long as the failure cost keeps a dead store from costing each
+  request a timeout, while a refused connection (cheap to retry) is probed again soon;
+* after the hold, one call goes through as a probe, and calls made meanwhile wait for its verdict (within
+  their own bound): its answer closes the circuit and lets them through, its failure holds again and
+  refuses them. Recovery needs nobody: the next request, or a background write, is the probe.
 
 docs/storage.md ("Storage outages") states the bound.
 """
@@ -27,7 +30,7 @@ from gateway_lib.storage.base import Entity, Op, StorageError, StorageUnavailabl
 T = TypeVar("T")
 
 CALL_SECONDS = 5.0  # one storage call, the SDK's own retry included
-HOLD_SECONDS = 5.0  # how long storage counts as down after a call timed out or could not connect
+HOLD_SECONDS = 5.0  # the most storage counts as down after a call timed out or could not connect
 REQUEST_SECONDS = 8.0  # one request's admission: its row lock waits and storage calls together
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("storage_deadline", default=None)
@@ -73,7 +76,7 @@ class Circuit:
     def __init__(self, hold: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._hold, self._clock = hold, clock
         self._down_until: float | None = None
-        self._probing = False
+        self._verdict: asyncio.Future[None] | None = None  # the probe in flight, done when it has one
         self._waiters: set[asyncio.Future[None]] = set()
 
     def down_for(self) -> float | None:
@@ -81,26 +84,36 @@ class Circuit:
         if self._down_until is None:
             return None
         left = self._down_until - self._clock()
-        return left if left > 0 or self._probing else None
+        return left if left > 0 else None
 
-    def enter(self) -> bool:
-        """Before a call: raises ``StorageDown`` while down; True if this call is the probe."""
-        if self._down_until is None:
-            return False
-        wait = self.down_for()
-        if wait is not None:
-            raise StorageDown("storage is unavailable (a call timed out or failed moments ago)", max(wait, 1.0))
-        self._probing = True
-        return True
+    async def enter(self) -> bool:
+        """Before a call: raises ``StorageDown`` while down, waits for the verdict of a probe in flight; True if
+        this call is the probe."""
+        while self._down_until is not None:
+            wait = self.down_for()
+            if wait is not None:
+                raise StorageDown("storage is unavailable (a call timed out or failed moments ago)", max(wait, 1.0))
+            if self._verdict is None:
+                self._verdict = asyncio.get_running_loop().create_future()
+                return True
+            await asyncio.shield(self._verdict)  # then closed, down again, or the probe gave no verdict: look again
+        return False
 
     def answered(self, probe: bool) -> None:
         if probe or self._down_until is not None:
-            self._down_until, self._probing = None, False
+            self._down_until = None
+            self._settle_probe()
 
-    def failed(self, probe: bool) -> None:
-        self._down_until = self._clock() + (HOLD_SECONDS if self._hold is None else self._hold)
-        if probe:
-            self._probing = False
+    def _settle_probe(self) -> None:
+        if self._verdict is not None and not self._verdict.done():
+            self._verdict.set_result(None)
+        self._verdict = None
+
+    def failed(self, probe: bool, took: float) -> None:
+        """A call timed out or could not connect after ``took`` seconds: down for as long (at most the hold)."""
+        hold = HOLD_SECONDS if self._hold is None else self._hold
+        self._down_until = self._clock() + min(hold, took)
+        self._settle_probe()  # those waiting for a probe's verdict have it: down
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -109,7 +122,7 @@ class Circuit:
     def released(self, probe: bool) -> None:
         """A probe that ended without a verdict (cancelled, cut by its request's deadline)."""
         if probe:
-            self._probing = False
+            self._settle_probe()
 
     def opened(self) -> asyncio.Future[None]:
         """A future set when storage is next marked down (a row lock waiter races it)."""
@@ -135,21 +148,24 @@ class GuardedStore:
         left = remaining()
         if left is not None and left <= 0:
             raise StorageUnavailable("the request's time for storage is spent")
-        probe = self.circuit.enter()
         own = CALL_SECONDS if self._call_seconds is None else self._call_seconds
         limit = own if left is None else min(own, left)
+        started, probe = time.monotonic(), False
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit):  # a wait for a probe's verdict included
+                probe = await self.circuit.enter()
                 result = await call()
         except TimeoutError:
             if limit >= own:  # the call's own bound, not a request that had little time left
-                self.circuit.failed(probe)
+                self.circuit.failed(probe, limit)
                 down = StorageDown(f"storage did not answer within {limit:.0f} s", self.circuit.down_for() or 1.0)
                 raise down from None
             self.circuit.released(probe)
             raise StorageUnavailable("the request's time for storage ran out during a call") from None
+        except StorageDown:
+            raise  # refused by the circuit itself: no new verdict
         except StorageUnreachable:
-            self.circuit.failed(probe)
+            self.circuit.failed(probe, time.monotonic() - started)
             raise
         except StorageError:  # an answer, even a refusal or a 5xx: storage is up
             self.circuit.answered(probe)

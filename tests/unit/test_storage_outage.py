@@ -151,3 +151,31 @@ def test_a_frozen_store_answers_one_callers_queued_requests_within_the_bound(shr
                 await rt.aclose()
 
     asyncio.run(go())
+
+
+def test_storage_known_down_refuses_at_once_and_calls_during_the_probe_wait_for_its_verdict() -> None:
+    # Refusing the calls made while the probe was in flight turned away a burst arriving just as storage came
+    # back: the probe (the first call to a restarted server) took 0.2 s, and 23 of 30 requests got a 503.
+    from gateway_lib.storage.circuit import Circuit, GuardedStore, StorageDown
+
+    async def go() -> None:
+        inner = MemoryTableStore()
+        store = GuardedStore(inner, Circuit(hold=1.0), call_seconds=0.2)
+        await store.ensure_tables(["t"])
+        inner.freeze()
+        with pytest.raises(StorageDown):  # timed out: down for as long as that cost (0.2 s)
+            await store.get("t", "p", "r")
+        started = time.monotonic()
+        with pytest.raises(StorageDown) as refused:
+            await store.get("t", "p", "r")
+        assert time.monotonic() - started < 0.05 and refused.value.retry_after >= 1
+        await asyncio.sleep(0.25)  # the hold is over: the next call probes, still frozen for a moment
+        probe = asyncio.ensure_future(store.get("t", "p", "r"))
+        await asyncio.sleep(0.02)
+        meanwhile = [asyncio.ensure_future(store.get("t", "p", "r")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        inner.thaw()
+        assert await probe is None and [await m for m in meanwhile] == [None] * 5
+        assert store.circuit.down_for() is None
+
+    asyncio.run(go())
