@@ -113,7 +113,7 @@ def test_a_graceful_shutdown_waits_for_a_cancelled_requests_grant_and_returns_it
 
 def test_a_give_back_the_outage_outlasts_is_made_once_storage_answers() -> None:
     # The caller's room is given back when its team cannot be admitted; storage goes down just then, for longer
-    # than the give-back rides out. It used to stay reserved until its epoch ended (up to 30 min of budget).
+    # than the give-back rides out. Left alone, the room would stay reserved until its epoch ends (up to 30 min).
     class DownAfterTeamRead(TeamOverrideDownStore):
         async def get(self, table: str, partition_key: str, row_key: str) -> Any:
             if self.override_down and table == overrides_table("t") and partition_key == "team":

@@ -154,8 +154,8 @@ def test_a_frozen_store_answers_one_callers_queued_requests_within_the_bound(shr
 
 
 def test_storage_known_down_refuses_at_once_and_calls_during_the_probe_wait_for_its_verdict() -> None:
-    # Refusing the calls made while the probe was in flight turned away a burst arriving just as storage came
-    # back: the probe (the first call to a restarted server) took 0.2 s, and 23 of 30 requests got a 503.
+    # A burst arriving as storage comes back meets the probe in flight (the first call to a restarted server is
+    # slow): it is served once the probe answers, not refused.
     from gateway_lib.storage.circuit import Circuit, GuardedStore, StorageDown
 
     async def go() -> None:
