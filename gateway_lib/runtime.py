@@ -99,17 +99,20 @@ def build_providers(settings: Settings, credentials: Mapping[str, Any]) -> dict[
 
 
 def _store(settings: Settings, credential: Any) -> TableStore:
+    """The store, every call of it bounded in time and refused at once while storage is known down."""
+    from gateway_lib.storage.circuit import GuardedStore
+
     s = settings.storage
     if s.mode == "memory":
         from gateway_lib.storage.memory import MemoryTableStore
 
-        return MemoryTableStore()
+        return GuardedStore(MemoryTableStore())
     table = _table_store(settings, credential)
     if s.quota_mode == "leased":  # usage is written behind: keep its commits off the request loop
         from gateway_lib.storage.threaded import StorageThread
 
-        return StorageThread(table)
-    return table
+        return GuardedStore(StorageThread(table))
+    return GuardedStore(table)
 
 
 def _table_store(settings: Settings, credential: Any) -> TableStore:

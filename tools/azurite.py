@@ -89,6 +89,16 @@ class Azurite:
             process.kill()
             process.wait(timeout)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process stays, its sockets accept and nothing answers (a hung storage node)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: it answers again, the requests queued meanwhile first."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -17,6 +17,7 @@ function keys are not enforced locally.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -33,7 +34,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tools.host_rules import HttpRoute
 
@@ -179,6 +180,93 @@ async def _lifespan(_: Starlette) -> AsyncIterator[None]:
     await close_runtime()
 
 
+# The Functions front end (Kestrel) answers a body that stops arriving instead of holding the connection: its
+# MinRequestBodyDataRate is 240 bytes/s after a 5 s grace. The local host holds a body to the same pace.
+BODY_GRACE_SECONDS = 5.0
+BODY_MIN_BYTES_PER_SECOND = 240.0
+
+
+def openai_error(message: str, code: str) -> bytes:
+    """An error body in the OpenAI shape, as the gateway renders its own."""
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+
+
+class BodyDeadline:
+    """ASGI middleware: a request body must keep arriving at ``min_rate`` bytes/s after ``grace`` seconds
+    (a chunked body with no end, a Content-Length never reached, a trickle); otherwise 408 in the OpenAI shape,
+    the connection closed, and the app told the client is gone."""
+
+    def __init__(self, app: ASGIApp, grace: float = BODY_GRACE_SECONDS,
+                 min_rate: float = BODY_MIN_BYTES_PER_SECOND) -> None:
+        self.app, self.grace, self.min_rate = app, grace, min_rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        started, received = loop.time(), 0
+        body_done = responded = timed_out = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, body_done, timed_out
+            if body_done or timed_out:
+                return await receive()
+            due = started + self.grace + received / self.min_rate
+            try:
+                async with asyncio.timeout_at(due):
+                    message = await receive()
+            except TimeoutError:
+                timed_out = True
+                if not responded:
+                    await _send_error(send, 408, "The request body did not arrive in time.", "request_timeout")
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal responded
+            if timed_out:
+                return  # answered already: what the app makes of the disconnect goes nowhere
+            responded = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+
+async def _send_error(send: Send, status: int, message: str, code: str) -> None:
+    body = openai_error(message, code)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", str(uuid.uuid4()).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def framing_errors_as_json() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, answering a request it cannot parse (bad chunking, a bad Content-Length,
+    a malformed request line) in the OpenAI error shape instead of plain text."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # imported with uvicorn, in main()
+
+    class FramingErrorsAsJson(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self.transport.close()  # a response is already on the wire: no second status line
+                return
+            body = openai_error("The request is not valid HTTP/1.1 (its framing could not be parsed).",
+                                "invalid_http_request")
+            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+                    + str(len(body)).encode() + b"\r\nx-request-id: " + str(uuid.uuid4()).encode()
+                    + b"\r\nconnection: close\r\n\r\n")
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return FramingErrorsAsJson
+
+
 def load_local_settings(path: Path) -> None:
     """Export local.settings.json Values like ``func start`` does (the real environment wins)."""
     if not path.exists():
@@ -211,9 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"local host serving {len(served)} HTTP functions on http://{args.host}:{args.port}", flush=True)
     # The asyncio loop, as in the Functions worker (its uvicorn serves inside the worker's own loop), and
     # so every connection goes through the socket module the loopback guard watches (uvloop's would not).
-    # HTTP parsing by httptools (a requirement), as the worker's uvicorn picks it too when installed.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, loop="asyncio",
-                http="httptools")
+    # HTTP parsing by httptools (a requirement), as the worker's uvicorn picks it too when installed; its framing
+    # errors and bodies that stop arriving are answered in the OpenAI shape, as the Functions front end does.
+    uvicorn.run(BodyDeadline(app), host=args.host, port=args.port, log_level="warning", access_log=False,
+                loop="asyncio", http=framing_errors_as_json())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ error code then) and ``Bearer error="invalid_token", error_description="..."`` o
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections import OrderedDict
@@ -36,6 +37,7 @@ _JWT_INSIDE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.")  # a JWT anywhe
 _JWS_COMPACT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # empty signature: alg none
 _GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _REQUIRED_CLAIMS = ["exp", "nbf", "iat", "iss", "aud", "tid"]
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 # A caller sends the same token for up to an hour; verifying its RS256 signature and claims again on
 # every request was the largest single cost of a request (about a fifth of its CPU). A verified token
 # is trusted again, without re-verification, until it expires or for this long, whichever is first:
@@ -189,13 +191,23 @@ def _reject_token_in_query(query: Mapping[str, str]) -> None:
 
 def _decode(token: str, key: jwt.PyJWK, settings: AuthSettings) -> dict[str, Any]:
     try:
-        return jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token, key, algorithms=list(settings.algorithms), audience=list(settings.audiences),
             leeway=settings.leeway_seconds,
             options={"require": _REQUIRED_CLAIMS, "verify_iss": False},  # issuer + tid checked together below
         )
     except jwt.PyJWTError as exc:
         raise AuthenticationFailed(_describe(exc)) from None
+    _times_are_numbers(claims)
+    return claims
+
+
+def _times_are_numbers(claims: Mapping[str, Any]) -> None:
+    # RFC 7519 2 makes them NumericDate, a JSON number; pyjwt takes whatever int() takes ("9999999999", true).
+    for name in _TIME_CLAIMS:
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise AuthenticationFailed(f"token claim '{name}' is not a number")
 
 
 def _describe(exc: jwt.PyJWTError) -> str:

@@ -16,14 +16,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from gateway_lib.auth.identity import Caller
-from gateway_lib.billing import pricing
+from gateway_lib.billing import pricing, settlements
 from gateway_lib.billing.ledger import CostRow
-from gateway_lib.billing.settlements import shielded
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import GatewayError, ProviderError
 from gateway_lib.guardrails import tokens
 from gateway_lib.http.edge import Scope
 from gateway_lib.providers.base import OperationRequest, Usage
+from gateway_lib.storage import circuit
 from gateway_lib.storage.base import StorageError
 from gateway_lib.telemetry import RequestRecord
 
@@ -95,11 +95,18 @@ class Accounting:
         self._finished = True
         if status == "ok" and self.screened.max_tokens:  # an answer of an operation with output: learn its length
             self.rt.admission.expected_output.observe(self.caller.key, usage.completion_tokens / self._choices)
-        return await shielded(asyncio.ensure_future(self._settle(target, usage, status, error)))
-
-    async def _settle(self, target: Target | None, usage: Usage, status: str, error: GatewayError | None) -> Decimal:
-        assert self.reservation is not None  # the pipeline reserves before any path can finish
         cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
+        settling = asyncio.ensure_future(self._settle(target, usage, cost, status, error))
+        # The answer is paid for already: it waits for its settle only so long (a settle riding out an outage,
+        # or queued behind others for the row, goes on in the background).
+        if not await settlements.within(settling, circuit.REQUEST_SECONDS):
+            log.warning("settle still under way; the response does not wait for it",
+                        extra={"custom_dimensions": {"request_id": self.scope.request_id, "status": status}})
+        return cost
+
+    async def _settle(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
+                      error: GatewayError | None) -> None:
+        assert self.reservation is not None  # the pipeline reserves before any path can finish
         row = self._row(target, usage, cost, status, error)
         try:
             # Settle and release are one operation: swap the reservation for what the row says was used.
@@ -109,7 +116,6 @@ class Accounting:
             log.error("settle failed; reservation left in place",
                       extra={"custom_dimensions": {"request_id": self.scope.request_id, "status": status}})
         self._record(target, usage, cost, status, error)
-        return cost
 
     async def finish_error(self, error: GatewayError) -> None:
         """Release the reservation of a request that produced nothing; its cost row says why."""

@@ -31,7 +31,7 @@ from gateway_lib.storage.base import Entity, EntityExists, Op, PreconditionFaile
 
 log = logging.getLogger("gateway.alerts")
 
-AlertKind = Literal["threshold", "forecast"]
+AlertKind = Literal["threshold", "token_threshold", "forecast"]  # USD, tokens, USD
 AlertScope = Literal["caller", "team"]
 
 # A run that starts delivering an alert pushes ``next_attempt_at`` this far ahead first:
@@ -60,7 +60,7 @@ class Alert:
     subject: str  # caller key or team name
     period: str  # "day|YYYYMMDD" or "month|YYYYMM" (UTC)
     threshold: int | None  # percent of budget; None for a forecast alert
-    spend: Decimal
+    spend: Decimal  # USD, or tokens for a token_threshold alert (as is the budget)
     budget: Decimal
     created: datetime
     forecast_at: datetime | None = None  # when the budget is predicted to run out
@@ -80,6 +80,10 @@ class Alert:
         return f"alert|{self.kind}|{self.scope}|{key_part(self.subject)}|{self.period}|{threshold}"
 
     @property
+    def unit(self) -> Literal["usd", "tokens"]:
+        return "tokens" if self.kind == "token_threshold" else "usd"
+
+    @property
     def pending_sinks(self) -> list[str]:
         return [name for name, sent in self.delivery.items() if not sent]
 
@@ -88,6 +92,9 @@ class Alert:
         who = f"{self.scope} {self.subject}"
         unit, period = self.period.split("|", 1)
         money = f"USD {self.spend:.2f} of {self.budget:.2f}"
+        if self.unit == "tokens":
+            return (f"Token budget alert: {who} reached {self.threshold}% of its {unit} token budget "
+                    f"({self.spend:,.0f} of {self.budget:,.0f} tokens, {period}).")
         if self.kind == "forecast" and self.forecast_at is not None:
             when = self.forecast_at.strftime("%Y-%m-%d %H:%M UTC")
             return f"Budget forecast: {who} is on track to exhaust its {unit} budget on {when} ({money}, {period})."
@@ -100,11 +107,16 @@ class Alert:
     def as_json(self) -> dict[str, Any]:
         return {
             "id": f"{self.partition_key}/{self.row_key}", "kind": self.kind, "scope": self.scope,
-            "subject": self.subject, "period": self.period, "threshold": self.threshold,
-            "spend_usd": str(self.spend), "budget_usd": str(self.budget),
+            "subject": self.subject, "period": self.period, "threshold": self.threshold, "unit": self.unit,
+            **self._amounts(),
             "forecast_at": _iso(self.forecast_at), "created": _iso(self.created),
             "delivery": dict(self.delivery), "attempts": self.attempts, "last_error": self.last_error,
         }
+
+    def _amounts(self) -> dict[str, str]:
+        if self.unit == "tokens":
+            return {"tokens": str(self.spend), "budget_tokens": str(self.budget)}
+        return {"spend_usd": str(self.spend), "budget_usd": str(self.budget)}
 
     def to_entity(self) -> Entity:
         props = {
@@ -162,7 +174,7 @@ class TelemetrySink:
 
     async def send(self, alert: Alert) -> None:
         props = {k: "" if v is None else str(v) for k, v in alert.as_json().items() if k != "delivery"}
-        measurements = {"spend_usd": float(alert.spend), "budget_usd": float(alert.budget)}
+        measurements = {name: float(value) for name, value in alert._amounts().items()}
         result = self.track_event("BudgetAlert", props, measurements)
         if inspect.isawaitable(result):
             await result

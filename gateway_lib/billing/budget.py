@@ -67,9 +67,15 @@ def model_pk(provider: str, model: str) -> str:
 class Budget:
     usd_per_day: Decimal | None = None
     usd_per_month: Decimal | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
 
     def for_period(self, period: str) -> Decimal | None:
         return self.usd_per_day if period.startswith("day|") else self.usd_per_month
+
+    def tokens_for_period(self, period: str) -> Decimal | None:
+        tokens = self.tokens_per_day if period.startswith("day|") else self.tokens_per_month
+        return None if tokens is None else Decimal(tokens)
 
 
 @dataclass(frozen=True)
@@ -458,13 +464,17 @@ async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, rows:
     for (pk, period), agg in aggregates.items():
         if pk == caller_pk(caller.key):
             await _check(run, "caller", caller.key, period, agg.spend, budget.for_period(period))
+            await _check(run, "caller", caller.key, period, Decimal(agg.tokens), budget.tokens_for_period(period),
+                         "token_threshold")
             # Enforce only in the current period (by the clock, not the rows' time): a backlog row from
             # yesterday, or the 00:01 run's rows of 23:59, must not block today.
             if run.clock() < period_end(period) and crossed_thresholds(agg.spend, budget.for_period(period), [100]):
                 await _restrict(run, caller.key, period_start(period), period_end(period))
         elif pk.startswith("team|") and "|by|" not in period:
-            team = teams[pk]
-            await _check(run, "team", team, period, agg.spend, (await run.budgets.team_budget(team)).for_period(period))
+            team, team_budget = teams[pk], await run.budgets.team_budget(teams[pk])
+            await _check(run, "team", team, period, agg.spend, team_budget.for_period(period))
+            await _check(run, "team", team, period, Decimal(agg.tokens), team_budget.tokens_for_period(period),
+                         "token_threshold")
     try:
         await _forecast(run, caller.key, budget, aggregates, as_of)
     except ArithmeticError:  # a forecast is advice: it must never stop the rollup of this or any other caller
@@ -472,12 +482,12 @@ async def _evaluate(run: _Run, caller: CallerInfo, aggregates: Aggregates, rows:
 
 
 async def _check(run: _Run, scope: alerting.AlertScope, subject: str, period: str, spend: Decimal,
-                 budget: Decimal | None) -> None:
+                 budget: Decimal | None, kind: alerting.AlertKind = "threshold") -> None:
     # Claims are attempted on the absolute spend, not on "crossed in this batch": a crash after
     # the aggregate moved but before the claim must still raise the alert on resume.
     for threshold in crossed_thresholds(spend, budget, run.settings.alert_thresholds):
         assert budget is not None
-        await _raise(run, Alert("threshold", scope, subject, period, threshold, spend, budget, run.clock()))
+        await _raise(run, Alert(kind, scope, subject, period, threshold, spend, budget, run.clock()))
 
 
 async def _forecast(run: _Run, caller_key: str, budget: Budget, aggregates: Aggregates, as_of: datetime) -> None:

@@ -40,7 +40,8 @@ class OverrideBudgets:
     async def _budget(self, subject: str, kind: str, tier: Tier | None) -> Budget:
         if (kind, subject) not in self._cache:
             limits = counters.Limits.of(tier, await overrides.get_override(self._store, self._prefix, subject, kind))
-            self._cache[(kind, subject)] = Budget(limits.usd_per_day, limits.usd_per_month)
+            self._cache[(kind, subject)] = Budget(limits.usd_per_day, limits.usd_per_month, limits.tokens_per_day,
+                                                  limits.tokens_per_month)
         return self._cache[(kind, subject)]
 
 

@@ -1,13 +1,12 @@
-"""Settlements that outlive their request: a cancelled request's cost row and give-back still get written."""
+"""Settlements that outlive their request (cancelled, or no longer waiting): their cost rows and give-backs still get written."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 log = logging.getLogger("gateway.accounting")
-T = TypeVar("T")
 
 _pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancelled request: kept from the GC
 
@@ -20,12 +19,17 @@ async def drain() -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def shielded(task: asyncio.Future[T]) -> T:
-    """Await ``task`` even if the awaiting request is cancelled; the task then completes in the background."""
+async def within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Wait at most ``seconds`` for ``task``; True if it finished (its exception raised here). Past that, or if
+    the waiting request is cancelled, the task goes on in the background and is drained on shutdown."""
     _pending.add(task)
     task.add_done_callback(_pending.discard)
     try:
-        return await asyncio.shield(task)
+        await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
         log.info("request cancelled; its settlement continues in the background")
         raise
+    if not task.done():
+        return False
+    task.result()
+    return True

@@ -73,9 +73,7 @@ def begin(request: Request, route: str) -> Scope:
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     """Read a JSON body: 415 for the wrong type, 413 past the cap (before parsing), 400 when unreadable."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("Content-Type must be application/json.", param="content-type")
+    _check_media_type(request.headers.get("content-type", ""), request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -98,6 +96,21 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest("The request body nests too deeply.", code="invalid_json") from None
     except ValueError:  # an integer over Python's 4,300-digit conversion limit
         raise InvalidRequest("The request body holds a number too long to read.", code="invalid_json") from None
+
+
+def _check_media_type(content_type: str, content_encoding: str | None) -> None:
+    """415 for a body we would misread: not JSON, not UTF-8 (RFC 8259 8.1), or compressed (nothing decodes it)."""
+    media_type, *params = content_type.split(";")
+    if media_type.strip().lower() != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json.", param="content-type")
+    for name, _, value in (p.partition("=") for p in params):
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(f"charset {charset[:32]!r} is not supported; send JSON in UTF-8.",
+                                       param="content-type")
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {content_encoding.strip()[:32]!r} is not supported; send the "
+                                   "body uncompressed.", param="content-encoding")
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:

@@ -3,6 +3,8 @@
 Python's parser also takes NaN, Infinity, numbers past a double (1e400 becomes inf) and lone UTF-16
 surrogates ("\\ud800"). None of them can be sent on: the SDKs refuse to encode them, and failing
 there looked like a provider failure (a 503 that counted against every target's circuit breaker).
+It also takes a key twice in one object, the last value winning; another hop that keeps the first
+would see a different request (RFC 8259 4: names SHOULD be unique), so that is refused too.
 """
 
 from __future__ import annotations
@@ -25,10 +27,56 @@ def loads(text: str | bytes | bytearray) -> Any:
     the escape check below, a search of the text, would not see a surrogate escape for the NULs in it."""
     if not isinstance(text, str):
         text = bytes(text).decode("utf-8-sig")
-    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
+    except _Duplicate as dup:  # rare: only then parse again to find where the key is
+        where = _duplicate_path(json.loads(text, parse_constant=_no_constant, object_pairs_hook=_Marked.of))
+        raise InvalidRequest(f"The JSON repeats the key '{dup.key[:64]}' in one object (at {where or 'the top'}); "
+                             "send each key once.", code="invalid_json", param=where or None) from None
     if _ESCAPE.search(text):  # rare: only then walk the document
         _no_lone_surrogates(value)
     return value
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):  # the one check on the hot path: a dict the size of its pairs has no repeat
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return value
+
+
+class _Marked(dict[str, Any]):
+    """An object of the second parse, carrying the key it repeats (None if it repeats none)."""
+
+    repeated: str | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> _Marked:
+        value = cls(pairs)
+        if len(value) != len(pairs):
+            seen: set[str] = set()
+            value.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return value
+
+
+def _duplicate_path(value: Any) -> str:
+    """OpenAI's spelling of where the first repeated key is (``messages[0].content``)."""
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, _Marked):
+            if item.repeated is not None:
+                return f"{path}.{item.repeated}" if path else item.repeated
+            pending.extend((v, f"{path}.{k}" if path else k) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            pending.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return ""
 
 
 def _no_constant(name: str) -> Any:

@@ -31,6 +31,7 @@ from gateway_lib.operations.base import KeptState, Operation
 from gateway_lib.providers.base import CallContext, OperationRequest, StreamEvent, Usage
 from gateway_lib.routing import fallback
 from gateway_lib.routing import plan as routing
+from gateway_lib.storage import circuit
 
 if TYPE_CHECKING:
     from gateway_lib.runtime import Runtime
@@ -80,18 +81,21 @@ async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any]
 
 async def _admit(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
                  task: str | None, state: KeptState | None = None) -> tuple[Accounting, CallContext]:
-    """Plan the route, screen the input and reserve quota: everything before the first upstream byte."""
-    alias = await rt.admission.effective_alias(caller, request.model)
-    plan = routing.plan_route(
-        alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=request.provider_hint,
-        priority=request.priority, health=rt.health.view(), request=request,
-    )
-    if state is not None:  # after the capability check: a target that keeps no state is refused as such first
-        plan = await state.pin(plan)
-    screened = guardrails.screen(op.prompt(request), caller.tier, plan.targets, rt.settings.limits)
-    plan = plan.only(screened.eligible)  # targets whose context window the request fits
-    acct = Accounting(rt, scope, caller, request, alias, task, plan, screened)
-    await acct.reserve()
+    """Plan the route, screen the input and reserve quota: everything before the first upstream byte.
+    Its storage waits (the override read, row lock waits, the reservation, a kept response's owner) share
+    one deadline."""
+    with circuit.deadline():
+        alias = await rt.admission.effective_alias(caller, request.model)
+        plan = routing.plan_route(
+            alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=request.provider_hint,
+            priority=request.priority, health=rt.health.view(), request=request,
+        )
+        if state is not None:  # after the capability check: a target that keeps no state is refused as such first
+            plan = await state.pin(plan)
+        screened = guardrails.screen(op.prompt(request), caller.tier, plan.targets, rt.settings.limits)
+        plan = plan.only(screened.eligible)  # targets whose context window the request fits
+        acct = Accounting(rt, scope, caller, request, alias, task, plan, screened)
+        await acct.reserve()
     return acct, CallContext(request_id=scope.request_id, traceparent=scope.traceparent,
                              max_tokens=screened.max_tokens)
 

@@ -159,6 +159,23 @@ class ChatRequest(BaseModel):
                                  code="invalid_value", param="stream_options")
         return self
 
+    @model_validator(mode="after")
+    def _references_hold(self) -> ChatRequest:
+        """What OpenAI refuses across fields; raised as our own errors so that they name the parameter."""
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" and message.tool_call_id is None:
+                raise InvalidRequest(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                                     code="missing_required_parameter", param=f"messages[{i}].tool_call_id")
+        if self.response_format is not None and self.response_format.get("type") == "json_schema" \
+                and self.response_format.get("json_schema") is None:
+            raise InvalidRequest("Missing required parameter: 'response_format.json_schema'.",
+                                 code="missing_required_parameter", param="response_format.json_schema")
+        named = _named_function(self.tool_choice)
+        if named is not None and named not in _function_names(self.tools):
+            raise InvalidRequest(f"Invalid value for 'tool_choice': no function named '{named[:64]}' in 'tools'.",
+                                 code="invalid_value", param="tool_choice")
+        return self
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -182,6 +199,18 @@ class ChatRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _named_function(tool_choice: str | dict[str, Any] | None) -> str | None:
+    """The function ``{"type": "function", "function": {"name": ...}}`` names, if it names one."""
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _function_names(tools: list[dict[str, Any]] | None) -> set[str]:
+    functions = (tool.get("function") for tool in tools or ())
+    return {f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)}
 
 
 class GenerateRequest(BaseModel):
@@ -218,7 +247,8 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     if first["type"] in ("extra_forbidden", "missing"):
         # The last part is the field's own name, as the caller spelled it ("Temperature" is no union tag).
         loc = first["loc"]
-        param = ".".join(p for p in (_param(loc[:-1]), str(loc[-1])) if p) if loc else None
+        parent = _param(loc[:-1])
+        param = (f"{parent}.{loc[-1]}" if parent else str(loc[-1])) if loc else None  # "" too: "stream_options."
     if first["type"] == "extra_forbidden":
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", code="unknown_parameter", param=param)
     if first["type"] == "missing":

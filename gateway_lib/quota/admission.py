@@ -63,6 +63,7 @@ from gateway_lib.quota.overrides import (
     put_override,
 )
 from gateway_lib.quota.reservation import Reservation, Settlement
+from gateway_lib.storage import circuit
 from gateway_lib.storage.base import (
     Entity,
     EntityExists,
@@ -70,6 +71,7 @@ from gateway_lib.storage.base import (
     StorageError,
     TableStore,
 )
+from gateway_lib.storage.circuit import StorageDown
 
 if TYPE_CHECKING:
     from gateway_lib.config.settings import Settings
@@ -123,12 +125,13 @@ class Admission:
     async def effective_alias(self, caller: Caller, alias: str) -> str:
         """The alias to route: the override's alias while budget enforcement has the caller downgraded."""
         try:
-            await self._ensure_tables()  # the first call of a request: tables may not exist yet
-            override = await self._cached_override(caller.key, "caller", None)
+            with circuit.deadline():
+                await self._ensure_tables()  # the first call of a request: tables may not exist yet
+                override = await self._cached_override(caller.key, "caller", None)
         except StorageError as exc:
             if caller.tier.fail_open:
                 return alias
-            raise _unavailable() from exc
+            raise _unavailable(exc) from exc
         return override.alias if override and override.status == "downgraded" and override.alias else alias
 
     async def reserve(self, caller: Caller, *, tokens: int, usd: Decimal, request_id: str) -> Reservation:
@@ -136,8 +139,10 @@ class Admission:
 
         A request cancelled meanwhile (its caller hung up) does not cancel the write: a write cut off in flight
         leaves its outcome unknown (a lease grant has taken the old lease out of reach by then). It ends, and
-        the room it reserved is given back."""
-        task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
+        the room it reserved is given back. Its row lock waits and storage calls end within the request's
+        storage deadline (``circuit.deadline``), and at once while storage is known to be down."""
+        with circuit.deadline():  # the task takes it along
+            task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
         self._reserving.add(task)
         task.add_done_callback(self._reserving.discard)
         try:
@@ -273,7 +278,7 @@ class Admission:
 
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
         """Add the reservation to the row; returns the x-ratelimit-* headers."""
-        async with self._rows.lock(pk):
+        async with self._rows.locked(pk):
             return await self._admit_locked(pk, limits, res, who)
 
     async def _admit_locked(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
@@ -347,7 +352,8 @@ class Admission:
                 undone = replace(undone, minute_requests=max(0, undone.minute_requests - 1))
             return await self._rows.write(entity, undone.to_entity(pk), res)
 
-        await self._rows.until_written(res, pk or table_key(res.caller_key), write, "undo", gives_back_only=True)
+        await self._rows.until_written(res, pk or table_key(res.caller_key), write, "undo", gives_back_only=True,
+                                       owed=Release(res.minute, res.epoch, 1, res.tokens, res.usd))
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         if not res.accounted:
@@ -399,7 +405,7 @@ class Admission:
 
     def _storage_down(self, caller: Caller, res: Reservation, exc: StorageError) -> Reservation:
         if not caller.tier.fail_open:
-            raise _unavailable() from exc
+            raise _unavailable(exc) from exc
         log.warning("quota storage unreachable: admitting fail-open without counters",
                     extra={"request_id": res.request_id, "caller": caller.key, "tier": caller.tier.name,
                            "error": str(exc)})
@@ -434,10 +440,11 @@ def _rolled_for(entity: Entity | None, res: Reservation, now: datetime) -> Count
     return counters
 
 
-def _unavailable() -> ServiceUnavailable:
+def _unavailable(cause: Exception | None = None) -> ServiceUnavailable:
     # Its own code: "quota storage down" and "every provider down" call for different responses.
+    retry_after = cause.retry_after if isinstance(cause, StorageDown) else 5  # down: until the next probe
     return ServiceUnavailable("quota storage is unavailable; request refused (fail-closed)",
-                              code="storage_unavailable", retry_after=5)
+                              code="storage_unavailable", retry_after=retry_after)
 
 
 def background(pk: str, what: str) -> Reservation:

@@ -15,14 +15,15 @@ import random
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from gateway_lib.billing.ledger import CostRow
 from gateway_lib.quota.counters import COUNTERS_ROW, WRITERS_KEPT, Counters, Release, stamped, writers
+from gateway_lib.storage import circuit
 from gateway_lib.storage.base import (
     Entity,
     EntityExists,
@@ -33,6 +34,7 @@ from gateway_lib.storage.base import (
     TableStore,
     TransactionFailed,
 )
+from gateway_lib.storage.circuit import StorageDown
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +69,20 @@ class AlreadySettled(Exception):
 
 @dataclass(frozen=True)
 class Doubt:
-    """A reserving write whose reply was lost: its marker, the room it reserved, the newest marker of the row
-    it replaced (``latest``) and the room it gave back in the same write, if any."""
+    """A write whose reply was lost: its marker, the room it reserved, the newest marker of the row it replaced
+    (``latest``) and the room it gave back in the same write, if any. A give-back never sent (storage was down
+    throughout) has no marker: it surely missed."""
 
-    marker: str
-    release: Release
+    marker: str | None
+    release: Release | None
     latest: str | None
     gives_back: Release | None
 
+    def landed(self, history: list[str]) -> bool:
+        return self.marker is not None and self.marker in history
+
     def surely_missed(self, history: list[str]) -> bool:
-        return surely_missed(self.marker, self.latest, history)
+        return self.marker is None or surely_missed(self.marker, self.latest, history)
 
 
 def surely_missed(marker: str, latest: str | None, history: list[str]) -> bool:
@@ -104,6 +110,7 @@ class CounterRows:
                  monotonic: Callable[[], float], sleep: Callable[[float], Awaitable[None]],
                  rng: random.Random) -> None:
         self._store, self._table = store, table
+        self._circuit: circuit.Circuit | None = getattr(store, "circuit", None)  # a GuardedStore's
         self._clock, self._monotonic, self._sleep, self._rng = clock, monotonic, sleep, rng
         # One lock per counters row *within this process*: requests of one caller on one instance queue
         # for the row instead of racing for its ETag (64 racers on one row made every write a 412 and
@@ -123,6 +130,43 @@ class CounterRows:
         if lock is None:
             lock = self._locks[pk] = asyncio.Lock()
         return lock
+
+    def down_for(self) -> float | None:
+        """Seconds until storage is probed again while it is known to be down, else None."""
+        return self._circuit.down_for() if self._circuit is not None else None
+
+    @asynccontextmanager
+    async def locked(self, pk: str) -> AsyncIterator[None]:
+        """The row lock, for a request: its wait ends with the request's storage deadline, and at once when
+        storage is known to be down (``StorageDown``), whatever the request's place in the queue."""
+        lock = self.lock(pk)
+        if not lock.locked():
+            await lock.acquire()  # free: taken without suspending
+        else:
+            await self._wait_for(lock)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _wait_for(self, lock: asyncio.Lock) -> None:
+        if self._circuit is not None and (wait := self._circuit.down_for()) is not None:
+            raise StorageDown("storage is unavailable (a call timed out or failed moments ago)", max(wait, 1.0))
+        acquiring = asyncio.ensure_future(lock.acquire())
+        opened = self._circuit.opened() if self._circuit is not None else asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait({acquiring, opened}, timeout=circuit.remaining(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                with suppress(asyncio.CancelledError):
+                    await acquiring
+        if acquiring.cancelled() or not acquiring.done():
+            if opened.done() and not opened.cancelled():
+                raise StorageDown("storage is unavailable (a call timed out while this request waited)",
+                                  max(self._circuit.down_for() or 1.0, 1.0) if self._circuit else 1.0)
+            raise StorageUnavailable("the request's time for storage ran out waiting for its counters row")
 
     def known(self, pk: str) -> Entity | None:
         """The row as this process last wrote or read it (possibly stale: the ETag condition catches that)."""
@@ -194,14 +238,16 @@ class CounterRows:
                 raise
 
     async def until_written(self, counted: Counted, pk: str, write: Write, what: str,
-                            gives_back_only: bool = False) -> None:
+                            gives_back_only: bool = False, owed: Release | None = None) -> None:
         """Apply ``write`` to a counters row until it lands, under the row lock.
 
         Bounded by time, not tries: giving up loses the request's cost row and leaves its reservation
         behind, while the loser of a race only has to re-read and go again. After a lost reply, a write whose
         marker is not on the row is applied again, unless it only gives room back (a lease's return, an undo)
         and the row's history no longer proves it missed: giving room back twice could let a limit be passed,
-        while room not given back only waits for its epoch to end. That raises ``WriteInDoubt``. (A commit of
+        while room not given back only waits for its epoch to end. That raises ``WriteInDoubt``. ``owed``: the
+        room such a write gives back; if the outage outlasts this call, the write is not lost but left to the
+        doubt resolver, which gives the room back once a read shows the write surely missed. (A commit of
         cost rows that had landed is refused on them, ``AlreadySettled``; a team's settlement applied twice
         over-counts its day and under-counts its room in flight: a documented limit, the rollup sums the rows.)
         """
@@ -238,6 +284,9 @@ class CounterRows:
                     if lost is not None:
                         doubt, latest = lost, next(iter(writers(entity)), "") or None
                     if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
+                        if owed is not None:
+                            self._doubts.setdefault(pk, []).append(Doubt(doubt, None, latest, owed))
+                            self._start_resolver(pk)
                         raise
                     self.remember(pk, None)
                     entity = None
@@ -292,12 +341,14 @@ class CounterRows:
         row's history counts as neither: conservative, its room then drops out with its reservation epoch)."""
         doubts = self._doubts.pop(pk, [])
         history = writers(entity)
-        landed = [d for d in doubts if d.marker in history]
+        landed = [d for d in doubts if d.landed(history)]
         missed = [d for d in doubts if d.gives_back is not None and d not in landed and d.surely_missed(history)]
         if not (landed or missed) or entity is None:
             return entity
         counters = Counters.from_entity(entity).rolled(self._clock())
-        for release in [d.release for d in landed] + [d.gives_back for d in missed if d.gives_back is not None]:
+        for release in [d.release for d in landed] + [d.gives_back for d in missed]:
+            if release is None:
+                continue
             counters = release.apply(counters)
         try:
             written = await self.write(entity, counters.to_entity(pk), counted)
@@ -316,7 +367,8 @@ class CounterRows:
     def _start_resolver(self, pk: str) -> None:
         task = self._resolvers.get(pk)
         if task is None or task.done():
-            self._resolvers[pk] = asyncio.get_running_loop().create_task(self._resolve(pk), name="quota-doubt")
+            self._resolvers[pk] = asyncio.get_running_loop().create_task(
+                self._resolve(pk), name="quota-doubt", context=circuit.background_context())  # not the request's
 
     async def _resolve(self, pk: str) -> None:
         """Retry the fresh read that settles a doubt until storage answers (a caller may not come back soon)."""

@@ -53,7 +53,9 @@ from gateway_lib.quota.admission import (
 )
 from gateway_lib.quota.counter_rows import AlreadySettled
 from gateway_lib.quota.counters import Counters, Limits, Release, check, rate_headers
+from gateway_lib.storage import circuit
 from gateway_lib.storage.base import Entity, StorageError
+from gateway_lib.storage.circuit import StorageDown
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ class LeasedAdmission(Admission):
                 lease.renewing = True
                 self._background(self._renew(pk, limits, res, who, lease))
             return headers
-        async with self._rows.lock(pk):
+        async with self._rows.locked(pk):
             lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
             if lease is not None and lease.fits(res):
                 return rate_headers(lease.take(res, now), limits, self._clock())
@@ -185,8 +187,10 @@ class LeasedAdmission(Admission):
     async def _caught_up(self, pk: str, journal: _Journal) -> None:
         """Wait until the row's journal is less than ``JOURNAL_MAX_BEHIND`` rows behind (see there)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + BEHIND_WAIT_SECONDS
+        deadline = loop.time() + min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS)
         while len(journal.entries) >= JOURNAL_MAX_BEHIND:
+            if (down := self._rows.down_for()) is not None:  # storage is known to be down: no commit is coming
+                raise _unavailable(StorageDown("storage is unavailable", down))
             if not journal.flushing.locked():  # no commit under way: start one now, not at the next tick
                 self._background(self._flush_row(pk))
             try:
@@ -196,7 +200,7 @@ class LeasedAdmission(Admission):
                 raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(work, context=circuit.background_context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -406,7 +410,8 @@ class LeasedAdmission(Admission):
 
     def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="usage-journal")
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_forever(), name="usage-journal", context=circuit.background_context())
 
     async def _flush_forever(self) -> None:
         while not self._closing.is_set():
@@ -438,9 +443,10 @@ class LeasedAdmission(Admission):
             return await self._rows.write(entity, released.to_entity(pk), probe)
 
         try:
-            await self._rows.until_written(probe, pk, write, "lease return", gives_back_only=True)
-        except StorageError:  # the remainder drops out with its reservation epoch instead
-            log.warning("lease remainder not returned", extra={"partition": pk})
+            await self._rows.until_written(probe, pk, write, "lease return", gives_back_only=True,
+                                           owed=lease.remainder())
+        except StorageError:  # given back once storage answers (the doubt resolver), or dropped with its epoch
+            log.warning("lease remainder not returned yet", extra={"partition": pk})
 
     def _journal(self, pk: str, team: bool) -> _Journal:
         journal = self._journals.get(pk)

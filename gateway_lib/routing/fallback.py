@@ -13,9 +13,10 @@ cooldown is the upstream's own Retry-After (honoured: calling early only earns
 another 429). The breaker opens on a single failure, so without this a one-target
 alias would refuse all callers for seconds after a single blip.
 
-When nothing answers: 429 if every failure was a rate limit (the right client reaction
-is the same back-off, and SDKs honour Retry-After on 429), else 503 "all N targets ...
-are unavailable"; either carries Retry-After = the shortest cooldown.
+When nothing answers: 429 if every failure was a rate limit, counting a target skipped
+for its cooldown by the failure that started it (the right client reaction is the same
+back-off, and SDKs honour Retry-After on 429), else 503 "all N targets ... are
+unavailable"; either carries Retry-After = the shortest cooldown.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ async def _attempt(provider: Provider, target: Target, health: TargetHealth,
                             kind="timeout", retryable=True) from None
     except ProviderError as error:
         if error.retryable:
-            health.record_failure(target.id, error.retry_after)
+            health.record_failure(target.id, error.retry_after, error.kind)
         else:
             health.release(target.id)  # the caller's mistake says nothing about the target
         raise
@@ -217,13 +218,19 @@ def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | N
     waits = [view.status(t.id).retry_in(now) for t in plan.targets]
     retry_after = float(max(1, math.ceil(min(waits, default=1.0))))
     n, alias = len(plan.steps), plan.alias
-    failures = [a for a in attempts if a.sent and a.outcome != "ok"]
+    # Why each target failed, or why it is cooling down (so not tried): throttling is told apart from failure.
+    reasons = [a.outcome if a.sent else view.status(a.target_id).reason for a in attempts
+               if a.outcome == "circuit_open" or (a.sent and a.outcome != "ok")]
+    throttled = bool(reasons) and all(r == "rate_limited" for r in reasons)
     if last is None:
+        if throttled:
+            return RateLimited(f"all {n} targets for model {alias} are rate limited (cooling down after upstream "
+                               "429s).", code="upstream_rate_limited", retry_after=retry_after)
         reason = "cooling down after recent failures" if attempts else "not configured"
         return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable ({reason}).",
                                   retry_after=retry_after)
     detail = f"(last error: {last.kind} from {last.provider}: {last.message})"
-    if all(a.outcome == "rate_limited" for a in failures):
+    if throttled:
         return RateLimited(f"all {n} targets for model {alias} are rate limited {detail}",
                            code="upstream_rate_limited", retry_after=retry_after)
     return ServiceUnavailable(f"all {n} targets for model {alias} are unavailable {detail}", retry_after=retry_after)
@@ -248,7 +255,7 @@ class UpstreamEvents:
             raise
         except ProviderError as error:
             if error.retryable:
-                self._health.record_failure(self._target.id, error.retry_after)
+                self._health.record_failure(self._target.id, error.retry_after, error.kind)
             await self.aclose()
             raise
 

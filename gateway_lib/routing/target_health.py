@@ -36,6 +36,7 @@ class TargetStatus:
     probe_taken: bool = False  # half-open and its one probe is in flight
     upstream_hold: bool = False  # the cooldown is the upstream's own Retry-After
     failures: int = 0  # consecutive
+    reason: str | None = None  # the failure that started the cooldown (a ProviderError kind: "rate_limited", ...)
 
     def circuit_at(self, now: float) -> Circuit:
         """The circuit as seen at ``now``: an open circuit whose cooldown ended is half-open."""
@@ -110,8 +111,8 @@ class TargetHealth:
             self._statuses[target_id] = TargetStatus(latency_ms=ewma)
             self._probe_started.pop(target_id, None)
 
-    def record_failure(self, target_id: str, retry_after: float | None = None) -> None:
-        """A retryable failure: open the circuit (again) for the cooldown."""
+    def record_failure(self, target_id: str, retry_after: float | None = None, reason: str | None = None) -> None:
+        """A retryable failure: open the circuit (again) for the cooldown, remembering why (``reason``)."""
         with self._lock:
             now = self._clock()
             status = self._statuses.get(target_id, UNKNOWN)
@@ -120,7 +121,7 @@ class TargetHealth:
                 self._base * 2 ** (failures - 1), self._cap)
             self._statuses[target_id] = TargetStatus(
                 latency_ms=status.latency_ms, circuit="open", open_until=now + cooldown,
-                upstream_hold=bool(retry_after), failures=failures)
+                upstream_hold=bool(retry_after), failures=failures, reason=reason)
             self._probe_started.pop(target_id, None)
 
     def release(self, target_id: str) -> None:

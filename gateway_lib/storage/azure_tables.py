@@ -37,6 +37,7 @@ from gateway_lib.storage.base import (
     PreconditionFailed,
     StorageError,
     StorageUnavailable,
+    StorageUnreachable,
     TableNotFound,
     TransactionFailed,
 )
@@ -243,13 +244,13 @@ def _translated() -> Iterator[None]:
             raise TableNotFound(_first_line(exc)) from exc  # a missing table is a deployment fault, not a missing row
         raise EntityNotFound(_first_line(exc)) from exc
     except (ServiceRequestError, ServiceResponseError) as exc:  # never reached it, or no answer in time
-        raise StorageUnavailable(f"table storage unreachable: {type(exc).__name__}") from exc
+        raise StorageUnreachable(f"table storage unreachable: {type(exc).__name__}") from exc
     except AzureError as exc:
         if getattr(exc, "status_code", None) == 412:
             raise PreconditionFailed(_first_line(exc)) from exc
         raise StorageError(f"table storage failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except (TimeoutError, OSError) as exc:
-        raise StorageUnavailable(f"table storage unreachable: {type(exc).__name__}") from exc
+        raise StorageUnreachable(f"table storage unreachable: {type(exc).__name__}") from exc
 
 
 def _code(exc: Exception) -> str:

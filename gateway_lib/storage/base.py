@@ -22,6 +22,10 @@ class StorageUnavailable(StorageError):
     """Storage could not be reached (connection refused, timeout): transient, worth retrying briefly."""
 
 
+class StorageUnreachable(StorageUnavailable):
+    """No connection, or no answer in time: unlike a 5xx answer, a sign that storage itself is down."""
+
+
 class EntityNotFound(StorageError):
     pass
 

@@ -30,7 +30,7 @@ from gateway_lib.storage.base import (
     Op,
     PreconditionFailed,
     StorageError,
-    StorageUnavailable,
+    StorageUnreachable,
     TableNotFound,
     TransactionFailed,
 )
@@ -94,6 +94,7 @@ class MemoryTableStore:
         self._etags = itertools.count(1)
         self.round_trips = 0  # every call counts as one, like one HTTP request to Azure
         self.down = False  # set True to simulate an outage: every call raises StorageError
+        self._thawed: asyncio.Event | None = None  # set by freeze(): calls wait for it
 
     async def get(self, table: str, partition_key: str, row_key: str) -> Entity | None:
         rows = await self._rows(table)
@@ -150,11 +151,22 @@ class MemoryTableStore:
     async def aclose(self) -> None:
         return None
 
+    def freeze(self) -> None:
+        """A frozen server (a stopped process, a node failing over): calls hang until ``thaw``."""
+        self._thawed = asyncio.Event()
+
+    def thaw(self) -> None:
+        if self._thawed is not None:
+            self._thawed.set()
+            self._thawed = None
+
     async def _enter(self) -> None:
         self.round_trips += 1
         await asyncio.sleep(0)  # a real call suspends here: let other tasks run so races interleave
+        if self._thawed is not None:
+            await self._thawed.wait()
         if self.down:
-            raise StorageUnavailable("table storage is unreachable (simulated outage)")
+            raise StorageUnreachable("table storage is unreachable (simulated outage)")
 
     async def _rows(self, table: str) -> Rows:
         await self._enter()

@@ -42,6 +42,7 @@ from tests.unit.test_budget import (
     scenario_late_rows_crash_then_resume,
     scenario_leased_outage_then_rollup,
     scenario_thresholds_once,
+    scenario_token_thresholds_once,
     set_budget,
     stored_alerts,
     write_cost,
@@ -107,6 +108,11 @@ def on_azurite(conn: str, scenario: Callable[[TableStore], Awaitable[None]]) -> 
 
 def test_thresholds_are_crossed_exactly_once_across_runs(azurite_connection_string: str, table_prefix: str) -> None:
     on_azurite(azurite_connection_string, lambda store: scenario_thresholds_once(store, table_prefix))
+
+
+def test_token_budgets_alert_at_each_threshold_once_per_period(azurite_connection_string: str,
+                                                               table_prefix: str) -> None:
+    on_azurite(azurite_connection_string, lambda store: scenario_token_thresholds_once(store, table_prefix))
 
 
 def test_concurrent_runs_in_one_process_do_not_double_count(azurite_connection_string: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 
@@ -163,6 +164,21 @@ BAD_INPUT = [
      "Temperature"),
     ("unknown nested field", json.dumps(hello(stream=True, stream_options={"Include": True})), "application/json",
      400, "unknown_parameter", "stream_options.Include"),
+    ("empty nested field", json.dumps(hello(stream=True, stream_options={"": True})), "application/json",
+     400, "unknown_parameter", "stream_options."),
+    # A key twice: another hop keeping the first value would see a different request.
+    ("repeated key", b'{"model": "gpt-4o-mini", "max_tokens": -1, "max_tokens": 4, "messages": [{"role": "user", '
+     b'"content": "x"}]}', "application/json", 400, "invalid_json", "max_tokens"),
+    ("json_schema without its schema", json.dumps(hello(response_format={"type": "json_schema"})), "application/json",
+     400, "missing_required_parameter", "response_format.json_schema"),
+    ("tool_choice naming no tool", json.dumps(hello(tools=[{"type": "function", "function": {"name": "a"}}],
+                                                    tool_choice={"type": "function", "function": {"name": "b"}})),
+     "application/json", 400, "invalid_value", "tool_choice"),
+    ("tool message without its call id", json.dumps(hello(messages=[{"role": "user", "content": "x"},
+                                                                    {"role": "tool", "content": "y"}])),
+     "application/json", 400, "missing_required_parameter", "messages[1].tool_call_id"),
+    ("a charset other than UTF-8", json.dumps(hello()), "application/json; charset=utf-16", 415,
+     "unsupported_media_type", "content-type"),
 ]
 
 
@@ -179,6 +195,15 @@ def test_bad_input_gets_its_exact_status_and_openai_error_shape(
     assert error["param"] == param
     assert response.headers["x-request-id"]
     assert sim.total() == 0, "bad input must never reach a provider"
+
+
+def test_a_compressed_body_is_a_415_not_invalid_json(base_url: str, token: str, sim) -> None:
+    response = requests.post(f"{base_url}/v1/chat/completions", data=gzip.compress(json.dumps(hello()).encode()),
+                             timeout=30, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                                                  "Content-Encoding": "gzip"})
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["param"] == "content-encoding"
+    assert sim.total() == 0
 
 
 def test_the_local_host_routes_like_the_functions_host(base_url: str, token: str) -> None:

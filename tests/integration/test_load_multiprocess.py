@@ -294,6 +294,6 @@ def test_three_hosts_under_load_then_under_faults_lose_nothing(load_stack: Stack
         # Leased hosts keep admitting from their leases through a short outage and commit the journal
         # once storage is back (the ledger check below); strict hosts refuse what they cannot reserve.
         assert any(s.status == 503 for s in during), "the outage must have been felt"
-    assert all(s.status == 200 for s in after if s.caller != HOT), "the gateway recovers by itself"
+    assert all(s.status == 200 for s in after if s.caller != HOT), ("the gateway recovers by itself", _tally(after))
     print(f"outage: {_tally(during)} recovered: {_tally(after)}")
     check_ledger(load_stack, everything + during + after, ADMISSION_REFUSALS + storage_refusals)

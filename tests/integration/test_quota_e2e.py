@@ -365,6 +365,10 @@ def test_storage_outage_fails_closed_with_a_clear_503_and_recovers(outage_stack:
     ids = [r.request_id for r in rows]
     assert "q-outage-before" in ids and "q-outage-during" not in ids
     assert all(r.status == "ok" for r in rows)
-    # The settle lost in the outage leaves its reservation (an over-estimate) until it expires: docs/storage.md.
-    assert "q-outage-inflight" not in ids
-    assert counters.in_flight_tokens > 0, "its reservation stays (an over-estimate) until its epoch ends"
+    # The answer did not wait past 8 s for its settle, which rode the outage out in the background: its row
+    # landed if storage came back within SETTLE_OUTAGE_SECONDS; if not, its reservation (an over-estimate)
+    # stays until its epoch ends (docs/storage.md). Either way it is counted once, never lost and freed.
+    if "q-outage-inflight" in ids:
+        assert counters.in_flight_tokens == 0
+    else:
+        assert counters.in_flight_tokens > 0, "its reservation stays (an over-estimate) until its epoch ends"

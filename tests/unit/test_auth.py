@@ -166,6 +166,16 @@ def test_clock_skew_within_leeway_is_accepted() -> None:
     authenticate(auth, bearer(ISSUER.token({"nbf": int(now) + 30, "iat": int(now) + 30})))
 
 
+@pytest.mark.parametrize(("claim", "spelled"), [("exp", str), ("nbf", str), ("iat", str), ("nbf", bool), ("iat", bool)])
+def test_a_time_claim_that_is_not_a_json_number_is_refused(claim: str, spelled: Any) -> None:
+    auth, _ = authenticator()
+    now = int(time.time())
+    value = {"exp": now + 3600, "nbf": now - 60, "iat": now - 60}[claim]
+    error = failure(auth, bearer(ISSUER.token({claim: spelled(value)})))  # "1796400891", or true (int() says 1)
+    assert error.status == 401 and error.message == f"token claim '{claim}' is not a number"
+    assert isinstance(authenticate(auth, bearer(ISSUER.token({claim: value + 0.5}))), Caller)  # a fraction is fine
+
+
 def test_leeway_zero_rejects_just_expired() -> None:
     auth, _ = authenticator(leeway_seconds=0)
     assert failure(auth, bearer(ISSUER.token(now=time.time() - 3630, ttl=3600))).message == "token has expired"

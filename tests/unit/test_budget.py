@@ -157,6 +157,26 @@ async def scenario_thresholds_once(store: TableStore, prefix: str) -> None:
     assert await caller_month_spend(store, prefix, "a") == Decimal("105")
 
 
+async def scenario_token_thresholds_once(store: TableStore, prefix: str) -> None:
+    """A daily token budget (a caller's, a team's) alerts at 50/80/100 % once per period, apart from USD."""
+    await prepare(store, prefix)
+    await overrides.put_override(store, prefix, caller_key("a"), overrides.Override({"tokens_per_day": 40}))
+    await overrides.put_override(store, prefix, "ml", overrides.Override({"tokens_per_month": 50}), "team")
+    sink, clock = FakeSink(), FakeClock(T0 + timedelta(hours=12))
+    for _ in range(5):  # 10 tokens a row: 25, 50, 75, 100, 125 % of the caller's day; 20 .. 100 % of the team's month
+        await write_cost(store, prefix, "a", clock.now - timedelta(minutes=10), "0.01", team="ml")
+        await rollup(store, prefix, clock, [sink])
+        await rollup(store, prefix, clock, [sink])  # a second run raises nothing again
+        clock.advance(minutes=5)
+    raised = sorted((a.scope, a.period, a.threshold) for a in sink.sent if a.kind == "token_threshold")
+    assert raised == [("caller", "day|20260310", 50), ("caller", "day|20260310", 80), ("caller", "day|20260310", 100),
+                      ("team", "month|202603", 50), ("team", "month|202603", 80), ("team", "month|202603", 100)]
+    assert [a for a in sink.sent if a.kind != "token_threshold"] == [], "no USD budget was set: no USD alert"
+    caller_alert = next(a for a in sink.sent if a.scope == "caller" and a.threshold == 100)
+    assert (caller_alert.spend, caller_alert.budget) == (Decimal(40), Decimal(40))
+    assert caller_alert.as_json()["unit"] == "tokens" and "40 of 40 tokens" in caller_alert.text()
+
+
 async def scenario_concurrent_runs(store: TableStore, prefix: str) -> None:
     await prepare(store, prefix)
     for app in ("a", "b", "c"):
@@ -418,6 +438,10 @@ def test_a_leased_instance_back_from_an_outage_has_its_rows_rolled_up() -> None:
 
 def test_each_threshold_alerts_once_per_period_across_runs() -> None:
     run(scenario_thresholds_once(MemoryTableStore(), "gw"))
+
+
+def test_token_budgets_alert_at_each_threshold_once_per_period() -> None:
+    run(scenario_token_thresholds_once(MemoryTableStore(), "gw"))
 
 
 def test_a_jump_past_several_thresholds_raises_each_once() -> None:

@@ -256,6 +256,32 @@ def test_an_upstream_retry_after_is_honoured_even_as_last_resort() -> None:
     assert "cooling down" in info.value.message
 
 
+def test_every_target_cooling_down_after_429s_is_a_429_not_a_503() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    provider = FakeProvider({"a": rate_limited(20), "b": rate_limited(30)})
+    with pytest.raises(RateLimited):
+        complete(make_plan("a", "b"), provider, health, clock)
+    assert health.view().status("a").reason == "rate_limited", "the cooldown remembers why it started"
+    clock.now += 5  # both still cooling down on the upstream's own Retry-After: nothing is sent
+    held = RoutePlan("chat", None, (RouteStep(target("a"), "t", False, 15, True), RouteStep(target("b"), "t", False, 25, True)))
+    with pytest.raises(RateLimited) as info:
+        complete(held, provider, health, clock)
+    assert [c.target.id for c in provider.calls] == ["a", "b"], "no call while both are held"
+    assert (info.value.status, info.value.code, info.value.retry_after) == (429, "upstream_rate_limited", 15)
+
+
+def test_targets_cooling_down_after_failures_of_another_kind_are_a_503() -> None:
+    clock = FakeClock()
+    health = TargetHealth(clock)
+    health.record_failure("a", retry_after=20, reason="rate_limited")
+    health.record_failure("b", retry_after=20, reason="server_error")
+    held = RoutePlan("chat", None, (RouteStep(target("a"), "t", False, 20, True), RouteStep(target("b"), "t", False, 20, True)))
+    with pytest.raises(ServiceUnavailable) as info:
+        complete(held, FakeProvider({}), health, clock)
+    assert "cooling down" in info.value.message
+
+
 def test_half_open_probe_success_closes_the_circuit() -> None:
     clock = FakeClock()
     health = TargetHealth(clock)

@@ -23,6 +23,7 @@ from gateway_lib.quota.leases import LeasedAdmission
 from gateway_lib.runtime import build_runtime
 from gateway_lib.storage.azure_tables import AzureTableStore
 from gateway_lib.storage.base import StorageUnavailable, TableStore
+from gateway_lib.storage.circuit import GuardedStore
 from gateway_lib.storage.memory import MemoryTableStore
 from gateway_lib.storage.threaded import StorageThread
 from tests.unit.test_quota import (
@@ -436,7 +437,8 @@ def test_leased_mode_keeps_table_storage_on_a_thread_of_its_own_and_strict_mode_
         return kinds
 
     strict_store, leased_store = run(stores())
-    assert isinstance(strict_store, AzureTableStore) and isinstance(leased_store, StorageThread)
+    assert isinstance(strict_store, GuardedStore) and isinstance(leased_store, GuardedStore)  # both bounded
+    assert isinstance(strict_store.inner, AzureTableStore) and isinstance(leased_store.inner, StorageThread)
 
 
 def test_a_flush_commits_what_it_found_and_leaves_later_arrivals_for_the_next_tick() -> None:

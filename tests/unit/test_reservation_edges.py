@@ -109,3 +109,32 @@ def test_a_graceful_shutdown_waits_for_a_cancelled_requests_grant_and_returns_it
             f"leases still held in memory: {adm._leases}")
 
     run(scenario())
+
+
+def test_a_give_back_the_outage_outlasts_is_made_once_storage_answers() -> None:
+    # The caller's room is given back when its team cannot be admitted; storage goes down just then, for longer
+    # than the give-back rides out. Left alone, the room would stay reserved until its epoch ends (up to 30 min).
+    class DownAfterTeamRead(TeamOverrideDownStore):
+        async def get(self, table: str, partition_key: str, row_key: str) -> Any:
+            if self.override_down and table == overrides_table("t") and partition_key == "team":
+                self.down = True  # everything, from here on, until the test brings it back
+            return await super().get(table, partition_key, row_key)
+
+    async def scenario() -> None:
+        store = DownAfterTeamRead()
+        ticks = iter(range(10**6))  # each look at the clock a second later: the ride-out gives up in a few tries
+        _, adm = await new_admission(store=store, monotonic=lambda: float(next(ticks)))
+        caller = make_caller(team="blue")
+        store.override_down = True
+        with contextlib.suppress(ServiceUnavailable):
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="x")
+        store.override_down, store.down = False, False
+        assert (await counters_of(store, caller.key)).in_flight_tokens == 10, "the give-back could not be written"
+        res = await adm.reserve(make_caller(), tokens=7, usd=Decimal("0.001"), request_id="y")  # reads the row
+        assert (await counters_of(store, caller.key)).in_flight_tokens == 7, "only the new request's room is held"
+        await adm.settle(res, make_row(make_caller(), "y", Clock().now, 3, 2, Decimal("0.0001")))
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.day_tokens) == (0, 5)
+        await adm.aclose()
+
+    run(scenario())
