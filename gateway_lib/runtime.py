@@ -68,7 +68,7 @@ def build_runtime(settings: Settings, *, credentials: Mapping[str, Any] | None =
     """Wire the components. Credentials are injectable, per provider name: tests and the local stack never
     build a managed-identity credential (it would call the instance metadata endpoint)."""
     # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
-    # httpx2 (under the openai SDK) adds a line per upstream call. The request record says it all once.
+    # The request record says it all once.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
     # At DEBUG the SDKs log whole request and response bodies (prompts, completions) and, for botocore,
     # signed headers and STS replies with session credentials: never below WARNING, whatever the root says.
