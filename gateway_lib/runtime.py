@@ -67,8 +67,8 @@ def build_runtime(settings: Settings, *, credentials: Mapping[str, Any] | None =
                   store: TableStore | None = None) -> Runtime:
     """Wire the components. Credentials are injectable, per provider name: tests and the local stack never
     build a managed-identity credential (it would call the instance metadata endpoint)."""
-    # azure-core logs every storage call (headers included) at INFO: three per request on the hot path;
-    # The request record says it all once.
+    # azure-core logs every storage call (headers included) at INFO, on the hot path; the request record
+    # says it all once.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
     # At DEBUG the SDKs log whole request and response bodies (prompts, completions) and, for botocore,
     # signed headers and STS replies with session credentials: never below WARNING, whatever the root says.
