@@ -132,17 +132,33 @@ resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
   dependsOn: [namedValues, functionKey]
 }
 
+// One operation per method and route callers use; templates are relative to the API path ('ai') and land on
+// serviceUrl + template, i.e. the function's own route (host.json routePrefix "" + "api/..."). Query strings
+// (api-version, ?caller=...) are not in the templates: APIM forwards them as sent, and a template query
+// parameter would become a required one. stream: the route may answer Server-Sent Events, so its operation
+// takes chat-stream.xml (unbuffered). Deliberately not published: /admin/* (limits, the spend dashboard and
+// the report routes it reads), reached on the function app itself; docs/adr/0006-apim-front-door.md says
+// why and tests/unit/test_apim_operations.py lists them, failing on any route that is in neither place.
 var operations = [
-  { name: 'chat-completions', method: 'POST', urlTemplate: '/v1/chat/completions', displayName: 'Create chat completion' }
-  { name: 'responses', method: 'POST', urlTemplate: '/v1/responses', displayName: 'Create response (Responses API)' }
-  { name: 'messages', method: 'POST', urlTemplate: '/v1/messages', displayName: 'Create message (Anthropic Messages)' }
-  { name: 'count-tokens', method: 'POST', urlTemplate: '/v1/messages/count_tokens', displayName: 'Count message tokens' }
-  { name: 'list-models', method: 'GET', urlTemplate: '/v1/models', displayName: 'List models' }
-  { name: 'generate', method: 'POST', urlTemplate: '/generate', displayName: 'Generate (task-routed)' }
-  { name: 'usage', method: 'GET', urlTemplate: '/v1/usage', displayName: 'Usage and remaining budget' }
-  { name: 'health', method: 'GET', urlTemplate: '/health', displayName: 'Health' }
+  { name: 'chat-completions', method: 'POST', urlTemplate: '/v1/chat/completions', templateParameters: [], stream: true, displayName: 'Create chat completion' }
+  { name: 'embeddings', method: 'POST', urlTemplate: '/v1/embeddings', templateParameters: [], stream: false, displayName: 'Create embeddings' }
+  { name: 'responses', method: 'POST', urlTemplate: '/v1/responses', templateParameters: [], stream: true, displayName: 'Create response (Responses API)' }
+  { name: 'get-response', method: 'GET', urlTemplate: '/v1/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Retrieve a stored response' }
+  { name: 'delete-response', method: 'DELETE', urlTemplate: '/v1/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Delete a stored response' }
+  { name: 'messages', method: 'POST', urlTemplate: '/v1/messages', templateParameters: [], stream: true, displayName: 'Create message (Anthropic Messages)' }
+  { name: 'count-tokens', method: 'POST', urlTemplate: '/v1/messages/count_tokens', templateParameters: [], stream: false, displayName: 'Count message tokens' }
+  { name: 'list-models', method: 'GET', urlTemplate: '/v1/models', templateParameters: [], stream: false, displayName: 'List models' }
+  { name: 'retrieve-model', method: 'GET', urlTemplate: '/v1/models/{model}', templateParameters: [{ name: 'model', type: 'string', required: true }], stream: false, displayName: 'Retrieve a model' }
+  { name: 'azure-chat-completions', method: 'POST', urlTemplate: '/openai/deployments/{deployment}/chat/completions', templateParameters: [{ name: 'deployment', type: 'string', required: true }], stream: true, displayName: 'Create chat completion (Azure OpenAI deployment path)' }
+  { name: 'azure-embeddings', method: 'POST', urlTemplate: '/openai/deployments/{deployment}/embeddings', templateParameters: [{ name: 'deployment', type: 'string', required: true }], stream: false, displayName: 'Create embeddings (Azure OpenAI deployment path)' }
+  { name: 'azure-v1-chat-completions', method: 'POST', urlTemplate: '/openai/v1/chat/completions', templateParameters: [], stream: true, displayName: 'Create chat completion (Azure OpenAI v1 path)' }
+  { name: 'azure-v1-embeddings', method: 'POST', urlTemplate: '/openai/v1/embeddings', templateParameters: [], stream: false, displayName: 'Create embeddings (Azure OpenAI v1 path)' }
+  { name: 'generate', method: 'POST', urlTemplate: '/generate', templateParameters: [], stream: false, displayName: 'Generate (task-routed)' }
+  { name: 'usage', method: 'GET', urlTemplate: '/v1/usage', templateParameters: [], stream: false, displayName: 'Usage and remaining budget' }
+  { name: 'health', method: 'GET', urlTemplate: '/health', templateParameters: [], stream: false, displayName: 'Health' }
 ]
 
+// templateParameters: APIM refuses a template whose {parameters} the operation does not define.
 resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for op in operations: {
   parent: api
   name: op.name
@@ -150,6 +166,7 @@ resource ops 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' = [for
     displayName: op.displayName
     method: op.method
     urlTemplate: op.urlTemplate
+    templateParameters: op.templateParameters
   }
 }]
 
@@ -179,56 +196,24 @@ resource apiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = 
   }
 }
 
-resource chatOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
-  parent: api
-  name: 'chat-completions'
-}
-
-resource responsesOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
-  parent: api
-  name: 'responses'
-}
-
-resource messagesOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
-  parent: api
-  name: 'messages'
-}
-
 resource healthOperation 'Microsoft.ApiManagement/service/apis/operations@2024-05-01' existing = {
   parent: api
   name: 'health'
 }
 
-// Every operation that may stream Server-Sent Events forwards unbuffered (chat-stream.xml says why).
-resource chatPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
-  parent: chatOperation
-  name: 'policy'
-  properties: {
-    format: 'rawxml'
-    value: loadTextContent('../apim/policies/chat-stream.xml')
-  }
-  dependsOn: [ops]
-}
+// Every operation that may stream Server-Sent Events forwards unbuffered (chat-stream.xml says why); its
+// inbound keeps <base />, so the API policy (validate-jwt, limits, function key) runs first as everywhere.
+// `if(` without a space: checkov's Bicep parser reads a loop's condition only in that spelling.
+var streamPolicyXml = loadTextContent('../apim/policies/chat-stream.xml')
 
-resource responsesPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
-  parent: responsesOperation
+resource streamPolicies 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = [for (op, i) in operations: if(op.stream) {
+  parent: ops[i]
   name: 'policy'
   properties: {
     format: 'rawxml'
-    value: loadTextContent('../apim/policies/chat-stream.xml')
+    value: streamPolicyXml
   }
-  dependsOn: [ops]
-}
-
-resource messagesPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
-  parent: messagesOperation
-  name: 'policy'
-  properties: {
-    format: 'rawxml'
-    value: loadTextContent('../apim/policies/chat-stream.xml')
-  }
-  dependsOn: [ops]
-}
+}]
 
 resource healthPolicy 'Microsoft.ApiManagement/service/apis/operations/policies@2024-05-01' = {
   parent: healthOperation
