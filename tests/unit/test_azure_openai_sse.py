@@ -1,11 +1,23 @@
-"""The Azure OpenAI adapter's SSE reading, line by line (the wire itself is tested against the simulator)."""
+"""The OpenAI wire's SSE reading as the Azure OpenAI relay uses it, line by line (the wire itself is tested
+against the simulator)."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway_lib.errors import ProviderError
-from gateway_lib.providers.azure_openai.adapter import _events, _Stream
+from gateway_lib.providers.azure_openai.adapter import WIRE
+from gateway_lib.providers.base import StreamEvent
+from gateway_lib.providers.openai_wire import SseStream
+
+
+def _Stream(chat: bool) -> SseStream:
+    return SseStream(WIRE, chat)
+
+
+def _events(lines: list[bytes]) -> list[StreamEvent]:
+    return _Stream(chat=True).events(lines)
+
 
 PREAMBLE = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}'
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}'

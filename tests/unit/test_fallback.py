@@ -206,11 +206,11 @@ def test_callers_arriving_while_everything_cools_down_send_one_probe_at_a_time()
 
 
 def test_a_retry_after_of_infinity_is_a_429_with_a_finite_wait() -> None:
-    from gateway_lib.providers.azure_openai import adapter as azure_openai
+    from gateway_lib.providers.azure_openai.adapter import WIRE
 
     clock = FakeClock()
     health = TargetHealth(clock)
-    provider = FakeProvider({"a": azure_openai._status_error(429, {"retry-after": "1e999"}, "429: slow down")})
+    provider = FakeProvider({"a": WIRE.status_error(429, {"retry-after": "1e999"}, b'{"error":{"message":"slow down"}}')})
     with pytest.raises(RateLimited) as info:
         complete(make_plan("a"), provider, health, clock)
     assert info.value.retry_after is not None and 1 <= info.value.retry_after <= 60
