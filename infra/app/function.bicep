@@ -43,6 +43,10 @@ param azureOpenAiApiVersion string = '2024-10-21'
 param bedrockRegion string = 'us-east-1'
 param awsRoleArn string = ''
 param awsWebIdentityAudience string = ''
+@description('Default base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; empty for none.')
+param openAiCompatibleBaseUrl string = ''
+@description('Key Vault secret URI of the OpenAI-compatible endpoint\'s API key; empty for an endpoint without one.')
+param openAiCompatibleApiKeySecretUri string = ''
 
 @allowed(['strict', 'leased'])
 @description('GATEWAY_QUOTA_MODE: strict (reserve and settle per request) or leased (quota in blocks, usage written behind).')
@@ -182,6 +186,12 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
         // Regional STS: no dependency on the global us-east-1 endpoint, lower latency.
         { name: 'AWS_STS_ENDPOINT_URL', value: awsEnabled ? 'https://sts.${bedrockRegion}.amazonaws.com' : '' }
         { name: 'AWS_ROLE_SESSION_NAME', value: 'ai-gateway-${gatewayEnvironment}' }
+
+        { name: 'OPENAI_COMPATIBLE_BASE_URL', value: openAiCompatibleBaseUrl }
+        {
+          name: 'OPENAI_COMPATIBLE_API_KEY'
+          value: empty(openAiCompatibleApiKeySecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${openAiCompatibleApiKeySecretUri})'
+        }
 
         { name: 'GATEWAY_STORAGE_MODE', value: 'table' }
         { name: 'GATEWAY_STORAGE_CONNECTION_STRING', value: '' } // local/Azurite only
