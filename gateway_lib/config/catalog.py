@@ -36,7 +36,7 @@ class Target:
     deployment: str  # Azure OpenAI deployment name, or Bedrock modelId / inference profile id
     model: str  # model name reported back to the caller
     region: str
-    endpoint: str | None  # the target's own endpoint (an Azure OpenAI resource, an OpenAI-compatible base URL); None = the provider's default
+    endpoint: str | None  # its own endpoint (an Azure OpenAI resource, a base URL); None = the provider's default
     price: Price
     quality: int  # higher is better; used by priority=quality
     context_window: int
