@@ -78,6 +78,8 @@ async def _raise_alert(stack: Stack, subject: str) -> None:
         now = datetime.now(UTC)
         await alerts.claim_alert(store, PREFIX, alerts.Alert("threshold", "caller", subject, f"month|{now:%Y%m}", 50,
                                                              Decimal("1.25"), Decimal("2.00"), now))
+        await alerts.claim_alert(store, PREFIX, alerts.Alert("token_threshold", "caller", subject, f"day|{now:%Y%m%d}",
+                                                             80, Decimal(81234), Decimal(100000), now))
     finally:
         await store.aclose()
 
@@ -327,8 +329,10 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
     assert "blocked" in {b["status"] for b in budgets}
     alerts_api = seeded.get("admin/alerts", limit="20").json()["data"]
     shown_alerts = _table(browser, "alerts")
-    assert alerts_api and [(a["subject"], a["spend_usd"], a["budget_usd"], str(a["threshold"])) for a in shown_alerts
-                           ] == [(a["subject"], a["spend_usd"], a["budget_usd"], str(a["threshold"])) for a in alerts_api]
+    assert {a["unit"] for a in alerts_api} == {"usd", "tokens"}  # a token alert says tokens, not USD
+    assert [(a["subject"], a["kind"], a["spent"], a["budget"], a["unit"], a["threshold"]) for a in shown_alerts] == [
+        (a["subject"], a["kind"], a.get("spend_usd", a.get("tokens")), a.get("budget_usd", a.get("budget_tokens")),
+         a["unit"], str(a["threshold"])) for a in alerts_api]
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-team svg rect") and \
         browser.find_elements(By.CSS_SELECTOR, "#chart-model svg rect")
     by_day = spend("day")["rows"]

@@ -190,8 +190,12 @@ async function show(from, to) {
         ["budget_used_percent", true], ["thresholds", false]]);
   if (callers.viewer.scope === "all") {  // alerts are the admins' (a team lead's request would be refused)
     const alerts = await api("alerts?limit=20");
-    fill("alerts", alerts.data, [["created", false], ["kind", false], ["subject", false], ["period", false],
-                                 ["threshold", true], ["spend_usd", true], ["budget_usd", true]]);
+    // A token alert carries tokens/budget_tokens instead of spend_usd/budget_usd; its unit says which.
+    const amounts = (a) => (a.unit === "tokens" ? { spent: a.tokens, budget: a.budget_tokens }
+                                                : { spent: a.spend_usd, budget: a.budget_usd });
+    fill("alerts", alerts.data.map((a) => ({ ...a, ...amounts(a) })),
+         [["created", false], ["kind", false], ["subject", false], ["period", false], ["threshold", true],
+          ["spent", true], ["budget", true], ["unit", false]]);
   }
   $("report").hidden = false;
   $("download").disabled = false;
