@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -217,6 +218,35 @@ def test_a_team_lead_sees_only_its_team(seeded: Seeded) -> None:
     assert listed["viewer"] == {"scope": "team", "team": "red"}
     lines = list(csv.DictReader(io.StringIO(seeded.get("admin/chargeback", "lead", month=seeded.today[:7]).text)))
     assert lines and {ln["team"] for ln in lines} == {"red"}
+
+
+async def _write_row(stack: Stack, row: CostRow, delete: bool = False) -> None:
+    store = AzureTableStore.from_connection_string(azurite_connection_string(stack.ports.azurite))
+    try:
+        entity = row.to_entity()
+        if delete:
+            await store.delete(ledger.usage_table(PREFIX), entity.partition_key, entity.row_key)
+        else:
+            await store.insert(ledger.usage_table(PREFIX), entity)
+    finally:
+        await store.aclose()
+
+
+def test_a_team_lead_sees_none_of_another_teams_spend_through_a_caller_that_moved(seeded: Seeded) -> None:
+    red1 = next(c for c in seeded.get("admin/callers").json()["data"] if c["app_name"] == "rep-red-1")["caller"]
+    mine = next(r for r in seeded.cost_rows() if r.caller_key == red1)
+    # Earlier this month the caller's token named team blue: that row is blue's spend, not red's.
+    moved = dataclasses.replace(mine, request_id="moved-" + mine.request_id, team="blue", cost_usd=Decimal("7.000001"))
+    asyncio.run(_write_row(seeded.stack, moved))
+    try:
+        month, today = datetime.now(UTC).date().replace(day=1), datetime.now(UTC).date()
+        shown = next(c for c in seeded.get("admin/callers", "lead").json()["data"] if c["caller"] == red1)
+        requests_, _, _, usd = expected(seeded.cost_rows(), month, today, ["caller"], team="red")[(red1,)]
+        assert (shown["month_requests"], Decimal(shown["month_usd"])) == (requests_, usd)
+        whole = next(c for c in seeded.get("admin/callers").json()["data"] if c["caller"] == red1)
+        assert Decimal(whole["month_usd"]) == usd + moved.cost_usd  # an admin sees all of it
+    finally:
+        asyncio.run(_write_row(seeded.stack, moved, delete=True))
 
 
 def test_callers_lists_names_team_tier_status_and_this_months_spend(seeded: Seeded) -> None:
