@@ -377,6 +377,39 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
     assert errors == []
 
 
+# Every request the page makes asks for pages of one caller, and the blob the download saves is kept.
+_ONE_CALLER_PAGES = """
+const fetched = window.fetch;
+window.fetch = (url, options) => fetched(url + "&page_size=1", options);
+const objectUrl = URL.createObjectURL;
+URL.createObjectURL = (blob) => { window.savedBlob = blob; return objectUrl(blob); };
+"""
+
+
+def test_dashboard_download_holds_every_page_of_the_report(seeded: Seeded, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{seeded.base}/admin/dashboard")
+    browser.execute_script("sessionStorage.setItem('gateway.devToken', arguments[0])", seeded.tokens["admin"])
+    browser.refresh()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    browser.execute_script(_ONE_CALLER_PAGES)
+    browser.find_element(By.ID, "download").click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return !!window.savedBlob"))
+    text = browser.execute_async_script("window.savedBlob.text().then(arguments[arguments.length - 1])")
+    lines = list(csv.DictReader(io.StringIO(text)))
+    day = datetime.now(UTC).date()
+    got = {(ln["day"], ln["caller"]): (int(ln["requests"]), int(ln["input_tokens"]), int(ln["output_tokens"]),
+                                       Decimal(ln["usd"])) for ln in lines}
+    assert len(got) == len(lines), "a line repeated across pages"
+    assert got == {(d.isoformat(), c): v for (d, c), v in _by_day_caller(seeded.cost_rows(), day).items()}
+
+
+def _by_day_caller(rows: list[CostRow], day: Any) -> dict[tuple[Any, str], tuple[int, int, int, Decimal]]:
+    return {(day, caller): v for (caller,), v in expected(rows, day, day, ["caller"]).items()}
+
+
 def _js_number(value: float) -> str:
     """How the page's String(n) renders a JSON number."""
     return str(int(value)) if value == int(value) else repr(value)
