@@ -30,8 +30,8 @@ def viewer_team(caller: Caller) -> str | None:
     """None: the caller sees every team (admin); else the one team it leads. 403 for anyone else."""
     if caller.is_admin:
         return None
-    if caller.is_team_lead and caller.team:
-        return caller.team
+    if caller.is_team_lead and caller.lead_team:
+        return caller.lead_team
     if caller.is_team_lead:
         raise PermissionDenied("The team lead role needs a team in the token (or the tier policy's teams map).")
     raise PermissionDenied("This route needs the gateway admin or team lead app role.")
