@@ -36,6 +36,7 @@ def caller_from_claims(claims: Mapping[str, Any], policy: TierPolicy, label: str
         roles=roles, scopes=scopes, is_admin=policy.admin_role in roles,
         team=_team(claims, policy, app_id, user_id), label=label,
         is_team_lead=policy.team_lead_role in roles,
+        lead_team=_lead_team(claims, policy, app_id, user_id) if policy.team_lead_role in roles else None,
         # Names for the spend reports' callers directory only: v1 tokens carry the app's display name,
         # v2 tokens only its id; a delegated token names its user.
         app_name=_text(claims, "app_displayname") or app_id,
@@ -82,6 +83,16 @@ def _needed(policy: TierPolicy) -> str:
     roles = ", ".join(f"role {r}" for r in policy.role_tiers)
     scopes = ", ".join(f"scope {s}" for s in policy.scope_tiers)
     return ", ".join(part for part in (roles, scopes) if part) or "(no roles or scopes are configured)"
+
+
+def _lead_team(claims: Mapping[str, Any], policy: TierPolicy, app_id: str, user_id: str | None) -> str | None:
+    # A delegated token's lead is its user: the client app it signed in through (another team's tool, or the
+    # dashboard's own registration) must not choose the team whose spend the user reads.
+    if user_id is None:
+        return _team(claims, policy, app_id, None)
+    if policy.team_claim and (team := _text(claims, policy.team_claim)):
+        return team
+    return policy.teams.get(user_id)
 
 
 def _team(claims: Mapping[str, Any], policy: TierPolicy, app_id: str, user_id: str | None) -> str | None:

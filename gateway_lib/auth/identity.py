@@ -19,6 +19,7 @@ class Caller:
     team: str | None = None
     label: str | None = None  # e.g. APIM subscription name: recorded, never trusted as identity
     is_team_lead: bool = False  # may read its own team's spend reports (app role Gateway.TeamLead)
+    lead_team: str | None = None  # the team a lead reads: a delegated token's user's, never its client app's
     app_name: str | None = None  # readable names for the callers directory, from the token; never identity
     user_name: str | None = None
 

@@ -85,6 +85,10 @@ class Accounting:
             return Usage(self.screened.prompt_tokens, tokens.count_text(text, "o200k_base"))
         return Usage(self.screened.prompt_tokens_for(target.tokenizer), tokens.count_text(text, target.tokenizer))
 
+    def capped_usage(self, target: Target) -> Usage:
+        """The most the request can have used on ``target``: its prompt and every choice at the output cap."""
+        return Usage(self.screened.prompt_tokens_for(target.tokenizer), self.screened.max_tokens * self._choices)
+
     async def finish(self, target: Target | None, usage: Usage, *, status: str,
                      error: GatewayError | None = None) -> Decimal:
         """Settle to the actual usage; returns the request's cost. Runs to the end even if the request is

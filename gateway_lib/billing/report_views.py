@@ -25,6 +25,8 @@ DIMENSIONS = ("team", "caller", "model", "provider", "operation", "day")
 MAX_DAYS = 366
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _MONTH = re.compile(r"\d{4}-\d{2}")
+# A cell starting with one of these is a formula to Excel, LibreOffice and Sheets (OWASP "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 Group = tuple[tuple[str | None, ...], Totals]
 
 
@@ -107,8 +109,15 @@ def spend_csv(dims: Sequence[str], facts: Sequence[Fact]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*dims, "requests", "input_tokens", "output_tokens", "usd"])
     for values, t in group(facts, dims):
-        writer.writerow([*(v or "" for v in values), *measures(t).values()])
+        writer.writerow([*(text_cell(v) for v in values), *measures(t).values()])
     return out.getvalue()
+
+
+def text_cell(value: str | None) -> str:
+    """A name for a CSV cell: team names come from token claims, so one starting like a formula is quoted
+    with a leading apostrophe, which spreadsheets show as text."""
+    text = value or ""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
 
 
 def chargeback_csv(month: str, facts: Sequence[Fact]) -> str:
@@ -122,7 +131,7 @@ def chargeback_csv(month: str, facts: Sequence[Fact]) -> str:
         mine = [f for f in facts if f.key.team == team]
         lines = [((p, m), t) for (p, m), t in group(mine, ["provider", "model"])] + [(("*", "*"), total(mine))]
         for (provider, model), t in lines:
-            writer.writerow([month, team or "", provider or "", model or "", *measures(t).values(),
+            writer.writerow([month, text_cell(team), text_cell(provider), text_cell(model), *measures(t).values(),
                              " ".join(sorted(t.versions))])
     return out.getvalue()
 

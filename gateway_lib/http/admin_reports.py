@@ -30,8 +30,8 @@ def viewer_team(caller: Caller) -> str | None:
     """None: the caller sees every team (admin); else the one team it leads. 403 for anyone else."""
     if caller.is_admin:
         return None
-    if caller.is_team_lead and caller.team:
-        return caller.team
+    if caller.is_team_lead and caller.lead_team:
+        return caller.lead_team
     if caller.is_team_lead:
         raise PermissionDenied("The team lead role needs a team in the token (or the tier policy's teams map).")
     raise PermissionDenied("This route needs the gateway admin or team lead app role.")
@@ -80,7 +80,9 @@ async def callers(request: Request) -> Response:
         query = f"callers|{first}|{team}"
         await _ready(rt)
         prefix = rt.settings.storage.table_prefix
-        page = await reports.collect(rt.store, prefix, first, now.date(),
+        # A team lead's callers show their spend for its team only: a caller now in the team may have spent
+        # for another one earlier in the month (its token named another team then).
+        page = await reports.collect(rt.store, prefix, first, now.date(), team=team,
                                      after=views.decode_token(q.get("continuation"), query),
                                      callers=_int_param(request, "page_size", DEFAULT_PAGE, 1, MAX_PAGE))
         shown = [c for c in page.callers if (team is None or c.team == team)

@@ -71,8 +71,7 @@ async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any]
     scope.upstream_ms = result.upstream_ms
     headers = acct.response_headers(result.target)
     body = result.completion.body
-    # An answer without usage (a proxy or a model that leaves it out) is billed from its text, not as free.
-    usage = result.completion.usage or op.usage(body) or acct.estimate_usage(result.target, op.answer_text(body))
+    usage = result.completion.usage or _answer_usage(acct, op, result.target, body)
     cost = await acct.finish(result.target, usage, status="ok")
     if state is not None:
         await state.keep(result.target, body)
@@ -98,6 +97,18 @@ async def _admit(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], 
         await acct.reserve()
     return acct, CallContext(request_id=scope.request_id, traceparent=scope.traceparent,
                              max_tokens=screened.max_tokens)
+
+
+def _answer_usage(acct: Accounting, op: Operation[Any], target: Target, body: dict[str, Any]) -> Usage:
+    """The usage the body reports, else an estimate from its text: an answer without usage (a proxy or a model
+    that leaves it out) is not free. A body shaped unlike its operation is billed at the request's output cap,
+    since raising here would leave the reservation in flight and the paid answer without its cost row."""
+    try:
+        return op.usage(body) or acct.estimate_usage(target, op.answer_text(body))
+    except Exception:
+        log.warning("answer unreadable for its usage; billed at the output cap",
+                    extra={"custom_dimensions": {"request_id": acct.scope.request_id, "target": target.id}})
+        return acct.capped_usage(target)
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -154,9 +154,15 @@ class Admission:
     def _give_back_abandoned(self, task: asyncio.Future[Reservation]) -> None:
         if task.cancelled() or task.exception() is not None:
             return  # refused or failed: nothing was reserved
-        work = asyncio.ensure_future(self._abandon(task.result()))
-        self._detached.add(work)
-        work.add_done_callback(self._detached.discard)
+        self._detach(self._abandon(task.result()))
+
+    def _detach(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` past its request, outside the request's storage deadline (a spent one would refuse its
+        every call); drained on shutdown."""
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(work, context=circuit.background_context())
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        return task
 
     async def _abandon(self, res: Reservation) -> None:
         if not res.accounted:
@@ -339,7 +345,11 @@ class Admission:
             override = await self._cached_override(team, "team", res)
             await self._admit(team_partition(team), Limits.of(None, override), res, f"team {team}")
         except (GatewayError, StorageError):  # refused, or the team's row out of reach (a 503 or fail-open)
-            await self._give_back(res)  # the caller's reservation must not outlive the team's refusal
+            # The caller's reservation must not outlive the team's refusal. Waited for only while the request's
+            # storage deadline lasts (the refusal may be that deadline running out); past it, in the background.
+            giving_back = self._detach(self._give_back(res))
+            left = circuit.remaining()
+            await asyncio.wait({giving_back}, timeout=None if left is None else max(left, 0.0))
             raise
 
     async def _undo(self, res: Reservation, pk: str | None = None) -> None:

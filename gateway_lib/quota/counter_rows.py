@@ -77,12 +77,14 @@ class Doubt:
     release: Release | None
     latest: str | None
     gives_back: Release | None
+    earlier: tuple[tuple[str, str | None], ...] = ()  # earlier tries of the same write whose replies were lost too
 
     def landed(self, history: list[str]) -> bool:
         return self.marker is not None and self.marker in history
 
     def surely_missed(self, history: list[str]) -> bool:
-        return self.marker is None or surely_missed(self.marker, self.latest, history)
+        return (self.marker is None or surely_missed(self.marker, self.latest, history)) and all(
+            surely_missed(m, latest, history) for m, latest in self.earlier)
 
 
 def surely_missed(marker: str, latest: str | None, history: list[str]) -> bool:
@@ -255,22 +257,25 @@ class CounterRows:
             entity = self.known(pk)
             started = self._monotonic()
             deadline, attempt, outages = started + SETTLE_DEADLINE_SECONDS, 0, 0
-            doubt: str | None = None  # marker of a write whose reply was lost
-            latest: str | None = None  # the newest marker of the row that write replaced
+            # Each try whose reply was lost: its marker and the newest marker of the row it replaced. Every one
+            # is looked for, not just the last: a try can land after the row was read again, and the next try
+            # then meets a 412 whose reply may be lost too.
+            lost: list[tuple[str, str | None]] = []
             while True:
                 try:
                     if entity is None:
                         entity = await self.get(pk, counted)
-                        if doubt is not None and doubt in writers(entity):
+                        history = writers(entity)
+                        if any(marker in history for marker, _ in lost):
                             self.remember(pk, entity)  # it had landed: applying it again would count twice
                             return
-                        if doubt is not None and gives_back_only and not surely_missed(doubt, latest, writers(entity)):
+                        if lost and gives_back_only and not all(surely_missed(m, before, history) for m, before in lost):
                             raise WriteInDoubt(f"{what} of {counted.request_id}: its reply was lost and more "
                                                "writes since leave its outcome unknown")
                     self.remember(pk, await write(entity, pk))
                     return
                 except AlreadySettled:
-                    if doubt is None:
+                    if not lost:
                         raise  # a settle of this request made before this call
                     # This call's own transaction had landed, its marker since pushed out of the row's history
                     # by later writes: done (raising would skip the rest of the settle, e.g. the team's counters).
@@ -280,12 +285,12 @@ class CounterRows:
                     # A blip (a storage node failing over, a connection reset) must not cost the cost row.
                     # A write whose reply was lost may have committed: re-read, and its marker on the row
                     # (or, for a settle, the cost row's key) says so.
-                    lost = self._markers.pop(pk, None)
-                    if lost is not None:
-                        doubt, latest = lost, next(iter(writers(entity)), "") or None
+                    if (marker := self._markers.pop(pk, None)) is not None:
+                        lost.append((marker, next(iter(writers(entity)), "") or None))
                     if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
                         if owed is not None:
-                            self._doubts.setdefault(pk, []).append(Doubt(doubt, None, latest, owed))
+                            doubt, latest = lost[-1] if lost else (None, None)
+                            self._doubts.setdefault(pk, []).append(Doubt(doubt, None, latest, owed, tuple(lost[:-1])))
                             self._start_resolver(pk)
                         raise
                     self.remember(pk, None)

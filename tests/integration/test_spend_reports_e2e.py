@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -78,6 +79,8 @@ async def _raise_alert(stack: Stack, subject: str) -> None:
         now = datetime.now(UTC)
         await alerts.claim_alert(store, PREFIX, alerts.Alert("threshold", "caller", subject, f"month|{now:%Y%m}", 50,
                                                              Decimal("1.25"), Decimal("2.00"), now))
+        await alerts.claim_alert(store, PREFIX, alerts.Alert("token_threshold", "caller", subject, f"day|{now:%Y%m%d}",
+                                                             80, Decimal(81234), Decimal(100000), now))
     finally:
         await store.aclose()
 
@@ -217,6 +220,35 @@ def test_a_team_lead_sees_only_its_team(seeded: Seeded) -> None:
     assert lines and {ln["team"] for ln in lines} == {"red"}
 
 
+async def _write_row(stack: Stack, row: CostRow, delete: bool = False) -> None:
+    store = AzureTableStore.from_connection_string(azurite_connection_string(stack.ports.azurite))
+    try:
+        entity = row.to_entity()
+        if delete:
+            await store.delete(ledger.usage_table(PREFIX), entity.partition_key, entity.row_key)
+        else:
+            await store.insert(ledger.usage_table(PREFIX), entity)
+    finally:
+        await store.aclose()
+
+
+def test_a_team_lead_sees_none_of_another_teams_spend_through_a_caller_that_moved(seeded: Seeded) -> None:
+    red1 = next(c for c in seeded.get("admin/callers").json()["data"] if c["app_name"] == "rep-red-1")["caller"]
+    mine = next(r for r in seeded.cost_rows() if r.caller_key == red1)
+    # Earlier this month the caller's token named team blue: that row is blue's spend, not red's.
+    moved = dataclasses.replace(mine, request_id="moved-" + mine.request_id, team="blue", cost_usd=Decimal("7.000001"))
+    asyncio.run(_write_row(seeded.stack, moved))
+    try:
+        month, today = datetime.now(UTC).date().replace(day=1), datetime.now(UTC).date()
+        shown = next(c for c in seeded.get("admin/callers", "lead").json()["data"] if c["caller"] == red1)
+        requests_, _, _, usd = expected(seeded.cost_rows(), month, today, ["caller"], team="red")[(red1,)]
+        assert (shown["month_requests"], Decimal(shown["month_usd"])) == (requests_, usd)
+        whole = next(c for c in seeded.get("admin/callers").json()["data"] if c["caller"] == red1)
+        assert Decimal(whole["month_usd"]) == usd + moved.cost_usd  # an admin sees all of it
+    finally:
+        asyncio.run(_write_row(seeded.stack, moved, delete=True))
+
+
 def test_callers_lists_names_team_tier_status_and_this_months_spend(seeded: Seeded) -> None:
     body = seeded.get("admin/callers").json()
     by_key = {c["caller"]: c for c in body["data"]}
@@ -327,8 +359,10 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
     assert "blocked" in {b["status"] for b in budgets}
     alerts_api = seeded.get("admin/alerts", limit="20").json()["data"]
     shown_alerts = _table(browser, "alerts")
-    assert alerts_api and [(a["subject"], a["spend_usd"], a["budget_usd"], str(a["threshold"])) for a in shown_alerts
-                           ] == [(a["subject"], a["spend_usd"], a["budget_usd"], str(a["threshold"])) for a in alerts_api]
+    assert {a["unit"] for a in alerts_api} == {"usd", "tokens"}  # a token alert says tokens, not USD
+    assert [(a["subject"], a["kind"], a["spent"], a["budget"], a["unit"], a["threshold"]) for a in shown_alerts] == [
+        (a["subject"], a["kind"], a.get("spend_usd", a.get("tokens")), a.get("budget_usd", a.get("budget_tokens")),
+         a["unit"], str(a["threshold"])) for a in alerts_api]
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-team svg rect") and \
         browser.find_elements(By.CSS_SELECTOR, "#chart-model svg rect")
     by_day = spend("day")["rows"]
@@ -341,6 +375,39 @@ def test_dashboard_in_headless_chromium_shows_the_apis_numbers(seeded: Seeded, b
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+# Every request the page makes asks for pages of one caller, and the blob the download saves is kept.
+_ONE_CALLER_PAGES = """
+const fetched = window.fetch;
+window.fetch = (url, options) => fetched(url + "&page_size=1", options);
+const objectUrl = URL.createObjectURL;
+URL.createObjectURL = (blob) => { window.savedBlob = blob; return objectUrl(blob); };
+"""
+
+
+def test_dashboard_download_holds_every_page_of_the_report(seeded: Seeded, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{seeded.base}/admin/dashboard")
+    browser.execute_script("sessionStorage.setItem('gateway.devToken', arguments[0])", seeded.tokens["admin"])
+    browser.refresh()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    browser.execute_script(_ONE_CALLER_PAGES)
+    browser.find_element(By.ID, "download").click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return !!window.savedBlob"))
+    text = browser.execute_async_script("window.savedBlob.text().then(arguments[arguments.length - 1])")
+    lines = list(csv.DictReader(io.StringIO(text)))
+    day = datetime.now(UTC).date()
+    got = {(ln["day"], ln["caller"]): (int(ln["requests"]), int(ln["input_tokens"]), int(ln["output_tokens"]),
+                                       Decimal(ln["usd"])) for ln in lines}
+    assert len(got) == len(lines), "a line repeated across pages"
+    assert got == {(d.isoformat(), c): v for (d, c), v in _by_day_caller(seeded.cost_rows(), day).items()}
+
+
+def _by_day_caller(rows: list[CostRow], day: Any) -> dict[tuple[Any, str], tuple[int, int, int, Decimal]]:
+    return {(day, caller): v for (caller,), v in expected(rows, day, day, ["caller"]).items()}
 
 
 def _js_number(value: float) -> str:

@@ -33,11 +33,11 @@ def caller(**changes: object) -> Caller:
 
 def test_an_admin_sees_every_team_and_a_team_lead_only_its_own() -> None:
     assert viewer_team(caller(is_admin=True)) is None
-    assert viewer_team(caller(is_team_lead=True)) == "red"
-    assert viewer_team(caller(is_admin=True, is_team_lead=True)) is None
+    assert viewer_team(caller(is_team_lead=True, lead_team="red")) == "red"
+    assert viewer_team(caller(is_admin=True, is_team_lead=True, lead_team="red")) is None
 
 
-@pytest.mark.parametrize("changes", [{}, {"is_team_lead": True, "team": None}])
+@pytest.mark.parametrize("changes", [{}, {"is_team_lead": True, "lead_team": None}])
 def test_neither_role_or_a_lead_without_a_team_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(PermissionDenied):
         viewer_team(caller(**changes))
@@ -68,3 +68,19 @@ def test_the_dashboard_signs_in_with_msal_only_where_the_audience_names_an_entra
     assert sign_in_config(entra) == {
         "mode": "msal", "client_id": guid, "authority": f"https://login.microsoftonline.com/{settings.tenant_ids[0]}",
         "scopes": [f"api://{guid}/.default"]}
+
+
+def test_a_delegated_lead_reads_its_users_team_not_the_team_of_the_app_it_signed_in_through() -> None:
+    lead = ["Gateway.Standard", "Gateway.TeamLead"]
+    teams = dataclasses.replace(policy(), teams={"app-1": "blue", "u-red": "red"})
+    via_blue_app = caller_from_claims(claims(lead, scp="Gateway.Invoke", oid="u-lead"), teams)
+    assert via_blue_app.team == "blue"  # its requests are the app's team's spend...
+    with pytest.raises(PermissionDenied):  # ...but the user leads no team: blue's reports are not its to read
+        viewer_team(via_blue_app)
+    mapped_user = caller_from_claims(claims(lead, scp="Gateway.Invoke", oid="u-red"), teams)
+    assert viewer_team(mapped_user) == "red"
+    app_only = caller_from_claims(claims(lead), teams)  # an application holding the role leads its own team
+    assert viewer_team(app_only) == "blue"
+    claimed = caller_from_claims(claims(lead, scp="Gateway.Invoke", oid="u-lead", team="green"),
+                                 dataclasses.replace(teams, team_claim="team"))
+    assert viewer_team(claimed) == "green"

@@ -285,3 +285,21 @@ def test_a_stream_that_fails_with_a_bug_ends_with_an_error_event_and_is_recorded
         assert ledger[0]["completion_tokens"] > 0, "billed for what was streamed"
 
     asyncio.run(run())
+
+
+def misshapen(call: Call) -> Any:
+    """An answer without usage whose message is not an object (a proxy's or an upstream's bug)."""
+    return Completion(body={"object": "chat.completion", "choices": [{"message": "ok"}, 5]}, usage=None)
+
+
+def test_an_answer_unreadable_for_its_usage_is_still_settled_and_billed() -> None:
+    async def run() -> None:
+        rt = _runtime(MockProvider(misshapen))
+        caller = _caller(rt)
+        served = await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(max_tokens=50))
+        assert served.usage.completion_tokens == 50, "billed at the output cap"
+        counters, ledger = await _counters(rt, caller)
+        assert (counters.in_flight_tokens, counters.in_flight_usd) == (0, 0), "the reservation stayed in flight"
+        assert len(ledger) == 1 and Decimal(str(ledger[0]["cost_usd"])) > 0, "an answered request billed as free"
+
+    asyncio.run(run())

@@ -190,8 +190,12 @@ async function show(from, to) {
         ["budget_used_percent", true], ["thresholds", false]]);
   if (callers.viewer.scope === "all") {  // alerts are the admins' (a team lead's request would be refused)
     const alerts = await api("alerts?limit=20");
-    fill("alerts", alerts.data, [["created", false], ["kind", false], ["subject", false], ["period", false],
-                                 ["threshold", true], ["spend_usd", true], ["budget_usd", true]]);
+    // A token alert carries tokens/budget_tokens instead of spend_usd/budget_usd; its unit says which.
+    const amounts = (a) => (a.unit === "tokens" ? { spent: a.tokens, budget: a.budget_tokens }
+                                                : { spent: a.spend_usd, budget: a.budget_usd });
+    fill("alerts", alerts.data.map((a) => ({ ...a, ...amounts(a) })),
+         [["created", false], ["kind", false], ["subject", false], ["period", false], ["threshold", true],
+          ["spent", true], ["budget", true], ["unit", false]]);
   }
   $("report").hidden = false;
   $("download").disabled = false;
@@ -199,12 +203,26 @@ async function show(from, to) {
   document.body.dataset.loaded = "true";
 }
 
+// Every page of the CSV: each page covers its own callers, so with the caller a column no line repeats.
+async function spendCsv(from, to) {
+  let text = "", token = null, first = true;
+  do {
+    const response = await fetch(`spend?from=${from}&to=${to}&group_by=day,caller&format=csv` +
+                                 (token ? `&continuation=${encodeURIComponent(token)}` : ""),
+                                 { headers: { Authorization: "Bearer " + await tokenSource() } });
+    if (!response.ok) throw new Error(((await response.json()).error || {}).message || response.statusText);
+    const body = await response.text();
+    text += first ? body : body.slice(body.indexOf("\n") + 1);  // the header once
+    first = false;
+    token = response.headers.get("x-continuation");
+  } while (token);
+  return text;
+}
+
 async function download() {
   const from = $("from").value, to = $("to").value;
-  const response = await fetch(`spend?from=${from}&to=${to}&group_by=day,caller&format=csv`,
-                               { headers: { Authorization: "Bearer " + await tokenSource() } });
   const link = document.createElement("a");
-  link.href = URL.createObjectURL(await response.blob());
+  link.href = URL.createObjectURL(new Blob([await spendCsv(from, to)], { type: "text/csv" }));
   link.download = `spend-${from}-${to}.csv`;
   link.click();
   URL.revokeObjectURL(link.href);
