@@ -138,12 +138,21 @@ async def _stream(rt: Runtime, acct: Accounting, op: Operation[Any], request: Op
     body = _sse_body(acct, op, request, opened.first, opened.events, state)
 
     async def settle_unstarted() -> None:  # the body settles the request itself if it ever starts
-        await opened.events.aclose()
-        usage = acct.estimate_usage(opened.target, op.stream_text(opened.first))  # the upstream was asked and answered
-        await acct.finish(opened.target, usage, status="client_disconnected")
+        try:
+            await opened.events.aclose()
+        finally:  # a failing close still leaves the request its one cost row
+            usage = acct.estimate_usage(opened.target, _text_or_nothing(op, opened.first))  # asked and answered
+            await acct.finish(opened.target, usage, status="client_disconnected")
 
     return _SettledStream(body, settle_unstarted, media_type="text/event-stream",
                           headers=acct.scope.headers() | SSE_HEADERS | acct.response_headers(opened.target))
+
+
+def _text_or_nothing(op: Operation[Any], event: StreamEvent) -> str:
+    try:
+        return op.stream_text(event)
+    except Exception:  # an event the dialect cannot read for text: bill the prompt, never skip the row
+        return ""
 
 
 class _SettledStream(StreamingResponse):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,5 +56,32 @@ def test_an_unstarted_streams_upstream_is_closed_by_the_response_not_by_the_garb
         for _ in range(10):
             await asyncio.sleep(0)
         assert provider.closed == 1, "the upstream response is still open after the request was settled"
+
+    asyncio.run(run())
+
+
+class FailsToClose(Tracked):
+    """An upstream whose close raises (a transport error while releasing the connection)."""
+
+    async def _stream(self) -> AsyncIterator[StreamEvent]:
+        try:
+            yield StreamEvent(chunk={"object": "chat.completion.chunk",
+                                     "choices": [{"index": 0, "delta": {"content": "w "}}]}, text="w ")
+        finally:
+            raise RuntimeError("connection reset while closing")
+
+
+def test_an_unstarted_stream_whose_upstream_fails_to_close_still_leaves_its_one_cost_row() -> None:
+    from tests.unit.test_pipeline import _counters
+
+    async def run() -> None:
+        rt = _runtime(FailsToClose())
+        caller = _caller(rt)
+        response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(stream=True))
+        with contextlib.suppress(RuntimeError):  # the close's failure may reach the server; the row must not depend on it
+            await serve_to_a_caller_already_gone(response)
+        counters, ledger = await _counters(rt, caller)
+        assert [row["status"] for row in ledger] == ["client_disconnected"]
+        assert counters.in_flight_tokens == 0
 
     asyncio.run(run())
