@@ -66,8 +66,9 @@ async def count_tokens(request: Request) -> Response:
         caller = await _caller(rt, request, scope)
         body = parse_model(anthropic.CountTokensRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
         alias = await rt.admission.effective_alias(caller, body.model)
+        # As on /messages: an unknown model is a 404, one outside the tier a 403, one without Messages targets a 400.
         routing.plan_route(alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=None,
-                           priority=None)  # an unknown model is a 404, one outside the tier a 403, as on /messages
+                           priority=None, request=body)
         prompt = body.prompt
         count = tokens.count_chat_prompt(prompt.messages, "claude", tools=prompt.tools)
         return edge.json_response({"input_tokens": count}, scope)

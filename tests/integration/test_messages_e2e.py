@@ -146,6 +146,15 @@ def test_a_model_without_anthropic_targets_is_a_400(stack: Stack, token: str, si
     assert sim.total() == 0
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "text-embedding-3-small"])
+def test_count_tokens_refuses_a_model_messages_would_refuse(stack: Stack, token: str, sim: Sim, model: str) -> None:
+    counted = post(stack, {"model": model, "messages": [{"role": "user", "content": "x"}]}, "/v1/messages/count_tokens",
+                   token)
+    sent = post(stack, hello(model=model), token=token)
+    assert anthropic_error(counted, 400, "invalid_request_error") == anthropic_error(sent, 400, "invalid_request_error")
+    assert sim.total() == 0
+
+
 def test_auth_errors_are_anthropic_shaped_and_an_api_key_is_refused_plainly(stack: Stack) -> None:
     anthropic_error(post(stack, hello()), 401, "authentication_error")
     with pytest.raises(anthropic.AuthenticationError) as caught:
