@@ -231,7 +231,8 @@ def answer_text(body: dict[str, Any]) -> str:
             continue
         if item.get("type") == "function_call":
             parts += [str(item.get("name") or ""), str(item.get("arguments") or "")]
-        for part in item.get("content") or [] if item.get("type") == "message" else []:
+        content = item.get("content") if item.get("type") == "message" else None
+        for part in content if isinstance(content, list) else ():  # a relayed answer is checked no deeper than "output"
             parts.append(str(part.get("text") or "") if isinstance(part, dict) else "")
     return "".join(parts)
 

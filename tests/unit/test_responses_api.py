@@ -157,3 +157,12 @@ def test_a_relayed_stream_is_read_for_usage_and_text_from_its_own_events() -> No
     assert stream_usage(completed) == Usage(3, 4) and stream_text(delta) == "hi"
     assert RESPONSES_API.frame(parse(input="x"), delta) == (b"event: response.output_text.delta\n"
                                                             b'data: {"type":"response.output_text.delta"}\n\n')
+
+
+@pytest.mark.parametrize("content", [5, 1.5, True, "text", {"text": "x"}, None])
+def test_an_answer_without_usage_is_read_for_its_text_whatever_its_items_hold(content: Any) -> None:
+    # The relay checks only that "output" is a list; the text read here bills an answer without usage.
+    body = {"output": [{"type": "message", "content": content}, "stray", {"type": "function_call", "name": "f",
+                                                                        "arguments": "{}"},
+                       {"type": "message", "content": [{"type": "output_text", "text": "hi"}, 7]}]}
+    assert RESPONSES_API.answer_text(body) == "f{}hi"
