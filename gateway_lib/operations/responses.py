@@ -22,6 +22,7 @@ from gateway_lib.providers.base import RESPONSES, StreamEvent, Usage, usage_of
 _GATEWAY_FIELDS = frozenset({"provider_hint", "priority"})
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _ROLES = {"user", "assistant", "system", "developer"}
+MIN_OUTPUT_TOKENS = 16  # OpenAI's and Azure's Responses API refuse a smaller max_output_tokens
 
 
 class InputItem(BaseModel):
@@ -58,7 +59,7 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     text: TextConfig | None = None
@@ -84,6 +85,15 @@ class ResponsesRequest(BaseModel):
         if hint is not None and hint not in registry.names():
             raise ValueError(f"must be one of {', '.join(registry.names())}")
         return hint
+
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _at_least_openais_minimum(cls, tokens: int | None) -> int | None:
+        if tokens is not None and tokens < MIN_OUTPUT_TOKENS:
+            raise InvalidRequest(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                                 f"{MIN_OUTPUT_TOKENS}, but got {tokens} instead.", code="integer_below_min_value",
+                                 param="max_output_tokens")
+        return tokens
 
     @model_validator(mode="after")
     def _readable(self) -> ResponsesRequest:
@@ -152,8 +162,8 @@ class ResponsesRequest(BaseModel):
     def wire_body(self, max_tokens: int | None) -> dict[str, Any]:
         """The request as the caller sent it, for a relay: the gateway's hints out, its token cap in."""
         body = self.model_dump(mode="json", exclude_unset=True, exclude=set(_GATEWAY_FIELDS))
-        if max_tokens is not None:
-            body["max_output_tokens"] = max_tokens
+        if max_tokens is not None:  # a cap from a nearly full context window may fall below the API's minimum
+            body["max_output_tokens"] = max(max_tokens, MIN_OUTPUT_TOKENS)
         return body
 
 

@@ -166,3 +166,19 @@ def test_an_answer_without_usage_is_read_for_its_text_whatever_its_items_hold(co
                                                                         "arguments": "{}"},
                        {"type": "message", "content": [{"type": "output_text", "text": "hi"}, 7]}]}
     assert RESPONSES_API.answer_text(body) == "f{}hi"
+
+
+@pytest.mark.parametrize("given", [1, 10, 15])
+def test_max_output_tokens_below_openais_minimum_of_16_is_refused_in_openais_words(given: int) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input="x", max_output_tokens=given)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "max_output_tokens",
+                                                                           "integer_below_min_value")
+    assert caught.value.message == ("Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, "
+                                    f"but got {given} instead.")
+    assert parse(input="x", max_output_tokens=16).max_output_tokens == 16
+
+
+def test_a_gateway_cap_below_16_goes_up_as_16_which_the_relayed_api_takes() -> None:
+    # A cap from a nearly full context window can fall under the API's minimum; the model stops at the window anyway.
+    assert parse(input="x").wire_body(3)["max_output_tokens"] == 16
