@@ -22,6 +22,7 @@ from gateway_lib.providers.base import RESPONSES, StreamEvent, Usage, usage_of
 _GATEWAY_FIELDS = frozenset({"provider_hint", "priority"})
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _ROLES = {"user", "assistant", "system", "developer"}
+_TOOL_CHOICES = ("none", "auto", "required")
 MIN_OUTPUT_TOKENS = 16  # OpenAI's and Azure's Responses API refuse a smaller max_output_tokens
 
 
@@ -101,6 +102,7 @@ class ResponsesRequest(BaseModel):
             if tool.get("type") != "function" or not isinstance(tool.get("name"), str) or not tool["name"]:
                 raise InvalidRequest("Only tools of type 'function' with a name are supported.", code="invalid_value",
                                      param=f"tools[{index}]")
+        _check_tool_choice(self.tool_choice, {tool["name"] for tool in self.tools or ()})
         _ = self.messages, self.response_format  # read once, here, so a bad item is a 400 naming it
         return self
 
@@ -165,6 +167,21 @@ class ResponsesRequest(BaseModel):
         if max_tokens is not None:  # a cap from a nearly full context window may fall below the API's minimum
             body["max_output_tokens"] = max(max_tokens, MIN_OUTPUT_TOKENS)
         return body
+
+
+def _check_tool_choice(choice: str | dict[str, Any] | None, tools: set[str]) -> None:
+    """OpenAI's checks, made here so every target answers alike (a relay would pass a bad choice on)."""
+    if isinstance(choice, str) and choice not in _TOOL_CHOICES:
+        raise InvalidRequest(f"Invalid value: '{choice[:64]}'. Supported values are: 'none', 'auto', and 'required'.",
+                             code="invalid_value", param="tool_choice")
+    if not isinstance(choice, dict):
+        return
+    if not isinstance(choice.get("type"), str):
+        raise InvalidRequest("Missing required parameter: 'tool_choice.type'.", code="missing_required_parameter",
+                             param="tool_choice")
+    if choice["type"] == "function" and choice.get("name") not in tools:
+        raise InvalidRequest(f"Tool choice '{str(choice.get('name'))[:64]}' not found in 'tools' parameter.",
+                             code="invalid_value", param="tool_choice")
 
 
 def _messages(items: list[InputItem]) -> list[Message]:
