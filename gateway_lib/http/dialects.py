@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway_lib.auth.identity import Caller
 from gateway_lib.errors import AuthenticationFailed, InvalidRequest
 from gateway_lib.guardrails import tokens
 from gateway_lib.http import edge
@@ -21,6 +22,7 @@ from gateway_lib.operations.responses import RESPONSES_API, ResponsesRequest
 from gateway_lib.operations.schema import parse_model
 from gateway_lib.routing import plan as routing
 from gateway_lib.runtime import Runtime
+from gateway_lib.telemetry import RequestRecord
 
 
 async def responses(request: Request) -> Response:
@@ -66,13 +68,24 @@ async def count_tokens(request: Request) -> Response:
         caller = await _caller(rt, request, scope)
         body = parse_model(anthropic.CountTokensRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
         alias = await rt.admission.effective_alias(caller, body.model)
+        # As on /messages: an unknown model is a 404, one outside the tier a 403, one without Messages targets a 400.
         routing.plan_route(alias=alias, catalogue=rt.settings.catalogue, tier=caller.tier, provider_hint=None,
-                           priority=None)  # an unknown model is a 404, one outside the tier a 403, as on /messages
+                           priority=None, request=body)
         prompt = body.prompt
         count = tokens.count_chat_prompt(prompt.messages, "claude", tools=prompt.tools)
+        _record_count(rt, scope, caller, alias)
         return edge.json_response({"input_tokens": count}, scope)
 
     return await _serve(request, "count_tokens", handle, anthropic.error_body)
+
+
+def _record_count(rt: Runtime, scope: Scope, caller: Caller, alias: str) -> None:
+    """The request's one telemetry record: who counted against which model, never the text counted."""
+    scope.recorded = True
+    rt.telemetry.request(RequestRecord(
+        request_id=scope.request_id, trace_id=scope.trace_id, route=scope.route, caller_app=caller.app_id,
+        caller_user=caller.user_id, tenant=caller.tenant_id, team=caller.team, tier=caller.tier.name, model=alias,
+        latency_ms=round(scope.elapsed_ms(), 2), overhead_ms=round(scope.elapsed_ms(), 2)))
 
 
 def _refuse_api_key(request: Request) -> None:

@@ -68,7 +68,7 @@ class EmbeddingsRequest(BaseModel):
         for index, item in enumerate(items):
             if len(item) == 0:
                 raise _invalid(f"'input[{index}]' must not be empty.")
-            if isinstance(item, list) and any(t < 0 or t >= _vocabulary() for t in item):
+            if isinstance(item, list) and not _decodable(item):
                 raise _invalid(f"'input[{index}]' holds a token id outside the {TOKEN_ENCODING} vocabulary.")
             if _input_tokens(item) > MAX_INPUT_TOKENS:
                 raise _invalid(f"'input[{index}]' is longer than {MAX_INPUT_TOKENS} tokens, the most one input may "
@@ -116,8 +116,16 @@ def _invalid(message: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for 'input': {message}", code="invalid_value", param="input")
 
 
-def _vocabulary() -> int:
-    return int(tokens.encoding(TOKEN_ENCODING).max_token_value) + 1
+def _decodable(item: list[int]) -> bool:
+    """Every id names a token: the vocabulary's ids have gaps (cl100k_base assigns none to 100256, 100261-100275)."""
+    encoding = tokens.encoding(TOKEN_ENCODING)
+    if any(t < 0 or t > encoding.max_token_value for t in item):
+        return False
+    try:
+        encoding.decode_bytes(item)
+    except KeyError:
+        return False
+    return True
 
 
 def _input_tokens(item: str | list[int]) -> int:

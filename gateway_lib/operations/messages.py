@@ -108,7 +108,16 @@ class MessagesRequest(_Conversation):
 
 
 class CountTokensRequest(_Conversation):
-    """``POST /v1/messages/count_tokens``."""
+    """``POST /v1/messages/count_tokens``: routed as a Messages request would be, so it takes the same models."""
+
+    operation: ClassVar[str] = MESSAGES
+    stream: ClassVar[bool] = False
+    provider_hint: ClassVar[None] = None
+    priority: ClassVar[None] = None
+    requested_max_tokens: ClassVar[None] = None
+
+    def features(self) -> frozenset[str]:
+        return frozenset()
 
     @property
     def prompt(self) -> _Prompt:

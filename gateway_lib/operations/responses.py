@@ -22,6 +22,8 @@ from gateway_lib.providers.base import RESPONSES, StreamEvent, Usage, usage_of
 _GATEWAY_FIELDS = frozenset({"provider_hint", "priority"})
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _ROLES = {"user", "assistant", "system", "developer"}
+_TOOL_CHOICES = ("none", "auto", "required")
+MIN_OUTPUT_TOKENS = 16  # OpenAI's and Azure's Responses API refuse a smaller max_output_tokens
 
 
 class InputItem(BaseModel):
@@ -58,7 +60,7 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     text: TextConfig | None = None
@@ -85,12 +87,22 @@ class ResponsesRequest(BaseModel):
             raise ValueError(f"must be one of {', '.join(registry.names())}")
         return hint
 
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _at_least_openais_minimum(cls, tokens: int | None) -> int | None:
+        if tokens is not None and tokens < MIN_OUTPUT_TOKENS:
+            raise InvalidRequest(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                                 f"{MIN_OUTPUT_TOKENS}, but got {tokens} instead.", code="integer_below_min_value",
+                                 param="max_output_tokens")
+        return tokens
+
     @model_validator(mode="after")
     def _readable(self) -> ResponsesRequest:
         for index, tool in enumerate(self.tools or ()):
             if tool.get("type") != "function" or not isinstance(tool.get("name"), str) or not tool["name"]:
                 raise InvalidRequest("Only tools of type 'function' with a name are supported.", code="invalid_value",
                                      param=f"tools[{index}]")
+        _check_tool_choice(self.tool_choice, {tool["name"] for tool in self.tools or ()})
         _ = self.messages, self.response_format  # read once, here, so a bad item is a 400 naming it
         return self
 
@@ -152,9 +164,24 @@ class ResponsesRequest(BaseModel):
     def wire_body(self, max_tokens: int | None) -> dict[str, Any]:
         """The request as the caller sent it, for a relay: the gateway's hints out, its token cap in."""
         body = self.model_dump(mode="json", exclude_unset=True, exclude=set(_GATEWAY_FIELDS))
-        if max_tokens is not None:
-            body["max_output_tokens"] = max_tokens
+        if max_tokens is not None:  # a cap from a nearly full context window may fall below the API's minimum
+            body["max_output_tokens"] = max(max_tokens, MIN_OUTPUT_TOKENS)
         return body
+
+
+def _check_tool_choice(choice: str | dict[str, Any] | None, tools: set[str]) -> None:
+    """OpenAI's checks, made here so every target answers alike (a relay would pass a bad choice on)."""
+    if isinstance(choice, str) and choice not in _TOOL_CHOICES:
+        raise InvalidRequest(f"Invalid value: '{choice[:64]}'. Supported values are: 'none', 'auto', and 'required'.",
+                             code="invalid_value", param="tool_choice")
+    if not isinstance(choice, dict):
+        return
+    if not isinstance(choice.get("type"), str):
+        raise InvalidRequest("Missing required parameter: 'tool_choice.type'.", code="missing_required_parameter",
+                             param="tool_choice")
+    if choice["type"] == "function" and choice.get("name") not in tools:
+        raise InvalidRequest(f"Tool choice '{str(choice.get('name'))[:64]}' not found in 'tools' parameter.",
+                             code="invalid_value", param="tool_choice")
 
 
 def _messages(items: list[InputItem]) -> list[Message]:
@@ -231,7 +258,8 @@ def answer_text(body: dict[str, Any]) -> str:
             continue
         if item.get("type") == "function_call":
             parts += [str(item.get("name") or ""), str(item.get("arguments") or "")]
-        for part in item.get("content") or [] if item.get("type") == "message" else []:
+        content = item.get("content") if item.get("type") == "message" else None
+        for part in content if isinstance(content, list) else ():  # a relayed answer is checked no deeper than "output"
             parts.append(str(part.get("text") or "") if isinstance(part, dict) else "")
     return "".join(parts)
 

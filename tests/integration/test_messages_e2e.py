@@ -4,7 +4,9 @@ local host → gateway → Bedrock's InvokeModel on the simulator, in Anthropic'
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -12,6 +14,7 @@ import pytest
 import requests
 
 from tests.integration.test_content_filter_e2e import cost_row
+from tests.integration.test_fallback_e2e import _request_log_line
 from tests.integration.test_quota_e2e import caller_key, ledger_state
 from tests.integration.test_responses_e2e import _settled, day_tokens, slow_chunks
 from tests.stack_fixture import Sim
@@ -105,6 +108,17 @@ def test_count_tokens_answers_from_the_gateways_estimate_without_an_upstream_cal
     assert ledger_state(stack, caller_key(stack, token))[1] == []
 
 
+def test_a_counted_prompt_leaves_one_request_record_without_its_text(stack: Stack, token: str) -> None:
+    request_id = f"i20-count-logged-{time.monotonic_ns()}"
+    secret = "count-tokens-prompt-text-that-must-not-be-logged"
+    response = post(stack, {"model": CLAUDE, "messages": [{"role": "user", "content": secret}]},
+                    "/v1/messages/count_tokens", token, **{"x-request-id": request_id})
+    assert response.status_code == 200, response.text
+    line = _request_log_line(stack, request_id)
+    assert " count_tokens 200 ok " in line and CLAUDE in line, line
+    assert secret not in (stack.log_dir or Path(".")).joinpath("host.log").read_text(errors="replace")
+
+
 def post(stack: Stack, body: Any, path: str = "/v1/messages", token: str | None = None,
          **headers: str) -> requests.Response:
     auth = {"Authorization": f"Bearer {token}"} if token else {}
@@ -143,6 +157,15 @@ def test_a_missing_max_tokens_is_named(stack: Stack, token: str) -> None:
 
 def test_a_model_without_anthropic_targets_is_a_400(stack: Stack, token: str, sim: Sim) -> None:
     anthropic_error(post(stack, hello(model="gpt-4o-mini"), token=token), 400, "invalid_request_error")
+    assert sim.total() == 0
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "text-embedding-3-small"])
+def test_count_tokens_refuses_a_model_messages_would_refuse(stack: Stack, token: str, sim: Sim, model: str) -> None:
+    counted = post(stack, {"model": model, "messages": [{"role": "user", "content": "x"}]}, "/v1/messages/count_tokens",
+                   token)
+    sent = post(stack, hello(model=model), token=token)
+    assert anthropic_error(counted, 400, "invalid_request_error") == anthropic_error(sent, 400, "invalid_request_error")
     assert sim.total() == 0
 
 

@@ -183,3 +183,11 @@ def test_a_chat_model_named_for_embeddings_is_a_400(rt: Runtime) -> None:
     with pytest.raises(InvalidRequest) as raised:
         asyncio.run(pipeline.complete(rt, scope, _caller(rt), EMBEDDINGS_OP, _request(model="gpt-4o-mini", input="x")))
     assert (raised.value.code, raised.value.param) == ("model_not_supported", "model")
+
+
+@pytest.mark.parametrize("token", [100256, 100261, 100275])
+def test_a_token_id_in_a_gap_of_the_vocabulary_is_a_400_not_a_500(token: int) -> None:
+    # cl100k_base numbers its tokens up to 100276 but assigns no token to these ids: nothing to decode.
+    with pytest.raises(InvalidRequest) as raised:
+        _request(input=[[15339], [1917, token]])
+    assert (raised.value.param, raised.value.status) == ("input", 400) and "input[1]" in raised.value.message

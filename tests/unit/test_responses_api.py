@@ -157,3 +157,49 @@ def test_a_relayed_stream_is_read_for_usage_and_text_from_its_own_events() -> No
     assert stream_usage(completed) == Usage(3, 4) and stream_text(delta) == "hi"
     assert RESPONSES_API.frame(parse(input="x"), delta) == (b"event: response.output_text.delta\n"
                                                             b'data: {"type":"response.output_text.delta"}\n\n')
+
+
+@pytest.mark.parametrize("content", [5, 1.5, True, "text", {"text": "x"}, None])
+def test_an_answer_without_usage_is_read_for_its_text_whatever_its_items_hold(content: Any) -> None:
+    # The relay checks only that "output" is a list; the text read here bills an answer without usage.
+    body = {"output": [{"type": "message", "content": content}, "stray", {"type": "function_call", "name": "f",
+                                                                        "arguments": "{}"},
+                       {"type": "message", "content": [{"type": "output_text", "text": "hi"}, 7]}]}
+    assert RESPONSES_API.answer_text(body) == "f{}hi"
+
+
+@pytest.mark.parametrize("given", [1, 10, 15])
+def test_max_output_tokens_below_openais_minimum_of_16_is_refused_in_openais_words(given: int) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input="x", max_output_tokens=given)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "max_output_tokens",
+                                                                           "integer_below_min_value")
+    assert caught.value.message == ("Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, "
+                                    f"but got {given} instead.")
+    assert parse(input="x", max_output_tokens=16).max_output_tokens == 16
+
+
+def test_a_gateway_cap_below_16_goes_up_as_16_which_the_relayed_api_takes() -> None:
+    # A cap from a nearly full context window can fall under the API's minimum; the model stops at the window anyway.
+    assert parse(input="x").wire_body(3)["max_output_tokens"] == 16
+
+
+F_TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+
+
+@pytest.mark.parametrize(("tool_choice", "tools"), [
+    ("bogus", [F_TOOL]), ("any", [F_TOOL]),
+    ({"type": "function", "name": "nope"}, [F_TOOL]), ({"type": "function", "name": "get_weather"}, None),
+    ({"type": "function"}, [F_TOOL]), ({"type": "function", "name": 5}, [F_TOOL]), ({"name": "get_weather"}, [F_TOOL]),
+])
+def test_a_tool_choice_openai_refuses_is_a_400_on_every_target(tool_choice: Any, tools: Any) -> None:
+    # Checked in the dialect: a relay would otherwise pass it on and a translating target judge it its own way.
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input="x", tools=tools, tool_choice=tool_choice)
+    assert (caught.value.status, caught.value.param) == (400, "tool_choice")
+
+
+@pytest.mark.parametrize("tool_choice", ["none", "auto", "required", {"type": "function", "name": "get_weather"},
+                                         {"type": "allowed_tools", "mode": "auto", "tools": []}])
+def test_a_tool_choice_openai_takes_is_taken(tool_choice: Any) -> None:
+    assert parse(input="x", tools=[F_TOOL], tool_choice=tool_choice).tool_choice == tool_choice
