@@ -46,6 +46,7 @@ RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})  # the gateway's own 429; 
 BUDGET_CODES = frozenset({"insufficient_quota"})  # spent token/USD caps and callers blocked by budget enforcement
 REJECTION_EVENT_CODES = RATE_LIMIT_CODES | BUDGET_CODES | {"content_filter"}
 _ATTEMPT_KEYS = ("target", "provider", "outcome", "status", "latency_ms")  # upstream error text never passes
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
 
 
 # --- the request record ------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def log_request(record: RequestRecord) -> None:
 
 
 def _attempts_json(attempts: Sequence[Mapping[str, Any]]) -> str:
-    return json.dumps([{k: a.get(k) for k in _ATTEMPT_KEYS if k in a} for a in attempts], separators=(",", ":"))
+    return _COMPACT.encode([{k: a.get(k) for k in _ATTEMPT_KEYS if k in a} for a in attempts])
 
 
 def _text(value: Any) -> str:
