@@ -86,9 +86,18 @@ class RequestRecord:
 
     def dimensions(self) -> dict[str, str]:
         """customDimensions: App Insights properties are strings, so numbers are rendered here."""
-        values = dict(vars(self))  # shallow: asdict deep-copies
-        values["attempts"] = _attempts_json(self.attempts)
-        return {k: _text(v) for k, v in values.items() if v is not None and k != "trace_id"}
+        out: dict[str, str] = {}
+        for name, value in vars(self).items():  # vars, not asdict: asdict deep-copies
+            if value is None or name == "trace_id":
+                continue
+            kind = type(value)  # exact str and int first: most of the fields
+            if kind is str:
+                out[name] = value
+            elif kind is int:
+                out[name] = str(value)
+            else:
+                out[name] = _attempts_json(value) if name == "attempts" else _text(value)
+        return out
 
     def message(self) -> str:
         """The one-line human form (what the Functions log stream shows, App Insights or not)."""
