@@ -46,6 +46,7 @@ RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})  # the gateway's own 429; 
 BUDGET_CODES = frozenset({"insufficient_quota"})  # spent token/USD caps and callers blocked by budget enforcement
 REJECTION_EVENT_CODES = RATE_LIMIT_CODES | BUDGET_CODES | {"content_filter"}
 _ATTEMPT_KEYS = ("target", "provider", "outcome", "status", "latency_ms")  # upstream error text never passes
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
 
 
 # --- the request record ------------------------------------------------------------------------
@@ -85,9 +86,18 @@ class RequestRecord:
 
     def dimensions(self) -> dict[str, str]:
         """customDimensions: App Insights properties are strings, so numbers are rendered here."""
-        values = dict(vars(self))  # shallow: asdict deep-copies
-        values["attempts"] = _attempts_json(self.attempts)
-        return {k: _text(v) for k, v in values.items() if v is not None and k != "trace_id"}
+        out: dict[str, str] = {}
+        for name, value in vars(self).items():  # vars, not asdict: asdict deep-copies
+            if value is None or name == "trace_id":
+                continue
+            kind = type(value)  # exact str and int first: most of the fields
+            if kind is str:
+                out[name] = value
+            elif kind is int:
+                out[name] = str(value)
+            else:
+                out[name] = _attempts_json(value) if name == "attempts" else _text(value)
+        return out
 
     def message(self) -> str:
         """The one-line human form (what the Functions log stream shows, App Insights or not)."""
@@ -103,6 +113,8 @@ class RequestRecord:
 
 def log_request(record: RequestRecord) -> None:
     """Emit the request's single log record on ``gateway.request``."""
+    if not log.isEnabledFor(logging.INFO):  # nothing would take the record: do not build it
+        return
     try:
         # "record" tells request rows apart from other gateway traces in KQL.
         extra: dict[str, Any] = {"custom_dimensions": {"record": "gateway.request"} | record.dimensions()}
@@ -114,7 +126,7 @@ def log_request(record: RequestRecord) -> None:
 
 
 def _attempts_json(attempts: Sequence[Mapping[str, Any]]) -> str:
-    return json.dumps([{k: a.get(k) for k in _ATTEMPT_KEYS if k in a} for a in attempts], separators=(",", ":"))
+    return _COMPACT.encode([{k: a.get(k) for k in _ATTEMPT_KEYS if k in a} for a in attempts])
 
 
 def _text(value: Any) -> str:

@@ -44,6 +44,7 @@ _TIME_CLAIMS = ("exp", "nbf", "iat")
 # the window in which a signing key withdrawn from the JWKS still admits tokens it signed earlier.
 VERIFIED_TOKEN_TTL_SECONDS = 60.0
 VERIFIED_TOKENS_KEPT = 4096  # about 1 KiB each (digest + claims)
+LABELS_KEPT_PER_TOKEN = 4  # callers kept per token, one per subscription label (a client-set header)
 
 
 class Authenticator:
@@ -66,8 +67,13 @@ class Authenticator:
         """The verified caller; raises AuthenticationFailed (401), PermissionDenied (403) or 503 without keys."""
         try:
             token = bearer_token(headers, query)
-            claims = await self._verified_claims(token)
-            return caller_from_claims(claims, self._policy, label, admin_tenants=self._admin_tenants)
+            claims, callers = await self._verified_claims(token)
+            caller = callers.get(label)
+            if caller is None:  # pure in the claims, the policy and the label: built once per token and label
+                caller = caller_from_claims(claims, self._policy, label, admin_tenants=self._admin_tenants)
+                if len(callers) < LABELS_KEPT_PER_TOKEN:
+                    callers[label] = caller
+            return caller
         except AuthenticationFailed as exc:
             exc.headers.setdefault("WWW-Authenticate", _challenge("invalid_token", exc.message))
             raise
@@ -75,17 +81,17 @@ class Authenticator:
             exc.headers.setdefault("WWW-Authenticate", _challenge("insufficient_scope", exc.message))
             raise
 
-    async def _verified_claims(self, token: str) -> dict[str, Any]:
+    async def _verified_claims(self, token: str) -> tuple[dict[str, Any], dict[str | None, Caller]]:
+        """The token's claims and its callers built so far, by label."""
         digest = hashlib.sha256(token.encode()).digest()
-        claims = self._verified.get(digest)
-        if claims is not None:
-            return claims
+        hit = self._verified.entry(digest)
+        if hit is not None:
+            return hit
         alg, kid = self._checked_header(token)
         key = await self._key(kid, alg)
         claims = _decode(token, key, self._settings)
         self._check_issuer(claims)
-        self._verified.put(digest, claims)
-        return claims
+        return self._verified.put(digest, claims)
 
     def _checked_header(self, token: str) -> tuple[str, str]:
         try:
@@ -134,9 +140,14 @@ class _VerifiedTokens:
 
     def __init__(self, clock: Callable[[], float], leeway: float) -> None:
         self._clock, self._leeway = clock, leeway
-        self._entries: OrderedDict[bytes, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, dict[str, Any], dict[str | None, Caller]]] = OrderedDict()
 
     def get(self, digest: bytes) -> dict[str, Any] | None:
+        hit = self.entry(digest)
+        return None if hit is None else hit[0]
+
+    def entry(self, digest: bytes) -> tuple[dict[str, Any], dict[str | None, Caller]] | None:
+        """The claims and the callers built from them (by label), while the entry lasts."""
         hit = self._entries.get(digest)
         if hit is None:
             return None
@@ -144,15 +155,16 @@ class _VerifiedTokens:
             del self._entries[digest]
             return None
         self._entries.move_to_end(digest)
-        return hit[1]
+        return hit[1], hit[2]
 
-    def put(self, digest: bytes, claims: dict[str, Any]) -> None:
+    def put(self, digest: bytes, claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str | None, Caller]]:
         now = self._clock()
         until = min(float(claims["exp"]) + self._leeway, now + VERIFIED_TOKEN_TTL_SECONDS)
-        self._entries[digest] = (until, claims)
+        self._entries[digest] = (until, claims, {})
         self._entries.move_to_end(digest)
         while len(self._entries) > VERIFIED_TOKENS_KEPT:
             self._entries.popitem(last=False)
+        return claims, self._entries[digest][2]
 
 
 def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str:

@@ -34,6 +34,9 @@ from gateway_lib.http import strict_json
 from gateway_lib.http.tracecontext import accept_request_id, child_traceparent, parse_traceparent
 from gateway_lib.storage.base import StorageError
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
+_UTF8_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
 log = logging.getLogger("gateway.edge")
 
 
@@ -120,9 +123,9 @@ def _too_large(max_bytes: int) -> PayloadTooLarge:
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         try:
-            return super().render(content)
+            return _UTF8_JSON.encode(content).encode("utf-8")  # JSONResponse.render's options, encoder built once
         except UnicodeEncodeError:  # a lone surrogate from upstream: escaped, since the call is already paid for
-            return json.dumps(content, separators=(",", ":")).encode()
+            return _COMPACT.encode(content).encode()
 
 
 def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -162,7 +165,7 @@ async def guarded(scope: Scope, handler: Callable[[], Awaitable[Response]], shap
 
 
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _COMPACT.encode(data).encode() + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -9,6 +9,7 @@ would see a different request (RFC 8259 4: names SHOULD be unique), so that is r
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,8 +28,10 @@ def loads(text: str | bytes | bytearray) -> Any:
     the escape check below, a search of the text, would not see a surrogate escape for the NULs in it."""
     if not isinstance(text, str):
         text = bytes(text).decode("utf-8-sig")
+    elif text.startswith("\ufeff"):  # what json.loads says of a str with a BOM
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
+        value = _decoder().decode(text)
     except _Duplicate as dup:  # rare: only then parse again to find where the key is
         where = _duplicate_path(json.loads(text, parse_constant=_no_constant, object_pairs_hook=_Marked.of))
         raise InvalidRequest(f"The JSON repeats the key '{dup.key[:64]}' in one object (at {where or 'the top'}); "
@@ -36,6 +39,12 @@ def loads(text: str | bytes | bytearray) -> Any:
     if _ESCAPE.search(text):  # rare: only then walk the document
         _no_lone_surrogates(value)
     return value
+
+
+@functools.cache
+def _decoder() -> json.JSONDecoder:
+    """Built once: ``json.loads`` with these options builds a decoder (and its scanner) per call."""
+    return json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
 
 
 class _Duplicate(Exception):

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from gateway_lib.errors import GatewayError
 from gateway_lib.providers.base import StreamEvent, Usage
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
+
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
     from gateway_lib.guardrails.screen import Prompt
@@ -27,7 +29,7 @@ R = TypeVar("R")
 
 def sse(data: dict[str, Any], name: str | None = None) -> bytes:
     """One Server-Sent Event; ``name`` becomes its ``event:`` field (Responses and Anthropic name theirs)."""
-    payload = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    payload = b"data: " + _COMPACT.encode(data).encode() + b"\n\n"
     return b"event: " + name.encode() + b"\n" + payload if name else payload
 
 

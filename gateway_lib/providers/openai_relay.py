@@ -21,6 +21,8 @@ from gateway_lib.errors import ProviderError
 from gateway_lib.providers.base import CHAT, CallContext, Completion, OperationRequest, StreamEvent, Unsupported, usage_of
 from gateway_lib.providers.openai_wire import SseStream, Wire
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
+
 if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
@@ -110,7 +112,7 @@ class OpenAIRelay:
 
     def _post(self, operation: str, route: Route, target: Target, body: dict[str, Any],
               headers: dict[str, str]) -> Any:
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        payload = _COMPACT.encode(body).encode()
         return self.client().post(self.url(operation, route, target), data=payload, headers=headers)
 
     def client(self) -> aiohttp.ClientSession:

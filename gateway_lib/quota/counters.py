@@ -51,7 +51,7 @@ class Limits:
 # ---- counters ----------------------------------------------------------------------------------
 
 def minute_key(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M")
+    return now.isoformat()[:16]  # "%Y-%m-%dT%H:%M", without strftime's per-call format parsing
 
 
 def epoch_of(now: datetime) -> int:
@@ -94,16 +94,18 @@ class Counters:
     def from_entity(cls, entity: Entity | None) -> Counters:
         if entity is None:
             return cls()
-        p, defaults = entity.properties, cls()
-        return cls(**{name: type(getattr(defaults, name))(p[name]) if name in p else getattr(defaults, name)
-                      for name in cls.__dataclass_fields__})
+        p = entity.properties
+        new = object.__new__(cls)  # as in ``_with``: the values are converted here, no __post_init__ to run
+        new.__dict__.update({name: kind(p[name]) if name in p else default for name, kind, default in _FIELDS})
+        return new
 
     def to_entity(self, partition_key: str) -> Entity:
         return Entity(partition_key, COUNTERS_ROW, {n: getattr(self, n) for n in self.__dataclass_fields__})
 
     def rolled(self, now: datetime) -> Counters:
         """Advance windows to ``now``. Only forward: an instance whose clock lags never resets a newer window."""
-        c, minute, day = self, minute_key(now), now.strftime("%Y-%m-%d")
+        c, minute = self, minute_key(now)
+        day = minute[:10]
         if minute > c.minute:
             c = c._with(minute=minute, minute_requests=0, minute_tokens=0)
         if day > c.day:
@@ -164,6 +166,9 @@ class Counters:
             return self._with(prev_reserved_tokens=max(0, self.prev_reserved_tokens - tokens),
                               prev_reserved_usd=max(ZERO, self.prev_reserved_usd - usd))
         return self
+
+
+_FIELDS = tuple((name, type(getattr(Counters(), name)), getattr(Counters(), name)) for name in Counters.__dataclass_fields__)
 
 
 # ---- admission checks (pure) -------------------------------------------------------------------

@@ -27,6 +27,8 @@ from urllib.parse import quote
 from gateway_lib.storage.base import Entity, Op
 from gateway_lib.storage.memory import check_key, normalise_properties
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
+
 _METHODS = {"insert": "POST", "upsert": "PUT", "update": "PUT", "delete": "DELETE"}
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _BOUNDARY = re.compile(rb'boundary="?([^";\r\n]+)"?', re.IGNORECASE)
@@ -87,7 +89,7 @@ def entity_json(entity: Entity) -> bytes:
             doc[name], doc[f"{name}@odata.type"] = value, "Edm.Double"
         else:
             doc[name] = value
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return _COMPACT.encode(doc).encode()
 
 
 def _part(table_url: str, op: Op) -> bytes:
