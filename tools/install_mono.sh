@@ -16,21 +16,8 @@ have_mono() {
 if have_mono; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  log "mcs is missing and there is no apt-get to install ${PACKAGES[*]}"
-  exit 1
-fi
-sudo=""
-if [[ "$(id -u)" -ne 0 ]]; then
-  if ! { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }; then
-    log "mcs is missing and installing ${PACKAGES[*]} needs root (or password-less sudo)"
-    exit 1
-  fi
-  sudo="sudo -n"
-fi
-log "installing ${PACKAGES[*]} with apt-get"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq >/dev/null
-$sudo apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+# shellcheck source=tools/apt_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt_lib.sh"
+apt_install mcs "${PACKAGES[@]}"
 have_mono || { log "apt-get finished but mcs, mono or System.Net.Http.dll is still missing"; exit 1; }
 log "$(mcs --version)"

@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway_lib.errors import InvalidRequest
 from gateway_lib.guardrails import tokens
 from gateway_lib.operations.base import Operation
 from gateway_lib.operations.chat_params import whole_numbers
-from gateway_lib.operations.schema import Message, Priority
-from gateway_lib.providers import registry
+from gateway_lib.operations.schema import Message, Priority, ProviderHint
 from gateway_lib.providers.base import EMBEDDINGS, Usage
 
 MAX_INPUTS = 2048  # OpenAI: inputs per call
@@ -43,20 +42,13 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1, le=65536)
     user: str | None = Field(default=None, max_length=256)
-    provider_hint: str | None = None
+    provider_hint: ProviderHint = None
     priority: Priority | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _integers(cls, payload: Any) -> Any:
         return whole_numbers(payload, ("dimensions",)) if isinstance(payload, dict) else payload
-
-    @field_validator("provider_hint")
-    @classmethod
-    def _known_provider(cls, hint: str | None) -> str | None:
-        if hint is not None and hint not in registry.names():
-            raise ValueError(f"must be one of {', '.join(registry.names())}")
-        return hint
 
     @model_validator(mode="after")
     def _within_limits(self) -> EmbeddingsRequest:

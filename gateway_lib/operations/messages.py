@@ -11,12 +11,11 @@ import json
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway_lib.errors import GatewayError
 from gateway_lib.operations.base import Operation
-from gateway_lib.operations.schema import Message, Priority, ToolCall, ToolCallFunction
-from gateway_lib.providers import registry
+from gateway_lib.operations.schema import Message, Priority, ProviderHint, ToolCall, ToolCallFunction
 from gateway_lib.providers.base import MESSAGES, StreamEvent, Usage, usage_of
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
@@ -75,15 +74,8 @@ class MessagesRequest(_Conversation):
     metadata: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None  # structured output (format: a JSON schema), as Bedrock takes it
     service_tier: str | None = None
-    provider_hint: str | None = None
+    provider_hint: ProviderHint = None
     priority: Priority | None = None
-
-    @field_validator("provider_hint")
-    @classmethod
-    def _known_provider(cls, hint: str | None) -> str | None:
-        if hint is not None and hint not in registry.names():
-            raise ValueError(f"must be one of {', '.join(registry.names())}")
-        return hint
 
     @property
     def requested_max_tokens(self) -> int:

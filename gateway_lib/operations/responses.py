@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway_lib.errors import GatewayError, InvalidRequest
 from gateway_lib.operations.base import Operation, sse
-from gateway_lib.operations.schema import ChatRequest, Message, Priority, ToolCall, ToolCallFunction
-from gateway_lib.providers import registry
+from gateway_lib.operations.schema import ChatRequest, Message, Priority, ProviderHint, ToolCall, ToolCallFunction
 from gateway_lib.providers.base import RESPONSES, StreamEvent, Usage, usage_of
 
 _GATEWAY_FIELDS = frozenset({"provider_hint", "priority"})
@@ -72,20 +71,13 @@ class ResponsesRequest(BaseModel):
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: dict[str, Any] | None = None  # reasoning models on Azure only (a feature)
-    provider_hint: str | None = None
+    provider_hint: ProviderHint = None
     priority: Priority | None = None
 
     @field_validator("stream", mode="before")
     @classmethod
     def _null_stream(cls, stream: Any) -> Any:
         return False if stream is None else stream
-
-    @field_validator("provider_hint")
-    @classmethod
-    def _known_provider(cls, hint: str | None) -> str | None:
-        if hint is not None and hint not in registry.names():
-            raise ValueError(f"must be one of {', '.join(registry.names())}")
-        return hint
 
     @field_validator("max_output_tokens")
     @classmethod

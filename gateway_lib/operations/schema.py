@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway_lib.errors import InvalidRequest
 from gateway_lib.operations import chat_params
@@ -28,6 +28,15 @@ _GATEWAY_ONLY = frozenset({"provider_hint", "priority"})
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Priority = Literal["low_cost", "low_latency", "quality"]
+
+
+def _known_provider(hint: str | None) -> str | None:
+    if hint is not None and hint not in registry.names():
+        raise ValueError(f"must be one of {', '.join(registry.names())}")
+    return hint
+
+
+ProviderHint = Annotated[str | None, AfterValidator(_known_provider)]  # a registered provider's name
 
 
 class ToolCallFunction(BaseModel):
@@ -110,7 +119,7 @@ class ChatRequest(BaseModel):
     reasoning_effort: str | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     # Gateway extensions (ignored by OpenAI clients that do not send them).
-    provider_hint: str | None = None  # a registered provider's name
+    provider_hint: ProviderHint = None
     priority: Priority | None = None
 
     @model_validator(mode="before")
@@ -133,13 +142,6 @@ class ChatRequest(BaseModel):
     @classmethod
     def _whole_biases(cls, biases: Any) -> Any:
         return chat_params.whole_numbers(biases, tuple(biases)) if isinstance(biases, dict) else biases
-
-    @field_validator("provider_hint")
-    @classmethod
-    def _known_provider(cls, hint: str | None) -> str | None:
-        if hint is not None and hint not in registry.names():
-            raise ValueError(f"must be one of {', '.join(registry.names())}")
-        return hint
 
     @field_validator("stop")
     @classmethod
@@ -222,7 +224,7 @@ class GenerateRequest(BaseModel):
     task: Literal["chat", "summarise", "extract", "classify", "rewrite"] = "chat"
     model: str = Field(default="chat-default", min_length=1, max_length=256)
     priority: Priority | None = None
-    provider_hint: str | None = None  # a registered provider's name
+    provider_hint: ProviderHint = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     labels: list[str] | None = None  # classify: the allowed labels

@@ -19,8 +19,8 @@ from gateway_lib.operations.responses import ResponsesRequest
 from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
 from gateway_lib.providers.bedrock.transform import (
     PROVIDER,
-    error_from_aws,
     finish_reason,
+    raise_exception_event,
     to_converse_request,
     usage_from,
 )
@@ -112,9 +112,7 @@ class ResponsesStreamTranslator:
         self._status = "completed"
 
     def translate(self, event: Mapping[str, Any]) -> list[StreamEvent]:
-        for key, value in event.items():
-            if key.endswith("Exception"):
-                raise error_from_aws(key, None, str((value or {}).get("message", "")))
+        raise_exception_event(event)
         out: list[StreamEvent] = []
         if "contentBlockStart" in event:
             out += self._tool_start(event["contentBlockStart"])

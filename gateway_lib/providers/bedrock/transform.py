@@ -302,9 +302,7 @@ class StreamTranslator:
 
     def translate(self, event: Mapping[str, Any]) -> list[StreamEvent]:
         """One upstream event -> zero or more chunks; an exception event raises ProviderError."""
-        for key, value in event.items():
-            if key.endswith("Exception"):
-                raise error_from_aws(key, None, str((value or {}).get("message", "")))
+        raise_exception_event(event)
         out: list[StreamEvent] = []
         if "contentBlockStart" in event:
             out += self._block_start(event["contentBlockStart"])
@@ -361,6 +359,13 @@ _AUTH = {"accessdeniedexception", "accessdenied", "unrecognizedclientexception",
          "expiredtokenexception", "expiredtoken", "invalidclienttokenid", "invalididentitytoken",
          "incompletesignature", "missingauthenticationtokenexception"}
 _BAD_REQUEST = {"validationexception"}
+
+
+def raise_exception_event(event: Mapping[str, Any]) -> None:
+    """A stream's exception event (``throttlingException``, ``modelStreamErrorException``...) as our error."""
+    for key, value in event.items():
+        if key.endswith("Exception"):
+            raise error_from_aws(key, None, str((value or {}).get("message", "")))
 
 
 def error_from_aws(code: str, status: int | None, message: str, retry_after: float | None = None) -> ProviderError:
