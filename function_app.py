@@ -89,6 +89,26 @@ async def azure_v1_embeddings(req: Request) -> Response:
     return await azure_dialect.v1_embeddings(req)
 
 
+@app.route(route="api/openai/v1/responses", methods=["POST"])
+async def azure_v1_responses(req: Request) -> Response:
+    return await azure_dialect.v1_responses(req)
+
+
+@app.route(route="api/openai/responses", methods=["POST"])
+async def azure_responses(req: Request) -> Response:
+    return await azure_dialect.preview_responses(req)
+
+
+@app.route(route="api/openai/v1/responses/{response_id}", methods=["GET", "DELETE"])
+async def azure_v1_stored_response(req: Request) -> Response:
+    return await azure_dialect.v1_stored_response(req)
+
+
+@app.route(route="api/openai/responses/{response_id}", methods=["GET", "DELETE"])
+async def azure_stored_response(req: Request) -> Response:
+    return await azure_dialect.preview_stored_response(req)
+
+
 @app.route(route="api/generate", methods=["POST"])
 async def generate(req: Request) -> Response:
     return await api.generate(req)

@@ -3,7 +3,8 @@
 ``AzureOpenAI(azure_endpoint="<gateway>/api", azure_ad_token_provider=..., api_version=...)`` posts to
 ``/openai/deployments/{deployment}/chat/completions?api-version=...`` (and ``.../embeddings``); the
 deployment is a gateway model alias and names the model, whatever the body says (``AzureChatOpenAI``
-sends ``"model": null``). The v1 paths (``/openai/v1/...``) take the model from the body, as OpenAI's.
+sends ``"model": null``). The v1 paths (``/openai/v1/...``) take the model from the body, as OpenAI's; so
+does the Responses API on both of its paths (``/openai/v1/responses`` and ``/openai/responses?api-version=``).
 Bodies, answers and errors are OpenAI's shapes: the requests then run the same operations as
 ``/api/v1``. Entra tokens only: an ``api-key`` header is refused with a 401 that says what to send.
 """
@@ -11,6 +12,7 @@ Bodies, answers and errors are OpenAI's shapes: the requests then run the same o
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -18,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway_lib.errors import AuthenticationFailed, InvalidRequest
-from gateway_lib.http import api, edge
+from gateway_lib.http import api, dialects, edge
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline
 from gateway_lib.operations.base import Operation
@@ -46,6 +48,31 @@ async def v1_chat(request: Request) -> Response:
 
 async def v1_embeddings(request: Request) -> Response:
     return await _serve(request, "embeddings", EMBEDDINGS_OP, EmbeddingsRequest, v1=True)
+
+
+async def v1_responses(request: Request) -> Response:
+    return await dialects.responses(request, _checks(v1=True))
+
+
+async def preview_responses(request: Request) -> Response:
+    """``/openai/responses?api-version=...``: the path ``AzureOpenAI(...).responses`` posts to."""
+    return await dialects.responses(request, _checks(v1=False))
+
+
+async def v1_stored_response(request: Request) -> Response:
+    return await dialects.stored_response(request, _checks(v1=True))
+
+
+async def preview_stored_response(request: Request) -> Response:
+    return await dialects.stored_response(request, _checks(v1=False))
+
+
+def _checks(*, v1: bool) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        refuse_api_key(request)
+        check_api_version(request.query_params.get("api-version"), v1=v1)
+
+    return check
 
 
 async def _serve(request: Request, route: str, op: Operation[Any], model: type[Any], *, v1: bool) -> Response:

@@ -7,6 +7,8 @@ pipeline with its operation. Errors on ``/messages`` render in Anthropic's shape
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,8 +27,11 @@ from gateway_lib.runtime import Runtime
 from gateway_lib.telemetry import RequestRecord
 
 
-async def responses(request: Request) -> Response:
+async def responses(request: Request, check: Callable[[Request], None] | None = None) -> Response:
+    """``check``: the dialect's own refusals (Azure's api-version, its api-key header) before anything else."""
     async def handle(rt: Runtime, scope: Scope) -> Response:
+        if check is not None:
+            check(request)
         caller = await _caller(rt, request, scope)
         body = parse_model(ResponsesRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
         state = response_state.ResponseState(rt.response_owners, caller, body)
@@ -35,11 +40,13 @@ async def responses(request: Request) -> Response:
     return await _serve(request, "responses", handle)
 
 
-async def stored_response(request: Request) -> Response:
+async def stored_response(request: Request, check: Callable[[Request], None] | None = None) -> Response:
     """``GET`` / ``DELETE /v1/responses/{id}``: the caller's own kept response, from the target keeping it."""
     delete = request.method == "DELETE"
 
     async def handle(rt: Runtime, scope: Scope) -> Response:
+        if check is not None:
+            check(request)
         caller = await _caller(rt, request, scope)
         if request.query_params.get("stream", "false").lower() not in ("false", "0"):
             raise InvalidRequest("Streaming a stored response back is not supported; retrieve it whole.",

@@ -153,6 +153,12 @@ var operations = [
   { name: 'azure-embeddings', method: 'POST', urlTemplate: '/openai/deployments/{deployment}/embeddings', templateParameters: [{ name: 'deployment', type: 'string', required: true }], stream: false, displayName: 'Create embeddings (Azure OpenAI deployment path)' }
   { name: 'azure-v1-chat-completions', method: 'POST', urlTemplate: '/openai/v1/chat/completions', templateParameters: [], stream: true, displayName: 'Create chat completion (Azure OpenAI v1 path)' }
   { name: 'azure-v1-embeddings', method: 'POST', urlTemplate: '/openai/v1/embeddings', templateParameters: [], stream: false, displayName: 'Create embeddings (Azure OpenAI v1 path)' }
+  { name: 'azure-v1-responses', method: 'POST', urlTemplate: '/openai/v1/responses', templateParameters: [], stream: true, displayName: 'Create a response (Azure OpenAI v1 path)' }
+  { name: 'azure-responses', method: 'POST', urlTemplate: '/openai/responses', templateParameters: [], stream: true, displayName: 'Create a response (Azure OpenAI preview path)' }
+  { name: 'azure-v1-get-response', method: 'GET', urlTemplate: '/openai/v1/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Retrieve a stored response (Azure OpenAI v1 path)' }
+  { name: 'azure-v1-delete-response', method: 'DELETE', urlTemplate: '/openai/v1/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Delete a stored response (Azure OpenAI v1 path)' }
+  { name: 'azure-get-response', method: 'GET', urlTemplate: '/openai/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Retrieve a stored response (Azure OpenAI preview path)' }
+  { name: 'azure-delete-response', method: 'DELETE', urlTemplate: '/openai/responses/{response_id}', templateParameters: [{ name: 'response_id', type: 'string', required: true }], stream: false, displayName: 'Delete a stored response (Azure OpenAI preview path)' }
   { name: 'generate', method: 'POST', urlTemplate: '/generate', templateParameters: [], stream: false, displayName: 'Generate (task-routed)' }
   { name: 'usage', method: 'GET', urlTemplate: '/v1/usage', templateParameters: [], stream: false, displayName: 'Usage and remaining budget' }
   { name: 'health', method: 'GET', urlTemplate: '/health', templateParameters: [], stream: false, displayName: 'Health' }

@@ -325,3 +325,41 @@ def test_bad_input_on_the_new_routes_gets_its_exact_status_in_the_openai_shape(
 def test_the_new_routes_need_a_token(stack: Stack, path: str) -> None:
     response = _call(stack, "GET" if "models" in path else "POST", path, None, {"model": "x", "input": "x"})
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+# ---- the Responses API in Azure's dialect ---------------------------------------------------------
+
+
+def test_azure_openai_client_responses_create_stream_and_retrieve(stack: Stack) -> None:
+    """``AzureOpenAI(...).responses`` posts to /openai/responses?api-version=..., the v1 client to /openai/v1/responses."""
+    token = fresh_token(stack)
+    client = azure(stack, token, "2025-03-01-preview")
+    made = client.responses.create(model="gpt-4o-mini", input="Say hello", store=True)
+    assert made.output_text and made.usage is not None
+    events = list(client.responses.create(model="gpt-4o-mini", input="Say hi", stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert client.responses.retrieve(made.id).id == made.id
+    v1 = openai.OpenAI(base_url=f"{stack.base_url}/openai/v1", api_key=token, max_retries=0, timeout=30)
+    _closing.append(v1)
+    chained = v1.responses.create(model="gpt-4o-mini", input="And again", previous_response_id=made.id)
+    assert chained.output_text
+    assert v1.responses.retrieve(made.id).id == made.id
+    assert_one_row_per_answer(stack, token, 3, {"responses"})
+
+
+def test_azure_responses_paths_refuse_a_bad_api_version_and_an_api_key(stack: Stack, sim: Any) -> None:
+    token = fresh_token(stack)
+    bad = requests.post(f"{stack.base_url}/openai/responses?api-version=2025-13-01",
+                        headers={"Authorization": f"Bearer {token}"}, json={"model": "gpt-4o-mini", "input": "x"},
+                        timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "api-version"
+    missing = requests.post(f"{stack.base_url}/openai/responses", headers={"Authorization": f"Bearer {token}"},
+                            json={"model": "gpt-4o-mini", "input": "x"}, timeout=10)
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_required_parameter"
+    keyed = requests.post(f"{stack.base_url}/openai/v1/responses", headers={"api-key": "0123456789abcdef"},
+                          json={"model": "gpt-4o-mini", "input": "x"}, timeout=10)
+    assert keyed.status_code == 401 and keyed.json()["error"]["code"] == "api_key_not_accepted"
+    someone_else = requests.get(f"{stack.base_url}/openai/v1/responses/resp_not_yours",
+                                headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert someone_else.status_code == 404
+    assert sim.total() == 0

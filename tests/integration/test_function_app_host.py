@@ -35,6 +35,10 @@ EXPECTED_HTTP = {
     "embeddings": ("api/v1/embeddings", {"POST"}, "function"),
     "responses": ("api/v1/responses", {"POST"}, "function"),
     "stored_response": ("api/v1/responses/{response_id}", {"GET", "DELETE"}, "function"),
+    "azure_v1_responses": ("api/openai/v1/responses", {"POST"}, "function"),
+    "azure_responses": ("api/openai/responses", {"POST"}, "function"),
+    "azure_v1_stored_response": ("api/openai/v1/responses/{response_id}", {"GET", "DELETE"}, "function"),
+    "azure_stored_response": ("api/openai/responses/{response_id}", {"GET", "DELETE"}, "function"),
     "messages": ("api/v1/messages", {"POST"}, "function"),
     "count_tokens": ("api/v1/messages/count_tokens", {"POST"}, "function"),
     "list_models": ("api/v1/models", {"GET"}, "function"),
@@ -115,7 +119,7 @@ def test_importing_the_app_does_no_io_and_needs_no_settings() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "23 []", "23 functions, and no heavy SDK imported at import time"
+    assert out.stdout.strip() == "27 []", "27 functions, and no heavy SDK imported at import time"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ NOT_THROUGH_APIM = {
 }
 
 # Routes whose answer can be Server-Sent Events ("stream": true): their operations must not buffer.
-STREAMING = {"chat_completions", "azure_chat_completions", "azure_v1_chat_completions", "responses", "messages"}
+STREAMING = {"chat_completions", "azure_chat_completions", "azure_v1_chat_completions", "responses", "messages",
+             "azure_v1_responses", "azure_responses"}
 
 
 @dataclass(frozen=True)
