@@ -15,7 +15,8 @@ from datetime import datetime
 
 from gateway_lib.billing import ledger
 from gateway_lib.billing.alerts import key_part
-from gateway_lib.billing.budget import CONFLICT_RETRIES, Budget, CallerInfo, Clock, query_all, rollup_table
+from gateway_lib.billing.budget import CONFLICT_RETRIES, query_all
+from gateway_lib.billing.rollup_rows import Budget, CallerInfo, Clock, rollup_table
 from gateway_lib.config.tiers import Tier, TierPolicy
 from gateway_lib.quota import counters, overrides
 from gateway_lib.storage.base import Entity, EntityExists, EntityNotFound, PreconditionFailed, TableStore

@@ -18,7 +18,8 @@ from typing import TypeVar
 
 from gateway_lib.billing import ledger
 from gateway_lib.billing.alerts import key_part
-from gateway_lib.billing.budget import CHECKPOINTS, LATE_CHECKPOINTS, Aggregate, rollup_table
+from gateway_lib.billing.budget import CHECKPOINTS, LATE_CHECKPOINTS
+from gateway_lib.billing.rollup_rows import Aggregate, rollup_table
 from gateway_lib.billing.spend_index import SpendKey, caller_prefix, settle_day, spend_pk
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.storage.base import Entity, TableStore

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 from gateway_lib.billing import alerts as alerting
 from gateway_lib.billing.alerts import AlertSink, TelemetrySink, WebhookSink
-from gateway_lib.billing.budget import TIMER_BUDGET, Clock, RollupReport, rollup_table, run_rollup
+from gateway_lib.billing.budget import TIMER_BUDGET, run_rollup
 from gateway_lib.billing.enforcement import OverrideBudgets, OverrideEnforcer
+from gateway_lib.billing.rollup_rows import Clock, RollupReport, rollup_table
 from gateway_lib.quota import admission as quota
 
 log = logging.getLogger("gateway.budget")

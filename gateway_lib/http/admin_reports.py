@@ -15,7 +15,7 @@ from starlette.responses import Response
 from gateway_lib.auth.identity import Caller
 from gateway_lib.billing import ledger, reports
 from gateway_lib.billing import report_views as views
-from gateway_lib.billing.budget import rollup_table
+from gateway_lib.billing.rollup_rows import rollup_table
 from gateway_lib.errors import InvalidRequest, PermissionDenied
 from gateway_lib.http import edge
 from gateway_lib.http.api import _caller, _int_param, _serve

@@ -19,8 +19,9 @@ import pytest
 
 from gateway_lib.billing import alerts, budget, ledger
 from gateway_lib.billing.alerts import Alert
-from gateway_lib.billing.budget import Budget, RollupReport, run_rollup
+from gateway_lib.billing.budget import run_rollup
 from gateway_lib.billing.enforcement import OverrideBudgets, OverrideEnforcer
+from gateway_lib.billing.rollup_rows import Budget, RollupReport
 from gateway_lib.config.settings import BudgetSettings
 from gateway_lib.config.tiers import TierPolicy, default_tiers_json, parse_tiers
 from gateway_lib.quota import admission as quota
