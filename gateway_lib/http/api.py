@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +22,7 @@ from gateway_lib.errors import GatewayError, InvalidRequest, ModelNotFound, Perm
 from gateway_lib.http import edge, models
 from gateway_lib.http.edge import Scope
 from gateway_lib.operations import pipeline, tasks
+from gateway_lib.operations.base import Operation
 from gateway_lib.operations.chat import CHAT_COMPLETIONS
 from gateway_lib.operations.embeddings import EMBEDDINGS_OP, EmbeddingsRequest
 from gateway_lib.operations.schema import ChatRequest, GenerateRequest, parse_model
@@ -53,22 +55,21 @@ async def _caller(rt: Runtime, request: Request, scope: Scope) -> Caller:
     return caller
 
 
-async def chat_completions(request: Request) -> Response:
-    async def handle(rt: Runtime, scope: Scope) -> Response:
-        caller = await _caller(rt, request, scope)
-        chat = parse_model(ChatRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
-        return await pipeline.run(rt, scope, caller, CHAT_COMPLETIONS, chat)
+def _operation_route(model: type[Any], op: Operation[Any], route: str) -> Callable[[Request], Awaitable[Response]]:
+    """A route that parses one operation's request and runs it on the pipeline."""
+    async def serve(request: Request) -> Response:
+        async def handle(rt: Runtime, scope: Scope) -> Response:
+            caller = await _caller(rt, request, scope)
+            body = parse_model(model, await edge.read_json(request, rt.settings.limits.max_body_bytes))
+            return await pipeline.run(rt, scope, caller, op, body)
 
-    return await _serve(request, "chat", handle)
+        return await _serve(request, route, handle)
+
+    return serve
 
 
-async def embeddings(request: Request) -> Response:
-    async def handle(rt: Runtime, scope: Scope) -> Response:
-        caller = await _caller(rt, request, scope)
-        body = parse_model(EmbeddingsRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
-        return await pipeline.run(rt, scope, caller, EMBEDDINGS_OP, body)
-
-    return await _serve(request, "embeddings", handle)
+chat_completions = _operation_route(ChatRequest, CHAT_COMPLETIONS, "chat")
+embeddings = _operation_route(EmbeddingsRequest, EMBEDDINGS_OP, "embeddings")
 
 
 async def generate(request: Request) -> Response:
