@@ -9,11 +9,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import closing  # noqa: E402
 from tools import netguard  # noqa: E402
 
 netguard.install()
 
 pytest_plugins = ["tests.stack_fixture", "tests.azurite_fixture", "tests.inproc_simulator"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_module_clients() -> Iterator[None]:
+    yield
+    closing.close_all()
 
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:

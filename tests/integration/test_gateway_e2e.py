@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
 
 import openai
 import pytest
 import requests
 
+from tests import closing
+
 pytestmark = pytest.mark.integration
 
 
-_clients: list[openai.OpenAI] = []
 
 
 def client(base_url: str, token: str) -> openai.OpenAI:
     sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0, timeout=30)
-    _clients.append(sdk)
-    return sdk
+    return closing.keep(sdk)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()  # unclosed clients leak sockets: a ResourceWarning, an error here
 
 
 def hello(**extra: object) -> dict:

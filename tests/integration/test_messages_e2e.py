@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import anthropic
 import pytest
 import requests
 
+from tests import closing
 from tests.integration.test_content_filter_e2e import cost_row
 from tests.integration.test_fallback_e2e import _request_log_line
 from tests.integration.test_quota_e2e import caller_key, ledger_state
@@ -26,21 +26,14 @@ pytestmark = pytest.mark.integration
 CLAUDE, CLAUDE_ID = "claude-3-haiku", "anthropic.claude-3-haiku-20240307-v1:0"
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-_clients: list[anthropic.Anthropic] = []
 
 
 def client(stack: Stack, token: str) -> anthropic.Anthropic:
     # base_url = <gateway>/api: the SDK adds /v1/messages. Retries off: a 429 must reach the test.
     sdk = anthropic.Anthropic(base_url=stack.base_url, auth_token=token, max_retries=0, timeout=30)
-    _clients.append(sdk)
-    return sdk
+    return closing.keep(sdk)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
 
 
 def hello(**extra: Any) -> dict[str, Any]:

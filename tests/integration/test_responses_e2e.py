@@ -13,6 +13,7 @@ import pytest
 import requests
 from pydantic import BaseModel
 
+from tests import closing
 from tests.integration.test_content_filter_e2e import cost_row
 from tests.stack_fixture import Sim
 from tools.sim_text import TOOL_TRIGGER
@@ -24,20 +25,13 @@ AZURE, BEDROCK = "gpt-4o-mini", "claude-3-haiku"
 BEDROCK_MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-_clients: list[openai.OpenAI] = []
 
 
 def client(stack: Stack, token: str) -> openai.OpenAI:
     sdk = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token, max_retries=0, timeout=30)
-    _clients.append(sdk)
-    return sdk
+    return closing.keep(sdk)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
 
 
 @pytest.mark.parametrize("model", [AZURE, BEDROCK])
