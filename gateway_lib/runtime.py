@@ -22,13 +22,14 @@ from gateway_lib.config.settings import ConfigError, Settings, get_settings
 from gateway_lib.errors import ServiceUnavailable
 from gateway_lib.guardrails import tokens
 from gateway_lib.operations.response_owners import ResponseOwners
+from gateway_lib.privacy import install_privacy_filter
 from gateway_lib.providers import registry
 from gateway_lib.providers.base import Provider
 from gateway_lib.quota.admission import Admission
 from gateway_lib.quota.leases import LeasedAdmission
 from gateway_lib.routing.target_health import TargetHealth
 from gateway_lib.storage.base import TableStore
-from gateway_lib.telemetry import Telemetry, install_privacy_filter
+from gateway_lib.telemetry import Telemetry
 
 log = logging.getLogger("gateway.runtime")
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway_lib import telemetry
-from gateway_lib.telemetry import PrivacyFilter, RequestRecord, Telemetry, TraceContext
+from gateway_lib import privacy, telemetry
+from gateway_lib.privacy import PrivacyFilter
+from gateway_lib.telemetry import RequestRecord, Telemetry, TraceContext
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -236,7 +237,7 @@ def test_rejection_before_the_pipeline_leaves_a_record(fakes: Any, caplog: pytes
     ("output", True), ("answer", True), ("output_tokens", False),
 ])
 def test_sensitive_names(name: str, sensitive: bool) -> None:
-    assert telemetry.is_sensitive(name) is sensitive
+    assert privacy.is_sensitive(name) is sensitive
 
 
 def test_privacy_filter_blanks_sensitive_attributes_and_dimension_keys() -> None:
@@ -249,7 +250,7 @@ def test_privacy_filter_blanks_sensitive_attributes_and_dimension_keys() -> None
     logger.warning("m", extra={"authorization": "Bearer eyJ", "prompt": "my secret", "route": "chat",
                                "custom_dimensions": dims})
     [entry] = seen
-    assert entry.authorization == entry.prompt == telemetry.REDACTED  # type: ignore[attr-defined]
+    assert entry.authorization == entry.prompt == privacy.REDACTED  # type: ignore[attr-defined]
     assert entry.route == "chat"  # type: ignore[attr-defined]
     assert entry.custom_dimensions == {"content": "[redacted]", "prompt_tokens": 5,  # type: ignore[attr-defined]
                                        "x-api-key": "[redacted]", "request_id": "r"}
@@ -261,14 +262,14 @@ def test_install_privacy_filter_covers_every_handler_once() -> None:
     handlers = [logging.NullHandler(), logging.NullHandler()]
     for h in handlers:
         logger.addHandler(h)
-    telemetry.install_privacy_filter(logger)
-    telemetry.install_privacy_filter(logger)
+    privacy.install_privacy_filter(logger)
+    privacy.install_privacy_filter(logger)
     assert [len([f for f in h.filters if isinstance(f, PrivacyFilter)]) for h in handlers] == [1, 1]
 
 
 def test_redact_helpers() -> None:
-    assert telemetry.redact("sk-live-123") == "[redacted]" and telemetry.redact(None) == telemetry.redact("") == ""
-    assert telemetry.redact_mapping({"Authorization": "Bearer x", "accept": "json"}) == {
+    assert privacy.redact("sk-live-123") == "[redacted]" and privacy.redact(None) == privacy.redact("") == ""
+    assert privacy.redact_mapping({"Authorization": "Bearer x", "accept": "json"}) == {
         "Authorization": "[redacted]", "accept": "json"}
 
 
