@@ -249,9 +249,8 @@ class CounterRows:
         and the row's history no longer proves it missed: giving room back twice could let a limit be passed,
         while room not given back only waits for its epoch to end. That raises ``WriteInDoubt``. ``owed``: the
         room such a write gives back; if the outage outlasts this call, the write is not lost but left to the
-        doubt resolver, which gives the room back once a read shows the write surely missed. (A commit of
-        cost rows that had landed is refused on them, ``AlreadySettled``; a team's settlement applied twice
-        over-counts its day and under-counts its room in flight: a documented limit, the rollup sums the rows.)
+        doubt resolver, which gives the room back once a read shows the write surely missed. Landed cost rows
+        refuse a second commit (``AlreadySettled``); a team settlement's limit is in docs/storage.md.
         """
         async with self.lock(pk):
             entity = self.known(pk)
@@ -265,13 +264,9 @@ class CounterRows:
                 try:
                     if entity is None:
                         entity = await self.get(pk, counted)
-                        history = writers(entity)
-                        if any(marker in history for marker, _ in lost):
+                        if _landed(entity, lost, gives_back_only, f"{what} of {counted.request_id}"):
                             self.remember(pk, entity)  # it had landed: applying it again would count twice
                             return
-                        if lost and gives_back_only and not all(surely_missed(m, before, history) for m, before in lost):
-                            raise WriteInDoubt(f"{what} of {counted.request_id}: its reply was lost and more "
-                                               "writes since leave its outcome unknown")
                     self.remember(pk, await write(entity, pk))
                     return
                 except AlreadySettled:
@@ -289,9 +284,7 @@ class CounterRows:
                         lost.append((marker, next(iter(writers(entity)), "") or None))
                     if self._monotonic() >= started + SETTLE_OUTAGE_SECONDS:
                         if owed is not None:
-                            doubt, latest = lost[-1] if lost else (None, None)
-                            self._doubts.setdefault(pk, []).append(Doubt(doubt, None, latest, owed, tuple(lost[:-1])))
-                            self._start_resolver(pk)
+                            self._leave_to_resolver(pk, lost, owed)
                         raise
                     self.remember(pk, None)
                     entity = None
@@ -306,6 +299,12 @@ class CounterRows:
                     if attempt:  # the first miss is usually just our stale copy: re-read at once
                         await self.backoff(attempt, cap=SETTLE_BACKOFF_CAP_SECONDS)
                     attempt += 1
+
+    def _leave_to_resolver(self, pk: str, lost: list[tuple[str, str | None]], owed: Release) -> None:
+        """Room a write owes back, left to the doubt resolver when an outage outlasts the write."""
+        doubt, latest = lost[-1] if lost else (None, None)
+        self._doubts.setdefault(pk, []).append(Doubt(doubt, None, latest, owed, tuple(lost[:-1])))
+        self._start_resolver(pk)
 
     async def backoff(self, attempt: int, cap: float = 0.2) -> None:
         # Full jitter: instances that collided once must not collide again in lock-step.
@@ -388,3 +387,14 @@ class CounterRows:
                 continue
         if self._doubts.pop(pk, None):
             log.warning("reservation of unknown outcome left to expire with its epoch", extra={"partition": pk})
+
+
+def _landed(entity: Entity | None, lost: list[tuple[str, str | None]], gives_back_only: bool, what: str) -> bool:
+    """Whether a try whose reply was lost is on the row just read. A give-back whose fate the row's history can
+    no longer prove is a ``WriteInDoubt``: applying it again could give room back twice."""
+    history = writers(entity)
+    if any(marker in history for marker, _ in lost):
+        return True
+    if lost and gives_back_only and not all(surely_missed(m, before, history) for m, before in lost):
+        raise WriteInDoubt(f"{what}: its reply was lost and more writes since leave its outcome unknown")
+    return False
