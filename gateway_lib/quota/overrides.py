@@ -89,13 +89,8 @@ async def put_override(
     return replace(override, etag=written.etag)
 
 
-async def delete_override(store: TableStore, prefix: str, subject: str, kind: str = "caller") -> None:
-    await store.delete(overrides_table(prefix), *override_key(subject, kind))
-
-
 def money_json(value: Any) -> Any:
     return str(value) if isinstance(value, Decimal) else value
-
 
 
 def override_json(subject: str, override: Override | None) -> dict[str, Any]:
