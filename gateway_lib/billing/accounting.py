@@ -100,7 +100,12 @@ class Accounting:
         if status == "ok" and self.screened.max_tokens:  # an answer of an operation with output: learn its length
             self.rt.admission.expected_output.observe(self.caller.key, usage.completion_tokens / self._choices)
         cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
-        settling = asyncio.ensure_future(self._settle(target, usage, cost, status, error))
+        assert self.reservation is not None  # the pipeline reserves before any path can finish
+        row = self._row(target, usage, cost, status, error)
+        if self.rt.admission.settle_now(self.reservation, row) is not None:  # written behind: nothing to wait for
+            self._record(target, usage, cost, status, error)
+            return cost
+        settling = asyncio.ensure_future(self._settle(row, target, usage, cost, status, error))
         # The answer is paid for already: it waits for its settle only so long (a settle riding out an outage,
         # or queued behind others for the row, goes on in the background).
         if not await settlements.within(settling, circuit.REQUEST_SECONDS):
@@ -108,10 +113,9 @@ class Accounting:
                         extra={"custom_dimensions": {"request_id": self.scope.request_id, "status": status}})
         return cost
 
-    async def _settle(self, target: Target | None, usage: Usage, cost: Decimal, status: str,
+    async def _settle(self, row: CostRow, target: Target | None, usage: Usage, cost: Decimal, status: str,
                       error: GatewayError | None) -> None:
-        assert self.reservation is not None  # the pipeline reserves before any path can finish
-        row = self._row(target, usage, cost, status, error)
+        assert self.reservation is not None
         try:
             # Settle and release are one operation: swap the reservation for what the row says was used.
             await self.rt.admission.settle(self.reservation, row)

@@ -86,6 +86,13 @@ RESERVE_PATIENCE_SECONDS = 1.0
 SETTLE_ATTEMPTS = 12  # admin override writes
 
 
+class _Stale:
+    """A cached override past its time to live (``None`` is a cached "no override")."""
+
+
+_STALE = _Stale()
+
+
 
 def tables(prefix: str) -> list[str]:
     """Every table quota and ledger use (create them once at deployment or startup)."""
@@ -141,6 +148,9 @@ class Admission:
         leaves its outcome unknown (a lease grant has taken the old lease out of reach by then). It ends, and
         the room it reserved is given back. Its row lock waits and storage calls end within the request's
         storage deadline (``circuit.deadline``), and at once while storage is known to be down."""
+        admitted = self._reserve_now(caller, tokens, usd, request_id)
+        if admitted is not None:
+            return admitted  # nothing written, so nothing a cancellation could cut off
         with circuit.deadline():  # the task takes it along
             task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
         self._reserving.add(task)
@@ -179,10 +189,18 @@ class Admission:
             return False
         return True
 
+    def _reserve_now(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation | None:
+        """A reservation admitted without storage, or None: every strict reservation is a write."""
+        return None
+
+    @staticmethod
+    def _reservation(caller: Caller, tokens: int, usd: Decimal, request_id: str, now: datetime) -> Reservation:
+        return Reservation(caller.key, request_id, caller.tier.name, caller.team, tokens, usd, minute_key(now),
+                           epoch_of(now), names=(caller.app_name, caller.user_name))
+
     async def _reserve(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation:
         now = self._clock()
-        res = Reservation(caller.key, request_id, caller.tier.name, caller.team, tokens, usd, minute_key(now),
-                          epoch_of(now), names=(caller.app_name, caller.user_name))
+        res = self._reservation(caller, tokens, usd, request_id, now)
         try:
             res.round_trips += await self._ensure_tables()
             override = await self._cached_override(caller.key, "caller", res)
@@ -201,6 +219,10 @@ class Admission:
     async def settle(self, res: Reservation, row: CostRow) -> Settlement:
         """Swap the reservation for the row's actual usage and insert the row: one transaction, idempotent."""
         return await self._finish(res, row)
+
+    def settle_now(self, res: Reservation, row: CostRow) -> Settlement | None:
+        """Settle without waiting, where that is possible (leased mode journals it); else None: ``settle``."""
+        return None
 
     async def release(self, res: Reservation, row: CostRow) -> Settlement:
         """A failed request: drop the reservation, count whatever the row says was consumed, write the row."""
@@ -421,10 +443,15 @@ class Admission:
                            "error": str(exc)})
         return replace(res, accounted=False, headers={})
 
-    async def _cached_override(self, subject: str, kind: str, res: Reservation | None) -> Override | None:
+    def _fresh_override(self, subject: str, kind: str) -> Override | _Stale | None:
+        """The cached override while it is fresh, else ``_STALE`` (it has to be read)."""
         hit = self._overrides.get((kind, subject))
-        if hit is not None and self._monotonic() - hit[0] < self._ttl:
-            return hit[1]
+        return hit[1] if hit is not None and self._monotonic() - hit[0] < self._ttl else _STALE
+
+    async def _cached_override(self, subject: str, kind: str, res: Reservation | None) -> Override | None:
+        hit = self._fresh_override(subject, kind)
+        if not isinstance(hit, _Stale):
+            return hit
         if res is not None:
             res.round_trips += 1
         value = await get_override(self._store, self._prefix, subject, kind)

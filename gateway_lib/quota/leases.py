@@ -47,6 +47,7 @@ from gateway_lib.quota.admission import (
     Admission,
     Reservation,
     Settlement,
+    _Stale,
     _unavailable,
     background,
     team_partition,
@@ -159,6 +160,45 @@ class LeasedAdmission(Admission):
 
     # -- admission --
 
+    def _reserve_now(self, caller: Caller, tokens: int, usd: Decimal, request_id: str) -> Reservation | None:
+        """Admit from leases this process holds (the caller's and its team's) when that needs no storage call:
+        the common case, served without a task or a wait. None sends the request down the full path."""
+        if not self._tables_ready:
+            return None
+        override = self._fresh_override(caller.key, "caller")
+        team_override = self._fresh_override(caller.team, "team") if caller.team else None
+        if isinstance(override, _Stale) or isinstance(team_override, _Stale):
+            return None
+        if override is not None and override.status == "blocked":
+            return None  # the full path says why
+        res = self._reservation(caller, tokens, usd, request_id, self._clock())
+        pk = table_key(caller.key)
+        team_pk = team_partition(caller.team) if caller.team else None
+        if not (self._lease_ready(pk, res) and (team_pk is None or self._lease_ready(team_pk, res))):
+            return None
+        res.headers = self._take(pk, Limits.of(caller.tier, override), res, caller.display)
+        if team_pk is not None:
+            self._take(team_pk, Limits.of(None, team_override), res, f"team {caller.team}")
+        return res
+
+    def _lease_ready(self, pk: str, res: Reservation) -> bool:
+        journal = self._journals.get(pk)
+        lease = self._leases.get(pk)
+        return (self._pending_rows < MAX_PENDING_ROWS and (journal is None or len(journal.entries) < JOURNAL_MAX_BEHIND)
+                and lease is not None and lease.fits(res))
+
+    def _take(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
+        """Admit ``res`` from the row's lease, which fits it; returns the x-ratelimit-* headers."""
+        self._start_flusher()
+        lease = self._leases[pk]
+        headers = rate_headers(lease.take(res, self._monotonic()), limits, self._clock())
+        if lease.requests * 4 < lease.granted * 3 and not lease.renewing:
+            # A quarter used: reserve the successor now, in the background, so no request waits for a grant
+            # (a grant queues behind a journal commit on the row lock).
+            lease.renewing = True
+            self._background(self._renew(pk, limits, res, who, lease))
+        return headers
+
     async def _admit(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
         if self._pending_rows >= MAX_PENDING_ROWS:
             raise _unavailable()  # storage has been down for a while: refuse rather than buffer without end
@@ -166,16 +206,10 @@ class LeasedAdmission(Admission):
         if journal is not None and len(journal.entries) >= JOURNAL_MAX_BEHIND:
             await self._caught_up(pk, journal)
         self._start_flusher()
-        now = self._monotonic()
         lease = self._leases.get(pk)
         if lease is not None and lease.fits(res):
-            headers = rate_headers(lease.take(res, now), limits, self._clock())
-            if lease.requests * 4 < lease.granted * 3 and not lease.renewing:
-                # A quarter used: reserve the successor now, in the background, so no request waits for a grant
-                # (a grant queues behind a journal commit on the row lock).
-                lease.renewing = True
-                self._background(self._renew(pk, limits, res, who, lease))
-            return headers
+            return self._take(pk, limits, res, who)
+        now = self._monotonic()
         async with self._rows.locked(pk):
             lease = self._leases.get(pk)  # another request of this caller may have renewed it meanwhile
             if lease is not None and lease.fits(res):
@@ -287,14 +321,18 @@ class LeasedAdmission(Admission):
 
     # -- settlement, written behind --
 
-    async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
+    def settle_now(self, res: Reservation, row: CostRow) -> Settlement | None:
+        """Journal the settlement (written behind); None for a fail-open request, which has no counters."""
         if not res.accounted:
-            return await super()._finish(res, row)
+            return None
         self._journal(table_key(res.caller_key), team=False).entries.append((res, row))
         self._pending_rows += 1
         if res.team:
             self._journal(team_partition(res.team), team=True).entries.append((res, row))
         return Settlement(False, res.round_trips)
+
+    async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
+        return self.settle_now(res, row) or await super()._finish(res, row)
 
     async def usage_view(self, subject: Caller | str, now: datetime | None = None) -> dict[str, Any]:
         """Read-your-writes on this instance: commit what it owes the row before reading it."""

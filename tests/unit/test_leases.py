@@ -409,6 +409,41 @@ def test_team_counters_follow_and_a_team_refusal_returns_the_callers_room() -> N
     run(scenario())
 
 
+def test_a_request_a_held_lease_fits_is_admitted_and_settled_without_a_task_or_a_storage_call() -> None:
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=10_000), team="blue")
+        for i in range(3):  # the first requests grant the caller's and the team's leases
+            assert await serve(adm, caller, clock, i)
+        created: list[Any] = []
+        loop = asyncio.get_running_loop()
+
+        def factory(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            created.append(coro)
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        loop.set_task_factory(factory)
+        trips = store.round_trips
+        res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="fast")
+        await adm.settle(res, make_row(caller, "fast", clock.now, 3, 4, Decimal("0.0007")))
+        loop.set_task_factory(None)
+        assert (store.round_trips, created) == (trips, [])
+        assert res.headers["x-ratelimit-limit-requests"] == "10000"
+
+        # A fresh override that blocks the caller is not admitted from the lease: the full path refuses it.
+        await adm.put_overrides(caller.key, {"status": "blocked", "reason": "budget: spent"}, changed_by="admin")
+        await adm._cached_override(caller.key, "caller", None)
+        with pytest.raises(QuotaExceeded):
+            await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="blocked")
+        await adm.aclose()
+        assert sorted(r.request_id for r in await cost_rows(store, caller.key)) == ["fast", "r0", "r1", "r2"]
+        team = await counters_of(store, team_partition("blue"))
+        assert team.day_tokens == 28 and team.in_flight_tokens == 0
+
+    run(scenario())
+
+
 RUNTIME_ENV = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
                "GATEWAY_STORAGE_MODE": "memory", "GATEWAY_ENVIRONMENT": "test",
                "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9", "AZURE_OPENAI_AUTH": "api_key",
