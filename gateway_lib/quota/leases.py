@@ -343,7 +343,8 @@ class LeasedAdmission(Admission):
     async def flush(self, pk: str | None = None) -> None:
         """Commit the journal of one row (or of every row), batch by batch."""
         pks = [pk] if pk is not None else list(self._journals)
-        await asyncio.gather(*(self._flush_row(p) for p in pks if p in self._journals))
+        # Only journals with entries: a task per idle caller on every tick would cost more than the commits.
+        await asyncio.gather(*(self._flush_row(p) for p in pks if p in self._journals and self._journals[p].entries))
 
     async def _commit_buffered(self) -> None:
         """Stop the flusher, commit every journal and give every lease back (``aclose``)."""
