@@ -26,6 +26,11 @@ def is_sensitive(name: str) -> bool:
     return bool(_SENSITIVE.search(name)) and not _METADATA.search(name)
 
 
+@functools.lru_cache(maxsize=1024)  # a record kind's keys come in the same order every time
+def any_sensitive(names: tuple[str, ...]) -> bool:
+    return any(is_sensitive(name) for name in names)
+
+
 def redact(value: object) -> str:
     """A placeholder that says something was there without saying what."""
     return "" if value is None or value == "" else REDACTED
@@ -47,7 +52,8 @@ class PrivacyFilter(logging.Filter):
         for name in [n for n in vars(record) if n not in _LOGRECORD_ATTRS]:
             value = getattr(record, name)
             if name in ("custom_dimensions", "custom_measurements") and isinstance(value, Mapping):
-                setattr(record, name, redact_mapping(value))
+                if any_sensitive(tuple(value)):
+                    setattr(record, name, redact_mapping(value))
             elif is_sensitive(name):
                 setattr(record, name, redact(value))
         return True

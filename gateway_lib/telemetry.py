@@ -46,6 +46,10 @@ RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})  # the gateway's own 429; 
 BUDGET_CODES = frozenset({"insufficient_quota"})  # spent token/USD caps and callers blocked by budget enforcement
 REJECTION_EVENT_CODES = RATE_LIMIT_CODES | BUDGET_CODES | {"content_filter"}
 _ATTEMPT_KEYS = ("target", "provider", "outcome", "status", "latency_ms")  # upstream error text never passes
+# RequestRecord's fields that are not text, by how they are rendered (a test holds these to the dataclass).
+_COUNTS = ("status", "prompt_tokens", "completion_tokens", "fallbacks")
+_MILLISECONDS = ("latency_ms", "upstream_ms", "overhead_ms")
+_FLAGS = ("stream", "upstream_error")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
 
 
@@ -86,17 +90,15 @@ class RequestRecord:
 
     def dimensions(self) -> dict[str, str]:
         """customDimensions: App Insights properties are strings, so numbers are rendered here."""
-        out: dict[str, str] = {}
-        for name, value in vars(self).items():  # vars, not asdict: asdict deep-copies
-            if value is None or name == "trace_id":
-                continue
-            kind = type(value)  # exact str and int first: most of the fields
-            if kind is str:
-                out[name] = value
-            elif kind is int:
-                out[name] = str(value)
-            else:
-                out[name] = _attempts_json(value) if name == "attempts" else _text(value)
+        values = vars(self)  # not asdict, which deep-copies; built field by kind, once per request
+        out = {name: value for name, value in values.items() if type(value) is str and name != "trace_id"}
+        for name in _COUNTS:
+            out[name] = str(values[name])
+        for name in _MILLISECONDS:
+            out[name] = f"{values[name]:.2f}"
+        for name in _FLAGS:
+            out[name] = "true" if values[name] else "false"
+        out["attempts"] = _attempts_json(self.attempts)
         return out
 
     def message(self) -> str:

@@ -21,6 +21,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +163,8 @@ def count_chat_prompt(messages: Sequence[Message], tokenizer: str,
     total = REPLY_PRIMING
     images = 0
     for message in messages:
-        total += TOKENS_PER_MESSAGE + sum(len(enc.encode_ordinary(part)) for part in _message_parts(message))
+        total += (TOKENS_PER_MESSAGE + _role_tokens(message.role, base)
+                  + sum(len(enc.encode_ordinary(part)) for part in _message_parts(message)))
         if message.name:
             total += TOKENS_PER_NAME
         images += _image_tokens(message, tokenizer)
@@ -185,8 +187,13 @@ def _image_tokens(message: Message, tokenizer: str) -> int:
     return total
 
 
+@lru_cache(maxsize=64)  # a handful of roles: encoded once, not on every message of every request
+def _role_tokens(role: str, base: str) -> int:
+    return len(encoding(base).encode_ordinary(role))
+
+
 def _message_parts(message: Message) -> list[str]:
-    parts = [message.role, message.text()]
+    parts = [message.text()]
     if message.name:
         parts.append(message.name)
     if message.tool_call_id:

@@ -132,6 +132,11 @@ def json_response(body: Any, scope: Scope, status: int = 200, headers: dict[str,
     return _JSON(body, status_code=status, headers=scope.headers() | (headers or {}))
 
 
+def relayed_json(raw: bytes, scope: Scope, headers: dict[str, str] | None = None) -> Response:
+    """A 200 whose body is an upstream's JSON exactly as it came (parsed once for its usage, not encoded again)."""
+    return Response(raw, media_type="application/json", headers=scope.headers() | (headers or {}))
+
+
 ErrorShape = Callable[[GatewayError], Any]
 
 

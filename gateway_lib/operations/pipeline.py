@@ -26,7 +26,7 @@ from gateway_lib.billing.accounting import Accounting
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ClientDisconnected, GatewayError, InternalError, ProviderError
 from gateway_lib.guardrails import screen as guardrails
-from gateway_lib.http.edge import SSE_HEADERS, Scope, json_response
+from gateway_lib.http.edge import SSE_HEADERS, Scope, json_response, relayed_json
 from gateway_lib.operations.base import KeptState, Operation
 from gateway_lib.providers.base import CallContext, OperationRequest, StreamEvent, Usage
 from gateway_lib.routing import fallback
@@ -48,6 +48,7 @@ class Served:
     usage: Usage
     cost_usd: Decimal
     headers: dict[str, str]
+    raw: bytes | None = None  # the upstream's bytes of ``body``, relayed without encoding it again
 
 
 async def run(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,
@@ -58,6 +59,8 @@ async def run(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], req
         acct, ctx = await _admit(rt, scope, caller, op, request, task=None, state=state)
         return await _stream(rt, acct, op, request, ctx, state)
     served = await complete(rt, scope, caller, op, request, state=state)
+    if served.raw is not None:
+        return relayed_json(served.raw, scope, headers=served.headers)
     return json_response(served.body, scope, headers=served.headers)
 
 
@@ -75,7 +78,7 @@ async def complete(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any]
     cost = await acct.finish(result.target, usage, status="ok")
     if state is not None:
         await state.keep(result.target, body)
-    return Served(body, result.target, usage, cost, headers)
+    return Served(body, result.target, usage, cost, headers, result.completion.raw)
 
 
 async def _admit(rt: Runtime, scope: Scope, caller: Caller, op: Operation[Any], request: OperationRequest,

@@ -144,6 +144,7 @@ class Completion:
 
     body: dict[str, Any]
     usage: Usage | None  # None: the upstream reported none (the pipeline bills an estimate instead)
+    raw: bytes | None = None  # ``body`` exactly as the upstream sent it, when a relay can pass it on as it came
 
 
 @dataclass

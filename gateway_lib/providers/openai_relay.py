@@ -73,7 +73,7 @@ class OpenAIRelay:
             raise self.wire.translate(exc) from exc
         answer = self.wire.answer(raw, route.answer_key)
         usage = usage_of(answer.get("usage"), "prompt_tokens", "completion_tokens") if request.operation == CHAT else None
-        return Completion(body=answer, usage=usage)
+        return Completion(body=answer, usage=usage, raw=raw)
 
     async def stream(self, request: OperationRequest, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
         route = self.routes[request.operation]

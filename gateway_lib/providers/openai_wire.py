@@ -31,7 +31,7 @@ class Wire:
     def answer(self, raw: bytes, key: str, kind: type = list) -> dict[str, Any]:
         """The answer's JSON object, checked by one key every answer of its kind has."""
         try:
-            answer = json.loads(raw)
+            answer = _decode(raw.decode())  # UTF-8 only (RFC 8259): the bytes may be relayed as they came
         except ValueError:
             answer = None
         if not isinstance(answer, dict) or not isinstance(answer.get(key), kind):

@@ -172,3 +172,34 @@ def test_sequential_calls_reuse_one_pooled_connection() -> None:
 
     peers = asyncio.run(go())
     assert len(peers) == 3 and len(set(peers)) == 1, f"each call opened a connection of its own: {peers}"
+
+
+@pytest.mark.parametrize(("answer", "relayed"), [
+    (b'{ "id": "resp_1",  "object": "response", "output": [], "note": "caf\xc3\xa9 \\ud83d" }', True),
+    ('{"id": "resp_1", "object": "response", "output": []}'.encode("utf-16"), False),
+])
+def test_an_answer_is_kept_byte_for_byte_to_be_relayed_and_one_not_in_utf8_is_unreadable(answer: bytes,
+                                                                                          relayed: bool) -> None:
+    async def go() -> Any:
+        async def responses(_: web.Request) -> web.Response:
+            return web.Response(body=answer, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_post("/openai/v1/responses", responses)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        provider, target = _provider(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        try:
+            return await provider.complete(Responses({"input": "hi"}), target, CTX)
+        finally:
+            await provider.aclose()
+            await runner.cleanup()
+
+    if relayed:
+        completion = asyncio.run(go())
+        assert completion.raw == answer and completion.body["note"] == "café \ud83d"
+    else:
+        with pytest.raises(ProviderError) as raised:
+            asyncio.run(go())
+        assert raised.value.kind == "malformed"

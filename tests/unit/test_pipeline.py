@@ -176,6 +176,24 @@ def test_an_answer_with_a_lone_surrogate_is_escaped_not_a_500() -> None:
                                               route="chat")).body == '{"name":"é"}'.encode()
 
 
+def test_an_upstream_answer_in_its_own_bytes_goes_out_as_they_came_and_is_billed_from_its_body() -> None:
+    raw = b'{"object": "chat.completion",  "choices": [{"message": {"content": "ok"}}], "usage": {}}'
+
+    def relayed(call: Call) -> Completion:
+        return Completion(body=json.loads(raw), usage=Usage(7, 2), raw=raw)
+
+    async def run() -> tuple[Any, list[dict[str, Any]]]:
+        rt = _runtime(MockProvider(relayed))
+        caller = _caller(rt)
+        response = await pipeline.run(rt, _scope(), caller, CHAT_COMPLETIONS, _chat())
+        return response, (await _counters(rt, caller))[1]
+
+    response, rows = asyncio.run(run())
+    assert (response.status_code, response.body, response.media_type) == (200, raw, "application/json")
+    assert response.headers["x-gateway-target"] and response.headers["x-request-id"] == "req-1"
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [(7, 2)]
+
+
 def scripted(usage: Usage | None = Usage(5, 1), ending: BaseException | None = None) -> MockProvider:
     """A whole answer as given (``usage`` may be None: not reported), or a stream of words ending with
     ``ending``: a usage event, or an exception that is not a ProviderError (a bug)."""

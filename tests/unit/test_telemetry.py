@@ -86,6 +86,19 @@ def test_dimensions_are_strings_and_carry_every_field() -> None:
     assert "trace_id" not in dims and "task" not in dims  # trace id travels as operation_Id; None is left out
 
 
+def test_every_field_that_is_not_text_is_rendered_by_its_kind() -> None:
+    from dataclasses import fields
+
+    from gateway_lib.telemetry import _COUNTS, _FLAGS, _MILLISECONDS
+
+    kinds = {f.name: f.type for f in fields(telemetry.RequestRecord)}
+    assert {n for n, t in kinds.items() if t == "int"} == set(_COUNTS)
+    assert {n for n, t in kinds.items() if t == "float"} == set(_MILLISECONDS)
+    assert {n for n, t in kinds.items() if t == "bool"} == set(_FLAGS)
+    assert {n for n, t in kinds.items() if not t.startswith("str")} == {*_COUNTS, *_MILLISECONDS, *_FLAGS, "attempts"}
+    assert record().dimensions().keys() == {n for n, v in vars(record()).items() if v is not None} - {"trace_id"}
+
+
 def test_attempts_keep_only_known_fields_so_upstream_text_never_leaks() -> None:
     attempts = json.loads(record().dimensions()["attempts"])
     assert attempts[0] == {"target": "aoai-east", "provider": "azure_openai", "outcome": "rate_limited",
