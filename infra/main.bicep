@@ -47,10 +47,8 @@ param bedrockRegion string = 'us-east-1'
 param awsRoleArn string = ''
 @description('App ID URI the managed identity requests a token for; the AWS role trusts it as aud.')
 param awsWebIdentityAudience string = ''
-@description('Default base URL of an OpenAI-compatible endpoint (OPENAI_COMPATIBLE_BASE_URL), e.g. https://api.openai.com/v1.')
-param openAiCompatibleBaseUrl string = ''
-@description('Key Vault secret URI of its API key (OPENAI_COMPATIBLE_API_KEY), a secret in this deployment\'s vault; empty for none.')
-param openAiCompatibleApiKeySecretUri string = ''
+@description('App settings of providers without parameters here, e.g. { OPENAI_COMPATIBLE_BASE_URL: \'https://api.openai.com/v1\', OPENAI_COMPATIBLE_API_KEY: \'@Microsoft.KeyVault(SecretUri=...)\' }.')
+param providerSettings object = {}
 
 // --- Gateway behaviour ---
 param gatewayModels string = ''
@@ -228,8 +226,7 @@ module function 'app/function.bicep' = {
     bedrockRegion: bedrockRegion
     awsRoleArn: awsRoleArn
     awsWebIdentityAudience: awsWebIdentityAudience
-    openAiCompatibleBaseUrl: openAiCompatibleBaseUrl
-    openAiCompatibleApiKeySecretUri: openAiCompatibleApiKeySecretUri
+    providerSettings: providerSettings
     quotaMode: quotaMode
     budgetEnforcement: budgetEnforcement
     budgetDowngradeAlias: budgetDowngradeAlias

@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway_lib.errors import ProviderError
-from gateway_lib.providers.base import CHAT, CallContext, Completion, OperationRequest, StreamEvent, Unsupported, usage_of
+from gateway_lib.providers.base import (
+    CHAT,
+    CallContext,
+    Capabilities,
+    Completion,
+    OperationRequest,
+    StreamEvent,
+    Unsupported,
+    streamed,
+    usage_of,
+)
 from gateway_lib.providers.openai_wire import SseStream, Wire
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds an encoder per call when given options
@@ -40,6 +50,19 @@ class Route:
     answer_key: str = "choices"  # a key every answer of the operation has: the shape check
     stream_options: bool = False  # streams take ``stream_options.include_usage``
     keeps: bool = False  # answers are kept upstream, readable and deletable at ``{path}/{id}``
+    kind: str = CHAT  # the catalogue kind of target the operation runs on
+    streams: bool = True  # also served streamed
+
+
+def relay_capabilities(routes: Mapping[str, Route], features: frozenset[str]) -> Callable[[Target], Capabilities]:
+    """A relay serves each operation it has a route for (streamed too, where the route streams) on targets of the
+    route's kind; ``features`` are the chat parameters its chat targets take. A new operation is a new route."""
+    operations: dict[str, set[str]] = {}
+    for operation, route in routes.items():
+        operations.setdefault(route.kind, set()).update({operation, streamed(operation)} if route.streams else {operation})
+    by_kind = {kind: Capabilities(operations=frozenset(ops), features=features if kind == CHAT else frozenset())
+               for kind, ops in operations.items()}
+    return lambda target: by_kind.get(target.kind, Capabilities())
 
 
 class OpenAIRelay:

@@ -43,10 +43,8 @@ param azureOpenAiApiVersion string = '2024-10-21'
 param bedrockRegion string = 'us-east-1'
 param awsRoleArn string = ''
 param awsWebIdentityAudience string = ''
-@description('Default base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; empty for none.')
-param openAiCompatibleBaseUrl string = ''
-@description('Key Vault secret URI of the OpenAI-compatible endpoint\'s API key; empty for an endpoint without one.')
-param openAiCompatibleApiKeySecretUri string = ''
+@description('App settings of providers this template has no parameters for: { NAME: value }, a secret as a Key Vault reference (@Microsoft.KeyVault(SecretUri=...)).')
+param providerSettings object = {}
 
 @allowed(['strict', 'leased'])
 @description('GATEWAY_QUOTA_MODE: strict (reserve and settle per request) or leased (quota in blocks, usage written behind).')
@@ -81,6 +79,75 @@ resource plan 'Microsoft.Web/serverfarms@2024-11-01' = {
 }
 
 var awsEnabled = !empty(awsRoleArn)
+
+var gatewayAppSettings = [
+  // --- Functions host (platform) ---
+  { name: 'AzureWebJobsStorage__accountName', value: storageAccountName }
+  { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
+  { name: 'AzureWebJobsStorage__clientId', value: identityClientId }
+  { name: 'PYTHON_ENABLE_INIT_INDEXING', value: '1' } // HTTP streams (azurefunctions-extensions-http-fastapi)
+  { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: appInsightsConnectionString }
+  // App Insights has local auth disabled: the host authenticates ingestion with the identity.
+  { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'ClientId=${identityClientId};Authorization=AAD' }
+
+  // --- Gateway ---
+  { name: 'GATEWAY_ENVIRONMENT', value: gatewayEnvironment }
+  { name: 'GATEWAY_MODELS', value: gatewayModels }
+  { name: 'GATEWAY_TIERS', value: gatewayTiers }
+  { name: 'GATEWAY_MAX_BODY_BYTES', value: '1048576' }
+  { name: 'GATEWAY_MAX_PROMPT_CHARS', value: '400000' }
+  { name: 'GATEWAY_MAX_MESSAGES', value: '256' }
+  { name: 'GATEWAY_DENY_PATTERNS', value: denyPatterns }
+  { name: 'GATEWAY_PII_PATTERNS', value: piiPatterns }
+  { name: 'GATEWAY_UPSTREAM_TIMEOUT_SECONDS', value: string(upstreamTimeoutSeconds) }
+  { name: 'GATEWAY_CONNECT_TIMEOUT_SECONDS', value: '5' }
+
+  { name: 'AUTH_TENANT_IDS', value: authTenantIds }
+  { name: 'AUTH_ALLOWED_TENANTS', value: authAllowedTenants }
+  { name: 'AUTH_AUDIENCES', value: authAudiences }
+  { name: 'AUTH_EXTRA_ISSUERS', value: authExtraIssuers }
+  { name: 'AUTH_OPENID_CONFIG_URL', value: authOpenIdConfigUrl } // empty: the first tenant's
+  { name: 'AUTH_JWKS_URL', value: '' } // discovered from the OpenID configuration
+  { name: 'AUTH_ALGORITHMS', value: 'RS256' }
+  { name: 'AUTH_LEEWAY_SECONDS', value: '60' }
+  { name: 'AUTH_JWKS_CACHE_TTL_SECONDS', value: '3600' }
+  { name: 'AUTH_JWKS_MIN_REFRESH_SECONDS', value: '60' }
+
+  { name: 'AZURE_CLIENT_ID', value: identityClientId }
+  { name: 'AZURE_OPENAI_ENDPOINT', value: azureOpenAiEndpoint }
+  { name: 'AZURE_OPENAI_API_VERSION', value: azureOpenAiApiVersion }
+  { name: 'AZURE_OPENAI_AUTH', value: 'managed_identity' }
+  { name: 'AZURE_OPENAI_API_KEY', value: '' } // never in Azure: settings refuses api_key auth there
+  { name: 'AZURE_OPENAI_TOKEN_SCOPE', value: 'https://cognitiveservices.azure.com/.default' }
+
+  { name: 'BEDROCK_REGION', value: bedrockRegion }
+  { name: 'BEDROCK_ENDPOINT_URL', value: '' }
+  { name: 'AWS_ROLE_ARN', value: awsRoleArn }
+  // The pair goes together (settings cross-check): no role, no audience.
+  { name: 'AWS_WEB_IDENTITY_AUDIENCE', value: awsEnabled ? awsWebIdentityAudience : '' }
+  // Regional STS: no dependency on the global us-east-1 endpoint, lower latency.
+  { name: 'AWS_STS_ENDPOINT_URL', value: awsEnabled ? 'https://sts.${bedrockRegion}.amazonaws.com' : '' }
+  { name: 'AWS_ROLE_SESSION_NAME', value: 'ai-gateway-${gatewayEnvironment}' }
+
+  { name: 'GATEWAY_STORAGE_MODE', value: 'table' }
+  { name: 'GATEWAY_STORAGE_CONNECTION_STRING', value: '' } // local/Azurite only
+  { name: 'GATEWAY_TABLE_ENDPOINT', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }
+  { name: 'GATEWAY_TABLE_PREFIX', value: gatewayTablePrefix }
+  { name: 'GATEWAY_QUOTA_MODE', value: quotaMode }
+
+  { name: 'BUDGET_ROLLUP_SCHEDULE', value: '0 */5 * * * *' }
+  { name: 'BUDGET_ALERT_THRESHOLDS', value: budgetAlertThresholds }
+  { name: 'BUDGET_ENFORCEMENT', value: budgetEnforcement }
+  { name: 'BUDGET_DOWNGRADE_ALIAS', value: budgetDowngradeAlias }
+  { name: 'BUDGET_ROLLUP_MAX_ROWS', value: '5000' }
+  {
+    name: 'ALERT_WEBHOOK_URL'
+    value: empty(alertWebhookSecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${alertWebhookSecretUri})'
+  }
+]
+
+// A provider added after this template is configured without editing it (docs/configuration.md).
+var providerAppSettings = [for setting in items(providerSettings): { name: setting.key, value: string(setting.value) }]
 
 resource site 'Microsoft.Web/sites@2024-11-01' = {
   name: name
@@ -138,77 +205,7 @@ resource site 'Microsoft.Web/sites@2024-11-01' = {
       scmMinTlsVersion: '1.2'
       ftpsState: 'Disabled'
       http20Enabled: true
-      appSettings: [
-        // --- Functions host (platform) ---
-        { name: 'AzureWebJobsStorage__accountName', value: storageAccountName }
-        { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
-        { name: 'AzureWebJobsStorage__clientId', value: identityClientId }
-        { name: 'PYTHON_ENABLE_INIT_INDEXING', value: '1' } // HTTP streams (azurefunctions-extensions-http-fastapi)
-        { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: appInsightsConnectionString }
-        // App Insights has local auth disabled: the host authenticates ingestion with the identity.
-        { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'ClientId=${identityClientId};Authorization=AAD' }
-
-        // --- Gateway ---
-        { name: 'GATEWAY_ENVIRONMENT', value: gatewayEnvironment }
-        { name: 'GATEWAY_MODELS', value: gatewayModels }
-        { name: 'GATEWAY_TIERS', value: gatewayTiers }
-        { name: 'GATEWAY_MAX_BODY_BYTES', value: '1048576' }
-        { name: 'GATEWAY_MAX_PROMPT_CHARS', value: '400000' }
-        { name: 'GATEWAY_MAX_MESSAGES', value: '256' }
-        { name: 'GATEWAY_DENY_PATTERNS', value: denyPatterns }
-        { name: 'GATEWAY_PII_PATTERNS', value: piiPatterns }
-        { name: 'GATEWAY_UPSTREAM_TIMEOUT_SECONDS', value: string(upstreamTimeoutSeconds) }
-        { name: 'GATEWAY_CONNECT_TIMEOUT_SECONDS', value: '5' }
-
-        { name: 'AUTH_TENANT_IDS', value: authTenantIds }
-        { name: 'AUTH_ALLOWED_TENANTS', value: authAllowedTenants }
-        { name: 'AUTH_AUDIENCES', value: authAudiences }
-        { name: 'AUTH_EXTRA_ISSUERS', value: authExtraIssuers }
-        { name: 'AUTH_OPENID_CONFIG_URL', value: authOpenIdConfigUrl } // empty: the first tenant's
-        { name: 'AUTH_JWKS_URL', value: '' } // discovered from the OpenID configuration
-        { name: 'AUTH_ALGORITHMS', value: 'RS256' }
-        { name: 'AUTH_LEEWAY_SECONDS', value: '60' }
-        { name: 'AUTH_JWKS_CACHE_TTL_SECONDS', value: '3600' }
-        { name: 'AUTH_JWKS_MIN_REFRESH_SECONDS', value: '60' }
-
-        { name: 'AZURE_CLIENT_ID', value: identityClientId }
-        { name: 'AZURE_OPENAI_ENDPOINT', value: azureOpenAiEndpoint }
-        { name: 'AZURE_OPENAI_API_VERSION', value: azureOpenAiApiVersion }
-        { name: 'AZURE_OPENAI_AUTH', value: 'managed_identity' }
-        { name: 'AZURE_OPENAI_API_KEY', value: '' } // never in Azure: settings refuses api_key auth there
-        { name: 'AZURE_OPENAI_TOKEN_SCOPE', value: 'https://cognitiveservices.azure.com/.default' }
-
-        { name: 'BEDROCK_REGION', value: bedrockRegion }
-        { name: 'BEDROCK_ENDPOINT_URL', value: '' }
-        { name: 'AWS_ROLE_ARN', value: awsRoleArn }
-        // The pair goes together (settings cross-check): no role, no audience.
-        { name: 'AWS_WEB_IDENTITY_AUDIENCE', value: awsEnabled ? awsWebIdentityAudience : '' }
-        // Regional STS: no dependency on the global us-east-1 endpoint, lower latency.
-        { name: 'AWS_STS_ENDPOINT_URL', value: awsEnabled ? 'https://sts.${bedrockRegion}.amazonaws.com' : '' }
-        { name: 'AWS_ROLE_SESSION_NAME', value: 'ai-gateway-${gatewayEnvironment}' }
-
-        { name: 'OPENAI_COMPATIBLE_BASE_URL', value: openAiCompatibleBaseUrl }
-        {
-          name: 'OPENAI_COMPATIBLE_API_KEY'
-          value: empty(openAiCompatibleApiKeySecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${openAiCompatibleApiKeySecretUri})'
-        }
-
-        { name: 'GATEWAY_STORAGE_MODE', value: 'table' }
-        { name: 'GATEWAY_STORAGE_CONNECTION_STRING', value: '' } // local/Azurite only
-        { name: 'GATEWAY_TABLE_ENDPOINT', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }
-        { name: 'GATEWAY_TABLE_PREFIX', value: gatewayTablePrefix }
-        { name: 'GATEWAY_QUOTA_MODE', value: quotaMode }
-
-        { name: 'BUDGET_ROLLUP_SCHEDULE', value: '0 */5 * * * *' }
-        { name: 'BUDGET_ALERT_THRESHOLDS', value: budgetAlertThresholds }
-        { name: 'BUDGET_ENFORCEMENT', value: budgetEnforcement }
-        { name: 'BUDGET_DOWNGRADE_ALIAS', value: budgetDowngradeAlias }
-        { name: 'BUDGET_ROLLUP_MAX_ROWS', value: '5000' }
-        {
-          name: 'ALERT_WEBHOOK_URL'
-          value: empty(alertWebhookSecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${alertWebhookSecretUri})'
-        }
-      ]
+      appSettings: concat(gatewayAppSettings, providerAppSettings)
     }
   }
 }

@@ -125,9 +125,39 @@ def readme_setting_names(text: str | None = None) -> list[str]:
 # --- settings drift: SETTING_NAMES <-> function.bicep <-> local.settings.example.json ---
 
 
-@pytest.mark.parametrize("name", SETTING_NAMES)
+# Providers the template configures with parameters of its own; any other provider's settings are deployed
+# through the providerSettings object, so adding a provider needs no template change.
+TEMPLATE_PROVIDERS = ("azure_openai", "bedrock")
+
+
+def settings_of_other_providers() -> set[str]:
+    from gateway_lib.providers import registry
+
+    return {n for name, spec in registry.specs().items() if name not in TEMPLATE_PROVIDERS for n in spec.setting_names}
+
+
+@pytest.mark.parametrize("name", sorted(set(SETTING_NAMES) - settings_of_other_providers()))
 def test_every_gateway_setting_is_an_app_setting_in_function_bicep(name: str) -> None:
     assert name in function_app_settings()
+
+
+@pytest.mark.parametrize("name", sorted(settings_of_other_providers()))
+def test_other_providers_settings_are_deployed_through_provider_settings(name: str) -> None:
+    assert name not in function_app_settings(), f"{name}: one way in, providerSettings"
+    function = bicep(FUNCTION)
+    assert "appSettings: concat(gatewayAppSettings, providerAppSettings)" in function
+    assert re.search(r"var providerAppSettings = \[for setting in items\(providerSettings\): "
+                     r"\{ name: setting\.key, value: string\(setting\.value\) \}\]", function)
+    block = next(block for _, path, block in modules_of_main(bicep(MAIN)) if path == FUNCTION)
+    assert "providerSettings" in passed_params(block) and "param providerSettings object = {}" in bicep(MAIN)
+
+
+def test_provider_settings_in_a_parameter_file_name_only_settings_the_template_leaves_out() -> None:
+    builtin = set(function_app_settings())
+    for path in PARAMETER_FILES:
+        given = json.loads(path.read_text())["parameters"].get("providerSettings", {}).get("value", {})
+        assert set(given) - set(SETTING_NAMES) == set(), f"{path.name}: unknown settings"
+        assert set(given) & builtin == set(), f"{path.name}: set twice"
 
 
 @pytest.mark.parametrize("name", SETTING_NAMES)

@@ -12,8 +12,9 @@ from gateway_lib.config.catalog import default_catalogue_json
 from gateway_lib.config.settings import ConfigError, Settings
 from gateway_lib.providers import registry
 from gateway_lib.providers.base import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, CallContext, ProviderSettings, streamed
-from gateway_lib.providers.openai_compatible.adapter import ROUTES, OpenAICompatibleProvider
+from gateway_lib.providers.openai_compatible.adapter import OpenAICompatibleProvider
 from gateway_lib.providers.openai_compatible.config import OpenAICompatibleSettings
+from gateway_lib.providers.openai_compatible.routes import ROUTES
 
 BASE = {"AUTH_TENANT_IDS": "00000000-0000-4000-8000-000000000de0", "AUTH_AUDIENCES": "api://x",
         "GATEWAY_STORAGE_MODE": "memory", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",

@@ -2,7 +2,7 @@
 Entra tokens from the managed identity (an ``api-key`` in local development only).
 
 Sending, streaming and reading answers are the shared OpenAI relay's (``providers/openai_relay.py``);
-operations differ only by their row in ``ROUTES``; the body is the request's own ``wire_body``.
+operations differ only by their row in ``ROUTES`` (``__init__.py``); the body is the request's own ``wire_body``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway_lib.errors import ProviderError
 from gateway_lib.providers.azure_openai.config import AzureOpenAISettings
+from gateway_lib.providers.azure_openai.routes import ROUTES
 from gateway_lib.providers.azure_openai.token import TokenCache, TokenSource, bearer, managed_identity
-from gateway_lib.providers.base import CHAT, EMBEDDINGS, RESPONSES, CallContext, Unsupported
+from gateway_lib.providers.base import CallContext, Unsupported
 from gateway_lib.providers.openai_relay import OpenAIRelay, Route
 from gateway_lib.providers.openai_wire import Wire
 
@@ -24,13 +25,6 @@ if TYPE_CHECKING:
 
 NAME = "azure_openai"
 WIRE = Wire(NAME, "Azure OpenAI")
-
-ROUTES: dict[str, Route] = {
-    CHAT: Route("/openai/deployments/{deployment}/chat/completions", stream_options=True),
-    EMBEDDINGS: Route("/openai/deployments/{deployment}/embeddings", answer_key="data"),
-    # Azure's v1 surface: no deployment in the path, the deployment goes in the body's "model".
-    RESPONSES: Route("/openai/v1/responses", versioned=False, answer_key="output", keeps=True),
-}
 
 
 class AzureOpenAIProvider(OpenAIRelay):

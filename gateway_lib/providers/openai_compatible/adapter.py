@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway_lib.errors import ProviderError
-from gateway_lib.providers.base import CHAT, EMBEDDINGS, RESPONSES, CallContext, OperationRequest
+from gateway_lib.providers.base import RESPONSES, CallContext, OperationRequest
 from gateway_lib.providers.openai_compatible.config import NAME, OpenAICompatibleSettings
+from gateway_lib.providers.openai_compatible.routes import ROUTES
 from gateway_lib.providers.openai_relay import OpenAIRelay, Route
 from gateway_lib.providers.openai_wire import Wire
 
@@ -18,12 +19,6 @@ if TYPE_CHECKING:
     from gateway_lib.providers.base import ProviderSettings
 
 WIRE = Wire(NAME, "the OpenAI-compatible endpoint")
-
-ROUTES: dict[str, Route] = {
-    CHAT: Route("/chat/completions", versioned=False, stream_options=True),
-    EMBEDDINGS: Route("/embeddings", versioned=False, answer_key="data"),
-    RESPONSES: Route("/responses", versioned=False, answer_key="output"),
-}
 
 
 class OpenAICompatibleProvider(OpenAIRelay):
