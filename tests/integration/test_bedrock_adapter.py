@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -242,3 +243,36 @@ def test_provider_federates_from_settings_with_an_injected_entra_token(sim: Runn
         asyncio.run(bedrock.aclose())
     sts = control(sim, "GET", "/_sim/stats")["sts"]
     assert sts["count"] == 1 and sts["last_claims"]["aud"] == AUDIENCE
+
+
+def test_a_new_operation_is_one_row_its_capability_and_dispatch_follow(provider: BedrockProvider,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """What adding an operation to Bedrock takes: a BedrockOperation in a module and its row in OPERATIONS."""
+    from gateway_lib.providers import bedrock, registry
+    from gateway_lib.providers.base import Completion, Usage, streamed
+    from gateway_lib.providers.bedrock.operation import BedrockOperation, Calls
+    from gateway_lib.providers.bedrock.operations import OPERATIONS
+
+    @dataclass
+    class Probe:
+        operation = "probe"
+        text: str
+
+    async def complete(calls: Calls, request: Probe, where: Any, ctx: CallContext, created: int) -> Completion:
+        body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 16,
+                "messages": [{"role": "user", "content": request.text}]}
+        raw, _ = await calls.invoke(ctx, where.region, {"modelId": where.deployment, "body": json.dumps(body),
+                                                               "contentType": "application/json"})
+        return Completion(body={"probe": json.loads(raw)["type"], "created": created}, usage=Usage(1, 1))
+
+    probe_target = target()
+    assert registry.capabilities(probe_target).lacks("probe", frozenset()) is not None
+    monkeypatch.setitem(OPERATIONS, "probe", BedrockOperation(serves=lambda t: t.kind == "chat", complete=complete))
+    bedrock._capabilities.cache_clear()
+    try:
+        assert registry.capabilities(probe_target).lacks("probe", frozenset()) is None
+        assert registry.capabilities(probe_target).lacks(streamed("probe"), frozenset()) is not None  # it has no stream
+        answer = asyncio.run(provider.complete(Probe("hello"), probe_target, CTX))
+        assert answer.body["probe"] == "message" and answer.body["created"] > 0
+    finally:
+        bedrock._capabilities.cache_clear()

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import re
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from gateway_lib.providers.base import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, Capabilities, streamed
+from gateway_lib.providers.base import Capabilities, streamed
 from gateway_lib.providers.bedrock import config
+from gateway_lib.providers.bedrock.messages import is_anthropic
+from gateway_lib.providers.bedrock.operations import OPERATIONS
 from gateway_lib.providers.registry import ProviderSpec, register
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
     from gateway_lib.providers.base import Provider, ProviderSettings
 
-# Responses are translated to Converse, and keep no state here. Anthropic Messages go in their native
-# format to Anthropic's models only (anthropic.claude-..., or an inference profile such as us.anthropic.claude-...).
-_CHAT = Capabilities(operations=frozenset({CHAT, streamed(CHAT), RESPONSES, streamed(RESPONSES)}))
-_ANTHROPIC = Capabilities(operations=_CHAT.operations | {MESSAGES, streamed(MESSAGES)})
-_EMBEDDINGS = Capabilities(operations=frozenset({EMBEDDINGS}))  # Titan v2 and Cohere Embed by InvokeModel
+__all__ = ["is_anthropic"]
 
 
+@lru_cache(maxsize=256)  # asked on every request's routing; a catalogue has a few dozen targets
 def _capabilities(target: Target) -> Capabilities:
-    if target.kind == EMBEDDINGS:
-        return _EMBEDDINGS
-    if target.kind != CHAT:
-        return Capabilities()
-    return _ANTHROPIC if is_anthropic(target.deployment) else _CHAT
-
-
-def is_anthropic(deployment: str) -> bool:
-    """A model id, an inference profile id or an ARN naming one of Anthropic's models."""
-    return re.search(r"(^|[./])anthropic\.", deployment) is not None
+    """The operations whose ``serves`` takes the target (streamed too, where the operation streams)."""
+    served = [(name, op) for name, op in OPERATIONS.items() if op.serves(target)]
+    return Capabilities(operations=frozenset({name for name, _ in served}
+                                             | {streamed(name) for name, op in served if op.stream is not None}))
 
 
 def _build(section: config.BedrockSettings, shared: ProviderSettings, credential: Any) -> Provider:

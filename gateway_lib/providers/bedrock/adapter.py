@@ -1,4 +1,4 @@
-"""AWS Bedrock adapter: boto3 ``bedrock-runtime`` Converse / ConverseStream.
+"""AWS Bedrock adapter: boto3 ``bedrock-runtime`` calls for the operations of ``operations.OPERATIONS``.
 
 boto3 is blocking, so every call runs in a bounded thread pool owned by the adapter
 (one pool, sized with the HTTP connection pool, so threads never wait on sockets).
@@ -16,48 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway_lib.config.catalog import Target
-from gateway_lib.errors import InvalidRequest, ProviderError
-from gateway_lib.providers.base import (
-    EMBEDDINGS,
-    MESSAGES,
-    RESPONSES,
-    CallContext,
-    Completion,
-    ProviderSettings,
-    StreamEvent,
-    Unsupported,
-    seconds,
-)
-from gateway_lib.providers.bedrock import embeddings, messages, responses
+from gateway_lib.errors import ProviderError
+from gateway_lib.providers.base import CallContext, Completion, ProviderSettings, StreamEvent, Unsupported, seconds
 from gateway_lib.providers.bedrock.config import BedrockSettings
 from gateway_lib.providers.bedrock.credentials import FederationError, TokenProvider, botocore_session, build_credentials
-from gateway_lib.providers.bedrock.transform import (
-    PROVIDER,
-    StreamTranslator,
-    error_from_aws,
-    from_converse_response,
-    to_converse_request,
-)
+from gateway_lib.providers.bedrock.operations import OPERATIONS
+from gateway_lib.providers.bedrock.transform import PROVIDER, error_from_aws
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials
     from botocore.session import Session
 
-    from gateway_lib.operations.embeddings import EmbeddingsRequest
-
 T = TypeVar("T")
 _traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar("bedrock_traceparent", default=None)
 _END = object()
-_CHECK = CallContext(request_id="check")
 
 
 class BedrockProvider:
@@ -79,75 +58,39 @@ class BedrockProvider:
         self._lock = threading.Lock()  # clients are built in pool threads
 
     def check(self, request: Any, target: Target) -> Unsupported | None:
-        """Whether Converse can carry this request to ``target`` (images by URL, tools on a model without),
-        or the embeddings model can take its inputs. Anthropic Messages go as they are: Bedrock's own
-        validation answers for them."""
-        if request.operation == EMBEDDINGS:
-            return embeddings.check(request, target)
-        try:
-            if request.operation == RESPONSES:
-                responses.to_converse(request, target, _CHECK)
-            elif request.operation != MESSAGES:
-                to_converse_request(request, target, _CHECK)
-        except InvalidRequest as error:
-            return Unsupported(error.message, error.param, error.code or "unsupported_parameter")
-        return None
+        """What this operation's translation cannot carry to ``target`` (images by URL, tools on a model
+        without); the row of ``operations.OPERATIONS`` says."""
+        operation = OPERATIONS.get(request.operation)
+        if operation is None:
+            return Unsupported(f"Bedrock has no {request.operation}", code="unsupported_operation")
+        return operation.check(request, target)
 
     async def complete(self, request: Any, target: Target, ctx: CallContext) -> Completion:
-        region, created = target.region, int(self._clock())
-        if request.operation == EMBEDDINGS:
-            return await self._embed(request, target, ctx)
-        if request.operation == MESSAGES:
-            raw = await self._run(ctx, self._invoke_bytes, region, messages.invoke_kwargs(request, target, ctx))
-            return messages.from_invoke(raw)
-        if request.operation == RESPONSES:
-            response = await self._run(ctx, self._call, region, "converse", responses.to_converse(request, target, ctx))
-            return responses.from_converse(response, request, target, created=created)
-        response = await self._run(ctx, self._call, region, "converse", to_converse_request(request, target, ctx))
-        return from_converse_response(response, target, completion_id=_completion_id(), created=created)
+        return await OPERATIONS[request.operation].complete(self, request, target, ctx, int(self._clock()))
 
     async def stream(self, request: Any, target: Target, ctx: CallContext) -> AsyncIterator[StreamEvent]:
         """Opens the stream and reads its first event before yielding, so any error
         (HTTP status, or an exception event first thing) surfaces on the first ``__anext__``."""
-        operation, key, kwargs, translator = self._stream_call(request, target, ctx)
-        response = await self._run(ctx, self._call, target.region, operation, kwargs)
-        events = response[key]
+        streamed = OPERATIONS[request.operation].stream
+        assert streamed is not None  # routing asks capabilities, which name only operations that stream
+        call = streamed(request, target, ctx, int(self._clock()))
+        response = await self._run(ctx, self._call, target.region, call.method, call.kwargs)
+        events = response[call.key]
         try:
             iterator = iter(events)
             while (event := await self._run(ctx, _next_event, iterator)) is not _END:
-                for out in translator.translate(event):
+                for out in call.translator.translate(event):
                     yield out
         finally:
             events.close()  # cancellation or an early stop: release the connection now
 
-    async def _embed(self, request: EmbeddingsRequest, target: Target, ctx: CallContext) -> Completion:
-        """InvokeModel per body (Titan: one per input, concurrently in the pool), into one OpenAI list."""
-        calls = [self._run(ctx, self._invoke, target.region, target.deployment, body)
-                 for body in embeddings.invocations(request, target)]
-        answers = await asyncio.gather(*calls)
-        try:
-            return embeddings.to_completion(request, target, list(answers))
-        except ValueError as exc:
-            raise ProviderError(f"Bedrock returned an unreadable embeddings answer ({exc}).", provider=PROVIDER,
-                                kind="malformed", retryable=True) from exc
+    # ------------------------------------------------------------ the calls operations make (``operation.Calls``)
 
-    def _invoke(self, region: str, model_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        response = self._client(region).invoke_model(modelId=model_id, body=json.dumps(body),
-                                                     contentType="application/json", accept="application/json")
-        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        return embeddings.decode(response["body"].read()), headers
+    async def converse(self, ctx: CallContext, region: str, kwargs: dict[str, Any]) -> Any:
+        return await self._run(ctx, self._call, region, "converse", kwargs)
 
-    def _stream_call(self, request: Any, target: Target, ctx: CallContext) -> tuple[str, str, dict[str, Any], Any]:
-        """The streaming operation, the response key its events are under, its arguments and their translator."""
-        created = int(self._clock())
-        if request.operation == MESSAGES:  # Anthropic's own events, in Anthropic's own format
-            return ("invoke_model_with_response_stream", "body", messages.invoke_kwargs(request, target, ctx),
-                    messages.MessagesStreamTranslator())
-        if request.operation == RESPONSES:
-            return ("converse_stream", "stream", responses.to_converse(request, target, ctx),
-                    responses.ResponsesStreamTranslator(request, target, created=created))
-        return ("converse_stream", "stream", to_converse_request(request, target, ctx),
-                StreamTranslator(target, completion_id=_completion_id(), created=created))
+    async def invoke(self, ctx: CallContext, region: str, kwargs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        return await self._run(ctx, self._invoke, region, kwargs)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -173,11 +116,12 @@ class BedrockProvider:
     def _call(self, region: str, operation: str, kwargs: dict[str, Any]) -> Any:
         return getattr(self._client(region), operation)(**kwargs)
 
-    def _invoke_bytes(self, region: str, kwargs: dict[str, Any]) -> bytes:
+    def _invoke(self, region: str, kwargs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         """InvokeModel, its body read in the same pool job (reading it blocks too)."""
-        body = self._client(region).invoke_model(**kwargs)["body"]
+        response = self._client(region).invoke_model(**kwargs)
+        body = response["body"]
         try:
-            return bytes(body.read())
+            return bytes(body.read()), response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         finally:
             body.close()
 
@@ -213,10 +157,6 @@ def _next_event(iterator: Iterator[dict[str, Any]]) -> Any:
 def _add_traceparent(request: Any, **_: Any) -> None:
     if traceparent := _traceparent.get():
         request.headers["traceparent"] = traceparent
-
-
-def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 def translate_exception(exc: Exception) -> ProviderError:

@@ -9,12 +9,16 @@ of up to 2,048 characters each, with a fixed 1024 dimensions (v3). Token arrays 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
+from gateway_lib.errors import ProviderError
 from gateway_lib.guardrails import tokens
 from gateway_lib.operations.embeddings import embeddings_list
-from gateway_lib.providers.base import Completion, Unsupported, Usage
+from gateway_lib.providers.base import EMBEDDINGS, CallContext, Completion, Unsupported, Usage
+from gateway_lib.providers.bedrock.operation import BedrockOperation, Calls
+from gateway_lib.providers.bedrock.transform import PROVIDER
 
 if TYPE_CHECKING:
     from gateway_lib.config.catalog import Target
@@ -116,3 +120,20 @@ def _floats(vector: Any) -> list[float]:
     if not isinstance(vector, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vector):
         raise ValueError("an embedding is not a list of numbers")
     return [float(x) for x in vector]
+
+
+async def complete(calls: Calls, request: EmbeddingsRequest, target: Target, ctx: CallContext,
+                   created: int) -> Completion:
+    """InvokeModel per body (Titan: one per input, concurrently in the pool), into one OpenAI list."""
+    answers = await asyncio.gather(*(
+        calls.invoke(ctx, target.region, {"modelId": target.deployment, "body": json.dumps(body),
+                                          "contentType": "application/json", "accept": "application/json"})
+        for body in invocations(request, target)))
+    try:
+        return to_completion(request, target, [(decode(raw), headers) for raw, headers in answers])
+    except ValueError as exc:
+        raise ProviderError(f"Bedrock returned an unreadable embeddings answer ({exc}).", provider=PROVIDER,
+                            kind="malformed", retryable=True) from exc
+
+
+OPERATION = BedrockOperation(serves=lambda target: target.kind == EMBEDDINGS, complete=complete, check=check)

@@ -9,13 +9,15 @@ last, whose ``amazon-bedrock-invocationMetrics`` (Bedrock's, not Anthropic's) is
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.messages import MessagesRequest, answer_usage
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.base import CHAT, CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.bedrock.operation import BedrockOperation, Calls, StreamCall
 from gateway_lib.providers.bedrock.transform import PROVIDER, error_from_aws
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
@@ -23,6 +25,11 @@ _METRICS = "amazon-bedrock-invocationMetrics"
 # Anthropic's in-stream error types, as the gateway's provider error kinds.
 _STREAM_ERRORS = {"overloaded_error": "server_error", "api_error": "server_error", "rate_limit_error": "rate_limited",
                   "invalid_request_error": "bad_request"}
+
+
+def is_anthropic(deployment: str) -> bool:
+    """A model id, an inference profile id or an ARN naming one of Anthropic's models."""
+    return re.search(r"(^|[./])anthropic\.", deployment) is not None
 
 
 def invoke_kwargs(request: MessagesRequest, target: Target, ctx: CallContext) -> dict[str, Any]:
@@ -97,3 +104,18 @@ def _text(data: dict[str, Any]) -> str:
     if not isinstance(delta, dict):
         return ""
     return str(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
+
+
+async def complete(calls: Calls, request: MessagesRequest, target: Target, ctx: CallContext, created: int) -> Completion:
+    raw, _ = await calls.invoke(ctx, target.region, invoke_kwargs(request, target, ctx))
+    return from_invoke(raw)
+
+
+def stream(request: MessagesRequest, target: Target, ctx: CallContext, created: int) -> StreamCall:
+    return StreamCall("invoke_model_with_response_stream", "body", invoke_kwargs(request, target, ctx),
+                      MessagesStreamTranslator())
+
+
+# Bedrock's own validation answers for what the body carries: there is nothing to check before sending.
+OPERATION = BedrockOperation(serves=lambda target: target.kind == CHAT and is_anthropic(target.deployment),
+                             complete=complete, stream=stream)

@@ -16,7 +16,8 @@ from typing import Any
 from gateway_lib.config.catalog import Target
 from gateway_lib.errors import ProviderError
 from gateway_lib.operations.responses import ResponsesRequest
-from gateway_lib.providers.base import CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.base import CHAT, CallContext, Completion, StreamEvent, Usage
+from gateway_lib.providers.bedrock.operation import BedrockOperation, Calls, StreamCall, converts
 from gateway_lib.providers.bedrock.transform import (
     PROVIDER,
     finish_reason,
@@ -205,3 +206,17 @@ class ResponsesStreamTranslator:
 
     def _position_of(self, item: dict[str, Any]) -> int:
         return next(i for i, candidate in enumerate(self._output) if candidate is item)
+
+
+async def complete(calls: Calls, request: ResponsesRequest, target: Target, ctx: CallContext, created: int) -> Completion:
+    response = await calls.converse(ctx, target.region, to_converse(request, target, ctx))
+    return from_converse(response, request, target, created=created)
+
+
+def stream(request: ResponsesRequest, target: Target, ctx: CallContext, created: int) -> StreamCall:
+    return StreamCall("converse_stream", "stream", to_converse(request, target, ctx),
+                      ResponsesStreamTranslator(request, target, created=created))
+
+
+OPERATION = BedrockOperation(serves=lambda target: target.kind == CHAT, complete=complete, stream=stream,
+                             check=converts(to_converse))
