@@ -1,6 +1,6 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
-    python -m bench.run [--quick] [--store memory,table,table-leased] [--skip-litellm] [--no-floor] [--no-relay-floor]
+    python -m bench.run [--quick] [--store memory,memory-leased,table,table-leased] [--skip-litellm] [--no-floor] [--no-relay-floor]
                         [--skip-inprocess]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
@@ -34,7 +34,7 @@ from bench.services import ROOT, Services, clean_env, start_command
 from tools.stack import free_port, wait_for_port
 
 # Our gateway's variants and the letter each one's fresh table prefix carries.
-STORE_KEYS = {"memory": "m", "table": "t", "table-leased": "l"}
+STORE_KEYS = {"memory": "m", "memory-leased": "n", "table": "t", "table-leased": "l"}
 PASSTHRU_KEY = "sk-bench-1234"  # example_passthrough_gateway.py's default GW_KEY
 LITELLM_KEY = "sk-bench-1234"  # the harness's default --litellm-master-key
 
@@ -199,7 +199,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short cells, c=1,64, fewer in-process requests (<= 3 min)")
     ap.add_argument("--store", default=",".join(STORE_KEYS),
-                    help="comma list of gateway stores to benchmark: memory, table (strict quota), table-leased")
+                    help="comma list of gateway variants: memory, memory-leased, table (strict quota), table-leased")
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--no-floor", action="store_true", help="skip the pass-through floor target")
     ap.add_argument("--no-relay-floor", action="store_true",
@@ -224,7 +224,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.quiet_wait_max = 3 if a.quick else 8  # the box is shared: bound the wait for other users' CPU to drop
     # The harness's own hard cap; cells past it are skipped (and listed as such in the summary). A full
     # run of every target needs ~12 min of it; 660 s cut the last two stream c=64 cells.
-    a.max_total_s = 140 if a.quick else 1000
+    a.max_total_s = 140 if a.quick else 250 * (1 + len(a.stores))  # ~4 min of cells per gateway
     a.outdir = ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     return a
 

@@ -72,7 +72,7 @@ class Services:
 
     def settings_file(self, store: str, prefix: str) -> Path:
         """local.settings.example.json pointed at the bench services; the endpoint comes from the harness.
-        ``store`` is memory, table (strict quota) or table-leased (GATEWAY_QUOTA_MODE=leased)."""
+        ``store`` is memory or table (strict quota), or either with ``-leased`` (GATEWAY_QUOTA_MODE=leased)."""
         doc = json.loads((ROOT / "local.settings.example.json").read_text())
         doc["Values"].update({
             "AUTH_JWKS_URL": f"http://127.0.0.1:{self.issuer_port}/keys",
