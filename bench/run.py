@@ -1,7 +1,7 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
-    python -m bench.run [--quick] [--store memory,memory-leased,table,table-leased] [--skip-litellm] [--no-floor] [--no-relay-floor]
-                        [--skip-inprocess]
+    python -m bench.run [--quick] [--store memory,memory-leased,table,table-leased]
+                        [--skip-litellm] [--no-floor] [--no-relay-floor] [--skip-inprocess]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
 2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
