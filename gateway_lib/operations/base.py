@@ -58,9 +58,15 @@ class Operation(Generic[R]):
     stream_end: bytes = b""  # what closes a whole stream (chat's ``data: [DONE]``)
     error_body: Callable[[GatewayError], dict[str, Any]] = field(default=_openai_error)  # the dialect's shape
     error_event: str | None = None  # the ``event:`` name of a mid-stream error, in dialects that name events
+    sequenced: bool = False  # events carry ``sequence_number`` (Responses): an error event takes the next one
 
-    def error_frame(self, error: GatewayError) -> bytes:
-        return sse(self.error_body(error), self.error_event)
+    def error_frame(self, error: GatewayError, last: StreamEvent | None = None) -> bytes:
+        """A mid-stream error in the dialect's shape; ``last``: the event the caller received before it."""
+        body = self.error_body(error)
+        if self.sequenced:
+            number = last.chunk.get("sequence_number") if last is not None else None
+            body["sequence_number"] = number + 1 if isinstance(number, int) else 0
+        return sse(body, self.error_event)
 
 
 class KeptState(Protocol):

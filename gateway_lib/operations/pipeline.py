@@ -184,9 +184,11 @@ async def _sse_body(acct: Accounting, op: Operation[Any], request: OperationRequ
     frames: list[bytes] = []  # written together when the upstream delivered them together
     status = "client_disconnected"  # what it stays if the caller hangs up (the generator is closed)
     error: GatewayError | None = None
+    last: StreamEvent | None = None  # the error event of a dialect that numbers events follows its number
     try:
         async with aclosing(_timed(first, events, acct)) as stream:
             async for event in stream:
+                last = event
                 if state is not None and target is not None:
                     await state.see(target, event)
                 streamed.append(op.stream_text(event))
@@ -202,11 +204,11 @@ async def _sse_body(acct: Accounting, op: Operation[Any], request: OperationRequ
     except ProviderError as exc:
         # Bytes already went out, so no fallback: tell the caller plainly instead of truncating silently.
         status, error = "upstream_cut", exc
-        yield b"".join(frames) + op.error_frame(exc)
+        yield b"".join(frames) + op.error_frame(exc, last)
     except Exception as exc:  # a bug (e.g. in translating a provider's events): an error event, never silence
         log.error("stream failed: %s", type(exc).__name__)  # the type only: messages may quote content
         status, error = "error", InternalError()
-        yield b"".join(frames) + op.error_frame(error)
+        yield b"".join(frames) + op.error_frame(error, last)
     finally:
         if usage is None:  # cut or abandoned: count what was streamed so the spend is not lost
             usage = acct.estimate_usage(target, "".join(streamed))

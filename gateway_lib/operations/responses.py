@@ -282,11 +282,12 @@ def frame(request: ResponsesRequest, event: StreamEvent) -> bytes:
 
 
 def error_event(error: GatewayError) -> dict[str, Any]:
-    """The Responses stream's ``error`` event (the gateway does not know the upstream's sequence number)."""
+    """The Responses stream's ``error`` event (``Operation.error_frame`` numbers it after the last event)."""
     return {"type": "error", "code": error.code, "message": error.message, "param": error.param}
 
 
 RESPONSES_API: Operation[ResponsesRequest] = Operation(
     name=RESPONSES, route="responses", prompt=lambda request: request, usage=answer_usage, answer_text=answer_text,
     stream_usage=stream_usage, stream_text=stream_text, frame=frame, error_body=error_event, error_event="error",
+    sequenced=True,
 )

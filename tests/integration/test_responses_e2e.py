@@ -213,4 +213,5 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_one_cost_row(stack: S
                                                               extra_headers={"x-request-id": request_id}))
     assert events[0].type == "response.created"
     assert events[-1].type == "error" and events[-1].message  # the SDK hands the error event to the caller
+    assert events[-1].sequence_number == events[-2].sequence_number + 1  # numbered on, as the upstream's were
     assert cost_row(stack, caller, request_id).status == "upstream_cut"
