@@ -63,6 +63,7 @@ async def messages(request: Request) -> Response:
         _refuse_api_key(request)
         caller = await _caller(rt, request, scope)
         body = parse_model(anthropic.MessagesRequest, await edge.read_json(request, rt.settings.limits.max_body_bytes))
+        body = body.with_betas(request.headers.get("anthropic-beta"))
         return await pipeline.run(rt, scope, caller, anthropic.ANTHROPIC_MESSAGES, body)
 
     return await _serve(request, "messages", handle, anthropic.error_body)

@@ -8,12 +8,13 @@ content blocks stay as the caller wrote them; the chat view exists only to scree
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from gateway_lib.errors import GatewayError
+from gateway_lib.errors import GatewayError, InvalidRequest
 from gateway_lib.operations.base import Operation
 from gateway_lib.operations.schema import Message, Priority, ProviderHint, ToolCall, ToolCallFunction
 from gateway_lib.providers.base import MESSAGES, StreamEvent, Usage, usage_of
@@ -23,6 +24,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 # Fields of the Messages API Bedrock's InvokeModel does not take (the gateway keeps them to itself).
 GATEWAY_ONLY = frozenset({"model", "stream", "metadata", "service_tier", "provider_hint", "priority"})
+_BETA = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a beta feature's name, e.g. context-1m-2025-08-07
 
 
 class AnthropicMessage(BaseModel):
@@ -76,6 +78,17 @@ class MessagesRequest(_Conversation):
     service_tier: str | None = None
     provider_hint: ProviderHint = None
     priority: Priority | None = None
+    _betas: tuple[str, ...] = PrivateAttr(default=())  # the ``anthropic-beta`` header's features
+
+    def with_betas(self, header: str | None) -> MessagesRequest:
+        """The request with the beta features its ``anthropic-beta`` header names (comma-separated), which
+        Bedrock takes in the body as ``anthropic_beta``; a malformed name is a 400 naming the header."""
+        names = tuple(name.strip() for name in (header or "").split(",") if name.strip())
+        bad = next((name for name in names if not _BETA.fullmatch(name)), None)
+        if bad is not None:
+            raise InvalidRequest(f"anthropic-beta: {bad[:64]!r} is not a beta feature name.", param="anthropic-beta")
+        self._betas = names
+        return self
 
     @property
     def requested_max_tokens(self) -> int:
@@ -96,6 +109,8 @@ class MessagesRequest(_Conversation):
         """The request in Anthropic's own format, less what only the gateway reads, with its token cap."""
         body = self.model_dump(mode="json", exclude_unset=True, exclude=set(GATEWAY_ONLY))
         body["max_tokens"] = max_tokens or self.max_tokens
+        if self._betas:
+            body["anthropic_beta"] = list(self._betas)
         return body
 
 

@@ -55,6 +55,36 @@ def test_a_message_is_served_by_bedrock_in_anthropics_format(stack: Stack, sim: 
     assert day_tokens(stack, token) == message.usage.input_tokens + message.usage.output_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_beta_features_the_sdk_names_reach_bedrock_in_the_body(stack: Stack, token: str, sim: Sim,
+                                                                stream: bool) -> None:
+    # The SDK sends betas as the anthropic-beta header; Bedrock's InvokeModel takes them as anthropic_beta.
+    betas = ["token-efficient-tools-2025-02-19", "interleaved-thinking-2025-05-14"]
+    sdk = client(stack, token).beta.messages
+    if stream:
+        with sdk.stream(**hello(), betas=betas) as events:
+            assert events.get_final_message().content[0].text
+    else:
+        assert sdk.create(**hello(), betas=betas).content[0].text
+    body = sim.last(CLAUDE_ID)["body"]
+    sent = json.loads(body) if isinstance(body, str) else body
+    assert sent["anthropic_beta"] == betas
+
+
+def test_without_betas_the_body_has_no_anthropic_beta(stack: Stack, token: str, sim: Sim) -> None:
+    client(stack, token).messages.create(**hello())
+    body = sim.last(CLAUDE_ID)["body"]
+    assert "anthropic_beta" not in (json.loads(body) if isinstance(body, str) else body)
+
+
+def test_a_malformed_beta_name_is_a_400_naming_the_header(stack: Stack, token: str, sim: Sim) -> None:
+    before = sim.count(CLAUDE_ID)
+    message = anthropic_error(post(stack, hello(), token=token, **{"anthropic-beta": "ok-2025, bad name!"}),
+                              400, "invalid_request_error")
+    assert "anthropic-beta" in message
+    assert sim.count(CLAUDE_ID) == before  # refused before any upstream call
+
+
 def test_a_streamed_message_relays_anthropics_events(stack: Stack) -> None:
     token = stack.token("i20-messages-stream")
     with client(stack, token).messages.stream(**hello()) as stream:
