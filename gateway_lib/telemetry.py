@@ -223,11 +223,12 @@ class MetricsSink(Protocol):
     def export_metrics(self, metrics: Any) -> None: ...
 
 
-class _Scope(Protocol):  # the slice of edge.Scope a rejection record needs
+class _Scope(Protocol):  # the slice of edge.Scope a record made at the edge needs
     request_id: str
     route: str
     trace_id: str
     caller: Any
+    model: str | None
 
     def elapsed_ms(self) -> float: ...
 
@@ -299,13 +300,20 @@ class Telemetry:
 
     def rejection(self, scope: _Scope, status: int, error_code: str | None = None) -> None:
         """The record of a request refused before the pipeline (auth, parsing, limits)."""
+        self._at_edge(scope, status, "rejected", error_code)
+
+    def answered(self, scope: _Scope, status: int) -> None:
+        """The record of a request its route answered without the pipeline (models, usage, counted tokens)."""
+        self._at_edge(scope, status, "ok", None)
+
+    def _at_edge(self, scope: _Scope, status: int, outcome: str, error_code: str | None) -> None:
         caller = scope.caller
         self.request(RequestRecord(
-            request_id=scope.request_id, route=scope.route, status=status, outcome="rejected", error_code=error_code,
+            request_id=scope.request_id, route=scope.route, status=status, outcome=outcome, error_code=error_code,
             caller_app=getattr(caller, "app_id", None), caller_user=getattr(caller, "user_id", None),
             tenant=getattr(caller, "tenant_id", None), team=getattr(caller, "team", None),
-            tier=getattr(getattr(caller, "tier", None), "name", None), latency_ms=round(scope.elapsed_ms(), 2),
-            overhead_ms=round(scope.elapsed_ms(), 2), trace_id=scope.trace_id,
+            tier=getattr(getattr(caller, "tier", None), "name", None), model=scope.model,
+            latency_ms=round(scope.elapsed_ms(), 2), overhead_ms=round(scope.elapsed_ms(), 2), trace_id=scope.trace_id,
         ))
 
     def track_event(self, name: str, properties: Mapping[str, str] | None = None,

@@ -65,7 +65,7 @@ async def spend(request: Request) -> Response:
                             headers=headers)
         return edge.json_response(views.spend_json(first, last, dims, page.facts, token), scope)
 
-    return await _serve(request, "admin_spend", handle)
+    return await _serve(request, "admin_spend", handle, answers=True)
 
 
 async def callers(request: Request) -> Response:
@@ -95,7 +95,7 @@ async def callers(request: Request) -> Response:
         viewer = {"scope": "all"} if team is None else {"scope": "team", "team": team}
         return edge.json_response({"object": "list", "data": data, "viewer": viewer, "continuation": token}, scope)
 
-    return await _serve(request, "admin_callers", handle)
+    return await _serve(request, "admin_callers", handle, answers=True)
 
 
 async def _statuses(rt: Runtime, entries: list[ledger.CallerEntry]) -> dict[str, views.CallerStatus]:
@@ -131,7 +131,7 @@ async def chargeback(request: Request) -> Response:
         return Response(body, media_type="text/csv; charset=utf-8", headers=scope.headers() | {
             "content-disposition": f'attachment; filename="chargeback-{month}.csv"'})
 
-    return await _serve(request, "admin_chargeback", handle)
+    return await _serve(request, "admin_chargeback", handle, answers=True)
 
 
 __all__ = ["callers", "chargeback", "spend", "viewer_team"]

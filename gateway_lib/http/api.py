@@ -32,7 +32,10 @@ log = logging.getLogger("gateway.api")
 Handler = Callable[[Runtime, Scope], Awaitable[Response]]
 
 
-async def _serve(request: Request, route: str, handler: Handler, shape: edge.ErrorShape | None = None) -> Response:
+async def _serve(request: Request, route: str, handler: Handler, shape: edge.ErrorShape | None = None, *,
+                 answers: bool = False) -> Response:
+    """``answers``: the handler answers without the pipeline (which records the requests it runs), so its
+    successes are recorded here, as its refusals are."""
     scope = edge.begin(request, route)
     rt: Runtime | None = None
 
@@ -45,6 +48,8 @@ async def _serve(request: Request, route: str, handler: Handler, shape: edge.Err
     if rt is not None:
         if response.status_code >= 400 and not scope.recorded:
             rt.telemetry.rejection(scope, response.status_code, scope.error_code)
+        elif answers and not scope.recorded:
+            rt.telemetry.answered(scope, response.status_code)
         rt.warmed_up()
     return response
 
@@ -92,20 +97,20 @@ async def list_models(request: Request) -> Response:
                 if caller.tier.allows(alias.name)]
         return edge.json_response({"object": "list", "data": data}, scope)
 
-    return await _serve(request, "models", handle)
+    return await _serve(request, "models", handle, answers=True)
 
 
 async def retrieve_model(request: Request) -> Response:
     async def handle(rt: Runtime, scope: Scope) -> Response:
         caller = await _caller(rt, request, scope)
-        name = edge.path_param(request, "model", after="models")
+        name = scope.model = edge.path_param(request, "model", after="models")
         alias = rt.settings.catalogue.aliases.get(name)
         if alias is None or not caller.tier.allows(name):  # one answer for both: the catalogue is not disclosed
             raise ModelNotFound(f"The model '{name[:256]}' does not exist or you do not have access to it.",
                                 param="model")
         return edge.json_response(models.model_object(rt.settings.catalogue, alias), scope)
 
-    return await _serve(request, "models", handle)
+    return await _serve(request, "models", handle, answers=True)
 
 
 async def usage(request: Request) -> Response:
@@ -118,7 +123,7 @@ async def usage(request: Request) -> Response:
         view = await rt.admission.usage_view(caller if subject in (None, "", caller.key) else subject)
         return edge.json_response(view, scope)
 
-    return await _serve(request, "usage", handle)
+    return await _serve(request, "usage", handle, answers=True)
 
 
 async def admin_limits(request: Request) -> Response:
@@ -135,7 +140,7 @@ async def admin_limits(request: Request) -> Response:
             return edge.json_response(saved, scope)
         return edge.json_response(await rt.admission.get_overrides(subject), scope)
 
-    return await _serve(request, "admin_limits", handle)
+    return await _serve(request, "admin_limits", handle, answers=True)
 
 
 async def admin_alerts(request: Request) -> Response:
@@ -149,7 +154,7 @@ async def admin_alerts(request: Request) -> Response:
         rows = await alerts.list_alerts(rt.store, rt.settings.storage.table_prefix, since, limit)
         return edge.json_response({"object": "list", "data": [a.as_json() for a in rows]}, scope)
 
-    return await _serve(request, "admin_alerts", handle)
+    return await _serve(request, "admin_alerts", handle, answers=True)
 
 
 async def health(request: Request) -> Response:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway_lib.auth.identity import Caller
 from gateway_lib.errors import AuthenticationFailed, InvalidRequest
 from gateway_lib.guardrails import tokens
 from gateway_lib.http import edge
@@ -24,7 +23,6 @@ from gateway_lib.operations.responses import RESPONSES_API, ResponsesRequest
 from gateway_lib.operations.schema import parse_model
 from gateway_lib.routing import plan as routing
 from gateway_lib.runtime import Runtime
-from gateway_lib.telemetry import RequestRecord
 
 
 async def responses(request: Request, check: Callable[[Request], None] | None = None) -> Response:
@@ -55,7 +53,7 @@ async def stored_response(request: Request, check: Callable[[Request], None] | N
         answer = await response_state.retrieve(rt, scope, caller, response_id, delete=delete)
         return edge.json_response(answer, scope)
 
-    return await _serve(request, "responses_delete" if delete else "responses_retrieve", handle)
+    return await _serve(request, "responses_delete" if delete else "responses_retrieve", handle, answers=True)
 
 
 async def messages(request: Request) -> Response:
@@ -81,19 +79,10 @@ async def count_tokens(request: Request) -> Response:
                            priority=None, request=body)
         prompt = body.prompt
         count = tokens.count_chat_prompt(prompt.messages, "claude", tools=prompt.tools)
-        _record_count(rt, scope, caller, alias)
+        scope.model = alias
         return edge.json_response({"input_tokens": count}, scope)
 
-    return await _serve(request, "count_tokens", handle, anthropic.error_body)
-
-
-def _record_count(rt: Runtime, scope: Scope, caller: Caller, alias: str) -> None:
-    """The request's one telemetry record: who counted against which model, never the text counted."""
-    scope.recorded = True
-    rt.telemetry.request(RequestRecord(
-        request_id=scope.request_id, trace_id=scope.trace_id, route=scope.route, caller_app=caller.app_id,
-        caller_user=caller.user_id, tenant=caller.tenant_id, team=caller.team, tier=caller.tier.name, model=alias,
-        latency_ms=round(scope.elapsed_ms(), 2), overhead_ms=round(scope.elapsed_ms(), 2)))
+    return await _serve(request, "count_tokens", handle, anthropic.error_body, answers=True)
 
 
 def _refuse_api_key(request: Request) -> None:

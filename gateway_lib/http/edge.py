@@ -54,6 +54,7 @@ class Scope:
     label: str | None = None  # APIM subscription name: a label, never identity
     caller: Caller | None = None  # set once authenticated
     recorded: bool = False  # the request's telemetry record was emitted
+    model: str | None = None  # the model the request named, for a record made at the edge
     error_code: str | None = None  # the code of the error the request was answered with
 
     def elapsed_ms(self) -> float:

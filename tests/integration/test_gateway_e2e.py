@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import openai
 import pytest
@@ -88,6 +89,22 @@ def test_models_lists_the_callers_tier(base_url: str, token: str, admin_token: s
     admin = {m.id for m in client(base_url, admin_token).models.list()}
     assert standard == {"gpt-4o-mini", "claude-3-haiku", "chat-default", "text-embedding-3-small", "titan-embed-text-v2"}
     assert standard < admin and "gpt-4o" in admin
+
+
+@pytest.mark.parametrize(("path", "route", "model"), [("/v1/models", "models", None),
+                                                    ("/v1/models/gpt-4o-mini", "models", "gpt-4o-mini"),
+                                                    ("/v1/usage", "usage", None)])
+def test_a_route_answered_without_the_pipeline_still_leaves_one_request_record(stack, token: str, path: str,
+                                                                              route: str, model: str | None) -> None:
+    from tests.integration.test_fallback_e2e import _request_log_line
+
+    request_id = f"answered-{route}-{time.monotonic_ns()}"
+    answer = requests.get(f"{stack.base_url}{path}", timeout=10,
+                          headers={"Authorization": f"Bearer {token}", "x-request-id": request_id})
+    assert answer.status_code == 200, answer.text
+    line = _request_log_line(stack, request_id)
+    assert f" {route} 200 ok " in line, line
+    assert model is None or model in line
 
 
 def test_health_reports_configuration_and_storage(base_url: str) -> None:

@@ -29,8 +29,11 @@ VALUES: dict[str, Any] = {
 
 
 def test_the_checked_in_parameter_list_is_the_installed_sdks() -> None:
+    # The parameters, not the version they were read from: a release that types nothing new changes nothing.
     checked_in = json.loads(gen_chat_params.OUT.read_text())
-    assert checked_in == gen_chat_params.from_sdk(), "the openai SDK changed: run `python -m tools.gen_chat_params`"
+    installed = gen_chat_params.from_sdk()
+    checked_in.pop("sdk_version"), installed.pop("sdk_version")
+    assert checked_in == installed, "the openai SDK's parameters changed: run `python -m tools.gen_chat_params`"
 
 
 def test_stream_options_accept_exactly_the_sdks_keys() -> None:

@@ -220,6 +220,7 @@ class FakeScope:
     route: str = "chat"
     trace_id: str = TRACE
     caller: Any = None
+    model: str | None = None
 
     def elapsed_ms(self) -> float:
         return 4.0
@@ -234,6 +235,17 @@ def test_rejection_before_the_pipeline_leaves_a_record(fakes: Any, caplog: pytes
     assert (dims["status"], dims["outcome"], dims["error_code"], dims["latency_ms"]) == ("401", "rejected",
                                                                                          "invalid_token", "4.00")
     assert exporter.total("gateway/requests", status="401", provider="none", route="chat") == 1
+
+
+def test_a_route_answered_at_the_edge_leaves_an_ok_record_naming_its_model(fakes: Any,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    tel, exporter, _ = fakes
+    with caplog.at_level(logging.INFO, logger=telemetry.REQUEST_LOGGER):
+        tel.answered(FakeScope(route="models", model="gpt-4o-mini"), 200)
+    tel.flush()
+    dims = caplog.records[-1].custom_dimensions  # type: ignore[attr-defined]
+    assert (dims["status"], dims["outcome"], dims["model"], dims["route"]) == ("200", "ok", "gpt-4o-mini", "models")
+    assert exporter.total("gateway/requests", status="200", provider="none", route="models") == 1
 
 
 # --- privacy -----------------------------------------------------------------------------------
