@@ -171,12 +171,15 @@ class ProviderError(GatewayError):
         upstream_status: int | None = None,
         retry_after: float | None = None,
         param: str | None = None,
+        consumed: tuple[int, int] = (0, 0),
     ) -> None:
         super().__init__(message, code=kind, param=param, retry_after=retry_after)
         self.provider = provider
         self.kind = kind  # rate_limited | server_error | timeout | connection | bad_request | auth | malformed
         self.retryable = retryable
         self.upstream_status = upstream_status
+        # (prompt, completion) tokens the provider billed before the failure (some of a fan-out's calls answered)
+        self.consumed = consumed
         self.status, self.type = _PROVIDER_STATUS.get(kind, (502, "upstream_error"))
 
 

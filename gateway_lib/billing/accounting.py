@@ -100,6 +100,7 @@ class Accounting:
         if status == "ok" and self.screened.max_tokens:  # an answer of an operation with output: learn its length
             self.rt.admission.expected_output.observe(self.caller.key, usage.completion_tokens / self._choices)
         cost = pricing.cost(target.price, usage.prompt_tokens, usage.completion_tokens) if target else Decimal(0)
+        usage, cost = self._with_failed_attempts(usage, cost)
         assert self.reservation is not None  # the pipeline reserves before any path can finish
         row = self._row(target, usage, cost, status, error)
         if self.rt.admission.settle_now(self.reservation, row) is not None:  # written behind: nothing to wait for
@@ -112,6 +113,17 @@ class Accounting:
             log.warning("settle still under way; the response does not wait for it",
                         extra={"custom_dimensions": {"request_id": self.scope.request_id, "status": status}})
         return cost
+
+    def _with_failed_attempts(self, usage: Usage, cost: Decimal) -> tuple[Usage, Decimal]:
+        """Usage and cost plus what failed attempts were billed for anyway (a fan-out some of whose calls
+        answered before one failed), each at its own target's price: the row says what the request cost."""
+        for attempt in self.attempts:
+            prompt, completion = attempt.consumed
+            if prompt or completion:
+                usage = Usage(usage.prompt_tokens + prompt, usage.completion_tokens + completion)
+                failed = next((t for t in self.plan.targets if t.id == attempt.target_id), None)
+                cost += pricing.cost(failed.price, prompt, completion) if failed else Decimal(0)
+        return usage, cost
 
     async def _settle(self, row: CostRow, target: Target | None, usage: Usage, cost: Decimal, status: str,
                       error: GatewayError | None) -> None:

@@ -53,6 +53,7 @@ class Attempt:
     upstream_status: int | None = None
     latency_ms: float = 0.0
     retry_after: float | None = None
+    consumed: tuple[int, int] = (0, 0)  # (prompt, completion) tokens a failed attempt was billed for anyway
 
     @property
     def sent(self) -> bool:
@@ -61,7 +62,7 @@ class Attempt:
 
     def as_dict(self) -> dict[str, Any]:
         """The telemetry shape (``target``, ``status``: the names the request record uses)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "consumed"}  # (in the tokens)
         values["target"], values["status"] = values.pop("target_id"), values.pop("upstream_status")
         return values
 
@@ -209,7 +210,8 @@ async def _attempt(provider: Provider, target: Target, health: TargetHealth,
 
 
 def _failed(target: Target, error: ProviderError, elapsed: float) -> Attempt:
-    return Attempt(target.id, target.provider, error.kind, error.upstream_status, elapsed * 1000, error.retry_after)
+    return Attempt(target.id, target.provider, error.kind, error.upstream_status, elapsed * 1000, error.retry_after,
+                   error.consumed)
 
 
 def _exhausted(plan: RoutePlan, attempts: list[Attempt], last: ProviderError | None, health: TargetHealth,

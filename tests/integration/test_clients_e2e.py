@@ -126,6 +126,22 @@ def test_openai_embeddings_on_both_providers(stack: Stack, sim: Any, model: str)
     assert_one_row_per_answer(stack, token, 3, {"embeddings"})
 
 
+def test_a_titan_fan_out_that_fails_part_way_still_bills_the_calls_that_answered(stack: Stack, sim: Any) -> None:
+    from tests.integration.test_content_filter_e2e import cost_row
+
+    token, request_id = fresh_token(stack), f"titan-partial-{uuid.uuid4().hex[:8]}"
+    inputs = [f"text number {i} to embed" for i in range(8)]
+    whole = oai(stack, token).embeddings.create(model="titan-embed-text-v2", input=inputs, dimensions=256)
+    sim.fault(mode="status", status=400, target="amazon.titan-embed-text-v2:0", count=1)  # one of the 8 calls
+    with pytest.raises(openai.APIStatusError):
+        oai(stack, token).embeddings.create(model="titan-embed-text-v2", input=inputs, dimensions=256,
+                                            extra_headers={"x-request-id": request_id})
+    row = cost_row(stack, token, request_id)
+    assert row.status == "error"
+    # Seven of the eight inputs were embedded and billed by Bedrock: so are they here.
+    assert 0 < row.prompt_tokens < whole.usage.prompt_tokens and row.cost_usd > 0
+
+
 def test_openai_models_retrieve_and_list_say_what_each_model_serves(stack: Stack) -> None:
     client = oai(stack, fresh_token(stack))
     model = client.models.retrieve("gpt-4o-mini")

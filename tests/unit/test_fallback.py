@@ -104,6 +104,16 @@ def test_retryable_error_moves_on_at_once_and_opens_the_circuit() -> None:
     assert health.view().status("a").circuit == "open"
 
 
+def test_tokens_a_failed_attempt_was_billed_for_stay_on_its_attempt_and_out_of_telemetry() -> None:
+    clock = FakeClock()
+    part_way = ProviderError("one call of the fan-out failed", provider="fake", kind="server_error", retryable=True,
+                             upstream_status=500, consumed=(70, 0))
+    _, chosen, attempts = complete(make_plan("a", "b"), FakeProvider({"a": part_way, "b": "from b"}),
+                                   TargetHealth(clock), clock)
+    assert chosen.id == "b" and [a.consumed for a in attempts] == [(70, 0), (0, 0)]
+    assert "consumed" not in attempts[0].as_dict()  # the request record counts them in its tokens
+
+
 def test_non_retryable_error_is_raised_without_fallback() -> None:
     clock = FakeClock()
     bad = ProviderError("bad", provider="fake", kind="bad_request", retryable=False, upstream_status=400)

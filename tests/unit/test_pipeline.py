@@ -110,6 +110,28 @@ def test_a_request_every_target_refused_leaves_a_row_naming_the_last_provider_it
     asyncio.run(run())
 
 
+def test_what_a_failed_attempt_was_billed_is_on_the_row_at_its_targets_price_beside_the_answer() -> None:
+    def first_fails_part_way(call: Call) -> Any:
+        if call.target.provider == "azure_openai" and call.target.region == "eastus":
+            raise ProviderError("part of a fan-out failed", provider="azure_openai", kind="server_error",
+                                retryable=True, upstream_status=503, consumed=(1000, 0))
+        return chatty(call)
+
+    async def run() -> None:
+        rt = _runtime(MockProvider(first_fails_part_way))
+        caller = _caller(rt)
+        await pipeline.complete(rt, _scope(), caller, CHAT_COMPLETIONS, _chat(model="chat-default"))
+        _, ledger = await _counters(rt, caller)
+        failed, served = (rt.settings.catalogue.targets[t] for t in ("aoai-gpt-4o-mini-eastus",
+                                                                      "bedrock-claude-3-haiku-us-east-1"))
+        assert len(ledger) == 1 and ledger[0]["status"] == "ok" and ledger[0]["provider"] == served.provider
+        assert (ledger[0]["prompt_tokens"], ledger[0]["completion_tokens"]) == (1005, 1)
+        expected = failed.price.input_per_1k + (5 * served.price.input_per_1k + served.price.output_per_1k) / 1000
+        assert Decimal(ledger[0]["cost_usd"]) == expected
+
+    asyncio.run(run())
+
+
 def test_a_stream_the_caller_abandons_is_settled_from_what_was_streamed() -> None:
     async def run() -> None:
         rt = _runtime(MockProvider(chatty))

@@ -109,6 +109,22 @@ def to_completion(request: EmbeddingsRequest, target: Target,
     return Completion(body=body, usage=Usage(prompt, 0))
 
 
+def _answered_tokens(bodies: list[dict[str, Any]], outcomes: list[Any], target: Target) -> int:
+    """The input tokens of the calls that answered (as Bedrock counted them, else counted here)."""
+    total = 0
+    for body, outcome in zip(bodies, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            continue
+        raw, headers = outcome
+        try:
+            counted = input_tokens(decode(raw), headers)
+        except ValueError:
+            counted = None
+        texts = [body["inputText"]] if "inputText" in body else body.get("texts", [])
+        total += counted if counted is not None else sum(tokens.count_text(t, target.tokenizer) for t in texts)
+    return total
+
+
 def decode(raw: bytes) -> dict[str, Any]:
     body = json.loads(raw)
     if not isinstance(body, dict):
@@ -124,11 +140,19 @@ def _floats(vector: Any) -> list[float]:
 
 async def complete(calls: Calls, request: EmbeddingsRequest, target: Target, ctx: CallContext,
                    created: int) -> Completion:
-    """InvokeModel per body (Titan: one per input, concurrently in the pool), into one OpenAI list."""
-    answers = await asyncio.gather(*(
+    """InvokeModel per body (Titan: one per input, concurrently in the pool), into one OpenAI list. Every call
+    is waited for: when one fails, the tokens of those that answered are billed all the same (``consumed``)."""
+    bodies = invocations(request, target)
+    outcomes = await asyncio.gather(*(
         calls.invoke(ctx, target.region, {"modelId": target.deployment, "body": json.dumps(body),
                                           "contentType": "application/json", "accept": "application/json"})
-        for body in invocations(request, target)))
+        for body in bodies), return_exceptions=True)
+    failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if failure is not None:
+        if isinstance(failure, ProviderError):
+            failure.consumed = (_answered_tokens(bodies, outcomes, target), 0)
+        raise failure
+    answers = [o for o in outcomes if not isinstance(o, BaseException)]
     try:
         return to_completion(request, target, [(decode(raw), headers) for raw, headers in answers])
     except ValueError as exc:
