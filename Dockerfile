@@ -13,8 +13,8 @@ ENV AzureWebJobsScriptRoot=/home/site/wwwroot \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY requirements.txt constraints.txt /tmp/
+RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt /tmp/constraints.txt
 
 # The host writes under HOME (/home: data/, LogFiles/) and may keep function keys in Secrets/; the
 # app's code stays owned by root, read-only to the user that runs it.

@@ -8,9 +8,9 @@ ROLES ?= Gateway.Standard
 
 DASHBOARD_VENDOR := gateway_lib/http/dashboard/vendor
 
-.PHONY: run test token deps worker lint typecheck unit integration infra-check mono browser bench clean dashboard-assets chat-params
+.PHONY: lock run test token deps worker lint typecheck unit integration infra-check mono browser bench clean dashboard-assets chat-params
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -26,6 +26,15 @@ $(DASHBOARD_VENDOR)/msal-browser.min.js: node_modules/.installed
 	cp node_modules/@azure/msal-browser/lib/msal-browser.min.js node_modules/@azure/msal-browser/LICENSE $(DASHBOARD_VENDOR)/
 
 dashboard-assets: $(DASHBOARD_VENDOR)/msal-browser.min.js
+
+LOCK_VENV := .local/lock-venv
+lock:                          ## refresh constraints.txt: the newest versions the ranges allow (then make test)
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	sed '/^-c /d' requirements.txt > $(LOCK_VENV)/requirements.txt
+	cp requirements-dev.txt $(LOCK_VENV)/requirements-dev.txt
+	$(LOCK_VENV)/bin/pip install --quiet -r $(LOCK_VENV)/requirements-dev.txt
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 deps: $(VENV)/.installed node_modules/.installed dashboard-assets
 
