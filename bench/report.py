@@ -41,6 +41,7 @@ def build(peer: dict[str, Any], inprocess: dict[str, Any], command: list[str],
         "vs_floor": {n: _floor(n, cells, "passthru") for n in ours if "passthru" in gateways},
         "vs_relay_floor": {n: _floor(n, cells, "relay-floor") for n in ours if "relay-floor" in gateways},
         "inprocess": inprocess, "skipped": peer.get("skipped"), "runtime_s": peer.get("runtime_s"),
+        "harness_runs": peer.get("harness_runs", 1),
     }
 
 
@@ -133,7 +134,11 @@ def _f(x: Any, nd: int = 2) -> str:
 
 
 def markdown(s: dict[str, Any]) -> str:
+    runs = s.get("harness_runs", 1)
     lines = [f"Run {s['date_utc']} — `{s['command']}` — {s['pinning']}", "",
+             *([f"Cell by cell: {runs} harness runs, one per mode and concurrency level, every gateway started "
+                "afresh on fresh tables; idle RSS from the first run, peak RSS the highest of all.", ""]
+               if runs > 1 else []),
              "| target | mode | c | RPS (2xx) | p50 ms | p99 ms | err | added p50 | added p99 | CPU ms/req | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(s["cells"], key=lambda c: (c["mode"] != "nonstream", c["conc"])):

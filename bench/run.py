@@ -1,7 +1,7 @@
 """``make bench``: our gateway side by side with LiteLLM, the pass-through floor and the fake upstream.
 
     python -m bench.run [--quick] [--store memory,memory-leased,table,table-leased]
-                        [--skip-litellm] [--no-floor] [--no-relay-floor] [--skip-inprocess]
+                        [--skip-litellm] [--no-floor] [--no-relay-floor] [--skip-inprocess] [--cell-by-cell]
 
 1. Makes sure the shared peer harness is set up (``../shared/peer-bench/setup.sh``).
 2. Starts the dev issuer (and Azurite for ``table``), writes one settings file per store.
@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,10 @@ def ensure_setup(peer: Path, need_litellm: bool) -> None:
         subprocess.run(["bash", str(peer / "setup.sh")], check=True, timeout=1800)
 
 
-def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: str, prefix: str) -> list[str]:
-    args = ["--outdir", str(a.outdir / "peer"), "--duration", str(a.duration), "--warmup", str(a.warmup),
-            "--concurrency", a.concurrency, "--modes", a.modes, "--max-total-s", str(a.max_total_s),
+def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: str, prefix: str,
+                 cell: Cells) -> list[str]:
+    args = ["--outdir", str(cell.outdir), "--duration", str(a.duration), "--warmup", str(a.warmup),
+            "--concurrency", cell.concurrency, "--modes", cell.modes, "--max-total-s", str(cell.max_total_s),
             "--retries", str(a.retries), "--quiet-wait-max", str(a.quiet_wait_max)]
     args += ["--skip-litellm"] if a.skip_litellm else []
     if not a.no_floor:
@@ -89,6 +91,39 @@ def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: s
                  "--start-cmd", name, start_command(services.settings_file(store, f"{prefix}{STORE_KEYS[store]}"), port),
                  "--overhead-header", name, "x-gateway-overhead-ms"]
     return args
+
+
+@dataclass(frozen=True)
+class Cells:
+    """One harness run: its cells (modes x concurrency levels), where it writes, its time cap."""
+
+    modes: str
+    concurrency: str
+    outdir: Path
+    max_total_s: int
+
+
+def harness_runs(a: argparse.Namespace) -> list[Cells]:
+    """One harness run for the whole matrix; with ``--cell-by-cell``, one per mode and concurrency level, each
+    with every gateway started afresh on fresh tables (see docs/benchmarks.md)."""
+    if not a.cell_by_cell:
+        return [Cells(a.modes, a.concurrency, a.outdir / "peer", a.max_total_s)]
+    cells = [(m, c) for m in a.modes.split(",") for c in a.concurrency.split(",")]
+    cap = max(180, a.max_total_s // len(cells) + 90)  # the cells, their retries and every target's start
+    return [Cells(m, c, a.outdir / "peer" / f"{m}-c{c}", cap) for m, c in cells]
+
+
+def merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The harness results of several runs as one: every row; targets (idle RSS, validation) from the first,
+    their peak RSS under load the highest of all runs."""
+    first = parts[0]
+    targets = [dict(t) for t in first["targets"]]
+    for t in targets:
+        peaks = [u.get("rss_max_load_kb") or 0 for p in parts for u in p["targets"] if u["name"] == t["name"]]
+        t["rss_max_load_kb"] = max(peaks, default=0) or None
+    return first | {"targets": targets, "rows": [r for p in parts for r in p["rows"]],
+                    "skipped": [s for p in parts for s in p.get("skipped") or []],
+                    "runtime_s": sum(p.get("runtime_s") or 0 for p in parts), "harness_runs": len(parts)}
 
 
 def run_harness(peer: Path, args: list[str], log: Path) -> None:
@@ -211,6 +246,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", help="comma list (default 1,8,64, quick 1,64)")
     ap.add_argument("--modes", default="nonstream,stream")
     ap.add_argument("--requests", type=int, help="in-process requests for CPU and profile (default 1500, quick 200)")
+    ap.add_argument("--cell-by-cell", action="store_true",
+                    help="one harness run per mode and concurrency level, every gateway started afresh on fresh "
+                         "tables (Azurite's inserts slow as one caller's partition grows; Azure's do not)")
     a = ap.parse_args(argv)
     a.stores = tuple(s for s in a.store.split(",") if s)
     if not set(a.stores) <= set(STORE_KEYS):
@@ -240,12 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     services = Services(a.outdir / "services", a.stores, "0").start()
     try:
         token = services.token()
-        run_harness(peer, harness_args(a, peer, services, token, prefix), a.outdir / "harness.log")
+        runs = harness_runs(a)
+        for i, cell in enumerate(runs):
+            cell_prefix = prefix if len(runs) == 1 else f"{prefix}x{i}"  # fresh tables for each run
+            run_harness(peer, harness_args(a, peer, services, token, cell_prefix, cell),
+                        a.outdir / (f"harness-{cell.outdir.name}.log" if len(runs) > 1 else "harness.log"))
         inprocess = {} if a.skip_inprocess else run_inprocess(a, services, prefix)
         cold = run_coldstarts(a, services, peer, prefix) if a.cold_starts else {}
     finally:
         services.stop()
-    peer_results = json.loads((a.outdir / "peer" / "results.json").read_text())
+    peer_results = merged([json.loads((cell.outdir / "results.json").read_text()) for cell in runs])
     summary = report.build(peer_results, inprocess, ["python -m bench.run", *(sys.argv[1:] if argv is None else argv)],
                            cold)
     (a.outdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -75,3 +75,25 @@ def test_the_summary_names_every_cell_it_did_not_measure(summary: dict) -> None:
     assert "Not measured: ours-memory stream c=64 (time budget)." in text
     assert "| ours-memory | nonstream | 8 | 1200.0* |" in text
     assert "0.90 (median of 3: 0.88 to 1.60; harness 1.20)" in text
+
+
+def test_cell_by_cell_runs_split_the_matrix_and_merge_into_one_result(tmp_path: Any) -> None:
+    from bench.run import harness_runs, merged, parse
+
+    a = parse(["--cell-by-cell", "--concurrency", "1,64"])
+    runs = harness_runs(a)
+    assert [(r.modes, r.concurrency) for r in runs] == [("nonstream", "1"), ("nonstream", "64"), ("stream", "1"),
+                                                         ("stream", "64")]
+    assert len({r.outdir for r in runs}) == 4 and all(r.max_total_s >= 180 for r in runs)
+    assert [(r.modes, r.concurrency) for r in harness_runs(parse([]))] == [("nonstream,stream", "1,8,64")]
+
+    first = {"rows": [row("litellm", "nonstream", 1, 10, 20, 100)], "skipped": [], "runtime_s": 50, "args": {},
+             "facts": {}, "targets": [target("litellm", 400, 450, 4.0)]}
+    second = {"rows": [row("litellm", "nonstream", 64, 50, 90, 150)], "skipped": [["litellm", "stream", 1, "x"]],
+              "runtime_s": 60, "args": {}, "facts": {}, "targets": [target("litellm", 390, 520, 4.1)]}
+    whole = merged([first, second])
+    assert [r["conc"] for r in whole["rows"]] == [1, 64] and whole["skipped"] == [["litellm", "stream", 1, "x"]]
+    assert whole["runtime_s"] == 110 and whole["harness_runs"] == 2
+    (litellm,) = whole["targets"]
+    assert litellm["rss_idle_kb"] == 400 * 1024 and litellm["rss_max_load_kb"] == 520 * 1024  # first; highest
+    assert "Cell by cell: 2 harness runs" in report.markdown(report.build(whole, {}, ["bench"], None))
