@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -141,7 +142,20 @@ class _Journal:
     team: bool  # a team's row: counters only (the cost rows live in the callers' partitions)
     entries: list[Entry] = field(default_factory=list)
     flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    committed: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified after each batch lands
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)  # requests held for room, oldest first
+
+    def make_room(self, room: int) -> None:
+        """Let up to ``room`` held requests in, oldest first."""
+        while room > 0 and self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():  # not timed out meanwhile
+                waiter.set_result(None)
+                room -= 1
+
+
+def _held(journal: _Journal) -> bool:
+    """New requests of the row wait: its journal is full, or others wait already (they go first)."""
+    return len(journal.entries) >= JOURNAL_MAX_BEHIND or bool(journal.waiting)
 
 
 class LeasedAdmission(Admission):
@@ -184,7 +198,7 @@ class LeasedAdmission(Admission):
     def _lease_ready(self, pk: str, res: Reservation) -> bool:
         journal = self._journals.get(pk)
         lease = self._leases.get(pk)
-        return (self._pending_rows < MAX_PENDING_ROWS and (journal is None or len(journal.entries) < JOURNAL_MAX_BEHIND)
+        return (self._pending_rows < MAX_PENDING_ROWS and (journal is None or not _held(journal))
                 and lease is not None and lease.fits(res))
 
     def _take(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
@@ -203,7 +217,7 @@ class LeasedAdmission(Admission):
         if self._pending_rows >= MAX_PENDING_ROWS:
             raise _unavailable()  # storage has been down for a while: refuse rather than buffer without end
         journal = self._journals.get(pk)
-        if journal is not None and len(journal.entries) >= JOURNAL_MAX_BEHIND:
+        if journal is not None and _held(journal):
             await self._caught_up(pk, journal)
         self._start_flusher()
         lease = self._leases.get(pk)
@@ -219,19 +233,18 @@ class LeasedAdmission(Admission):
             return headers
 
     async def _caught_up(self, pk: str, journal: _Journal) -> None:
-        """Wait until the row's journal is less than ``JOURNAL_MAX_BEHIND`` rows behind (see there)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS)
-        while len(journal.entries) >= JOURNAL_MAX_BEHIND:
-            if (down := self._rows.down_for()) is not None:  # storage is known to be down: no commit is coming
-                raise _unavailable(StorageDown("storage is unavailable", down))
-            if not journal.flushing.locked():  # no commit under way: start one now, not at the next tick
-                self._background(self._flush_row(pk))
-            try:
-                async with journal.committed:
-                    await asyncio.wait_for(journal.committed.wait(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
+        """Wait in turn for the row's journal to have room (see ``JOURNAL_MAX_BEHIND``): each batch that lands
+        lets held requests in, oldest first, so a request held longest is never overtaken by newer ones."""
+        if (down := self._rows.down_for()) is not None:  # storage is known to be down: no commit is coming
+            raise _unavailable(StorageDown("storage is unavailable", down))
+        if not journal.flushing.locked():  # no commit under way: start one now, not at the next tick
+            self._background(self._flush_row(pk))
+        waiter = asyncio.get_running_loop().create_future()
+        journal.waiting.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS))
+        except TimeoutError:
+            raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work, context=circuit.background_context())
@@ -383,8 +396,8 @@ class LeasedAdmission(Admission):
                 owed -= len(done)  # rows an earlier commit had not landed stay owed: a shutdown flush commits them
                 gone = {id(entry) for entry in done}
                 journal.entries[:] = [entry for entry in journal.entries if id(entry) not in gone]
-                async with journal.committed:
-                    journal.committed.notify_all()
+                journal.make_room(len(done))  # a held request in for each row that landed (the rows of those let
+                # in are on their way: counting them keeps the journal near its bound)
                 if not journal.team:
                     self._pending_rows -= len(done)
                     await self._list_callers(batch)

@@ -696,6 +696,56 @@ def test_a_journal_that_falls_behind_holds_new_requests_until_a_commit_lands(mon
     run(scenario())
 
 
+def test_requests_held_for_a_full_journal_are_let_in_oldest_first_and_newcomers_queue_behind(
+        monkeypatch: Any) -> None:
+    # Waking every held request on each commit let newcomers, which found room first, overtake them
+    # until the wait ran out: under sustained load some requests were refused although commits landed.
+    monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 4)
+
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)
+        caller = make_caller(make_tier(requests_per_minute=100_000))
+        for i in range(4):
+            assert await serve(adm, caller, clock, i)  # the journal is full
+        real_transact, allowed = store.transact, asyncio.Semaphore(0)
+
+        async def gated_transact(table: str, ops: Any) -> Any:
+            await allowed.acquire()  # one commit lands each time the test lets it
+            return await real_transact(table, ops)
+
+        store.transact = gated_transact  # type: ignore[method-assign]
+        admitted: list[int] = []
+
+        async def request(i: int) -> None:
+            res = await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"r{i}")
+            admitted.append(i)
+            await adm.settle(res, make_row(caller, f"r{i}", clock.now, 3, 4, Decimal("0.0007")))
+
+        async def settled() -> None:
+            for _ in range(50):
+                await asyncio.sleep(0)
+
+        held = [asyncio.create_task(request(i)) for i in range(10, 20)]
+        await settled()
+        assert admitted == [], "the journal is full: all ten are held"
+        allowed.release()  # four rows land: the four oldest go in
+        await settled()
+        newcomer = asyncio.create_task(request(99))  # arrives to a journal with room, but six wait before it
+        await settled()
+        assert admitted == [10, 11, 12, 13]
+        for _ in range(3):
+            allowed.release()
+            await settled()
+        await asyncio.gather(*held, newcomer)
+        assert admitted == [*range(10, 20), 99]
+        store.transact = real_transact  # type: ignore[method-assign]
+        await adm.aclose()
+        assert len(await cost_rows(store, caller.key)) == 15
+
+    run(scenario())
+
+
 def test_a_journal_behind_an_outage_refuses_new_requests_after_a_bounded_wait(monkeypatch: Any) -> None:
     monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 5)
     monkeypatch.setattr(leases, "BEHIND_WAIT_SECONDS", 0.05)
