@@ -76,7 +76,7 @@ test: deps lint typecheck infra-check mono browser worker   ## every tier: lint,
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: deps
-	$(PY) -m bench.run
+	$(PY) -m bench.run --cell-by-cell
 
 clean:
 	rm -rf .local .pytest_cache .mypy_cache .ruff_cache $(DASHBOARD_VENDOR)
