@@ -50,7 +50,7 @@ class Runtime:
     def warmed_up(self) -> None:
         """After the first request: move everything alive now (modules, SDK clients, the tokenizer tables)
         out of the cyclic collector's reach: the SDKs allocate enough to trigger full collections, each
-        walking all of them on a request's path (docs/benchmarks.md). Later garbage is collected as usual."""
+        walking all of them on a request's path (docs/benchmark-history.md). Later garbage is collected as usual."""
         if not self.warm:
             self.warm = True
             gc.freeze()

@@ -223,7 +223,7 @@ def client_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
     With ``use_env_settings`` (azure-core's default) the aiohttp session trusts the environment, and
     aiohttp then looks up ``~/.netrc`` and the proxy variables in a worker thread on *every* request:
-    two thread hops per storage call (docs/benchmarks.md has the cost). Only a proxy needs it, so it is on only when
+    two thread hops per storage call (docs/benchmark-history.md has the cost). Only a proxy needs it, so it is on only when
     the environment names one (``HTTP(S)_PROXY``/``ALL_PROXY``, any case), and then as before.
     """
     proxied = bool(set(getproxies_environment()) - {"no"})
