@@ -143,6 +143,7 @@ class _Journal:
     entries: list[Entry] = field(default_factory=list)
     flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: deque[asyncio.Future[None]] = field(default_factory=deque)  # requests held for room, oldest first
+    flush_asked: bool = False  # a held request has started a commit not yet under way (one is enough)
 
     def make_room(self, room: int) -> None:
         """Let up to ``room`` held requests in, oldest first."""
@@ -237,14 +238,20 @@ class LeasedAdmission(Admission):
         lets held requests in, oldest first, so a request held longest is never overtaken by newer ones."""
         if (down := self._rows.down_for()) is not None:  # storage is known to be down: no commit is coming
             raise _unavailable(StorageDown("storage is unavailable", down))
-        if not journal.flushing.locked():  # no commit under way: start one now, not at the next tick
-            self._background(self._flush_row(pk))
+        self._ask_flush(pk, journal)
         waiter = asyncio.get_running_loop().create_future()
         journal.waiting.append(waiter)
         try:
             await asyncio.wait_for(waiter, min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS))
         except TimeoutError:
             raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
+
+    def _ask_flush(self, pk: str, journal: _Journal) -> None:
+        """Commit the row's journal now, not at the next tick: requests are held for it (one commit asked at a
+        time; one under way is followed by the asked one)."""
+        if not journal.flush_asked:
+            journal.flush_asked = True
+            self._background(self._flush_row(pk))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work, context=circuit.background_context())
@@ -338,8 +345,12 @@ class LeasedAdmission(Admission):
         """Journal the settlement (written behind); None for a fail-open request, which has no counters."""
         if not res.accounted:
             return None
-        self._journal(table_key(res.caller_key), team=False).entries.append((res, row))
+        pk = table_key(res.caller_key)
+        journal = self._journal(pk, team=False)
+        journal.entries.append((res, row))
         self._pending_rows += 1
+        if journal.waiting:  # requests are held for this row's commits: no waiting for the tick
+            self._ask_flush(pk, journal)
         if res.team:
             self._journal(team_partition(res.team), team=True).entries.append((res, row))
         return Settlement(False, res.round_trips)
@@ -377,6 +388,7 @@ class LeasedAdmission(Admission):
         tick (chasing them would turn the journal into one small transaction after another)."""
         journal = self._journals[pk]
         async with journal.flushing:
+            journal.flush_asked = False
             owed = len(journal.entries)
             while owed > 0:
                 batch = journal.entries[:min(owed, BATCH_ROWS)]

@@ -729,6 +729,7 @@ def test_requests_held_for_a_full_journal_are_let_in_oldest_first_and_newcomers_
         held = [asyncio.create_task(request(i)) for i in range(10, 20)]
         await settled()
         assert admitted == [], "the journal is full: all ten are held"
+        assert len(adm._tasks) == 1, "one commit started for all of them, not one each"
         allowed.release()  # four rows land: the four oldest go in
         await settled()
         newcomer = asyncio.create_task(request(99))  # arrives to a journal with room, but six wait before it
