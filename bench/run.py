@@ -248,7 +248,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, help="in-process requests for CPU and profile (default 1500, quick 200)")
     ap.add_argument("--cell-by-cell", action="store_true",
                     help="one harness run per mode and concurrency level, every gateway started afresh on fresh "
-                         "tables (Azurite's inserts slow as one caller's partition grows; Azure's do not)")
+                         "tables: no cell inherits an earlier cell's rows, journals or warm caches")
     a = ap.parse_args(argv)
     a.stores = tuple(s for s in a.store.split(",") if s)
     if not set(a.stores) <= set(STORE_KEYS):

@@ -49,8 +49,9 @@ class Services:
         self._spawn("issuer", ["-m", "tools.dev_issuer", "serve", "--port", str(self.issuer_port),
                                "--key-dir", str(self.workdir / "dev-issuer")], self.issuer_port)
         if any(store.startswith("table") for store in self.stores):
+            # In memory: its periodic database saves stalled commits for hundreds of ms (docs/benchmarks.md).
             self._spawn("azurite", ["-m", "tools.azurite", "--port", str(self.azurite_port),
-                                    "--location", str(self.workdir / "azurite")], self.azurite_port)
+                                    "--location", str(self.workdir / "azurite"), "--in-memory"], self.azurite_port)
         return self
 
     def stop(self) -> None:

@@ -51,9 +51,10 @@ def connection_string(port: int) -> str:
 class Azurite:
     """One Azurite Table process: ``start()``, ``stop()``, ``restart()`` (data survives a restart)."""
 
-    def __init__(self, port: int = 10002, location: Path | None = None) -> None:
+    def __init__(self, port: int = 10002, location: Path | None = None, in_memory: bool = False) -> None:
         self.port = port
-        self.location = location or DEFAULT_LOCATION
+        self.location = location or DEFAULT_LOCATION  # the data, or with ``in_memory`` only the log
+        self.in_memory = in_memory  # nothing saved: no pauses to save the database, nothing survives a stop
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +72,8 @@ class Azurite:
     def start(self, timeout: float = STARTUP_TIMEOUT) -> Azurite:
         binary = ensure_installed()
         self.location.mkdir(parents=True, exist_ok=True)
-        args = [str(binary), "--tableHost", HOST, "--tablePort", str(self.port), "--location", str(self.location),
+        args = [str(binary), "--tableHost", HOST, "--tablePort", str(self.port),
+                *(["--inMemoryPersistence"] if self.in_memory else ["--location", str(self.location)]),
                 "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
         with open(self.location / "azurite.log", "ab") as log:
             # Own session: a signal to our process group (a test harness stopping us) must not kill Azurite
@@ -146,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.azurite", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("AZURITE_TABLE_PORT", "10002")))
     parser.add_argument("--location", type=Path, default=DEFAULT_LOCATION)
+    parser.add_argument("--in-memory", action="store_true", help="keep nothing on disk (benchmarks)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = Azurite(args.port, args.location).start()
-    print(f"Azurite Table on http://{HOST}:{args.port} (data in {args.location}); Ctrl+C to stop")
+    server = Azurite(args.port, args.location, in_memory=args.in_memory).start()
+    kept = "in memory only" if args.in_memory else f"data in {args.location}"
+    print(f"Azurite Table on http://{HOST}:{args.port} ({kept}); Ctrl+C to stop")
     print(f"GATEWAY_STORAGE_CONNECTION_STRING={server.connection_string}")
     try:
         while server.running:

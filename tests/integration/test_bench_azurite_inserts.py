@@ -4,10 +4,11 @@ against a real Azurite: it inserts what it says and reads Azurite's own CPU."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from bench.azurite_inserts import ROWS_PER_BATCH, measure
 from gateway_lib.storage.azure_tables import AzureTableStore
-from tools.azurite import Azurite
+from tools.azurite import Azurite, free_port
 
 
 def test_it_fills_one_partition_batch_by_batch_and_charges_azurite_cpu(azurite: Azurite, table_prefix: str) -> None:
@@ -27,3 +28,10 @@ def test_it_fills_one_partition_batch_by_batch_and_charges_azurite_cpu(azurite: 
             await store.aclose()
 
     assert asyncio.run(stored()) == 10 * ROWS_PER_BATCH
+
+
+def test_the_benchmarks_in_memory_azurite_serves_tables_and_leaves_no_database_behind(tmp_path: Path) -> None:
+    with Azurite(free_port(), tmp_path, in_memory=True) as server:
+        slices = asyncio.run(measure(server, server.pid or 0, batches=2, every=2, table="benchinmemory"))
+        assert [rows for rows, _, _ in slices] == [2 * ROWS_PER_BATCH]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["azurite.log"], "in memory: no database files saved"
