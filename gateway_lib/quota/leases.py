@@ -345,15 +345,17 @@ class LeasedAdmission(Admission):
         """Journal the settlement (written behind); None for a fail-open request, which has no counters."""
         if not res.accounted:
             return None
-        pk = table_key(res.caller_key)
-        journal = self._journal(pk, team=False)
-        journal.entries.append((res, row))
+        self._journal_entry(table_key(res.caller_key), (res, row), team=False)
         self._pending_rows += 1
+        if res.team:
+            self._journal_entry(team_partition(res.team), (res, row), team=True)
+        return Settlement(False, res.round_trips)
+
+    def _journal_entry(self, pk: str, entry: Entry, team: bool) -> None:
+        journal = self._journal(pk, team)
+        journal.entries.append(entry)
         if journal.waiting:  # requests are held for this row's commits: no waiting for the tick
             self._ask_flush(pk, journal)
-        if res.team:
-            self._journal(team_partition(res.team), team=True).entries.append((res, row))
-        return Settlement(False, res.round_trips)
 
     async def _finish(self, res: Reservation, row: CostRow) -> Settlement:
         return self.settle_now(res, row) or await super()._finish(res, row)

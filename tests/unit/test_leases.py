@@ -747,6 +747,44 @@ def test_requests_held_for_a_full_journal_are_let_in_oldest_first_and_newcomers_
     run(scenario())
 
 
+def test_a_teams_full_journal_holds_its_members_and_each_landed_team_commit_lets_them_in(monkeypatch: Any) -> None:
+    # The team's row is written behind like a caller's: members held for it must not wait for a tick that
+    # may be far off, and rows settled while they wait are committed at once.
+    monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 4)
+    monkeypatch.setattr(leases, "BEHIND_WAIT_SECONDS", 2.0)
+
+    async def scenario() -> None:
+        clock, store = Clock(), MemoryTableStore()
+        adm = leased(store, clock)  # no flusher tick in tests
+        members = [make_caller(make_tier(requests_per_minute=100_000), app=f"app{i}", team="blue") for i in range(10)]
+        for i, member in enumerate(members[:4]):
+            assert await serve(adm, member, clock, i)  # the team's journal is full; each member's holds one row
+        real_update, allowed, team_commits = store.update, asyncio.Semaphore(0), 0
+
+        async def gated_update(table: str, entity: Any, etag: str) -> Any:
+            nonlocal team_commits
+            if entity.partition_key == team_partition("blue") and adm._journals[entity.partition_key].flushing.locked():
+                await allowed.acquire()  # a team commit (a lease grant of the team's row passes freely)
+                team_commits += 1
+            return await real_update(table, entity, etag)
+
+        store.update = gated_update  # type: ignore[method-assign]
+        held = [asyncio.create_task(serve(adm, member, clock, 10 + i)) for i, member in enumerate(members[4:])]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not any(task.done() for task in held), "six members wait for the team's row"
+        allowed.release()  # four team rows land: four members go in, and their rows join the team's journal,
+        allowed.release()  # which is committed without a tick: the last two go in
+        assert all(await asyncio.gather(*held))
+        assert team_commits == 2
+        store.update = real_update  # type: ignore[method-assign]
+        await adm.aclose()
+        team = await counters_of(store, team_partition("blue"))
+        assert team.minute_requests == 10 and team.in_flight_tokens == 0
+
+    run(scenario())
+
+
 def test_a_journal_behind_an_outage_refuses_new_requests_after_a_bounded_wait(monkeypatch: Any) -> None:
     monkeypatch.setattr(leases, "JOURNAL_MAX_BEHIND", 5)
     monkeypatch.setattr(leases, "BEHIND_WAIT_SECONDS", 0.05)
