@@ -387,7 +387,8 @@ class LeasedAdmission(Admission):
 
     async def _flush_row(self, pk: str) -> None:
         """Commit what the journal held when called: entries that arrive during a commit wait for the next
-        tick (chasing them would turn the journal into one small transaction after another)."""
+        tick (chasing them would turn the journal into one small transaction after another), unless requests
+        are held for the row, which ask for the next commit at once (``_ask_flush``)."""
         journal = self._journals[pk]
         async with journal.flushing:
             journal.flush_asked = False
@@ -410,8 +411,9 @@ class LeasedAdmission(Admission):
                 owed -= len(done)  # rows an earlier commit had not landed stay owed: a shutdown flush commits them
                 gone = {id(entry) for entry in done}
                 journal.entries[:] = [entry for entry in journal.entries if id(entry) not in gone]
-                journal.make_room(len(done))  # a held request in for each row that landed (the rows of those let
-                # in are on their way: counting them keeps the journal near its bound)
+                # A held request in for each row that landed: the rows of those let in are on their way, and
+                # counting them as there keeps the journal near its bound.
+                journal.make_room(len(done))
                 if not journal.team:
                     self._pending_rows -= len(done)
                     await self._list_callers(batch)
