@@ -34,9 +34,10 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(azurite: Azurite, pid: int, batches: int, every: int,
-                  table: str = TABLE) -> list[tuple[int, float, float]]:
+async def measure(azurite: Azurite, batches: int, every: int, table: str = TABLE) -> list[tuple[int, float, float]]:
     """(rows in the partition after the slice, Azurite CPU µs per row, wall µs per row) per slice."""
+    assert azurite.pid is not None, "start Azurite first"
+    pid = azurite.pid
     store = AzureTableStore.from_connection_string(azurite.connection_string)
     await store.ensure_tables([table])
     slices, cpu0, wall0 = [], tree_cpu_seconds(pid), time.perf_counter()
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=100)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder, Azurite(free_port(), Path(folder)) as azurite:
-        assert azurite.pid is not None
-        slices = asyncio.run(measure(azurite, azurite.pid, args.batches, args.every))
+        slices = asyncio.run(measure(azurite, args.batches, args.every))
     print("rows in the partition | Azurite CPU per row | wall per row")
     for rows, cpu_us, wall_us in slices:
         print(f"{rows:>21,} | {cpu_us:>16.0f} µs | {wall_us:>9.0f} µs")

@@ -49,7 +49,8 @@ def connection_string(port: int) -> str:
 
 
 class Azurite:
-    """One Azurite Table process: ``start()``, ``stop()``, ``restart()`` (data survives a restart)."""
+    """One Azurite Table process: ``start()``, ``stop()``, ``restart()`` (data survives a restart, unless
+    ``in_memory``)."""
 
     def __init__(self, port: int = 10002, location: Path | None = None, in_memory: bool = False) -> None:
         self.port = port

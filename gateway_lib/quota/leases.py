@@ -153,10 +153,9 @@ class _Journal:
                 waiter.set_result(None)
                 room -= 1
 
-
-def _held(journal: _Journal) -> bool:
-    """New requests of the row wait: its journal is full, or others wait already (they go first)."""
-    return len(journal.entries) >= JOURNAL_MAX_BEHIND or bool(journal.waiting)
+    def holds_newcomers(self) -> bool:
+        """New requests of the row wait: the journal is full, or others wait already (they go first)."""
+        return len(self.entries) >= JOURNAL_MAX_BEHIND or bool(self.waiting)
 
 
 class LeasedAdmission(Admission):
@@ -199,7 +198,7 @@ class LeasedAdmission(Admission):
     def _lease_ready(self, pk: str, res: Reservation) -> bool:
         journal = self._journals.get(pk)
         lease = self._leases.get(pk)
-        return (self._pending_rows < MAX_PENDING_ROWS and (journal is None or not _held(journal))
+        return (self._pending_rows < MAX_PENDING_ROWS and (journal is None or not journal.holds_newcomers())
                 and lease is not None and lease.fits(res))
 
     def _take(self, pk: str, limits: Limits, res: Reservation, who: str) -> dict[str, str]:
@@ -218,7 +217,7 @@ class LeasedAdmission(Admission):
         if self._pending_rows >= MAX_PENDING_ROWS:
             raise _unavailable()  # storage has been down for a while: refuse rather than buffer without end
         journal = self._journals.get(pk)
-        if journal is not None and _held(journal):
+        if journal is not None and journal.holds_newcomers():
             await self._caught_up(pk, journal)
         self._start_flusher()
         lease = self._leases.get(pk)

@@ -46,6 +46,12 @@ def leased(store: TableStore | None = None, clock: Clock | None = None, prefix: 
                            rng=random.Random(7), flush_interval=3600, **kwargs)  # tests flush by hand
 
 
+async def idle(turns: int = 50) -> None:
+    """Let every task that can run, run (the tests' stores answer without real I/O)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
 async def serve(adm: LeasedAdmission, caller: Any, clock: Clock, i: int, cost: str = "0.0007") -> bool:
     """One request: reserve, yield, settle; False when refused."""
     try:
@@ -722,22 +728,18 @@ def test_requests_held_for_a_full_journal_are_let_in_oldest_first_and_newcomers_
             admitted.append(i)
             await adm.settle(res, make_row(caller, f"r{i}", clock.now, 3, 4, Decimal("0.0007")))
 
-        async def settled() -> None:
-            for _ in range(50):
-                await asyncio.sleep(0)
-
         held = [asyncio.create_task(request(i)) for i in range(10, 20)]
-        await settled()
+        await idle()
         assert admitted == [], "the journal is full: all ten are held"
         assert len(adm._tasks) == 1, "one commit started for all of them, not one each"
         allowed.release()  # four rows land: the four oldest go in
-        await settled()
+        await idle()
         newcomer = asyncio.create_task(request(99))  # arrives to a journal with room, but six wait before it
-        await settled()
+        await idle()
         assert admitted == [10, 11, 12, 13]
         for _ in range(3):
             allowed.release()
-            await settled()
+            await idle()
         await asyncio.gather(*held, newcomer)
         assert admitted == [*range(10, 20), 99]
         store.transact = real_transact  # type: ignore[method-assign]
@@ -770,8 +772,7 @@ def test_a_teams_full_journal_holds_its_members_and_each_landed_team_commit_lets
 
         store.update = gated_update  # type: ignore[method-assign]
         held = [asyncio.create_task(serve(adm, member, clock, 10 + i)) for i, member in enumerate(members[4:])]
-        for _ in range(50):
-            await asyncio.sleep(0)
+        await idle()
         assert not any(task.done() for task in held), "six members wait for the team's row"
         allowed.release()  # four team rows land: four members go in, and their rows join the team's journal,
         allowed.release()  # which is committed without a tick: the last two go in
