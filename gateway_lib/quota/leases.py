@@ -33,10 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
 from collections.abc import Coroutine
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -55,6 +53,8 @@ from gateway_lib.quota.admission import (
 )
 from gateway_lib.quota.counter_rows import AlreadySettled
 from gateway_lib.quota.counters import Counters, Limits, Release, check, rate_headers
+from gateway_lib.quota.journal import Entry, Journal
+from gateway_lib.quota.lease import Lease
 from gateway_lib.storage import circuit
 from gateway_lib.storage.base import Entity, StorageError
 from gateway_lib.storage.circuit import StorageDown
@@ -83,88 +83,13 @@ JOURNAL_MAX_BEHIND = 20 * BATCH_ROWS
 BEHIND_WAIT_SECONDS = 5.0
 
 
-@dataclass
-class Lease:
-    """Room reserved on one counters row for this process, not yet handed to a request."""
-
-    minute: str
-    epoch: int
-    requests: int
-    tokens: int
-    usd: Decimal
-    granted: int  # requests the block was sized for (the rate estimate of the next one)
-    granted_at: float
-    used_at: float
-    seen: Counters  # the row as written at grant time, plus what this process admitted since (headers)
-    renewing: bool = False  # a successor is being reserved in the background
-
-    def fits(self, res: Reservation) -> bool:
-        # A lease of a later minute than the request's serves it: the row, rolled forward by an instance whose
-        # clock runs ahead, counts the block in that minute (never one of an earlier minute: that one is gone).
-        return (self.minute >= res.minute and self.epoch == res.epoch and self.requests >= 1
-                and self.tokens >= res.tokens and self.usd >= res.usd)
-
-    def take(self, res: Reservation, now: float) -> Counters:
-        self.requests -= 1
-        self.tokens -= res.tokens
-        self.usd -= res.usd
-        self.used_at = now
-        self.seen = self.seen.reserve(res.tokens, res.usd)
-        return self.seen
-
-    def give_back(self, res: Reservation) -> None:
-        self.requests += 1
-        self.tokens += res.tokens
-        self.usd += res.usd
-
-    def release(self, counters: Counters) -> Counters:
-        return self.remainder().apply(counters)
-
-    def remainder(self) -> Release:
-        """The unused room, as what giving it back releases on the row."""
-        return Release(self.minute, self.epoch, self.requests, self.tokens, self.usd)
-
-    def absorb(self, old: Lease) -> None:
-        """Take over ``old``'s unused room (same minute and epoch: the same reservation on the row)."""
-        self.requests += old.requests
-        self.tokens += old.tokens
-        self.usd += old.usd
-        old.requests, old.tokens, old.usd = 0, 0, Decimal(0)
-
-
-Entry = tuple[Reservation, CostRow]  # a settlement waiting in a journal
-
-
-@dataclass
-class _Journal:
-    """Settlements of one counters row waiting to be committed, oldest first."""
-
-    team: bool  # a team's row: counters only (the cost rows live in the callers' partitions)
-    entries: list[Entry] = field(default_factory=list)
-    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)  # requests held for room, oldest first
-    flush_asked: bool = False  # a held request has started a commit not yet under way (one is enough)
-
-    def make_room(self, room: int) -> None:
-        """Let up to ``room`` held requests in, oldest first."""
-        while room > 0 and self.waiting:
-            waiter = self.waiting.popleft()
-            if not waiter.done():  # not timed out meanwhile
-                waiter.set_result(None)
-                room -= 1
-
-    def holds_newcomers(self) -> bool:
-        """New requests of the row wait: the journal is full, or others wait already (they go first)."""
-        return len(self.entries) >= JOURNAL_MAX_BEHIND or bool(self.waiting)
-
-
 class LeasedAdmission(Admission):
     """``Admission`` with leased reservations and write-behind settlement (see the module docstring)."""
 
     def __init__(self, *args: Any, flush_interval: float = FLUSH_INTERVAL_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._leases: dict[str, Lease] = {}
-        self._journals: dict[str, _Journal] = {}
+        self._journals: dict[str, Journal] = {}
         self._pending_rows = 0
         self._flush_interval = flush_interval
         self._flusher: asyncio.Task[None] | None = None
@@ -232,20 +157,18 @@ class LeasedAdmission(Admission):
             self._grant_seconds = self._monotonic() - now  # the wait for the row lock included
             return headers
 
-    async def _caught_up(self, pk: str, journal: _Journal) -> None:
+    async def _caught_up(self, pk: str, journal: Journal) -> None:
         """Wait in turn for the row's journal to have room (see ``JOURNAL_MAX_BEHIND``): each batch that lands
         lets held requests in, oldest first, so a request held longest is never overtaken by newer ones."""
         if (down := self._rows.down_for()) is not None:  # storage is known to be down: no commit is coming
             raise _unavailable(StorageDown("storage is unavailable", down))
         self._ask_flush(pk, journal)
-        waiter = asyncio.get_running_loop().create_future()
-        journal.waiting.append(waiter)
         try:
-            await asyncio.wait_for(waiter, min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS))
+            await journal.wait_in_turn(min(BEHIND_WAIT_SECONDS, circuit.remaining() or BEHIND_WAIT_SECONDS))
         except TimeoutError:
             raise _unavailable() from None  # storage is down, or far slower than this caller's traffic
 
-    def _ask_flush(self, pk: str, journal: _Journal) -> None:
+    def _ask_flush(self, pk: str, journal: Journal) -> None:
         """Commit the row's journal now, not at the next tick: requests are held for it (one commit asked at a
         time; one under way is followed by the asked one)."""
         if not journal.flush_asked:
@@ -515,10 +438,10 @@ class LeasedAdmission(Admission):
         except StorageError:  # given back once storage answers (the doubt resolver), or dropped with its epoch
             log.warning("lease remainder not returned yet", extra={"partition": pk})
 
-    def _journal(self, pk: str, team: bool) -> _Journal:
+    def _journal(self, pk: str, team: bool) -> Journal:
         journal = self._journals.get(pk)
         if journal is None:
-            journal = self._journals[pk] = _Journal(team)
+            journal = self._journals[pk] = Journal(team, JOURNAL_MAX_BEHIND)
         return journal
 
 
