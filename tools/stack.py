@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +132,8 @@ class Stack:
         for name in reversed(list(self.procs)):
             self.stop_process(name)
         if self._tmp is not None:
+            if keep := os.environ.get("STACK_KEEP_LOGS"):  # a failure's host logs, kept for reading afterwards
+                shutil.copytree(self.log_dir, Path(keep) / Path(self._tmp.name).name, dirs_exist_ok=True)
             self._tmp.cleanup()
             self._tmp = None
 

@@ -215,7 +215,11 @@ class LeasedAdmission(Admission):
                 if self._leases.get(pk) is not current:
                     return  # replaced meanwhile: the caller already has a fresh lease
                 successor = await self._new_lease(pk, limits, res, who, old=None, rate_of=current)
-                successor.absorb(current)  # same minute and epoch: those of ``res``, which ``current`` fitted
+                if self._leases.get(pk) is current:  # else the idle return took it while the write waited
+                    successor.absorb(current)  # same minute and epoch: those of ``res``, which ``current`` fitted
+                # A renewal is not a use: one that waited out an outage for the row must not keep the room of a
+                # caller gone quiet meanwhile for another LEASE_IDLE_SECONDS.
+                successor.used_at = current.used_at
                 self._leases[pk] = successor
                 self._grant_seconds = self._monotonic() - started
         except (GatewayError, StorageError) as exc:  # the request that finds the lease empty will ask itself
@@ -410,20 +414,34 @@ class LeasedAdmission(Admission):
             if self._closing.is_set():
                 return  # aclose commits what is left
             try:
-                await self.flush()
-                await self._return_leases(idle_for=LEASE_IDLE_SECONDS)
+                self._tick()
             except Exception:  # the loop must outlive any one bad tick; the journal stays for the next
                 log.exception("usage journal flush failed")
 
-    async def _return_leases(self, idle_for: float) -> None:
+    def _tick(self) -> None:
+        """Start a commit for each journal with entries and none under way, and the return of each idle lease.
+        Each runs on its own: one row riding out an outage or an ETag storm delays no other row's commits or
+        returns (a tick that awaited them all did, by up to ``SETTLE_OUTAGE_SECONDS``)."""
+        for pk, journal in self._journals.items():
+            if journal.entries and not journal.flushing.locked():
+                self._ask_flush(pk, journal)
+        for pk, lease in self._idle_leases(LEASE_IDLE_SECONDS):
+            self._background(self._return_lease(pk, lease))
+
+    def _idle_leases(self, idle_for: float) -> list[tuple[str, Lease]]:
+        """The leases unused for ``idle_for`` seconds, taken out of use at once: from here on, their callers'
+        requests take new ones, and a later tick cannot pick them again."""
         now = self._monotonic()
         idle = [(pk, lease) for pk, lease in self._leases.items() if now - lease.used_at >= idle_for]
-        await asyncio.gather(*(self._return_lease(pk, lease) for pk, lease in idle))
+        for pk, _ in idle:
+            del self._leases[pk]
+        return idle
+
+    async def _return_leases(self, idle_for: float) -> None:
+        await asyncio.gather(*(self._return_lease(pk, lease) for pk, lease in self._idle_leases(idle_for)))
 
     async def _return_lease(self, pk: str, lease: Lease) -> None:
-        if self._leases.get(pk) is not lease:
-            return  # replaced since it was found idle: its successor took the remainder over or gave it back
-        del self._leases[pk]  # at once: from here on, this caller's requests take a new lease
+        """Give ``lease``'s remainder back to the row (``lease`` was taken out of use by ``_idle_leases``)."""
         if lease.requests == 0 and lease.tokens == 0 and lease.usd == 0:
             return
         probe = background(pk, "lease-return")

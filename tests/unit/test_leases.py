@@ -391,6 +391,82 @@ def test_idle_leases_go_back_to_the_row() -> None:
     run(scenario())
 
 
+def test_a_renewal_that_waited_for_the_row_keeps_its_callers_idle_time() -> None:
+    # Found by the three-host load test through a storage outage: renewals queued behind a commit that rode out
+    # the outage landed after the callers had gone quiet, and a renewal counted as a use, so their room stayed
+    # reserved for another LEASE_IDLE_SECONDS past the last request.
+    async def scenario() -> None:
+        clock, store = Clock(), GatedStore()
+        now = [0.0]
+        adm = leased(store, clock, monotonic=lambda: now[0])
+        adm._lease_size = lambda old: 8  # type: ignore[method-assign]
+        caller = make_caller()
+        pk = table_key(caller.key)
+        admitted = [await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id=f"r{i}") for i in range(2)]
+        store.gate = asyncio.Event()
+        admitted.append(await adm.reserve(caller, tokens=10, usd=Decimal("0.001"), request_id="r2"))
+        await store.held.wait()  # a quarter used: the renewal's write waits for the row
+        current = adm._leases[pk]
+        now[0] += leases.LEASE_IDLE_SECONDS  # the caller has gone quiet meanwhile
+        gate, store.gate = store.gate, None
+        gate.set()
+        await idle()
+        assert adm._leases[pk] is not current, "the renewal landed"
+        await adm._return_leases(idle_for=leases.LEASE_IDLE_SECONDS)
+        assert pk not in adm._leases, "its successor is as idle as the lease it replaced"
+        for res in admitted:
+            await adm.settle(res, make_row(caller, res.request_id, clock.now, 3, 4, Decimal("0.0007")))
+        await adm.flush()
+        c = await counters_of(store, caller.key)
+        assert (c.in_flight_tokens, c.in_flight_usd, c.minute_requests) == (0, 0, 3)
+
+    run(scenario())
+
+
+class SlowPartitionStore(MemoryTableStore):
+    """Holds every transaction on one partition (``slow``) until ``gate`` is set: a row riding out an outage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: str | None = None
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def transact(self, table: str, ops: Any) -> Any:
+        if ops[0].entity.partition_key == self.slow:
+            self.held.set()
+            await self.gate.wait()
+        return await super().transact(table, ops)
+
+
+def test_a_row_stuck_in_its_commit_holds_back_no_other_rows_commits_or_lease_returns() -> None:
+    # The flusher's tick used to await every row's commit: one row riding out an outage (up to
+    # SETTLE_OUTAGE_SECONDS) stopped every other caller's commits and lease returns on the instance.
+    async def scenario() -> None:
+        clock, store = Clock(), SlowPartitionStore()
+        now = [0.0]
+        adm = LeasedAdmission(store, make_settings("t"), clock=clock, sleep=_no_sleep, rng=random.Random(7),
+                              flush_interval=0.001, monotonic=lambda: now[0])
+        stuck, other = make_caller(app="stuck"), make_caller(app="other")
+        store.slow = table_key(stuck.key)
+        assert await serve(adm, stuck, clock, 0)
+        await asyncio.wait_for(store.held.wait(), 5)  # its commit waits for storage
+        for i in range(1, 4):
+            assert await serve(adm, other, clock, i)
+            await asyncio.sleep(0.02)  # ticks go by
+            assert len(await cost_rows(store, other.key)) == i, "the other row commits at every tick"
+        now[0] += leases.LEASE_IDLE_SECONDS
+        await asyncio.sleep(0.02)
+        c = await counters_of(store, other.key)
+        assert (c.in_flight_tokens, c.in_flight_usd) == (0, 0), "the other caller's idle lease went back"
+        store.gate.set()
+        await adm.aclose()
+        c = await counters_of(store, stuck.key)
+        assert (c.in_flight_tokens, c.day_tokens, len(await cost_rows(store, stuck.key))) == (0, 7, 1)
+
+    run(scenario())
+
+
 def test_team_counters_follow_and_a_team_refusal_returns_the_callers_room() -> None:
     async def scenario() -> None:
         clock, store = Clock(), MemoryTableStore()
