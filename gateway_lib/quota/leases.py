@@ -184,8 +184,8 @@ class LeasedAdmission(Admission):
         """Write a new lease (returning the old one's remainder in the same write) and admit ``res`` from it."""
         if old is not None:
             # The write gives back what ``old`` holds when the write is planned. A request taking from ``old``
-            # meanwhile (a smaller one that still fits) would be admitted on room no longer reserved: the
-            # three-host load test saw a budget passed that way. So ``old`` is out of reach until the write ends.
+            # meanwhile (a smaller one that still fits) would be admitted on room no longer reserved, and a budget
+            # could be passed: ``old`` is out of reach until the write ends.
             del self._leases[pk]
         gives_back = old.remainder() if old is not None else None
         try:
@@ -421,7 +421,7 @@ class LeasedAdmission(Admission):
     def _tick(self) -> None:
         """Start a commit for each journal with entries and none under way, and the return of each idle lease.
         Each runs on its own: one row riding out an outage or an ETag storm delays no other row's commits or
-        returns (a tick that awaited them all did, by up to ``SETTLE_OUTAGE_SECONDS``)."""
+        returns."""
         for pk, journal in self._journals.items():
             if journal.entries and not journal.flushing.locked():
                 self._ask_flush(pk, journal)
