@@ -41,9 +41,10 @@ from tools.azurite import connection_string as azurite_connection_string
 
 
 def leased(store: TableStore | None = None, clock: Clock | None = None, prefix: str = "t",
-           **kwargs: Any) -> LeasedAdmission:
+           flush_interval: float = 3600, **kwargs: Any) -> LeasedAdmission:
+    """Leased admission whose flusher, by default, never ticks: tests flush by hand."""
     return LeasedAdmission(store or MemoryTableStore(), make_settings(prefix), clock=clock or Clock(), sleep=_no_sleep,
-                           rng=random.Random(7), flush_interval=3600, **kwargs)  # tests flush by hand
+                           rng=random.Random(7), flush_interval=flush_interval, **kwargs)
 
 
 async def idle(turns: int = 50) -> None:
@@ -445,8 +446,7 @@ def test_a_row_stuck_in_its_commit_holds_back_no_other_rows_commits_or_lease_ret
     async def scenario() -> None:
         clock, store = Clock(), SlowPartitionStore()
         now = [0.0]
-        adm = LeasedAdmission(store, make_settings("t"), clock=clock, sleep=_no_sleep, rng=random.Random(7),
-                              flush_interval=0.001, monotonic=lambda: now[0])
+        adm = leased(store, clock, flush_interval=0.001, monotonic=lambda: now[0])
         stuck, other = make_caller(app="stuck"), make_caller(app="other")
         store.slow = table_key(stuck.key)
         assert await serve(adm, stuck, clock, 0)
