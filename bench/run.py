@@ -32,7 +32,8 @@ from typing import Any
 
 from bench import coldstart, report
 from bench.services import ROOT, Services, clean_env, start_command
-from tools.stack import free_port, wait_for_port
+from tools.azurite import free_port, free_ports
+from tools.stack import wait_for_port
 
 # Our gateway's variants and the letter each one's fresh table prefix carries.
 STORE_KEYS = {"memory": "m", "memory-leased": "n", "table": "t", "table-leased": "l"}
@@ -68,24 +69,25 @@ def ensure_setup(peer: Path, need_litellm: bool) -> None:
 
 def harness_args(a: argparse.Namespace, peer: Path, services: Services, token: str, prefix: str,
                  cell: Cells) -> list[str]:
+    ports = iter(free_ports(2 + len(a.stores)))  # distinct: the harness binds them only as it starts each target
     args = ["--outdir", str(cell.outdir), "--duration", str(a.duration), "--warmup", str(a.warmup),
             "--concurrency", cell.concurrency, "--modes", cell.modes, "--max-total-s", str(cell.max_total_s),
             "--retries", str(a.retries), "--quiet-wait-max", str(a.quiet_wait_max)]
     args += ["--skip-litellm"] if a.skip_litellm else []
     if not a.no_floor:
-        port = free_port()
+        port = next(ports)
         python = bench_root() / "upstream-venv" / "bin" / "python"
         args += ["--target", "passthru", f"http://127.0.0.1:{port}/v1/chat/completions",
                  "--header", "passthru", f"Authorization: Bearer {PASSTHRU_KEY}",
                  "--start-cmd", "passthru", f"{python} {peer / 'example_passthrough_gateway.py'} --port {port}"]
     if not a.no_relay_floor:
-        port = free_port()
+        port = next(ports)
         cmd = ["env", "-C", str(ROOT), "PYTHONUNBUFFERED=1", sys.executable, "-m", "bench.relay_floor",
                "--port", str(port), "--upstream", "{upstream}"]
         args += ["--target", "relay-floor", f"http://127.0.0.1:{port}/v1/chat/completions",
                  "--start-cmd", "relay-floor", shlex.join(cmd)]
     for store in a.stores:
-        name, port = f"ours-{store}", free_port()
+        name, port = f"ours-{store}", next(ports)
         args += ["--target", name, f"http://127.0.0.1:{port}/api/v1/chat/completions",
                  "--header", name, f"Authorization: Bearer {token}",
                  "--start-cmd", name, start_command(services.settings_file(store, f"{prefix}{STORE_KEYS[store]}"), port),
@@ -208,9 +210,9 @@ def run_coldstarts(a: argparse.Namespace, services: Services, peer: Path, prefix
     env, token = clean_env(), services.token()
 
     def round_(base: str, i: int) -> dict[str, coldstart.Target]:
-        targets = {}
+        targets, ports = {}, iter(free_ports(1 + len(a.stores)))
         if not a.skip_litellm:  # started exactly as the harness starts it
-            ll_port = free_port()
+            ll_port = next(ports)
             targets["litellm"] = coldstart.Target(
                 [str(bench_root() / "litellm-venv" / "bin" / "litellm"), "--config", str(peer / "litellm_config.yaml"),
                  "--host", "127.0.0.1", "--port", str(ll_port), "--num_workers", "1"],
@@ -218,7 +220,7 @@ def run_coldstarts(a: argparse.Namespace, services: Services, peer: Path, prefix
                 env | {"FAKE_UPSTREAM_BASE": base, "LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOG": "ERROR",
                        "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"})
         for store in a.stores:
-            gw_port = free_port()
+            gw_port = next(ports)
             settings = services.settings_file(store, f"{prefix}{STORE_KEYS[store]}c{i}")  # fresh tables each time
             command = shlex.split(start_command(settings, gw_port).replace("{upstream}", base))
             targets[f"ours-{store}"] = coldstart.Target(command, f"http://127.0.0.1:{gw_port}/api/v1/chat/completions",

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway_lib.config.settings import SETTING_NAMES
-from tools.stack import ROOT, azurite_connection_string, free_port, wait_for_port
+from tools.azurite import free_ports
+from tools.stack import ROOT, azurite_connection_string, wait_for_port
 
 BENCH_ROLE = "Gateway.Bench"
 BIG = 10**12  # far above anything a 15-minute run can reach: the quota code runs, it never refuses
@@ -40,9 +41,14 @@ class Services:
     workdir: Path
     stores: tuple[str, ...]
     cpus: str | None  # the load generator's core: neither serves the hot path except Azurite (remote in Azure)
-    issuer_port: int = field(default_factory=free_port)
-    azurite_port: int = field(default_factory=free_port)
+    issuer_port: int = 0  # 0: picked free, distinct from the other
+    azurite_port: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        picked = iter(free_ports(2))
+        self.issuer_port = self.issuer_port or next(picked)
+        self.azurite_port = self.azurite_port or next(picked)
 
     def start(self) -> Services:
         self.workdir.mkdir(parents=True, exist_ok=True)

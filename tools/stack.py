@@ -21,11 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.azurite import connection_string as azurite_connection_string
-from tools.azurite import free_port
+from tools.azurite import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_TENANT = "00000000-0000-4000-8000-000000000de0"
 DEV_AUDIENCE = "api://ai-gateway-local"
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
@@ -33,11 +41,9 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on port {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
+        if listening(port):
+            return
+        time.sleep(0.1)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
@@ -62,7 +68,8 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(host=free_port(), simulator=free_port(), issuer=free_port(), azurite=free_port())
+        host, simulator, issuer, azurite = free_ports(4)
+        return cls(host=host, simulator=simulator, issuer=issuer, azurite=azurite)
 
 
 @dataclass
@@ -140,6 +147,8 @@ class Stack:
     def _spawn(self, name: str, args: list[str], port: int, timeout: float = 30,
                env: Mapping[str, str] | None = None) -> None:
         assert self.log_dir is not None
+        if listening(port):  # else the readiness probe below would take whoever holds it for this process
+            raise RuntimeError(f"{name}: port {port} is already in use")
         with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, start_new_session=True)
