@@ -20,8 +20,8 @@ from gateway_lib.operations.responses import ResponsesRequest
 from gateway_lib.operations.schema import ChatRequest, parse_model
 from gateway_lib.providers.azure_openai.adapter import AzureOpenAIProvider
 from gateway_lib.providers.base import CHAT, RESPONSES, CallContext, ProviderSettings, Unsupported
+from tools.azurite import free_port
 from tools.provider_simulator import start_in_thread
-from tools.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

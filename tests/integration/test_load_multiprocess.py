@@ -39,8 +39,9 @@ from gateway_lib.config.tiers import default_tiers_json
 from gateway_lib.quota.leases import FLUSH_INTERVAL_SECONDS, LEASE_IDLE_SECONDS
 from tests.integration.test_quota_e2e import assert_counters_match_rows, ledger_state
 from tests.stack_fixture import Sim
+from tools.azurite import free_port
 from tools.dev_issuer import DEFAULT_TENANT, DevIssuer, app_id_for
-from tools.stack import ROOT, Ports, Stack, free_port, stop_group, wait_for_port
+from tools.stack import ROOT, Ports, Stack, stop_group, wait_for_port
 
 pytestmark = pytest.mark.integration
 
