@@ -8,7 +8,6 @@ streaming path can call it from a ``finally`` without double counting.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from gateway_lib.errors import GatewayError, ProviderError
 from gateway_lib.guardrails import tokens
 from gateway_lib.http.edge import Scope
 from gateway_lib.providers.base import OperationRequest, Usage
+from gateway_lib.shielded import Shielded
 from gateway_lib.storage import circuit
 from gateway_lib.storage.base import StorageError
 from gateway_lib.telemetry import RequestRecord
@@ -106,7 +106,7 @@ class Accounting:
         if self.rt.admission.settle_now(self.reservation, row) is not None:  # written behind: nothing to wait for
             self._record(target, usage, cost, status, error)
             return cost
-        settling = asyncio.ensure_future(self._settle(row, target, usage, cost, status, error))
+        settling = Shielded(self._settle(row, target, usage, cost, status, error))
         # The answer is paid for already: it waits for its settle only so long (a settle riding out an outage,
         # or queued behind others for the row, goes on in the background).
         if not await settlements.within(settling, circuit.REQUEST_SECONDS):

@@ -6,6 +6,8 @@ import asyncio
 import logging
 from typing import Any
 
+from gateway_lib.shielded import Shielded
+
 log = logging.getLogger("gateway.accounting")
 
 _pending: set[asyncio.Future[Any]] = set()  # settlements outliving their cancelled request: kept from the GC
@@ -19,17 +21,19 @@ async def drain() -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def within(task: asyncio.Future[Any], seconds: float) -> bool:
-    """Wait at most ``seconds`` for ``task``; True if it finished (its exception raised here). Past that, or if
-    the waiting request is cancelled, the task goes on in the background and is drained on shutdown."""
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
+async def within(settling: Shielded[Any], seconds: float) -> bool:
+    """Wait at most ``seconds`` for ``settling``; True if it finished (its exception raised here). Past that, or
+    if the waiting request is cancelled, it goes on in the background and is drained on shutdown."""
+    _pending.add(settling.task)
+    settling.task.add_done_callback(_pending.discard)
     try:
-        await asyncio.wait({task}, timeout=seconds)
+        async with asyncio.timeout(seconds) as bound:
+            await settling
+    except TimeoutError:
+        if not bound.expired():
+            raise  # the settlement's own
+        return False
     except asyncio.CancelledError:
         log.info("request cancelled; its settlement continues in the background")
         raise
-    if not task.done():
-        return False
-    task.result()
     return True

@@ -63,6 +63,7 @@ from gateway_lib.quota.overrides import (
     put_override,
 )
 from gateway_lib.quota.reservation import Reservation, Settlement
+from gateway_lib.shielded import Shielded
 from gateway_lib.storage import circuit
 from gateway_lib.storage.base import (
     Entity,
@@ -152,13 +153,13 @@ class Admission:
         if admitted is not None:
             return admitted  # nothing written, so nothing a cancellation could cut off
         with circuit.deadline():  # the task takes it along
-            task = asyncio.ensure_future(self._reserve(caller, tokens, usd, request_id))
-        self._reserving.add(task)
-        task.add_done_callback(self._reserving.discard)
+            reserving = Shielded(self._reserve(caller, tokens, usd, request_id))
+        self._reserving.add(reserving.task)
+        reserving.task.add_done_callback(self._reserving.discard)
         try:
-            return await asyncio.shield(task)
+            return await reserving
         except asyncio.CancelledError:
-            task.add_done_callback(self._give_back_abandoned)
+            reserving.task.add_done_callback(self._give_back_abandoned)
             raise
 
     def _give_back_abandoned(self, task: asyncio.Future[Reservation]) -> None:
