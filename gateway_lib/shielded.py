@@ -8,7 +8,6 @@ waiter resumes on the next turn: one turn less for every reservation and settlem
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
@@ -18,10 +17,10 @@ T = TypeVar("T")
 class Shielded(Generic[T]):
     """Await it for the outcome; cancelling the waiter cancels only the wait. ``task`` runs on regardless."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], context: contextvars.Context | None = None) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         loop = asyncio.get_running_loop()
         self.outcome: asyncio.Future[T] = loop.create_future()
-        self.task: asyncio.Task[T] = loop.create_task(self._run(coro), context=context)
+        self.task: asyncio.Task[T] = loop.create_task(self._run(coro))  # in a copy of the caller's context
         self.task.add_done_callback(_retrieve)
 
     async def _run(self, coro: Coroutine[Any, Any, T]) -> T:

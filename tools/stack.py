@@ -68,8 +68,7 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        host, simulator, issuer, azurite = free_ports(4)
-        return cls(host=host, simulator=simulator, issuer=issuer, azurite=azurite)
+        return cls(*free_ports(4))
 
 
 @dataclass
